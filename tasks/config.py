@@ -1,0 +1,317 @@
+"""Typed settings for every task, with the source of each value kept for error messages.
+
+Layers, in rising precedence:
+  1. defaults (``DEFAULTS`` below)
+  2. ``invoke.yaml`` in the project root, under the ``nightguard:`` key (checked in, no secrets)
+  3. environment variables ``NIGHTGUARD_<PATH>``, e.g. ``NIGHTGUARD_SSH_HOST``,
+     ``NIGHTGUARD_LIMITS_MEMORY`` (the key path joined by ``_``, upper case)
+  4. command-line flags of the task being run
+
+Secret values never live here: they come from ``.env`` (see ``tasks.dotenv_secrets``).
+Every bad value raises ``ConfigError`` with one line naming the key and where it came from,
+before anything connects to a host.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILE_NAME = "invoke.yaml"
+ENV_PREFIX = "NIGHTGUARD_"
+
+DEFAULTS: dict[str, Any] = {
+    "target": "sandbox",  # sandbox | ssh | gcp
+    "sandbox": {"name": "default", "os": "bookworm"},
+    "ssh": {
+        "host": "",
+        "port": 22,
+        "user": "ubuntu",
+        "key_filename": "",
+        "known_hosts": ".ssh/known_hosts",
+        "connect_timeout": 15,
+        "command_timeout": 600,
+    },
+    "gcp": {
+        "project": "",
+        "zone": "us-west1-b",
+        "instance": "nightguard",
+        "machine_type": "e2-micro",
+        "image_project": "ubuntu-os-cloud",
+        "image_family": "ubuntu-2404-lts-amd64",
+        "disk_gb": 30,
+        "disk_type": "pd-standard",
+        "network_tag": "nightguard",
+        "credentials_file": "",
+        "api_endpoint": "",
+    },
+    "app_dir": "/home/ubuntu/97layerOS",
+    "source_dir": ".",
+    "container_name": "97layer-nightguard",
+    "image_name": "localhost/nightguard",
+    "base_image": "docker.io/library/python:3.11-slim",
+    "agent_command": "",
+    "rootless": False,
+    "compose_file": "deployment/podman-compose.nightguard.yml",
+    "env_file": ".env",
+    "keep_images": 3,
+    "limits": {
+        "memory": "700m",
+        "memory_reservation": "500m",
+        "memory_swap": "2700m",
+        "cpus": 1.0,
+        "swap_size": "2g",
+        "swappiness": 10,
+    },
+    "health": {
+        "interval": "30s",
+        "timeout": "10s",
+        "retries": 3,
+        "start_period": "60s",
+        "heartbeat_max_age": 30,
+        "deadline": 240,
+    },
+    # Podman secret name -> key in .env
+    "secrets": {
+        "telegram_bot_token": "TELEGRAM_BOT_TOKEN",
+        "gemini_api_key": "GEMINI_API_KEY",
+    },
+}
+
+TARGETS = ("sandbox", "ssh", "gcp")
+SANDBOX_OS = ("bookworm", "trixie")
+_SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
+_SECRET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(Exception):
+    """A configuration problem, explained in one line."""
+
+
+def parse_size(text: str | int) -> int:
+    """'700m' -> bytes; the suffixes Podman accepts (b, k, m, g). Raises ValueError."""
+    match = _SIZE.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a size (use e.g. 700m or 2g)")
+    return int(match.group(1)) * _UNIT[match.group(2).lower()]
+
+
+def parse_duration(text: str) -> float:
+    """'30s' / '5m' / '500ms' -> seconds, the forms Podman's --health-* flags take."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (use e.g. 30s or 5m)")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    return int(match.group(1)) * factor
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
+    flat: dict[tuple, Any] = {}
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, Mapping) and path != ("secrets",):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def env_var_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+KNOWN_KEYS = _flatten(DEFAULTS)
+ENV_NAMES = {env_var_name(path): path for path in KNOWN_KEYS}
+
+
+def _coerce(raw: Any, default: Any, where: str, key: str) -> Any:
+    """Bring a value from a file, the environment or a flag to the default's type."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{raw!r} is not true or false")
+        if isinstance(default, int):
+            return int(str(raw).strip())
+        if isinstance(default, float):
+            return float(str(raw).strip())
+        if isinstance(default, dict):
+            if not isinstance(raw, Mapping):
+                raise ValueError("expected a mapping")
+            return {str(k): str(v) for k, v in raw.items()}
+        return "" if raw is None else str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: nightguard.{key}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. ``values`` holds the merged tree, ``sources`` where
+    each leaf came from (for error messages and ``inv config``)."""
+
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    root: Path = PROJECT_ROOT
+
+    def __getitem__(self, dotted: str) -> Any:
+        node: Any = self.values
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        try:
+            return self[dotted]
+        except KeyError:
+            return default
+
+    def source(self, dotted: str) -> str:
+        return self.sources.get(dotted, "defaults")
+
+    def path(self, dotted: str) -> Path:
+        """A path setting resolved against the project root."""
+        value = Path(os.path.expanduser(self[dotted]))
+        return value if value.is_absolute() else self.root / value
+
+    def size(self, dotted: str) -> int:
+        return parse_size(self[dotted])
+
+    @property
+    def secret_names(self) -> list[str]:
+        return list(self["secrets"])
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The ``nightguard:`` section of a YAML config file ({} if the file is absent)."""
+    if not path.exists():
+        return {}
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}:{line} is not valid YAML") from None
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{path.name}: expected a mapping at the top level")
+    section = document.get("nightguard", {}) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{path.name}: nightguard: expected a mapping")
+    return dict(section)
+
+
+def load_settings(
+    root: Path = PROJECT_ROOT,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults, invoke.yaml, NIGHTGUARD_* variables and flags; validate."""
+    environ = os.environ if environ is None else environ
+    values = copy.deepcopy(DEFAULTS)
+    sources: dict[str, str] = {}
+
+    def apply(path: tuple[str, ...], raw: Any, where: str) -> None:
+        dotted = ".".join(path)
+        if path not in KNOWN_KEYS:
+            raise ConfigError(f"{where}: unknown key nightguard.{dotted}")
+        _set(values, path, _coerce(raw, KNOWN_KEYS[path], where, dotted))
+        sources[dotted] = where
+
+    config_file = root / CONFIG_FILE_NAME
+    for path, raw in _flatten(read_config_file(config_file)).items():
+        apply(path, raw, CONFIG_FILE_NAME)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in ENV_NAMES:
+            raise ConfigError(f"environment: unknown variable {name}")
+        apply(ENV_NAMES[name], raw, f"environment ({name})")
+    for dotted, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        apply(tuple(dotted.split(".")), raw, "command line")
+
+    settings = Settings(values=values, sources=sources, root=root)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Check every value that can be checked without a host; one line per problem."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{settings.source(key)}: nightguard.{key}: {why}")
+
+    if settings["target"] not in TARGETS:
+        fail("target", f"{settings['target']!r} is not one of {', '.join(TARGETS)}")
+    if settings["sandbox.os"] not in SANDBOX_OS:
+        fail("sandbox.os", f"{settings['sandbox.os']!r} is not one of {', '.join(SANDBOX_OS)}")
+    sizes = {}
+    for key in ("limits.memory", "limits.memory_reservation", "limits.memory_swap",
+                "limits.swap_size"):
+        try:
+            sizes[key] = parse_size(settings[key])
+        except ValueError as exc:
+            fail(key, str(exc))
+    if sizes["limits.memory"] < 6 * 1024**2:
+        fail("limits.memory", "below Podman's minimum of 6m")
+    if sizes["limits.memory_reservation"] > sizes["limits.memory"]:
+        fail("limits.memory_reservation",
+             f"{settings['limits.memory_reservation']} is above limits.memory "
+             f"{settings['limits.memory']}")
+    if sizes["limits.memory_swap"] < sizes["limits.memory"]:
+        fail("limits.memory_swap",
+             f"{settings['limits.memory_swap']} (RAM+swap) is below limits.memory "
+             f"{settings['limits.memory']}")
+    if not 0 < settings["limits.cpus"] <= 64:
+        fail("limits.cpus", f"{settings['limits.cpus']} is not between 0 and 64")
+    if not 0 <= settings["limits.swappiness"] <= 100:
+        fail("limits.swappiness", "must be between 0 and 100")
+    for key in ("health.interval", "health.timeout", "health.start_period"):
+        try:
+            parse_duration(settings[key])
+        except ValueError as exc:
+            fail(key, str(exc))
+    for key in ("health.retries", "health.heartbeat_max_age", "health.deadline",
+                "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images"):
+        if settings[key] < 1:
+            fail(key, "must be at least 1")
+    if not settings["app_dir"].startswith("/"):
+        fail("app_dir", f"{settings['app_dir']!r} is not an absolute path")
+    if settings["target"] == "ssh" and not settings["ssh.host"]:
+        fail("ssh.host", "is required when target is ssh")
+    if settings["target"] == "gcp" and not settings["gcp.project"]:
+        fail("gcp.project", "is required when target is gcp")
+    if not settings["secrets"]:
+        fail("secrets", "at least one secret is required")
+    for name, env_key in settings["secrets"].items():
+        if not _SECRET_NAME.match(name):
+            fail("secrets", f"{name!r} is not a valid secret name (lower case, digits, _)")
+        if not _ENV_KEY.match(env_key):
+            fail("secrets", f"{env_key!r} is not a valid .env key")
+
+
+def redacted_tree(settings: Settings) -> dict[str, Any]:
+    """The effective configuration, safe to print (it never holds secret values)."""
+    return copy.deepcopy(settings.values)

@@ -1,0 +1,73 @@
+"""Secret values from the local ``.env`` file (python-dotenv), and nowhere else.
+
+Config keys: ``nightguard.env_file`` (default ``.env``) and ``nightguard.secrets`` (Podman
+secret name -> .env key). The values are returned to the caller and never printed;
+``SecretValues.redact`` masks them in any text that is about to be shown.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv.parser import parse_stream
+
+from tasks.config import ConfigError, Settings
+
+
+@dataclass(frozen=True)
+class SecretValues:
+    """Podman secret name -> value. ``repr`` never shows a value."""
+
+    values: dict[str, str]
+
+    def __repr__(self) -> str:
+        return f"SecretValues({sorted(self.values)})"
+
+    def redact(self, text: str) -> str:
+        for value in self.values.values():
+            if value:
+                text = text.replace(value, "[REDACTED]")
+        return text
+
+
+def parse_env_text(text: str, file_name: str) -> dict[str, str]:
+    """Parse .env content; a line python-dotenv cannot read is an error, not a skip."""
+    parsed: dict[str, str] = {}
+    line_no = 1
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(f"{file_name}: line {line_no} is not KEY=VALUE")
+        if binding.key is not None:
+            if binding.value is None:
+                raise ConfigError(f"{file_name}: line {line_no}: {binding.key} has no '='")
+            parsed[binding.key] = binding.value
+        line_no += binding.original.string.count("\n")
+    return parsed
+
+
+def load_secret_values(settings: Settings, names: list[str] | None = None) -> SecretValues:
+    """Read and check the required secrets from .env (all of them unless ``names``)."""
+    path: Path = settings.path("env_file")
+    shown = path.name
+    if not path.exists():
+        raise ConfigError(f"{shown}: not found (copy .env.example to .env and fill it in)")
+    mode = path.stat().st_mode
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"{shown}: is world-readable (run: chmod 600 {shown})")
+    parsed = parse_env_text(path.read_text(), shown)
+    wanted = settings["secrets"] if names is None else {
+        name: settings["secrets"][name] for name in names}
+    values: dict[str, str] = {}
+    for secret_name, env_key in wanted.items():
+        value = parsed.get(env_key)
+        if value is None:
+            raise ConfigError(f"{shown}: {env_key} is missing (needed for secret {secret_name})")
+        if not value.strip():
+            raise ConfigError(f"{shown}: {env_key} is empty (needed for secret {secret_name})")
+        if "\n" in value or "\r" in value:
+            raise ConfigError(f"{shown}: {env_key} spans several lines; secrets must be one line")
+        values[secret_name] = value
+    return SecretValues(values)

@@ -1,0 +1,222 @@
+"""The one place that talks to a host: a single Fabric connection per run and host.
+
+Every task hands argv lists (built by ``tasks.commands``) to ``Remote.run``. This module
+decides how they travel: one SSH connection reused by every step, connect and command
+timeouts, ``sudo -n`` (never a password prompt), secrets on stdin only (never in argv,
+never ``env=``, never a pty), dry-run printing, a progress line per step with its duration,
+and failures turned into ``StepFailed`` - one line naming the step, the command (secrets
+redacted) and the tail of stderr.
+
+Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_timeout``.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
+
+
+class StepFailed(Exception):
+    """A step that did not complete; ``str()`` is one line fit for the terminal."""
+
+    def __init__(self, step: str, reason: str):
+        super().__init__(f"step '{step}' failed: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int
+    user: str
+    key_filename: str = ""
+    known_hosts: str = ""
+    label: str = ""
+
+    def describe(self) -> str:
+        return self.label or f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass
+class Result:
+    stdout: str
+    stderr: str
+    exited: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+@dataclass
+class Stats:
+    """What a run cost, for the summary line and the benchmarks."""
+
+    connections: int = 0
+    commands: int = 0
+    bytes_sent: int = 0
+    dry_run_commands: list[str] = field(default_factory=list)
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    return shlex.join(str(part) for part in argv)
+
+
+def _tail(text: str, lines: int = 1) -> str:
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(kept[-lines:]) if kept else "(no output)"
+
+
+class Remote:
+    """Runs commands on one host over one SSH connection."""
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        dry_run: bool = False,
+        connect_timeout: int = 15,
+        command_timeout: int = 600,
+        redact: Callable[[str], str] = lambda text: text,
+        out=None,
+    ):
+        self.target = target
+        self.dry_run = dry_run
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.redact = redact
+        self.out = out or sys.stdout
+        self.stats = Stats()
+        self._connection: Connection | None = None
+
+    # -- connection -------------------------------------------------------------------
+    def _connect(self) -> Connection:
+        if self._connection is not None:
+            return self._connection
+        target = self.target
+        connect_kwargs = {"allow_agent": False, "look_for_keys": not target.key_filename,
+                          "banner_timeout": self.connect_timeout,
+                          "auth_timeout": self.connect_timeout}
+        if target.key_filename:
+            connect_kwargs["key_filename"] = [target.key_filename]
+        config = Config(overrides={"load_ssh_configs": False})
+        connection = Connection(host=target.host, user=target.user, port=target.port,
+                                connect_timeout=self.connect_timeout,
+                                connect_kwargs=connect_kwargs, config=config)
+        # Host keys are verified against the project's known_hosts, never added blindly.
+        connection.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        if target.known_hosts and Path(target.known_hosts).exists():
+            connection.client.load_host_keys(target.known_hosts)
+        try:
+            connection.open()
+        except paramiko.BadHostKeyException:
+            raise StepFailed("connect", f"{target.describe()}: host key does not match "
+                             f"{target.known_hosts}") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise StepFailed("connect", f"{target.describe()}: host key unknown "
+                                 f"(not in {target.known_hosts})") from None
+            raise StepFailed("connect", f"{target.describe()}: {exc}") from None
+        except (OSError, EOFError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise StepFailed("connect", f"{target.describe()} unreachable within "
+                             f"{self.connect_timeout}s: {reason}") from None
+        transport = connection.client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        self._connection = connection
+        self.stats.connections += 1
+        return connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- commands ---------------------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        step: str,
+        stdin: str | None = None,
+        changes: bool = True,
+        check: bool = True,
+        timeout: int | None = None,
+    ) -> Result:
+        """Run ``argv`` on the host. ``changes=False`` marks a read that also runs in
+        dry-run mode. ``stdin`` is the only way a secret may travel."""
+        command = shell_join(argv)
+        shown = self.redact(command)
+        if self.dry_run and changes:
+            self.stats.dry_run_commands.append(shown)
+            print(f"    would run: {shown}" + ("  (stdin: redacted)" if stdin else ""),
+                  file=self.out)
+            return Result("", "", 0)
+        connection = self._connect()
+        self.stats.commands += 1
+        if stdin is not None:
+            self.stats.bytes_sent += len(stdin.encode())
+        try:
+            result = connection.run(
+                command, hide=True, warn=True, pty=False, echo_stdin=False,
+                in_stream=io.StringIO(stdin) if stdin is not None else False,
+                timeout=timeout or self.command_timeout,
+            )
+        except CommandTimedOut:
+            raise StepFailed(step, f"`{shown}` timed out after "
+                             f"{timeout or self.command_timeout}s") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._connection = None
+            raise StepFailed(step, f"connection lost during `{shown}`: {exc}") from None
+        outcome = Result(result.stdout, result.stderr, result.exited)
+        if check and not outcome.ok:
+            tail = self.redact(_tail(outcome.stderr or outcome.stdout))
+            raise StepFailed(step, f"`{shown}` exited {outcome.exited}: {tail}")
+        return outcome
+
+    def put(self, data: bytes, remote_path: str, *, step: str, mode: int = 0o600) -> None:
+        """Upload bytes over the same connection (SFTP), for file deltas."""
+        if self.dry_run:
+            print(f"    would upload {len(data)} bytes to {remote_path}", file=self.out)
+            return
+        connection = self._connect()
+        try:
+            sftp = connection.sftp()
+            with sftp.open(remote_path, "wb") as handle:
+                handle.set_pipelined(True)
+                handle.write(data)
+            sftp.chmod(remote_path, mode)
+        except (OSError, paramiko.SSHException) as exc:
+            raise StepFailed(step, f"upload to {remote_path} failed: {exc}") from None
+        self.stats.bytes_sent += len(data)
+
+    # -- progress ---------------------------------------------------------------------
+    @contextmanager
+    def step(self, name: str, detail: str = "") -> Iterator[None]:
+        """Print one line per step with its duration, so a slow link shows progress."""
+        started = time.monotonic()
+        label = f"{name}: {detail}" if detail else name
+        try:
+            yield
+        except Exception:
+            print(f"  x {label} ({time.monotonic() - started:.1f}s)", file=self.out)
+            raise
+        print(f"  - {label} ({time.monotonic() - started:.1f}s)", file=self.out)

@@ -1,0 +1,50 @@
+"""`inv config`: print the effective configuration, with where each value came from.
+
+Secret values are never part of the configuration; this task shows only whether each
+required .env key is present, never its value.
+"""
+
+from __future__ import annotations
+
+import json
+
+from invoke import Collection, task
+
+from tasks.cli import TARGET_HELP, one_line_errors, settings_for
+from tasks.config import ConfigError, redacted_tree
+from tasks.envfile import load_secret_values
+
+
+@task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],
+            "json": "print JSON instead of key = value lines"})
+@one_line_errors
+def config(c, target=None, host=None, json_=False):
+    """Print the effective configuration (secrets redacted) and each value's source."""
+    settings = settings_for(target, host)
+    tree = redacted_tree(settings)
+    try:
+        load_secret_values(settings)
+        env_status = "ok"
+    except ConfigError as exc:
+        env_status = str(exc)
+    if json_:
+        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status},
+                         indent=2, sort_keys=True))
+        return
+    for dotted, value in _leaves(tree):
+        print(f"{dotted} = {value!r}  [{settings.source(dotted)}]")
+    for name, env_key in settings["secrets"].items():
+        print(f"secret {name} <- .env {env_key}: [REDACTED]")
+    print(f".env check: {env_status}")
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "secrets":
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+ns = Collection(config)
