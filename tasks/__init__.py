@@ -2,7 +2,10 @@
 
 from invoke import Collection
 
-from tasks import settings
+from tasks import deploy, sandbox, settings
 
 ns = Collection()
 ns.add_task(settings.config)
+ns.add_task(deploy.deploy)
+ns.add_task(deploy.unlock)
+ns.add_collection(sandbox.ns)

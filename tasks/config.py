@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 TARGETS = ("sandbox", "ssh", "gcp")
+SANDBOX_BASE_IMAGE = "localhost/nightguard-base:latest"
 SANDBOX_OS = ("bookworm", "trixie")
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
@@ -252,6 +253,10 @@ def load_settings(
             continue
         apply(tuple(dotted.split(".")), raw, "command line")
 
+    if values["target"] == "sandbox" and "base_image" not in sources:
+        # The sandbox cannot reach registries; it preloads this base image.
+        values["base_image"] = SANDBOX_BASE_IMAGE
+        sources["base_image"] = "sandbox default"
     settings = Settings(values=values, sources=sources, root=root)
     validate(settings)
     return settings
