@@ -13,7 +13,7 @@ from __future__ import annotations
 import getpass
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from invoke import Collection, task
 
@@ -29,7 +29,7 @@ from tasks.targets import open_remote
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def holder(command: str) -> dict:
@@ -186,7 +186,8 @@ def record(remote: Remote, settings: Settings, facts: dict, desired: Desired,
         call(remote, settings, "record", step="record", changes=True, audit=audit, state=state,
              secret_hashes=stored, unlock=True)
         if outcome == "ok":
-            keep = {h["image"].rsplit(":", 1)[1] for h in state["history"][:settings["keep_images"]]}
+            recent = state["history"][:settings["keep_images"]]
+            keep = {h["image"].rsplit(":", 1)[1] for h in recent}
             apply.prune_images(remote, settings, facts, keep | {desired.image_tag})
     except StepFailed as exc:
         print(f"  ! could not record the outcome: {exc}", file=remote.out)
