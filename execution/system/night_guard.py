@@ -94,6 +94,14 @@ class Stopper:
         return self.stopping
 
 
+def safe_beat(heartbeat_file):
+    """Beat; a failed write is logged (the health check will notice), never fatal."""
+    try:
+        beat(heartbeat_file)
+    except OSError as exc:
+        log(f"heartbeat write failed: {exc}", sys.stderr)
+
+
 def load_secrets(secrets_dir, names):
     """{name: value} for every required secret; raises ValueError naming the bad ones."""
     secrets, problems = {}, []
@@ -148,7 +156,7 @@ def allocate(mb, ballast, stopper, heartbeat_file):
             return
         ballast.append(chunk)
         done += size // MB
-        beat(heartbeat_file)
+        safe_beat(heartbeat_file)
         held = sum(len(c) for c in ballast) // MB
         log(f"allocating: {done}/{mb} MB (holding {held} MB)")
     if done == mb:
@@ -191,10 +199,10 @@ def main():
     control_dir = env.get("NG_CONTROL_DIR") or DEFAULT_CONTROL_DIR
     try:
         interval = float(env.get("NG_HEARTBEAT_INTERVAL") or DEFAULT_INTERVAL)
-        if not interval > 0:
+        if not 0 < interval <= 3600:
             raise ValueError
     except ValueError:
-        log("NG_HEARTBEAT_INTERVAL must be a positive number of seconds", sys.stderr)
+        log("NG_HEARTBEAT_INTERVAL must be a number of seconds in (0, 3600]", sys.stderr)
         return EXIT_CONFIG
 
     stopper = Stopper()  # before anything slow: a stop request is never lost
@@ -219,10 +227,7 @@ def main():
             return code
         if stopper.stopping:
             break
-        try:
-            beat(heartbeat_file)
-        except OSError as exc:
-            log(f"heartbeat write failed: {exc}", sys.stderr)
+        safe_beat(heartbeat_file)
         # The real agent's work (poll Telegram, ask Gemini, ...) goes here.
         stopper.sleep(interval)
     log(f"received {signal.Signals(stopper.signum).name}, stopping")

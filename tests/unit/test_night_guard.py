@@ -232,3 +232,10 @@ def test_heartbeat_thread_beats_until_stopped(tmp_path):
     finally:
         thread.stop(timeout=1)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "soon", "nan"])
+def test_bad_interval_exits_nonzero(start, interval):
+    agent = start(NG_HEARTBEAT_INTERVAL=interval)
+    assert agent.wait_exit() == 2
+    assert "NG_HEARTBEAT_INTERVAL" in agent.output()
