@@ -1,0 +1,295 @@
+"""A small in-process fake of the Compute Engine REST API, for the real google-cloud-compute
+client (``transport="rest"``, ``api_endpoint="http://127.0.0.1:PORT"``).
+
+It keeps instances, zone operations, image families and project metadata in memory, records
+every request (``fake.requests``), and has knobs for the failure paths:
+
+  fake.fail("POST", "/instances", 403, "forbidden")   # next matching request fails
+  fake.op_polls = 3                                    # operations RUNNING for 3 polls
+  fake.op_error = ("QUOTA_EXCEEDED", "Quota ...")      # next operation ends in an error
+  fake.concurrent_writer = "alice:ssh-rsa AAA alice"   # next GET races a metadata write
+  fake.hang = "/instances/"                            # matching requests never answer
+  fake.nat_ip = "127.0.0.1"                            # address new/started VMs get
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+BASE = "https://www.googleapis.com/compute/v1"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: Any
+
+
+@dataclass
+class Failure:
+    method: str
+    pattern: str
+    status: int
+    message: str
+    reason: str
+    times: int
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def error_body(status: int, message: str, reason: str = "") -> dict:
+    return {"error": {"code": status, "message": message,
+                      "errors": [{"domain": "global", "reason": reason or "error",
+                                  "message": message}]}}
+
+
+@dataclass
+class FakeGce:
+    project: str = "demo-project"
+    zones: tuple[str, ...] = ("us-west1-b", "us-central1-a", "us-east1-b", "europe-west1-b")
+    nat_ip: str = "203.0.113.10"
+    op_polls: int = 0
+    op_error: tuple[str, str] | None = None
+    concurrent_writer: str | None = None
+    hang: str | None = None
+    instances: dict[str, dict] = field(default_factory=dict)
+    operations: dict[str, dict] = field(default_factory=dict)
+    guest_attributes: dict[str, dict[str, str]] = field(default_factory=dict)
+    project_metadata: list[dict] = field(default_factory=list)
+    images: dict[tuple[str, str], str] = field(default_factory=lambda: {
+        ("ubuntu-os-cloud", "ubuntu-2404-lts-amd64"): "ubuntu-2404-noble-amd64-v20250101"})
+    requests: list[Recorded] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1000)
+        self._lock = threading.RLock()
+        self._release = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                fake._handle(self, "GET")
+
+            def do_POST(self):  # noqa: N802
+                fake._handle(self, "POST")
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # -- lifecycle and knobs ----------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeGce:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fail(self, method: str, pattern: str, status: int, message: str = "",
+             reason: str = "", times: int = 1) -> None:
+        """The next ``times`` requests whose path matches ``pattern`` (a regex) fail."""
+        self.failures.append(Failure(method, pattern, status, message or f"HTTP {status}",
+                                     reason, times))
+
+    def sent(self, method: str, pattern: str) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    def add_instance(self, name: str, zone: str = "us-west1-b", status: str = "RUNNING",
+                     metadata: list[dict] | None = None, **extra: Any) -> dict:
+        body = {"name": name, "machineType": f"zones/{zone}/machineTypes/e2-micro",
+                "networkInterfaces": [{"accessConfigs": [{"type": "ONE_TO_ONE_NAT",
+                                                          "name": "External NAT"}]}],
+                "metadata": {"items": metadata or []}, **extra}
+        return self._create(zone, body, status)
+
+    # -- resources --------------------------------------------------------------------
+    def _url(self, zone: str, *rest: str) -> str:
+        return "/".join([BASE, "projects", self.project, "zones", zone, *rest])
+
+    def _create(self, zone: str, body: dict, status: str = "RUNNING") -> dict:
+        instance = json.loads(json.dumps(body))
+        instance.update(kind="compute#instance", id=str(next(self._ids)), status=status,
+                        zone=self._url(zone), selfLink=self._url(zone, "instances", body["name"]),
+                        creationTimestamp=_now())
+        instance.setdefault("metadata", {})["fingerprint"] = f"fp{next(self._ids)}"
+        instance["metadata"]["kind"] = "compute#metadata"
+        self._set_power(instance, status == "RUNNING")
+        self.instances[body["name"]] = instance
+        return instance
+
+    def _set_power(self, instance: dict, running: bool) -> None:
+        instance["status"] = "RUNNING" if running else "TERMINATED"
+        for nic in instance.get("networkInterfaces", []):
+            for access in nic.get("accessConfigs", []):
+                # An ephemeral external address is released while the VM is stopped.
+                if running:
+                    access["natIP"] = self.nat_ip
+                else:
+                    access.pop("natIP", None)
+        if running:
+            instance["lastStartTimestamp"] = _now()
+
+    def _operation(self, zone: str, kind: str, target: str) -> dict:
+        name = f"operation-{next(self._ids)}"
+        op = {"kind": "compute#operation", "id": str(next(self._ids)), "name": name,
+              "operationType": kind, "zone": self._url(zone),
+              "targetLink": self._url(zone, "instances", target),
+              "selfLink": self._url(zone, "operations", name), "insertTime": _now(),
+              "status": "RUNNING" if self.op_polls else "DONE",
+              "progress": 0 if self.op_polls else 100, "_polls_left": self.op_polls}
+        if self.op_error:
+            code, message = self.op_error
+            self.op_error = None
+            op.update(error={"errors": [{"code": code, "message": message}]},
+                      httpErrorStatusCode=403, httpErrorMessage="FORBIDDEN")
+        self.operations[name] = op
+        return op
+
+    def _poll(self, name: str) -> dict:
+        op = self.operations[name]
+        if op["_polls_left"] > 0:
+            op["_polls_left"] -= 1
+            if op["_polls_left"] == 0:
+                op.update(status="DONE", progress=100, endTime=_now())
+        return op
+
+    # -- HTTP -------------------------------------------------------------------------
+    def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlparse(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw else None
+        with self._lock:
+            self.requests.append(Recorded(method, url.path, parse_qs(url.query), body))
+            hang = self.hang and re.search(self.hang, url.path)
+        if hang:
+            self._release.wait(30)
+            return
+        with self._lock:
+            status, payload = self._route(method, url.path, parse_qs(url.query), body)
+        data = json.dumps({k: v for k, v in payload.items() if not k.startswith("_")}).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _route(self, method: str, path: str, query: dict, body: Any) -> tuple[int, dict]:
+        for failure in self.failures:
+            if failure.method == method and failure.times > 0 and re.search(failure.pattern,
+                                                                             path):
+                failure.times -= 1
+                return failure.status, error_body(failure.status, failure.message,
+                                                  failure.reason)
+        match = re.fullmatch(r"/compute/v1/projects/([^/]+)(/.*)?", path)
+        if not match:
+            return 404, error_body(404, f"no route for {path}", "notFound")
+        project, rest = match.group(1), match.group(2) or ""
+        family = re.fullmatch(r"/global/images/family/([^/]+)", rest)
+        if family and method == "GET":
+            image = self.images.get((project, family.group(1)))
+            if not image:
+                return 404, self._missing(f"projects/{project}/global/images/family/"
+                                          f"{family.group(1)}")
+            return 200, {"kind": "compute#image", "name": image, "family": family.group(1),
+                         "selfLink": f"{BASE}/projects/{project}/global/images/{image}"}
+        if project != self.project:
+            return 404, self._missing(f"projects/{project}")
+        if not rest and method == "GET":
+            return 200, {"kind": "compute#project", "name": project,
+                         "commonInstanceMetadata": {"items": self.project_metadata,
+                                                    "fingerprint": "pfp"}}
+        zoned = re.fullmatch(r"/zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/(\w+))?",
+                             rest)
+        if not zoned:
+            return 404, error_body(404, f"no route for {path}", "notFound")
+        zone, collection, name, verb = zoned.groups()
+        if zone not in self.zones:
+            return 404, self._missing(f"projects/{project}/zones/{zone}")
+        if collection == "operations":
+            if name not in self.operations:
+                return 404, self._missing(f"projects/{project}/zones/{zone}/operations/{name}")
+            return 200, self._poll(name)
+        return self._instances(method, zone, name, verb, query, body)
+
+    def _missing(self, resource: str) -> dict:
+        return error_body(404, f"The resource '{resource}' was not found", "notFound")
+
+    def _instances(self, method: str, zone: str, name: str | None, verb: str | None,
+                   query: dict, body: Any) -> tuple[int, dict]:
+        if name is None and method == "GET":
+            return 200, {"kind": "compute#instanceList",
+                         "items": [i for i in self.instances.values()
+                                   if i["zone"].endswith(f"/{zone}")]}
+        if name is None and method == "POST":
+            if body["name"] in self.instances:
+                return 409, error_body(409, f"The resource 'projects/{self.project}/zones/"
+                                            f"{zone}/instances/{body['name']}' already exists",
+                                       "alreadyExists")
+            op = self._operation(zone, "insert", body["name"])
+            if "error" not in op:
+                self._create(zone, body)
+            return 200, op
+        instance = self.instances.get(name)
+        if instance is None or not instance["zone"].endswith(f"/{zone}"):
+            return 404, self._missing(f"projects/{self.project}/zones/{zone}/instances/{name}")
+        if method == "GET" and verb is None:
+            snapshot = json.loads(json.dumps(instance))
+            if self.concurrent_writer:
+                self._write_key(instance, self.concurrent_writer)
+                self.concurrent_writer = None
+            return 200, snapshot
+        if method == "GET" and verb == "getGuestAttributes":
+            wanted = query.get("queryPath", [""])[0].rstrip("/")
+            values = self.guest_attributes.get(name, {}).get(wanted)
+            if not values:
+                return 404, self._missing(f"projects/{self.project}/zones/{zone}/instances/"
+                                          f"{name}/guestAttributes/{wanted}")
+            items = [{"namespace": wanted, "key": k, "value": v} for k, v in values.items()]
+            return 200, {"kind": "compute#guestAttributes", "queryPath": f"{wanted}/",
+                         "queryValue": {"items": items}}
+        if method == "POST" and verb == "setMetadata":
+            if body.get("fingerprint") != instance["metadata"]["fingerprint"]:
+                return 412, error_body(412, "Supplied fingerprint does not match current "
+                                            "metadata fingerprint.", "conditionNotMet")
+            instance["metadata"] = {"kind": "compute#metadata", "items": body.get("items", []),
+                                    "fingerprint": f"fp{next(self._ids)}"}
+            return 200, self._operation(zone, "setMetadata", name)
+        if method == "POST" and verb in ("start", "stop", "reset"):
+            if verb != "reset":
+                self._set_power(instance, verb == "start")
+            elif instance["status"] == "RUNNING":
+                instance["lastStartTimestamp"] = _now()
+            return 200, self._operation(zone, verb, name)
+        return 404, error_body(404, f"no route for {verb}", "notFound")
+
+    def _write_key(self, instance: dict, line: str) -> None:
+        items = instance["metadata"].setdefault("items", [])
+        entry = next((i for i in items if i["key"] == "ssh-keys"), None)
+        if entry is None:
+            items.append({"key": "ssh-keys", "value": line})
+        else:
+            entry["value"] = entry["value"].rstrip("\n") + "\n" + line
+        instance["metadata"]["fingerprint"] = f"fp{next(self._ids)}"
