@@ -36,15 +36,18 @@ class SecretValues:
 def parse_env_text(text: str, file_name: str) -> dict[str, str]:
     """Parse .env content; a line python-dotenv cannot read is an error, not a skip."""
     parsed: dict[str, str] = {}
-    line_no = 1
     for binding in parse_stream(io.StringIO(text)):
+        # A binding's text starts with the blank lines before it; count from its content.
+        original = binding.original.string
+        leading = original[:len(original) - len(original.lstrip())]
+        line_no = binding.original.line + leading.count("\n")
         if binding.error:
             raise ConfigError(f"{file_name}: line {line_no} is not KEY=VALUE")
         if binding.key is not None:
             if binding.value is None:
-                raise ConfigError(f"{file_name}: line {line_no}: {binding.key} has no '='")
+                # Not echoed: a bare word on a line is often a pasted secret value.
+                raise ConfigError(f"{file_name}: line {line_no} has no '=' (expected KEY=VALUE)")
             parsed[binding.key] = binding.value
-        line_no += binding.original.string.count("\n")
     return parsed
 
 
