@@ -2,10 +2,11 @@
 
 from invoke import Collection
 
-from tasks import deploy, sandbox, settings
+from tasks import deploy, health, sandbox, settings, steps
 
 ns = Collection()
-ns.add_task(settings.config)
-ns.add_task(deploy.deploy)
-ns.add_task(deploy.unlock)
-ns.add_collection(sandbox.ns)
+for module_task in (settings.config, deploy.deploy, deploy.unlock, health.health, health.logs,
+                    steps.sync, steps.rollback):
+    ns.add_task(module_task)
+for collection in (steps.host_ns, steps.compose_ns, sandbox.ns):
+    ns.add_collection(collection)

@@ -11,6 +11,7 @@ Subcommands (``args["op"]``):
   gate    read back the container's effective limits, then wait until it is healthy
   record  append the audit line, remember the deployed version, release the lock
   unlock  release the deploy lock
+  health  container, health log, limits in force, host memory, lock: for `inv health`
 """
 
 import hashlib
@@ -353,6 +354,22 @@ def op_record(a):
     return {"recorded": True}
 
 
+def op_health(a):
+    """Everything `inv health` shows, read-only, in one round trip."""
+    container = container_facts(a)
+    audit = (read_text(STATE + "/audit.log") or "").splitlines()[-1:]
+    return {
+        "container": container,
+        "cgroup": cgroup_limits(container["pid"]) if container and container["pid"] else {},
+        "host": host_memory(),
+        "swaps": [line.split()[0] for line in (read_text("/proc/swaps") or "").splitlines()[1:]],
+        "lock": lock_info(),
+        "unit_active": sh(["systemctl", "is-active", a["unit"]])[1].strip(),
+        "last_deploy": json.loads(audit[0]) if audit else None,
+        "deployed": (read_json(STATE + "/state.json", {}).get("history") or [{}])[0],
+    }
+
+
 def op_unlock(a):
     held = lock_info()
     shutil.rmtree(LOCK, ignore_errors=True)
@@ -360,7 +377,7 @@ def op_unlock(a):
 
 
 OPS = {"facts": op_facts, "sync": op_sync, "restore": op_restore, "gate": op_gate,
-       "record": op_record, "unlock": op_unlock}
+       "record": op_record, "unlock": op_unlock, "health": op_health}
 
 
 def main(a):

@@ -192,6 +192,17 @@ class Remote:
             raise StepFailed(step, f"`{shown}` exited {outcome.exited}: {tail}")
         return outcome
 
+    def stream(self, argv: Sequence[str], *, step: str) -> int:
+        """Run a read-only command with its output shown live (``logs -f``); no timeout."""
+        command = shell_join(argv)
+        connection = self._connect()
+        self.stats.commands += 1
+        try:
+            result = connection.run(command, hide=False, warn=True, pty=False, in_stream=False)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise StepFailed(step, f"connection lost during `{command}`: {exc}") from None
+        return result.exited
+
     def put(self, data: bytes, remote_path: str, *, step: str, mode: int = 0o600) -> None:
         """Upload bytes over the same connection (SFTP), for file deltas."""
         if self.dry_run:
