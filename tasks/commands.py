@@ -103,8 +103,8 @@ def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
     stop = "/usr/bin/podman stop --ignore --time 10 --cidfile=%t/%n.ctr-id"
     remove = "/usr/bin/podman rm --force --ignore --time 10 --cidfile=%t/%n.ctr-id"
     wanted_by = "multi-user.target" if rootful else "default.target"
-    # systemd expands % in ExecStart; a literal % in a flag must be doubled.
-    run = run.replace("%", "%%").replace("%%t/%%n", "%t/%n")
+    # systemd expands % and $ in ExecStart; a literal % or $ in a flag must be doubled.
+    run = run.replace("%", "%%").replace("%%t/%%n", "%t/%n").replace("$", "$$")
     return "\n".join([
         "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
         "[Unit]",
