@@ -2,11 +2,11 @@
 
 from invoke import Collection
 
-from tasks import deploy, health, sandbox, settings, steps
+from tasks import deploy, health, sandbox, secrets, settings, steps
 
 ns = Collection()
 for module_task in (settings.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, steps.rollback):
     ns.add_task(module_task)
-for collection in (steps.host_ns, steps.compose_ns, sandbox.ns):
+for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns):
     ns.add_collection(collection)

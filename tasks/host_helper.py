@@ -12,8 +12,11 @@ Subcommands (``args["op"]``):
   record  append the audit line, remember the deployed version, release the lock
   unlock  release the deploy lock
   health  container, health log, limits in force, host memory, lock: for `inv health`
+  secret_backup / secret_restore / secret_drop_backup
+          keep, put back, forget the last known-good secret values during a rotation
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -141,6 +144,8 @@ def container_facts(a):
         "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
                                                       // max(host.get("CpuPeriod", 1), 1)),
         "pid": state.get("Pid", 0),
+        "secrets": sorted(x.get("Name", "") for x in (data.get("Config") or {}).get("Secrets")
+                          or data.get("Secrets") or []),
     }
 
 
@@ -370,6 +375,78 @@ def op_health(a):
     }
 
 
+BACKUP_SUFFIX = "__previous"
+
+
+def secret_value(name, a):
+    """A secret's value, read on the host only (never sent back): Podman >= 4.7 shows it
+    to root; older Podman keeps it in its file driver's store."""
+    code, out, _ = podman(["secret", "inspect", "--showsecret", "--format",
+                           "{{.SecretData}}", name], a)
+    if code == 0 and out.strip():
+        return out.rstrip("\n")
+    code, out, _ = podman(["secret", "inspect", "--format", "{{.ID}}", name], a)
+    if code != 0:
+        return None
+    root = (os.path.expanduser("~/.local/share/containers/storage") if a.get("rootless")
+            else "/var/lib/containers/storage")
+    store = read_json(root + "/secrets/filedriver/secretsdata.json", {})
+    encoded = store.get(out.strip())
+    if encoded is None:
+        return None
+    return base64.b64decode(encoded).decode()
+
+
+def put_secret(name, value, a):
+    podman(["secret", "rm", name], a)
+    done = subprocess.run(["podman", "secret", "create", name, "-"], input=value, text=True,
+                          capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"podman secret create {name} failed: {done.stderr.strip()[-200:]}")
+
+
+def existing_secrets(a):
+    code, out, _ = podman(["secret", "ls", "--format", "json"], a)
+    return {s["Spec"]["Name"] for s in json.loads(out or "[]")} if code == 0 else set()
+
+
+def op_secret_backup(a):
+    """Keep the last known-good value as NAME__previous; an existing backup is kept, so a
+    rotation cut half-way still knows the value that last worked."""
+    present = existing_secrets(a)
+    kept = []
+    for name in a["names"]:
+        backup = name + BACKUP_SUFFIX
+        if backup in present or name not in present:
+            continue
+        value = secret_value(name, a)
+        if value is None:
+            raise SystemExit(f"cannot read the current value of {name} to back it up")
+        put_secret(backup, value, a)
+        kept.append(name)
+    return {"backed_up": kept}
+
+
+def op_secret_restore(a):
+    present = existing_secrets(a)
+    restored = []
+    for name in a["names"]:
+        backup = name + BACKUP_SUFFIX
+        if backup in present:
+            put_secret(name, secret_value(backup, a), a)
+            podman(["secret", "rm", backup], a)
+            restored.append(name)
+    return {"restored": restored}
+
+
+def op_secret_drop_backup(a):
+    present = existing_secrets(a)
+    dropped = [n for n in present if n.endswith(BACKUP_SUFFIX)]
+    for name in dropped:
+        podman(["secret", "rm", name], a)
+    return {"dropped": dropped}
+
+
 def op_unlock(a):
     held = lock_info()
     shutil.rmtree(LOCK, ignore_errors=True)
@@ -377,7 +454,9 @@ def op_unlock(a):
 
 
 OPS = {"facts": op_facts, "sync": op_sync, "restore": op_restore, "gate": op_gate,
-       "record": op_record, "unlock": op_unlock, "health": op_health}
+       "record": op_record, "unlock": op_unlock, "health": op_health,
+       "secret_backup": op_secret_backup, "secret_restore": op_secret_restore,
+       "secret_drop_backup": op_secret_drop_backup}
 
 
 def main(a):
