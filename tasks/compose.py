@@ -64,7 +64,11 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
         if value != settings.size(setting):
             fail(key, f"{service[key]} differs from nightguard.{setting} {settings[setting]} "
                  f"({settings.source(setting)})")
-    if float(service["cpus"]) != float(settings["limits.cpus"]):
+    try:
+        cpus = float(service["cpus"])
+    except (TypeError, ValueError):
+        fail("cpus", f"{service['cpus']!r} is not a number")
+    if cpus != float(settings["limits.cpus"]):
         fail("cpus", f"{service['cpus']} differs from nightguard.limits.cpus "
              f"{settings['limits.cpus']}")
     if service["restart"] != "always":
@@ -87,7 +91,11 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
         if value != parse_duration(settings[setting]):
             fail(f"healthcheck.{key}", f"{health[key]} differs from nightguard.{setting} "
                  f"{settings[setting]}")
-    if int(health.get("retries", -1)) != settings["health.retries"]:
+    try:
+        retries = int(health.get("retries", -1))
+    except (TypeError, ValueError):
+        fail("healthcheck.retries", f"{health.get('retries')!r} is not a number")
+    if retries != settings["health.retries"]:
         fail("healthcheck.retries", f"{health.get('retries')} differs from "
              f"nightguard.health.retries {settings['health.retries']}")
     names = [s if isinstance(s, str) else s.get("source") for s in service["secrets"]]
