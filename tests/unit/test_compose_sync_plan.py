@@ -1,0 +1,496 @@
+"""The compose check, the code sync manifest and delta, and planning from recorded facts."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tasks.compose import check_compose, health_command, load_compose
+from tasks.config import ConfigError, load_settings
+from tasks.plan import IMAGE_INPUTS, desired_state, make_plan, secret_digest
+from tasks.sync import (
+    ALWAYS_EXCLUDED,
+    Delta,
+    compute_delta,
+    delta_tarball,
+    is_excluded,
+    local_manifest,
+    read_ignore_file,
+    tree_hash,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+COMPOSE = ROOT / "deployment" / "podman-compose.nightguard.yml"
+TOKEN = "123456:tg-token-value"
+GEMINI = "AIzaSy-gemini-value"
+
+
+# -- compose ----------------------------------------------------------------------------------
+@pytest.fixture
+def compose_settings(tmp_path):
+    return load_settings(root=tmp_path, environ={}, overrides={"compose_file": str(COMPOSE)})
+
+
+@pytest.fixture
+def shipped():
+    return load_compose(COMPOSE)
+
+
+def compose_error(settings, document) -> str:
+    with pytest.raises(ConfigError) as info:
+        check_compose(settings, document)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("podman-compose.nightguard.yml: ")
+    return message
+
+
+def test_shipped_compose_file_matches_the_defaults(compose_settings):
+    check_compose(compose_settings)  # reads the file itself
+
+
+def test_health_command_of_the_shipped_file(shipped):
+    assert health_command(shipped) == "python3 /app/execution/system/health_check.py"
+    doc = copy.deepcopy(shipped)
+    doc["services"]["nightguard"]["healthcheck"]["test"] = ["CMD-SHELL", "exit 0"]
+    assert health_command(doc) == "exit 0"
+    doc["services"]["nightguard"]["healthcheck"]["test"] = "true"
+    assert health_command(doc) == "true"
+
+
+def _service(document):
+    return document["services"]["nightguard"]
+
+
+def test_memswap_limit_differs(compose_settings, shipped):
+    _service(shipped)["memswap_limit"] = "1400m"
+    message = compose_error(compose_settings, shipped)
+    assert "services.nightguard.memswap_limit: 1400m differs from " \
+           "nightguard.limits.memory_swap 2700m (defaults)" in message
+
+
+def test_equal_sizes_in_other_units_pass(compose_settings, shipped):
+    _service(shipped)["memswap_limit"] = str(2700 * 1024**2)
+    check_compose(compose_settings, shipped)
+
+
+def test_setting_from_the_environment_is_named(tmp_path, shipped):
+    settings = load_settings(root=tmp_path, environ={"NIGHTGUARD_LIMITS_MEMORY": "650m"},
+                             overrides={"compose_file": str(COMPOSE)})
+    message = compose_error(settings, shipped)
+    assert "mem_limit: 700m differs from nightguard.limits.memory 650m" in message
+    assert "(environment (NIGHTGUARD_LIMITS_MEMORY))" in message
+
+
+@pytest.mark.parametrize("key", ["memswap_limit", "mem_limit", "restart", "healthcheck",
+                                 "secrets", "volumes"])
+def test_missing_key(compose_settings, shipped, key):
+    del _service(shipped)[key]
+    assert compose_error(compose_settings, shipped).endswith(f"services.nightguard.{key}: "
+                                                             "is missing")
+
+
+def test_restart_unless_stopped(compose_settings, shipped):
+    _service(shipped)["restart"] = "unless-stopped"
+    message = compose_error(compose_settings, shipped)
+    assert "services.nightguard.restart: 'unless-stopped': use 'always'" in message
+
+
+def test_volume_without_z_label(compose_settings, shipped):
+    _service(shipped)["volumes"] = ["/home/ubuntu/97layerOS:/app"]
+    message = compose_error(compose_settings, shipped)
+    assert "services.nightguard.volumes: expected '/home/ubuntu/97layerOS:/app:Z'" in message
+
+
+def test_secret_not_external(compose_settings, shipped):
+    shipped["secrets"]["gemini_api_key"] = {"file": "../.env"}
+    message = compose_error(compose_settings, shipped)
+    assert message.startswith("podman-compose.nightguard.yml: secrets.gemini_api_key: "
+                              "must be external: true")
+
+
+def test_secret_list_differs(compose_settings, shipped):
+    _service(shipped)["secrets"] = ["telegram_bot_token"]
+    message = compose_error(compose_settings, shipped)
+    assert "services.nightguard.secrets:" in message
+
+
+def test_long_form_secrets_are_understood(compose_settings, shipped):
+    _service(shipped)["secrets"] = [{"source": "telegram_bot_token"}, "gemini_api_key"]
+    check_compose(compose_settings, shipped)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("interval", "60s", "healthcheck.interval: 60s differs from nightguard.health.interval 30s"),
+    ("interval", "30", "healthcheck.interval: '30' is not a duration"),
+    ("timeout", "5s", "healthcheck.timeout: 5s differs from nightguard.health.timeout 10s"),
+    ("start_period", "2m",
+     "healthcheck.start_period: 2m differs from nightguard.health.start_period 60s"),
+    ("retries", 5, "healthcheck.retries: 5 differs from nightguard.health.retries 3"),
+])
+def test_healthcheck_differs(compose_settings, shipped, key, value, expected):
+    _service(shipped)["healthcheck"][key] = value
+    assert expected in compose_error(compose_settings, shipped)
+
+
+def test_healthcheck_interval_in_minutes_is_equal(compose_settings, shipped):
+    _service(shipped)["healthcheck"]["start_period"] = "1m"
+    check_compose(compose_settings, shipped)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("cpus", 2, "cpus: 2 differs from nightguard.limits.cpus 1.0"),
+    ("cpus", "many", "cpus: 'many' is not a number"),
+    ("container_name", "other", "container_name: 'other' differs"),
+    ("mem_reservation", "lots", "mem_reservation: 'lots' is not a size"),
+])
+def test_other_differences(compose_settings, shipped, key, value, expected):
+    _service(shipped)[key] = value
+    assert expected in compose_error(compose_settings, shipped)
+
+
+def test_bad_healthcheck_retries_is_one_line(compose_settings, shipped):
+    _service(shipped)["healthcheck"]["retries"] = "three"
+    assert compose_error(compose_settings, shipped).endswith(
+        "services.nightguard.healthcheck.retries: 'three' is not a number")
+
+
+def test_load_compose_errors(tmp_path):
+    with pytest.raises(ConfigError, match="^missing.yml: not found$"):
+        load_compose(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("services: [\n")
+    with pytest.raises(ConfigError, match="^bad.yml: is not valid YAML$"):
+        load_compose(bad)
+    other = tmp_path / "other.yml"
+    other.write_text("services:\n  web:\n    image: x\n")
+    with pytest.raises(ConfigError, match="^other.yml: services.nightguard is missing$"):
+        load_compose(other)
+
+
+# -- sync: what travels ------------------------------------------------------------------------
+@pytest.mark.parametrize(("rel", "excluded"), [
+    (".env", True),
+    (".env.local", True),
+    (".env.production", True),
+    ("deployment/.env", True),
+    (".env.example", False),
+    (".git", True),
+    (".git/config", True),
+    ("pkg/__pycache__/mod.cpython-311.pyc", True),
+    ("pkg/mod.pyc", True),
+    (".venv/bin/python", True),
+    (".sandbox/disk.qcow2", True),
+    (".ssh/known_hosts", True),
+    ("execution/system/night_guard.py", False),
+    ("environment.md", False),
+    ("docs/env.txt", False),
+])
+def test_is_excluded_always(rel, excluded):
+    assert is_excluded(rel, list(ALWAYS_EXCLUDED)) is excluded
+
+
+def test_deployignore_patterns(tmp_path):
+    (tmp_path / ".deployignore").write_text(
+        "# local only\n\nlogs/\n*.log\ndata/cache/*\n  notes.txt  \n")
+    patterns = read_ignore_file(tmp_path)
+    assert patterns == ["logs", "*.log", "data/cache/*", "notes.txt"]
+    assert is_excluded("logs/today.txt", patterns)
+    assert is_excluded("agent/run.log", patterns)
+    assert is_excluded("data/cache/blob", patterns)
+    assert is_excluded("sub/notes.txt", patterns)
+    assert not is_excluded("data/keep.json", patterns)
+    assert not is_excluded("catalogs/x.txt", patterns)
+    assert read_ignore_file(tmp_path / "nowhere") == []
+
+
+def make_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+SOURCE_FILES = {
+    "execution/system/night_guard.py": "print('guard')\n",
+    "execution/system/health_check.py": "print('ok')\n",
+    "README.md": "# agent\n",
+    ".env.example": "TELEGRAM_BOT_TOKEN=\n",
+}
+
+
+def test_local_manifest_of_a_tree(tmp_path):
+    make_tree(tmp_path, {
+        **SOURCE_FILES,
+        ".env": "TELEGRAM_BOT_TOKEN=secret\n",
+        ".env.local": "X=1\n",
+        ".git/HEAD": "ref: refs/heads/main\n",
+        "execution/__pycache__/x.cpython-311.pyc": "bytecode",
+        "logs/today.log": "noise\n",
+        ".deployignore": "logs\n",
+    })
+    os.symlink(tmp_path / "README.md", tmp_path / "link.md")
+    manifest = local_manifest(tmp_path)
+    assert sorted(manifest) == sorted([*SOURCE_FILES, ".deployignore"])
+    digest = hashlib.sha256(SOURCE_FILES["README.md"].encode()).hexdigest()
+    assert manifest["README.md"] == digest
+
+
+def test_tree_hash_depends_on_names_and_contents():
+    base = {"a": "1" * 64, "b": "2" * 64}
+    assert tree_hash(base) == tree_hash(dict(reversed(list(base.items()))))
+    assert tree_hash(base) != tree_hash({"a": "1" * 64, "b": "3" * 64})
+    assert tree_hash(base) != tree_hash({"a": "1" * 64, "c": "2" * 64})
+    assert len(tree_hash(base)) == 12
+
+
+def test_compute_delta():
+    local = {"same.py": "1", "changed.py": "2", "new.py": "3"}
+    remote = {"same.py": "1", "changed.py": "old", "gone.py": "4", "agent_made.db": "5",
+              "agent_note.txt": "6"}
+    synced = ["same.py", "changed.py", "gone.py", "gone_already.py"]
+    delta = compute_delta(local, remote, synced)
+    assert delta.changed == ("changed.py", "new.py")
+    assert delta.deleted == ("gone.py",)  # agent-made files and already-gone ones stay out
+    assert delta.describe() == "2 file(s) to send, 1 to remove"
+    assert delta
+
+
+def test_compute_delta_in_sync_is_falsy():
+    files = {"a.py": "1", "b.py": "2"}
+    delta = compute_delta(files, dict(files, extra="9"), list(files))
+    assert delta == Delta((), ())
+    assert not delta
+
+
+def test_delta_tarball_round_trip(tmp_path):
+    make_tree(tmp_path, SOURCE_FILES)
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "execution/system/night_guard.py").chmod(0o755)
+    files = ("blob.bin", "execution/system/night_guard.py", "README.md")
+    data = delta_tarball(tmp_path, files)
+    assert data[:2] == b"\x1f\x8b"  # gzip
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == list(files)
+        for member in members:
+            assert member.uid == 0 and member.gid == 0 and member.uname == ""
+            assert tar.extractfile(member).read() == (tmp_path / member.name).read_bytes()
+        assert members[1].mode & 0o777 == 0o755
+
+
+# -- plan from recorded facts ----------------------------------------------------------------
+@pytest.fixture
+def project(tmp_path):
+    """A project root with the deployment files, and a separate source tree to sync."""
+    root = tmp_path / "project"
+    for rel in (*IMAGE_INPUTS, "deployment/podman-compose.nightguard.yml"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, root / rel)
+    source = make_tree(tmp_path / "source", SOURCE_FILES)
+    return root, source
+
+
+def plan_settings(root: Path, source: Path, **overrides):
+    flags = {"target": "ssh", "ssh.host": "203.0.113.7", "source_dir": str(source), **overrides}
+    return load_settings(root=root, environ={}, overrides=flags)
+
+
+def load_fixture(name: str) -> dict:
+    facts = json.loads((FIXTURES / name).read_text())
+    facts.pop("_comment", None)
+    return facts
+
+
+def digests_for(salt: str, token: str = TOKEN, gemini: str = GEMINI) -> dict[str, str]:
+    return {"telegram_bot_token": secret_digest(salt, token),
+            "gemini_api_key": secret_digest(salt, gemini)}
+
+
+def deployed_facts(desired, digests) -> dict:
+    """The recorded deployed host, with the tree-dependent fields taken from desired_state."""
+    facts = load_fixture("deployed_host.json")
+    facts["manifest"] = dict(desired.manifest, **{"data/agent_state.db": "f" * 64})
+    facts["synced"] = sorted(desired.manifest)
+    facts["image_tags"] = sorted({*facts["image_tags"], desired.image_tag})
+    facts["unit_text"] = desired.unit_text
+    facts["secret_hashes"] = dict(digests)
+    labels = dict(desired.spec.labels)
+    labels["nightguard.spec"] = desired.spec.spec_hash()
+    facts["container"]["labels"] = labels
+    facts["container"]["image"] = desired.image_ref
+    return facts
+
+
+@pytest.fixture
+def deployed(project):
+    root, source = project
+    settings = plan_settings(root, source)
+    salt = load_fixture("deployed_host.json")["secret_salt"]
+    digests = digests_for(salt)
+    desired = desired_state(settings, digests)
+    return settings, desired, digests, deployed_facts(desired, digests), source
+
+
+def test_desired_state_reads_the_project_files(project):
+    root, source = project
+    settings = plan_settings(root, source)
+    desired = desired_state(settings, {})
+    assert sorted(desired.manifest) == sorted(SOURCE_FILES)
+    assert desired.code_hash == tree_hash(desired.manifest)
+    assert desired.image_ref == f"localhost/nightguard:{desired.image_tag}"
+    assert desired.version == f"{desired.image_tag}/{desired.code_hash}"
+    assert desired.spec.memory_swap == "2700m"
+    assert "--memory-swap 2700m" in desired.unit_text
+
+
+def test_fresh_host_plans_every_step(project):
+    root, source = project
+    settings = plan_settings(root, source)
+    digests = digests_for("00" * 32)
+    desired = desired_state(settings, digests)
+    plan = make_plan(settings, desired, load_fixture("fresh_host.json"), digests)
+    assert plan.swap
+    assert not plan.remove_env_file
+    assert sorted(plan.delta.changed) == sorted(SOURCE_FILES)
+    assert plan.delta.deleted == ()
+    assert plan.secrets == ["telegram_bot_token", "gemini_api_key"]
+    assert plan.build_image and plan.write_unit and plan.restart
+    assert "container is not running" in plan.reasons
+    assert len(plan.lines()) == 6
+    assert plan
+
+
+def test_up_to_date_host_plans_nothing(deployed):
+    settings, desired, digests, facts, _ = deployed
+    plan = make_plan(settings, desired, facts, digests)
+    assert not plan, plan.lines()
+    assert plan.lines() == []
+    assert plan.reasons == []
+
+
+def test_one_changed_file_is_a_delta_of_one_and_a_restart(deployed):
+    settings, _, digests, facts, source = deployed
+    (source / "execution/system/night_guard.py").write_text("print('guard v2')\n")
+    desired = desired_state(settings, digests)
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.delta.changed == ("execution/system/night_guard.py",)
+    assert plan.delta.deleted == ()
+    assert plan.restart
+    assert plan.reasons == ["nightguard.code changed"]
+    assert plan.write_unit  # the unit carries the code label
+    assert not (plan.swap or plan.secrets or plan.build_image or plan.remove_env_file)
+
+
+def test_a_file_removed_locally_is_removed_on_the_host_but_agent_files_stay(deployed):
+    settings, _, digests, facts, source = deployed
+    (source / "README.md").unlink()
+    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
+    assert plan.delta.deleted == ("README.md",)
+    assert plan.delta.changed == ()
+    assert "data/agent_state.db" not in plan.delta.deleted
+
+
+def test_rotated_secret_updates_it_and_restarts(deployed):
+    settings, desired, digests, facts, _ = deployed
+    rotated = dict(digests, gemini_api_key=secret_digest(facts["secret_salt"], "rotated"))
+    plan = make_plan(settings, desired, facts, rotated)
+    assert plan.secrets == ["gemini_api_key"]
+    assert plan.restart
+    assert not plan.delta and not plan.build_image and not plan.write_unit
+
+
+def test_secret_removed_on_the_host_is_recreated(deployed):
+    settings, desired, digests, facts, _ = deployed
+    del facts["secrets"]["telegram_bot_token"]
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.secrets == ["telegram_bot_token"]
+
+
+def test_podman_compose_drift(deployed):
+    settings, desired, digests, _, _ = deployed
+    facts = load_fixture("podman_compose_host.json")
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.write_unit
+    assert plan.remove_env_file
+    assert plan.restart
+    assert plan.build_image
+    assert "nightguard.spec changed" in plan.reasons
+    assert "container is not running" not in plan.reasons
+    assert not plan.swap
+    assert "host: remove the plain-text .env from the app dir" in plan.lines()
+
+
+def test_missing_unit_is_written(deployed):
+    settings, desired, digests, facts, _ = deployed
+    facts["unit_text"] = None
+    facts["unit_enabled"] = "not-found"
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.write_unit and plan.restart
+    assert plan.lines() == ["unit: write the systemd unit and enable it",
+                            "container: (re)start and wait until healthy"]
+
+
+def test_disabled_unit_is_enabled(deployed):
+    settings, desired, digests, facts, _ = deployed
+    facts["unit_enabled"] = "disabled"
+    assert make_plan(settings, desired, facts, digests).write_unit
+
+
+def test_stopped_container_is_restarted(deployed):
+    settings, desired, digests, facts, _ = deployed
+    facts["container"]["running"] = False
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.restart and plan.reasons == ["container is not running"]
+
+
+def test_changed_limit_rewrites_the_unit(project, deployed):
+    root, source = project
+    _, _, digests, facts, _ = deployed
+    settings = plan_settings(root, source, **{"limits.memory_reservation": "400m"})
+    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
+    assert plan.write_unit and plan.restart
+    assert "nightguard.spec changed" in plan.reasons
+    assert not plan.build_image and not plan.delta
+
+
+def test_changed_base_image_rebuilds(project, deployed):
+    root, source = project
+    _, _, digests, facts, _ = deployed
+    settings = plan_settings(root, source, base_image="docker.io/library/python:3.12-slim")
+    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
+    assert plan.build_image
+    assert "nightguard.image changed" in plan.reasons
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("swapfile_mode", "0o644"),
+    ("swappiness", 60),
+    ("swappiness_persisted", None),
+    ("swap_in_fstab", False),
+    ("swapfile_size", 1024**3),
+    ("swaps", []),
+])
+def test_swap_drift(deployed, key, value):
+    settings, desired, digests, facts, _ = deployed
+    facts[key] = value
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.swap
+    assert not plan.restart
+
+
+def test_secret_digest_is_keyed():
+    assert secret_digest("00" * 32, "v") == secret_digest("00" * 32, "v")
+    assert secret_digest("00" * 32, "v") != secret_digest("01" * 32, "v")
+    assert GEMINI not in secret_digest("00" * 32, GEMINI)
+    assert len(secret_digest("00" * 32, "v")) == 64
