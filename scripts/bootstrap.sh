@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap openssh-client e2fsprogs rsync ca-certificates)
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap openssh-client openssh-server e2fsprogs rsync ca-certificates)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
