@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import google.auth
 import requests
@@ -24,15 +25,24 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError, RefreshError
-from google.cloud import compute_v1
 from google.oauth2 import service_account
 
 from tasks.config import Settings
 from tasks.remote import SshTarget, StepFailed
 
+if TYPE_CHECKING:
+    from google.cloud import compute_v1
+
 SCOPES = ["https://www.googleapis.com/auth/compute"]
 FREE_REGIONS = ("us-west1", "us-central1", "us-east1")
-DONE = compute_v1.Operation.Status.DONE
+
+
+def v1():
+    """``google.cloud.compute_v1``, imported on first use: loading it takes seconds, which
+    every `inv` run (even `inv --list`) would pay otherwise."""
+    from google.cloud import compute_v1
+
+    return compute_v1
 
 
 class GcpError(StepFailed):
@@ -103,9 +113,9 @@ def connect(settings: Settings) -> Gce:
     def build(cls):
         return cls(credentials=credentials, transport="rest", client_options=options)
 
-    return Gce(settings, build(compute_v1.InstancesClient),
-               build(compute_v1.ZoneOperationsClient), build(compute_v1.ImagesClient),
-               build(compute_v1.ProjectsClient))
+    compute = v1()
+    return Gce(settings, build(compute.InstancesClient), build(compute.ZoneOperationsClient),
+               build(compute.ImagesClient), build(compute.ProjectsClient))
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -166,17 +176,20 @@ def api_errors(gce: Gce, step: str) -> Iterator[None]:
         raise GcpError(step, f"cannot reach the Compute API at {endpoint}: check the network "
                        "or nightguard.gcp.api_endpoint") from None
     except (RefreshError, DefaultCredentialsError) as exc:
-        raise GcpError(step, f"credentials rejected ({exc}): run `gcloud auth "
-                       "application-default login`") from None
+        detail = (str(exc).strip().splitlines() or ["refresh failed"])[0]
+        raise GcpError(step, f"credentials rejected ({detail}): run `gcloud auth "
+                       "application-default login` or renew nightguard.gcp.credentials_file",
+                       401) from None
 
 
 def wait_for_operation(gce: Gce, op: compute_v1.Operation, step: str,
                        timeout: float | None = None) -> compute_v1.Operation:
     """Poll with our own ZoneOperationsClient (``ExtendedOperation.result()`` would
     ignore the configured endpoint); raise the operation's error, if any."""
+    done = v1().Operation.Status.DONE
     limit = timeout or gce.operation_timeout
     deadline = time.monotonic() + limit
-    while op.status != DONE:
+    while op.status != done:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GcpError(step, f"operation {op.operation_type or op.name} not done after "
@@ -189,7 +202,7 @@ def wait_for_operation(gce: Gce, op: compute_v1.Operation, step: str,
         except GcpError as exc:
             if exc.status != 408:  # a slow long-poll is not a failure by itself
                 raise
-        if op.status != DONE:
+        if op.status != done:
             time.sleep(max(0.0, min(gce.poll_interval, deadline - time.monotonic())))
     if op.error.errors:
         first = op.error.errors[0]
@@ -232,22 +245,23 @@ def external_ip(instance: compute_v1.Instance) -> str:
 
 def build_instance(settings: Settings, source_image: str,
                    ssh_keys: str) -> compute_v1.Instance:
+    compute = v1()
     zone = settings["gcp.zone"]
-    disk = compute_v1.AttachedDiskInitializeParams(
+    disk = compute.AttachedDiskInitializeParams(
         source_image=source_image, disk_size_gb=settings["gcp.disk_gb"],
         disk_type=f"zones/{zone}/diskTypes/{settings['gcp.disk_type']}")
-    nat = compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
+    nat = compute.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
     # Guest attributes let the guest agent publish its host keys for pinning.
-    items = [compute_v1.Items(key="ssh-keys", value=ssh_keys),
-             compute_v1.Items(key="enable-guest-attributes", value="TRUE")]
-    return compute_v1.Instance(
+    items = [compute.Items(key="ssh-keys", value=ssh_keys),
+             compute.Items(key="enable-guest-attributes", value="TRUE")]
+    return compute.Instance(
         name=settings["gcp.instance"],
         machine_type=f"zones/{zone}/machineTypes/{settings['gcp.machine_type']}",
-        disks=[compute_v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=disk)],
-        network_interfaces=[compute_v1.NetworkInterface(network="global/networks/default",
+        disks=[compute.AttachedDisk(boot=True, auto_delete=True, initialize_params=disk)],
+        network_interfaces=[compute.NetworkInterface(network="global/networks/default",
                                                         access_configs=[nat])],
-        tags=compute_v1.Tags(items=[settings["gcp.network_tag"]]),
-        metadata=compute_v1.Metadata(items=items))
+        tags=compute.Tags(items=[settings["gcp.network_tag"]]),
+        metadata=compute.Metadata(items=items))
 
 
 def create_instance(gce: Gce, ssh_keys: str, timeout: float | None = None

@@ -16,7 +16,6 @@ from pathlib import Path
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.cloud import compute_v1
 
 from tasks.config import ConfigError, Settings
 from tasks.gcp import (
@@ -26,6 +25,7 @@ from tasks.gcp import (
     connect,
     external_ip,
     get_instance,
+    v1,
     wait_for_operation,
 )
 from tasks.remote import SshTarget, StepFailed
@@ -39,7 +39,7 @@ def _metadata(items) -> dict[str, str]:
     return {item.key: item.value for item in items}
 
 
-def os_login_source(gce: Gce, instance: compute_v1.Instance) -> str:
+def os_login_source(gce: Gce, instance) -> str:
     """'VM' or 'project' when OS Login is on (then ssh-keys metadata is ignored), else ''."""
     own = _metadata(instance.metadata.items).get("enable-oslogin")
     if own is not None:  # the VM's value overrides the project's
@@ -86,9 +86,9 @@ def authorize_key(gce: Gce, user: str, public_key: str, timeout: float | None = 
         if _has_key(lines, user, blob):
             return False
         items["ssh-keys"] = "\n".join([*lines, ssh_keys_entry(user, public_key)])
-        metadata = compute_v1.Metadata(
+        metadata = v1().Metadata(
             fingerprint=instance.metadata.fingerprint,
-            items=[compute_v1.Items(key=k, value=v) for k, v in items.items()])
+            items=[v1().Items(key=k, value=v) for k, v in items.items()])
         try:
             with api_errors(gce, step):
                 op = gce.call(gce.instances.set_metadata_unary, project=gce.project,
