@@ -155,8 +155,10 @@ def published_host_keys(gce: Gce) -> list[paramiko.PKey]:
     """Host keys the guest agent published as guest attributes ([] if none)."""
     try:
         with api_errors(gce, "vm host keys"):
-            found = gce.call(gce.instances.get_guest_attributes, project=gce.project,
-                             zone=gce.zone, instance=gce.name, query_path="hostkeys/")
+            # query_path is not a flattened argument: only the request object carries it.
+            request = v1().GetGuestAttributesInstanceRequest(
+                project=gce.project, zone=gce.zone, instance=gce.name, query_path="hostkeys/")
+            found = gce.call(gce.instances.get_guest_attributes, request=request)
     except GcpError as exc:
         if exc.status in (400, 403, 404):  # disabled, not yet written, or not allowed
             return []

@@ -67,12 +67,14 @@ def describe(instance, zone: str, now: datetime | None = None) -> list[str]:
 @one_line_errors
 def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb=None,
            timeout=300):
-    """Create the VM (e2-micro, standard disk, external IP, your SSH key); an existing VM
-    is reported and left alone."""
+    """Create the VM with your SSH key (an existing VM is reported, not duplicated).
+
+    e2-micro, 30 GB pd-standard boot disk, network tag, external IP; warns when the
+    settings leave the free tier."""
     settings = _settings(project, zone, instance, gcp__machine_type=machine_type,
                          gcp__disk_gb=disk_gb)
     for warning in gcp.free_tier_warnings(settings):
-        _warn(f"{warning}: outside the free tier, this VM will be billed")
+        _warn(f"{warning}: this VM will be billed")
     gce = gcp.connect(settings)
     user = settings["ssh.user"]
     entry = gcp_ssh.ssh_keys_entry(user, gcp_ssh.public_key(settings))
