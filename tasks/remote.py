@@ -69,6 +69,14 @@ class Stats:
     dry_run_commands: list[str] = field(default_factory=list)
 
 
+class _WholeStdin(io.StringIO):
+    """Invoke reads a non-terminal ``in_stream`` one character per 10 ms poll (about
+    100 bytes/s: minutes for the host helper); hand it everything on the first read."""
+
+    def read(self, size: int | None = -1) -> str:
+        return super().read()
+
+
 def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(str(part) for part in argv)
 
@@ -177,7 +185,7 @@ class Remote:
         try:
             result = connection.run(
                 command, hide=True, warn=True, pty=False, echo_stdin=False,
-                in_stream=io.StringIO(stdin) if stdin is not None else False,
+                in_stream=_WholeStdin(stdin) if stdin is not None else False,
                 timeout=timeout or self.command_timeout,
             )
         except CommandTimedOut:
