@@ -98,7 +98,8 @@ def _credentials(settings: Settings):
                                                                           scopes=SCOPES)
         return google.auth.default(scopes=SCOPES)[0]
     except (DefaultCredentialsError, ValueError) as exc:
-        detail = f"{key_file} is not a service-account key ({exc})" if key_file else \
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        detail = f"{key_file} is not a service-account key ({first})" if key_file else \
             "no Application Default Credentials found"
         raise GcpError("gcp credentials", f"{detail}: run `gcloud auth application-default "
                        "login` or set nightguard.gcp.credentials_file") from None
@@ -127,6 +128,9 @@ def _which(gce: Gce, message: str) -> tuple[str, str]:
         return "image", (f"image family {s['gcp.image_family']} not found in "
                          f"{s['gcp.image_project']}: fix nightguard.gcp.image_family/"
                          "image_project")
+    if "/operations/" in resource:  # operations expire; the change itself may have happened
+        return "operation", "the operation vanished before it was seen done: check with " \
+            "`inv vm.status`"
     if "/instances/" in resource or not resource:
         return "vm", (f"VM {gce.name} not found in project {gce.project} zone {gce.zone}: "
                       "create it with `inv vm.create` or fix nightguard.gcp.instance/zone")

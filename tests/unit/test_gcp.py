@@ -246,6 +246,17 @@ def test_unknown_project_and_zone_are_named(make):
                                 "fix nightguard.gcp.zone (e.g. us-west1-b)")
 
 
+def test_vanished_operation_is_not_blamed_on_the_zone(gce, fake):
+    fake.add_instance("nightguard")
+    fake.op_polls = 2
+    fake.fail("POST", r"/operations/[^/]+/wait$", 404, "The resource 'projects/demo-project/"
+              "zones/us-west1-b/operations/operation-9' was not found", "notFound")
+    with pytest.raises(gcp.GcpError) as caught:
+        gcp.power(gce, "reset")
+    assert one_line(caught) == ("step 'vm reset' failed: the operation vanished before it was "
+                                "seen done: check with `inv vm.status`")
+
+
 def test_unknown_image_family_is_named(make):
     with pytest.raises(gcp.GcpError) as caught:
         gcp.create_instance(make(**{"gcp.image_family": "debian-99"}), "k")
