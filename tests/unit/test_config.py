@@ -212,7 +212,7 @@ def test_ssh_target_without_host(tmp_path):
     message = config_error(tmp_path, {"NIGHTGUARD_TARGET": "ssh"})
     assert "nightguard.ssh.host" in message
     assert "required when target is ssh" in message
-    assert message.startswith("defaults: ")
+    assert message.startswith("defaults: ")  # where the (empty) host came from
 
 
 def test_gcp_target_without_project(tmp_path):
