@@ -23,7 +23,7 @@ from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
-from invoke.exceptions import CommandTimedOut
+from invoke.exceptions import CommandTimedOut, ThreadException
 
 
 class StepFailed(Exception):
@@ -191,6 +191,12 @@ class Remote:
         except CommandTimedOut:
             raise StepFailed(step, f"`{shown}` timed out after "
                              f"{timeout or self.command_timeout}s") from None
+        except ThreadException as exc:
+            # stdin could not be written (the command ended or the channel closed first)
+            self.close()
+            reason = exc.exceptions[0].value if exc.exceptions else exc
+            raise StepFailed(step, f"`{shown}` lost its input stream: "
+                             f"{self.redact(str(reason))}") from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self._connection = None
             raise StepFailed(step, f"connection lost during `{shown}`: {exc}") from None
