@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def desired_state(settings: Settings, secret_digests: dict[str, str]) -> Desired
     compose = load_compose(settings.path("compose_file"))
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
                    ("NG_REQUIRED_SECRETS", ",".join(settings.secret_names))]
-    command = tuple(settings["agent_command"].split()) if settings["agent_command"] else ()
+    command = tuple(shlex.split(settings["agent_command"]))
     spec = ContainerSpec(
         name=settings["container_name"], image=ref, app_dir=settings["app_dir"],
         memory=settings["limits.memory"], memory_reservation=settings["limits.memory_reservation"],

@@ -1,0 +1,151 @@
+"""Secrets end to end: exposure searches and rotation, on the shared Debian 12 sandbox.
+
+Each exposure test searches for a known value where it must not be; each would fail if the
+value got there (the positive control checks that the search itself finds a planted value).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.e2e.deploy_helpers import (
+    CONTAINER,
+    GEMINI,
+    TOKEN,
+    copy_source,
+    healthy_now,
+    inspect,
+    inv,
+    inv_env,
+    make_env_file,
+)
+
+NEW_TOKEN = "tg-rotated-71c0de5a"
+BAD_TOKEN = "tg-makes-agent-unhealthy"
+
+
+@pytest.fixture(scope="module")
+def env(sandbox_bookworm, tmp_path_factory):
+    base = tmp_path_factory.mktemp("secrets")
+    copy_source(base / "src")
+    # An agent that refuses to start with a key it considers bad, as a real one would
+    # when Telegram rejects its token.
+    (base / "src" / "drill").mkdir()
+    (base / "src" / "drill" / "picky_agent.sh").write_text(
+        'case "$(cat /run/secrets/telegram_bot_token)" in *unhealthy*) exit 1;; esac\n'
+        "exec python3 /app/execution/system/night_guard.py\n")
+    env_file = make_env_file(base)
+    env = inv_env(sandbox_bookworm, env_file, base / "src",
+                  NIGHTGUARD_AGENT_COMMAND="sh /app/drill/picky_agent.sh")
+    done = inv(["deploy"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return env
+
+
+def write_env(env, token):
+    with open(env["NIGHTGUARD_ENV_FILE"], "w") as handle:
+        handle.write(f"TELEGRAM_BOT_TOKEN={token}\nGEMINI_API_KEY={GEMINI}\n")
+
+
+def host_search(ssh_run, target, value) -> str:
+    """Every place on the host a value must never be, searched in one go."""
+    script = (
+        f"sudo -n podman inspect {CONTAINER} 2>&1; "
+        "sudo -n journalctl --no-pager -o cat 2>&1; "
+        "sudo -n grep -rF -- " + value + " /home/ubuntu /root/.bash_history "
+        "/var/lib/nightguard /etc/systemd/system 2>/dev/null; "
+        "cat /home/ubuntu/.bash_history 2>/dev/null; true"
+    )
+    return ssh_run(target, script).stdout
+
+
+def sample_processes(ssh_run, target, stop: threading.Event, seen: list[str]):
+    while not stop.is_set():
+        seen.append(ssh_run(target, "ps -eo args").stdout)
+
+
+def test_search_finds_a_planted_value(sandbox_bookworm, ssh_run):
+    ssh_run(sandbox_bookworm, "echo planted-canary-123 > /home/ubuntu/canary.txt")
+    try:
+        assert "planted-canary-123" in host_search(ssh_run, sandbox_bookworm,
+                                                  "planted-canary-123")
+    finally:
+        ssh_run(sandbox_bookworm, "rm -f /home/ubuntu/canary.txt")
+
+
+def test_secret_files_on_host_are_root_only(sandbox_bookworm, ssh_run, env):
+    done = ssh_run(sandbox_bookworm,
+                   "sudo -n find /var/lib/containers/storage/secrets /var/lib/nightguard "
+                   "-type f -perm /o=rwx")
+    assert done.returncode == 0
+    assert done.stdout.strip() == ""
+    readable = ssh_run(sandbox_bookworm,
+                       "cat /var/lib/containers/storage/secrets/filedriver/secretsdata.json")
+    assert readable.returncode != 0  # the ssh user without sudo cannot read the store
+
+
+def test_rotate_mounts_new_value_and_exposes_nothing(sandbox_bookworm, ssh_run, env):
+    write_env(env, NEW_TOKEN)
+    stop, seen = threading.Event(), []
+    sampler = threading.Thread(target=sample_processes,
+                               args=(ssh_run, sandbox_bookworm, stop, seen))
+    sampler.start()
+    try:
+        done = inv(["secrets.rotate", "--name", "telegram_bot_token"], env)
+    finally:
+        stop.set()
+        sampler.join()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert len(seen) >= 3  # the process list was really sampled while it ran
+    for value in (NEW_TOKEN, TOKEN, GEMINI):
+        assert value not in output
+        assert not any(value in sample for sample in seen)
+        assert value not in host_search(ssh_run, sandbox_bookworm, value)
+    mounted = ssh_run(sandbox_bookworm, f"sudo -n podman exec {CONTAINER} "
+                                        "cat /run/secrets/telegram_bot_token").stdout
+    assert mounted == NEW_TOKEN
+    assert healthy_now(ssh_run, sandbox_bookworm)
+    listed = inv(["secrets.list"], env)
+    assert "telegram_bot_token" in listed.stdout and "matches .env" in listed.stdout
+    assert NEW_TOKEN not in listed.stdout
+    assert inv(["deploy"], env).stdout.count("no changes") == 1
+
+
+def test_dry_run_and_errors_show_no_value(sandbox_bookworm, env):
+    write_env(env, "tg-dry-run-only-0042")
+    done = inv(["secrets.rotate", "--dry-run"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "would run" in done.stdout and "stdin: redacted" in done.stdout
+    assert "tg-dry-run-only-0042" not in done.stdout + done.stderr
+    bad = inv(["secrets.rotate", "--name", "nope"], env)
+    assert bad.returncode == 2 and "unknown secret 'nope'" in bad.stderr
+    write_env(env, NEW_TOKEN)
+
+
+def test_rotate_to_a_value_that_breaks_the_agent_puts_the_old_one_back(
+        sandbox_bookworm, ssh_run, env):
+    write_env(env, BAD_TOKEN)
+    broken = dict(env, NIGHTGUARD_HEALTH_DEADLINE="60")
+    done = inv(["secrets.rotate", "--name", "telegram_bot_token"], broken)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "old values back, healthy" in output
+    assert BAD_TOKEN not in output
+    mounted = ssh_run(sandbox_bookworm, f"sudo -n podman exec {CONTAINER} "
+                                        "cat /run/secrets/telegram_bot_token").stdout
+    assert mounted == NEW_TOKEN
+    assert healthy_now(ssh_run, sandbox_bookworm)
+    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
+    assert "__previous" not in left
+    write_env(env, NEW_TOKEN)
+
+
+def test_secrets_check_and_no_env_on_host(sandbox_bookworm, ssh_run, env):
+    assert inv(["secrets.check"], env).returncode == 0
+    data = inspect(ssh_run, sandbox_bookworm)
+    assert all(e.split("=", 1)[0] not in ("TELEGRAM_BOT_TOKEN", "GEMINI_API_KEY")
+               for e in data["Config"]["Env"])
+    assert ssh_run(sandbox_bookworm, "test -e /home/ubuntu/97layerOS/.env").returncode != 0
