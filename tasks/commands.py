@@ -119,6 +119,8 @@ def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
         "RestartSec=2",
         "TimeoutStartSec=300",
         "TimeoutStopSec=30",
+        # Podman 4.3 refuses to start while a stale id file from the last run exists.
+        "ExecStartPre=/bin/rm -f %t/%n.ctr-id",
         f"ExecStart={run}",
         f"ExecStop={stop}",
         f"ExecStopPost={remove}",

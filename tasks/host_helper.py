@@ -192,6 +192,16 @@ def host_memory():
             "disk_free": disk.free, "disk_total": disk.total}
 
 
+def list_secrets(a):
+    """Name -> creation time. (Podman 4.3 prints the word "json" for --format json here.)"""
+    code, out, _ = podman(["secret", "ls", "--noheading", "--format",
+                           "{{.Name}}|{{.CreatedAt}}"], a)
+    if code != 0:
+        return {}
+    pairs = (line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return {name: created for name, created in pairs}
+
+
 def op_facts(a):
     facts = {"lock": None}
     if a.get("lock"):
@@ -212,9 +222,7 @@ def op_facts(a):
     facts["swap_in_fstab"] = any(line.split()[:1] == ["/swapfile"] for line in fstab.splitlines())
     facts["swappiness"] = int(read_text("/proc/sys/vm/swappiness") or -1)
     facts["swappiness_persisted"] = read_text("/etc/sysctl.d/99-nightguard.conf")
-    code, out, _ = podman(["secret", "ls", "--format", "json"], a)
-    facts["secrets"] = {s["Spec"]["Name"]: s.get("CreatedAt", "") for s in json.loads(out or "[]")
-                        } if code == 0 else {}
+    facts["secrets"] = list_secrets(a)
     facts["secret_hashes"] = read_json(STATE + "/secrets.json", {})
     salt_path = STATE + "/secret.salt"
     if a.get("ensure_salt") and not os.path.exists(salt_path):
@@ -406,8 +414,7 @@ def put_secret(name, value, a):
 
 
 def existing_secrets(a):
-    code, out, _ = podman(["secret", "ls", "--format", "json"], a)
-    return {s["Spec"]["Name"] for s in json.loads(out or "[]")} if code == 0 else set()
+    return set(list_secrets(a))
 
 
 def op_secret_backup(a):
