@@ -1,0 +1,328 @@
+"""Builds and caches the disk image of the local sandbox VM (an e2-micro look-alike).
+
+The guest is a Debian root filesystem made offline from Debian's packages by mmdebstrap,
+packed into an ext4 file with `mkfs.ext4 -d` (no loop devices, no mounts), next to the
+kernel and initrd that QEMU boots directly. It is built once per machine and recipe:
+
+    ${XDG_CACHE_HOME:-~/.cache}/nightguard-deploy/
+        ssh/id_ed25519[.pub]      key that logs in as `ubuntu` (made once per machine)
+        base/<key>/base.tar       Debian bookworm + python3, the app's base image
+        images/<os>-<key>/        disk.img, vmlinuz, initrd.img, recipe.json
+        locks/                    one lock per build: concurrent builds never overlap
+
+<key> is a hash of the recipe (packages, files, commands, the SSH public key): a changed
+recipe builds a new image instead of reusing a stale one. Builds go to a temporary folder
+renamed into place at the end, so an interrupted build never counts as done.
+
+The SSH public key is baked into the image as ubuntu's authorized_keys (the cache is per
+machine anyway). Host keys are not: the guest makes them on first boot and prints the
+ed25519 one to the serial console between HOSTKEY_BEGIN and HOSTKEY_END.
+
+Environment: XDG_CACHE_HOME, NG_SANDBOX_MIRROR (default http://deb.debian.org/debian).
+Needs root (mmdebstrap root mode and chroot).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+RECIPE_VERSION = 2  # bump to rebuild every image
+BASE_RECIPE_VERSION = 2
+FLAVOURS = ("bookworm", "trixie")
+BASE_IMAGE = "localhost/nightguard-base:latest"
+BASE_TAR_IN_GUEST = "/var/lib/nightguard/base.tar"
+HOSTKEY_BEGIN = "-----BEGIN NIGHTGUARD HOST KEY-----"
+HOSTKEY_END = "-----END NIGHTGUARD HOST KEY-----"
+DISK_SIZE = "10G"  # an e2-micro's default boot disk; the file is sparse
+HOSTNAME = "nightguard-sandbox"
+
+# Podman's recommends are listed explicitly: mmdebstrap installs no recommends.
+PACKAGES = (
+    "linux-image-cloud-amd64", "systemd", "systemd-sysv", "dbus", "dbus-user-session",
+    "libnss-myhostname", "openssh-server", "sudo", "python3", "rsync", "ca-certificates",
+    "procps", "iproute2", "podman", "crun", "iptables", "uidmap", "netavark",
+    "aardvark-dns", "slirp4netns", "catatonit",
+)
+EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt",)}  # pasta: Podman 5's rootless net
+BASE_PACKAGES = ("python3", "ca-certificates")
+# Smaller image, faster mkfs and boot; nothing in the guest reads these.
+DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
+
+HOSTKEYS_SCRIPT = f"""#!/bin/sh
+# Host keys are made here, on first boot, never shipped in the image; the public key goes
+# to the serial console so the host can pin it before it first connects. ed25519 only:
+# an RSA key takes half a minute to generate under emulation.
+set -e
+key=/etc/ssh/ssh_host_ed25519_key
+test -f $key || ssh-keygen -q -t ed25519 -N '' -C '' -f $key
+{{ echo; echo '{HOSTKEY_BEGIN}'; cut -d' ' -f1,2 $key.pub; echo '{HOSTKEY_END}'; }} > /dev/ttyS0
+"""
+HOSTKEYS_UNIT = """[Unit]
+Description=Generate SSH host keys and print the ed25519 one to the serial console
+Before=ssh.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/ng-hostkeys
+
+[Install]
+WantedBy=multi-user.target ssh.service
+"""
+IMPORT_UNIT = f"""[Unit]
+Description=Import the preloaded app base image into root's Podman storage
+# Ordered before sshd so that a sandbox which answers ssh already has the image.
+Before=ssh.service
+ConditionPathExists={BASE_TAR_IN_GUEST}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'podman image exists {BASE_IMAGE} || podman import {BASE_TAR_IN_GUEST} {BASE_IMAGE}'
+
+[Install]
+WantedBy=multi-user.target
+"""
+# The image is booted once while it is built (kernel option systemd.unit=ng-build.target)
+# so that the slow import (minutes under emulation) is done once, not in every sandbox.
+# That boot starts neither sshd nor the host key unit and resets the machine id.
+BUILD_OK = "NIGHTGUARD-BUILD-OK"
+BUILD_TARGET = """[Unit]
+Description=Build-time preparation of the sandbox image
+Requires=basic.target
+Wants=ng-build-finish.service
+After=basic.target ng-build-finish.service
+AllowIsolate=yes
+"""
+BUILD_FINISH_UNIT = """[Unit]
+Description=Finish the build-time preparation of the sandbox image and power off
+Wants=ng-import-base.service
+After=ng-import-base.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/ng-build-finish
+ExecStopPost=/bin/systemctl --no-block poweroff
+"""
+BUILD_FINISH_SCRIPT = f"""#!/bin/sh
+set -e
+podman image exists {BASE_IMAGE}
+# leave no per-machine state behind: every sandbox makes its own on first boot
+rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
+: > /etc/machine-id
+sync
+echo {BUILD_OK} > /dev/ttyS0
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "nightguard-deploy"
+
+
+def mirror() -> str:
+    return os.environ.get("NG_SANDBOX_MIRROR", "http://deb.debian.org/debian")
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_recipe() -> dict:
+    return {"version": BASE_RECIPE_VERSION, "suite": "bookworm", "variant": "apt", "packages": list(BASE_PACKAGES)}
+
+
+def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
+    """Everything that decides the image's content; its hash names the cache entry."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown os flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    files = {  # path: (mode, content)
+        "/etc/fstab": (0o644, "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"),
+        "/etc/hostname": (0o644, HOSTNAME + "\n"),
+        "/etc/hosts": (0o644, f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n::1 localhost ip6-localhost\n"),
+        "/etc/resolv.conf": (0o644, "nameserver 10.0.2.3\n"),  # QEMU user networking's DNS
+        "/etc/systemd/network/10-eth0.network": (0o644, "[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n"),
+        "/etc/sudoers.d/ubuntu": (0o440, "ubuntu ALL=(ALL) NOPASSWD:ALL\n"),
+        "/etc/ssh/sshd_config.d/nightguard.conf": (0o644, "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nPermitRootLogin no\n"),
+        "/home/ubuntu/.ssh/authorized_keys": (0o600, pubkey.strip() + "\n"),
+        "/usr/local/sbin/ng-hostkeys": (0o755, HOSTKEYS_SCRIPT),
+        "/etc/systemd/system/ng-hostkeys.service": (0o644, HOSTKEYS_UNIT),
+        "/etc/systemd/system/ng-import-base.service": (0o644, IMPORT_UNIT),
+        "/etc/systemd/system/ng-build.target": (0o644, BUILD_TARGET),
+        "/etc/systemd/system/ng-build-finish.service": (0o644, BUILD_FINISH_UNIT),
+        "/usr/local/sbin/ng-build-finish": (0o755, BUILD_FINISH_SCRIPT),
+    }
+    return {
+        "version": RECIPE_VERSION, "suite": flavour, "variant": "apt", "disk_size": DISK_SIZE,
+        "packages": sorted(PACKAGES + EXTRA_PACKAGES[flavour]), "base_tar": base_key,
+        "pre": [["useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "ubuntu"],
+                ["usermod", "-p", "*", "ubuntu"]],  # '*': no password, yet not locked for sshd
+        "files": {path: [mode, text] for path, (mode, text) in sorted(files.items())},
+        "post": [["chown", "-R", "ubuntu:ubuntu", "/home/ubuntu/.ssh"],
+                 ["chmod", "700", "/home/ubuntu/.ssh"],
+                 ["systemctl", "enable", "systemd-networkd.service", "ng-hostkeys.service", "ng-import-base.service"],
+                 # apt timers would only fail: the guest reaches no mirror
+                 ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer"],
+                 ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"]],
+    }
+
+
+def mmdebstrap_argv(suite: str, packages, target: str, mirror_url: str, excludes=DPKG_EXCLUDES) -> list[str]:
+    argv = ["mmdebstrap", "--variant=apt", "--mode=root", "--aptopt=Acquire::Retries \"5\"",
+            "--aptopt=Acquire::http::Timeout \"30\"", f"--include={','.join(packages)}"]
+    argv += [f"--dpkgopt=path-exclude={glob}" for glob in excludes]
+    # keep copyright files: licences travel with the binaries
+    if excludes:
+        argv.append("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+    return argv + [suite, target, mirror_url]
+
+
+def mkfs_argv(rootfs: str, image: str, size: str = DISK_SIZE) -> list[str]:
+    return ["mkfs.ext4", "-q", "-F", "-L", "ngroot", "-d", rootfs, image, size]
+
+
+def prepare_argv(image_dir: str, console: str) -> list[str]:
+    """QEMU boot of the raw image that runs ng-build.target once, then powers off."""
+    return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-m", "1024", "-smp", "2", "-kernel", f"{image_dir}/vmlinuz", "-initrd", f"{image_dir}/initrd.img",
+            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.unit=ng-build.target",
+            "-drive", f"file={image_dir}/disk.img,format=raw,if=virtio,cache=unsafe",
+            "-serial", f"file:{console}", "-display", "none", "-no-reboot"]
+
+
+def _run(argv: list[str], log, attempts: int = 1, timeout: float = 1800) -> None:
+    for attempt in range(1, attempts + 1):
+        log.write(f"+ {' '.join(argv)}\n")
+        log.flush()
+        try:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc == 0:
+            return
+        if attempt < attempts:
+            time.sleep(5)
+    raise RuntimeError(f"{argv[0]} failed (exit {rc}); see {cache_dir() / 'failed'}")
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    path = cache_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # a second builder waits, then finds the result
+        yield
+
+
+def _build_atomically(final: Path, build, label: str) -> Path:
+    """Runs build(tmpdir, log) unless `final` exists; renames tmpdir to `final` on success."""
+    if final.is_dir():
+        return final
+    with _lock(final.name):
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        started = time.monotonic()
+        print(f"sandbox: building {label} (once per machine and recipe; log {tmp}/build.log)", flush=True)
+        try:
+            with open(tmp / "build.log", "w") as log:
+                build(tmp, log)
+            os.rename(tmp, final)
+        except BaseException:
+            logs = cache_dir() / "failed"  # the logs outlive the half-built folder
+            logs.mkdir(parents=True, exist_ok=True)
+            for kept in tmp.glob("*.log"):
+                shutil.copyfile(kept, logs / f"{final.name}-{kept.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print(f"sandbox: built {label} in {time.monotonic() - started:.0f} s", flush=True)
+        return final
+
+
+def ssh_key() -> Path:
+    """The machine's sandbox login key (ed25519, 0600), made on first use."""
+    key = cache_dir() / "ssh" / "id_ed25519"
+    if key.exists() and key.with_suffix(".pub").exists():
+        return key
+    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _lock("ssh-key"):
+        if not key.exists():
+            tmp = key.parent / f".tmp-{os.getpid()}"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nightguard-sandbox",
+                            "-f", str(tmp)], check=True, stdin=subprocess.DEVNULL)
+            os.rename(f"{tmp}.pub", f"{key}.pub")
+            os.rename(tmp, key)  # the private key last: it marks the pair complete
+    os.chmod(key, 0o600)
+    return key
+
+
+def base_tar() -> Path:
+    recipe = base_recipe()
+    final = cache_dir() / "base" / recipe_key(recipe)
+
+    def build(tmp: Path, log) -> None:
+        _run(mmdebstrap_argv(recipe["suite"], recipe["packages"], str(tmp / "base.tar"), mirror(), ()), log, 2)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
+
+    return _build_atomically(final, build, "the app base image (bookworm + python3)") / "base.tar"
+
+
+def current_recipe(flavour: str) -> tuple[dict, str]:
+    pubkey = ssh_key().with_suffix(".pub").read_text()
+    recipe = image_recipe(flavour, pubkey, recipe_key(base_recipe()))
+    return recipe, recipe_key(recipe)
+
+
+def image_dir(flavour: str) -> Path:
+    recipe, key = current_recipe(flavour)
+    return cache_dir() / "images" / f"{flavour}-{key}"
+
+
+def ensure_image(flavour: str) -> Path:
+    """Folder with disk.img, vmlinuz, initrd.img for `flavour`; builds it if missing."""
+    recipe, key = current_recipe(flavour)
+    final = cache_dir() / "images" / f"{flavour}-{key}"
+    if final.is_dir():
+        return final
+    tar = base_tar()
+
+    def build(tmp: Path, log) -> None:
+        root = tmp / "rootfs"
+        _run(mmdebstrap_argv(flavour, recipe["packages"], str(root), mirror()), log, 2)
+        for argv in recipe["pre"]:
+            _run(["chroot", str(root), *argv], log)
+        for path, (mode, text) in recipe["files"].items():
+            dest = root / path.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink():
+                dest.unlink()  # e.g. a resolv.conf link: write a plain file instead
+            dest.write_text(text)
+            os.chmod(dest, mode)
+        for argv in recipe["post"]:
+            _run(["chroot", str(root), *argv], log)
+        guest_tar = root / BASE_TAR_IN_GUEST.lstrip("/")
+        guest_tar.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tar, guest_tar)
+        # QEMU boots kernel and initrd directly: no bootloader in the image
+        shutil.copyfile(sorted((root / "boot").glob("vmlinuz-*"))[-1], tmp / "vmlinuz")
+        shutil.copyfile(sorted((root / "boot").glob("initrd.img-*"))[-1], tmp / "initrd.img")
+        _run(mkfs_argv(str(root), str(tmp / "disk.img"), recipe["disk_size"]), log)
+        shutil.rmtree(root)
+        _run(prepare_argv(str(tmp), str(tmp / "prepare-console.log")), log, timeout=1200)
+        if BUILD_OK not in (tmp / "prepare-console.log").read_text(errors="replace"):
+            raise RuntimeError(f"preparing the image failed; see {cache_dir() / 'failed'}")
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
+
+    return _build_atomically(final, build, f"the {flavour} sandbox image")

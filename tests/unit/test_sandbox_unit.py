@@ -1,0 +1,134 @@
+"""The sandbox's pure parts: QEMU/ssh/mmdebstrap argv, recipe keys, console parsing, status."""
+import base64
+
+import pytest
+
+from tasks import sandbox
+from tasks import sandbox_image as image
+
+KEY = "ssh-ed25519 " + base64.b64encode(
+    b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + bytes(range(32))).decode()
+
+
+def test_qemu_argv_is_an_e2_micro_lookalike_on_loopback_only():
+    argv = sandbox.qemu_argv(kernel="/c/vmlinuz", initrd="/c/initrd.img", disk="/s/disk.qcow2", port=2222,
+                             console="/s/console.log", monitor="/s/monitor.sock")
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-m") + 1] == "1024"
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22" in argv
+    assert "file=/s/disk.qcow2,format=qcow2,if=virtio,discard=unmap,cache=unsafe" in argv
+    append = argv[argv.index("-append") + 1].split()
+    assert {"console=ttyS0", "net.ifnames=0", "root=/dev/vda"} <= set(append)
+    assert "file:/s/console.log" in argv
+
+
+def test_qemu_argv_kvm():
+    argv = sandbox.qemu_argv(kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m", accel="kvm")
+    assert argv[argv.index("-accel") + 1] == "kvm"
+    assert argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_ssh_argv_pins_host_key_and_key():
+    argv = sandbox.build_ssh_argv(2222, "/k/id", "/s/known_hosts", "uptime")
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    assert argv[argv.index("-i") + 1] == "/k/id"
+    assert argv[argv.index("-p") + 1] == "2222"
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    assert "StrictHostKeyChecking=yes" in opts
+    assert "UserKnownHostsFile=/s/known_hosts" in opts
+    assert argv[-2:] == ["ubuntu@127.0.0.1", "uptime"]
+    assert sandbox.build_ssh_argv(1, "k", "h")[-1] == "ubuntu@127.0.0.1"
+
+
+def test_hostkey_parsing_from_console_log():
+    log = (f"[    1.0] systemd[1]: Starting...\r\n\r\n{image.HOSTKEY_BEGIN}\r\n{KEY}\r\n{image.HOSTKEY_END}\r\n"
+           "Debian GNU/Linux 12 nightguard-sandbox ttyS0\r\n")
+    assert sandbox.parse_hostkeys(log) == [KEY]
+    assert sandbox.parse_hostkeys(log + log) == [KEY, KEY]  # one per boot
+    assert sandbox.parse_hostkeys("nothing here") == []
+
+
+def test_hostkey_parsing_rejects_a_corrupted_key():
+    broken = KEY[:30] + "[ 3.1] eth0" + KEY[30:]
+    assert sandbox.parse_hostkeys(f"{image.HOSTKEY_BEGIN}\n{broken}\n{image.HOSTKEY_END}\n") == []
+    wrong_len = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519\x00").decode()
+    assert sandbox.parse_hostkeys(f"{image.HOSTKEY_BEGIN}\n{wrong_len}\n{image.HOSTKEY_END}\n") == []
+
+
+def test_known_hosts_line():
+    assert sandbox.known_hosts_line(2222, KEY) == f"[127.0.0.1]:2222 {KEY}\n"
+
+
+@pytest.mark.parametrize("disk,running,answers,expected", [
+    (False, False, False, "absent"), (True, False, False, "down"),
+    (True, True, False, "booting"), (True, True, True, "up"),
+])
+def test_status_logic(disk, running, answers, expected):
+    assert sandbox.classify(disk, running, answers) == expected
+
+
+def test_status_of_an_unknown_sandbox_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv("NG_SANDBOX_DIR", str(tmp_path))
+    assert sandbox.status("nope") == "absent"
+    with pytest.raises(RuntimeError, match="sandbox nope is not up: run `inv sandbox.up`"):
+        sandbox.target("nope")
+
+
+def test_recipe_key_follows_the_recipe():
+    one = image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1")
+    assert image.recipe_key(one) == image.recipe_key(image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1"))
+    changed = [image.image_recipe("trixie", "ssh-ed25519 AAAA one", "b1"),
+               image.image_recipe("bookworm", "ssh-ed25519 AAAA two", "b1"),
+               image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b2")]
+    extra = image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1")
+    extra["packages"].append("htop")
+    keys = {image.recipe_key(r) for r in [one, *changed, extra]}
+    assert len(keys) == 5
+
+
+def test_recipe_has_no_swap_no_host_keys_and_the_flavours_packages():
+    recipe = image.image_recipe("trixie", "ssh-ed25519 AAAA x", "b")
+    assert "swap" not in recipe["files"]["/etc/fstab"][1]
+    assert ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"] in recipe["post"]
+    assert {"podman", "crun", "iptables", "uidmap", "openssh-server", "sudo", "python3", "rsync",
+            "linux-image-cloud-amd64", "passt"} <= set(recipe["packages"])
+    assert "passt" not in image.image_recipe("bookworm", "k", "b")["packages"]
+    with pytest.raises(ValueError):
+        image.image_recipe("sid", "k", "b")
+
+
+def test_mmdebstrap_and_mkfs_argv():
+    argv = image.mmdebstrap_argv("bookworm", ["python3", "ca-certificates"], "/t/base.tar", "http://m/debian", ())
+    assert argv[0] == "mmdebstrap" and "--variant=apt" in argv
+    assert 'Acquire::Retries "5"' in " ".join(argv)
+    assert "--include=python3,ca-certificates" in argv
+    assert argv[-3:] == ["bookworm", "/t/base.tar", "http://m/debian"]
+    assert image.mkfs_argv("/r", "/t/disk.img") == ["mkfs.ext4", "-q", "-F", "-L", "ngroot", "-d", "/r",
+                                                     "/t/disk.img", "10G"]
+
+
+def test_atomic_build_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    final = tmp_path / "images" / "x-1"
+
+    def failing(tmp, log):
+        (tmp / "disk.img").write_text("half")
+        raise RuntimeError("network gone")
+
+    with pytest.raises(RuntimeError):
+        image._build_atomically(final, failing, "x")
+    assert not final.exists() and list(final.parent.iterdir()) == []
+
+    def ok(tmp, log):
+        (tmp / "disk.img").write_text("whole")
+
+    assert (image._build_atomically(final, ok, "x") / "disk.img").read_text() == "whole"
+    assert image._build_atomically(final, failing, "x") == final  # done: not rebuilt
+
+
+def test_hostkey_parsing_skips_status_lines_between_the_markers():
+    log = (f"\r\n{image.HOSTKEY_BEGIN}\r\n[\x1b[0m\x1b[0;31m*     \x1b[0m] (1 of 5) Job systemd-networkd.service/start "
+           f"running (17s / 1min 42s)\r\r\n{KEY}\r\n{image.HOSTKEY_END}\r\n")
+    assert sandbox.parse_hostkeys(log) == [KEY]
