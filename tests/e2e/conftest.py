@@ -1,0 +1,95 @@
+"""Fixtures for end-to-end tests against real sandbox VMs (QEMU, see tasks/sandbox.py).
+
+One shared VM per flavour per test session (booting one costs about a minute under TCG):
+    sandbox_bookworm, sandbox_trixie   session-scoped, names e2e-bookworm / e2e-trixie
+    sandbox                            parametrized over both (ids bookworm, trixie)
+    fresh_sandbox(os_flavour)          factory for a throw-away VM a test may reboot or
+                                       break; destroyed after the test
+    ssh_run(target, cmd)               runs cmd over OpenSSH, returns CompletedProcess
+Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is marked
+`e2e`; the tests skip only where QEMU is not installed. The first run on a machine builds
+the images (a few minutes per flavour), later runs only boot.
+Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
+"""
+import itertools
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tasks import sandbox as sb
+
+BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end test against a sandbox VM (QEMU, slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.e2e)
+
+
+def _require_qemu():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/bootstrap.sh installs it)")
+
+
+def run_over_ssh(target, cmd, timeout=300, **kwargs):
+    """Runs `cmd` on the sandbox `target` (a dict from sandbox.target()) with OpenSSH."""
+    argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"], cmd)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def ssh_run():
+    return run_over_ssh
+
+
+def _shared(name, flavour):
+    _require_qemu()
+    target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
+    target["name"] = name
+    yield target
+    if os.environ.get("NG_E2E_KEEP") != "1":
+        sb.down(name, destroy=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_bookworm():
+    yield from _shared("e2e-bookworm", "bookworm")
+
+
+@pytest.fixture(scope="session")
+def sandbox_trixie():
+    yield from _shared("e2e-trixie", "trixie")
+
+
+@pytest.fixture(params=["bookworm", "trixie"])
+def sandbox(request):
+    return request.getfixturevalue(f"sandbox_{request.param}")
+
+
+_fresh_ids = itertools.count(1)
+
+
+@pytest.fixture
+def fresh_sandbox():
+    """Factory: fresh_sandbox("bookworm") boots a new VM on a new disk; destroyed after."""
+    _require_qemu()
+    made = []
+
+    def make(os_flavour="bookworm", name=None):
+        name = name or f"e2e-fresh-{os.getpid()}-{next(_fresh_ids)}"
+        made.append(name)
+        target = sb.ensure_up(name, os_flavour=os_flavour, fresh=True, timeout=BOOT_TIMEOUT)
+        target["name"] = name
+        return target
+
+    yield make
+    for name in made:
+        sb.down(name, destroy=True)
