@@ -70,10 +70,10 @@ def install_unit(remote: Remote, settings: Settings, unit_text: str) -> None:
     if not rootful:
         remote.run(["mkdir", "-p", path.rsplit("/", 1)[0]], step="unit")
         remote.run(["loginctl", "enable-linger", remote.target.user], step="unit")
-    remote.run(cmd.sudo(cmd.write_file(path), rootful), step="unit", stdin=unit_text)
-    remote.run(cmd.systemctl("daemon-reload", rootful=rootful), step="unit")
-    remote.run(cmd.systemctl("enable", "--quiet", cmd.unit_name(settings["container_name"]),
-                             rootful=rootful), step="unit")
+    # One remote command: every process start costs on a small VM.
+    remote.run(cmd.sudo(cmd.install_unit(path, cmd.unit_name(settings["container_name"]),
+                                         rootful=rootful), rootful),
+               step="unit", stdin=unit_text)
 
 
 def restart_container(remote: Remote, settings: Settings) -> None:

@@ -164,6 +164,14 @@ def write_file(path: str, mode: str = "0644") -> list[str]:
     return ["sh", "-c", script]
 
 
+def install_unit(path: str, unit: str, *, rootful: bool = True) -> list[str]:
+    """Write the unit from stdin, reload systemd and enable the unit, in one command."""
+    user = "" if rootful else " --user"
+    script = write_file(path)[2] + f"; systemctl{user} daemon-reload; " \
+        f"systemctl{user} enable --quiet {shlex.quote(unit)}"
+    return ["sh", "-c", script]
+
+
 def systemctl(*args: str, rootful: bool = True) -> list[str]:
     if rootful:
         return sudo(["systemctl", *args])

@@ -7,7 +7,9 @@ Nothing about the call shows in the host's process list but the fixed bootstrap 
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,17 @@ from tasks.commands import STATE_DIR, sudo, unit_name
 from tasks.config import Settings
 from tasks.remote import Remote, StepFailed
 
-# Reads the argument line, then runs the rest of stdin as the program.
-BOOTSTRAP = ("import sys,json;ARGS=json.loads(sys.stdin.readline());"
-             "exec(compile(sys.stdin.read(),'nightguard_host','exec'))")
+# Reads the argument line, then runs the next line (the helper, compressed) as the program.
+BOOTSTRAP = ("import sys,json,zlib,base64;ARGS=json.loads(sys.stdin.readline());"
+             "exec(compile(zlib.decompress(base64.b64decode(sys.stdin.readline())),"
+             "'nightguard_host','exec'))")
 
 
 @lru_cache(maxsize=1)
 def helper_source() -> str:
-    return (Path(__file__).with_name("host_helper.py")).read_text()
+    """The helper, compressed: it travels with every call (about 6 KB instead of 20)."""
+    source = Path(__file__).with_name("host_helper.py").read_bytes()
+    return base64.b64encode(zlib.compress(source, 9)).decode() + "\n"
 
 
 def state_dir(settings: Settings) -> str:
