@@ -118,7 +118,8 @@ def roll_back(remote: Remote, settings: Settings, values: SecretValues, facts: d
     return "rolled back; the previous version is healthy again"
 
 
-def run_deploy(settings: Settings, values: SecretValues, remote: Remote) -> dict:
+def run_deploy(settings: Settings, values: SecretValues, remote: Remote,
+               force_unlock: bool = False) -> dict:
     started = time.monotonic()
     with remote.step("facts"):
         facts = read_facts(remote, settings)
@@ -134,6 +135,11 @@ def run_deploy(settings: Settings, values: SecretValues, remote: Remote) -> dict
         print("dry run: nothing was changed", file=remote.out)
         return {"changed": False, "dry_run": True}
 
+    if force_unlock:
+        released = call(remote, settings, "unlock", step="lock", changes=True).get("released")
+        if released:
+            print(f"    released the lock of {released.get('who')} since "
+                  f"{released.get('since')}", file=remote.out)
     with remote.step("lock"):
         facts = read_facts(remote, settings, lock=holder("deploy"), ensure_salt=True)
         if not facts["lock"]["acquired"]:
@@ -193,15 +199,17 @@ def record(remote: Remote, settings: Settings, facts: dict, desired: Desired,
         print(f"  ! could not record the outcome: {exc}", file=remote.out)
 
 
-@task(help={**TARGET_HELP})
+@task(help={**TARGET_HELP,
+            "force_unlock": "release a deploy lock held by someone else first (after checking "
+                            "that nobody is deploying)"})
 @one_line_errors
-def deploy(c, target=None, host=None, dry_run=False):
+def deploy(c, target=None, host=None, dry_run=False, force_unlock=False):
     """Deploy Night Guard: sync code, swap, secrets, image, container; wait until healthy."""
     settings, values = preflight(target, host)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
         print(f"deploy to {remote.target.describe()}"
               + (" (dry run)" if dry_run else ""), file=remote.out)
-        run_deploy(settings, values, remote)
+        run_deploy(settings, values, remote, force_unlock=force_unlock)
         stats = remote.stats
         print(f"ssh connections: {stats.connections}, remote commands: {stats.commands}, "
               f"bytes sent: {stats.bytes_sent}", file=remote.out)
