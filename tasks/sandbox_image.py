@@ -10,6 +10,8 @@ kernel and initrd that QEMU boots directly. It is built once per machine and rec
         images/<os>-<key>/        disk.img, vmlinuz, initrd.img, recipe.json
         locks/                    one lock per build: concurrent builds never overlap
 
+What goes into the guest besides packages is the file tree tasks/sandbox_guest/ (units,
+scripts, config), plus commands run in the chroot; see image_recipe().
 <key> is a hash of the recipe (packages, files, commands, the SSH public key): a changed
 recipe builds a new image instead of reusing a stale one. Builds go to a temporary folder
 renamed into place at the end, so an interrupted build never counts as done.
@@ -21,6 +23,7 @@ ed25519 one to the serial console between HOSTKEY_BEGIN and HOSTKEY_END.
 Environment: XDG_CACHE_HOME, NG_SANDBOX_MIRROR (default http://deb.debian.org/debian).
 Needs root (mmdebstrap root mode and chroot).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,93 +37,30 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE_VERSION = 2  # bump to rebuild every image
-BASE_RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # bump to rebuild every image
+BASE_RECIPE_VERSION = 3  # 3: without docs, man pages, locales
 FLAVOURS = ("bookworm", "trixie")
 BASE_IMAGE = "localhost/nightguard-base:latest"
 BASE_TAR_IN_GUEST = "/var/lib/nightguard/base.tar"
 HOSTKEY_BEGIN = "-----BEGIN NIGHTGUARD HOST KEY-----"
 HOSTKEY_END = "-----END NIGHTGUARD HOST KEY-----"
 DISK_SIZE = "10G"  # an e2-micro's default boot disk; the file is sparse
-HOSTNAME = "nightguard-sandbox"
 
 # Podman's recommends are listed explicitly: mmdebstrap installs no recommends.
-PACKAGES = (
-    "linux-image-cloud-amd64", "systemd", "systemd-sysv", "dbus", "dbus-user-session",
-    "libnss-myhostname", "openssh-server", "sudo", "python3", "rsync", "ca-certificates",
-    "procps", "iproute2", "podman", "crun", "iptables", "uidmap", "netavark",
-    "aardvark-dns", "slirp4netns", "catatonit",
+PACKAGES = tuple(
+    "linux-image-cloud-amd64 systemd systemd-sysv dbus dbus-user-session libnss-myhostname"
+    " openssh-server sudo python3 rsync ca-certificates procps iproute2"
+    " podman crun iptables uidmap netavark aardvark-dns slirp4netns catatonit".split()
 )
 EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt",)}  # pasta: Podman 5's rootless net
 BASE_PACKAGES = ("python3", "ca-certificates")
 # Smaller image, faster mkfs and boot; nothing in the guest reads these.
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
 
-HOSTKEYS_SCRIPT = f"""#!/bin/sh
-# Host keys are made here, on first boot, never shipped in the image; the public key goes
-# to the serial console so the host can pin it before it first connects. ed25519 only:
-# an RSA key takes half a minute to generate under emulation.
-set -e
-key=/etc/ssh/ssh_host_ed25519_key
-test -f $key || ssh-keygen -q -t ed25519 -N '' -C '' -f $key
-{{ echo; echo '{HOSTKEY_BEGIN}'; cut -d' ' -f1,2 $key.pub; echo '{HOSTKEY_END}'; }} > /dev/ttyS0
-"""
-HOSTKEYS_UNIT = """[Unit]
-Description=Generate SSH host keys and print the ed25519 one to the serial console
-Before=ssh.service
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/local/sbin/ng-hostkeys
-
-[Install]
-WantedBy=multi-user.target ssh.service
-"""
-IMPORT_UNIT = f"""[Unit]
-Description=Import the preloaded app base image into root's Podman storage
-# Ordered before sshd so that a sandbox which answers ssh already has the image.
-Before=ssh.service
-ConditionPathExists={BASE_TAR_IN_GUEST}
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/sh -c 'podman image exists {BASE_IMAGE} || podman import {BASE_TAR_IN_GUEST} {BASE_IMAGE}'
-
-[Install]
-WantedBy=multi-user.target
-"""
-# The image is booted once while it is built (kernel option systemd.unit=ng-build.target)
-# so that the slow import (minutes under emulation) is done once, not in every sandbox.
-# That boot starts neither sshd nor the host key unit and resets the machine id.
-BUILD_OK = "NIGHTGUARD-BUILD-OK"
-BUILD_TARGET = """[Unit]
-Description=Build-time preparation of the sandbox image
-Requires=basic.target
-Wants=ng-build-finish.service
-After=basic.target ng-build-finish.service
-AllowIsolate=yes
-"""
-BUILD_FINISH_UNIT = """[Unit]
-Description=Finish the build-time preparation of the sandbox image and power off
-Wants=ng-import-base.service
-After=ng-import-base.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/ng-build-finish
-ExecStopPost=/bin/systemctl --no-block poweroff
-"""
-BUILD_FINISH_SCRIPT = f"""#!/bin/sh
-set -e
-podman image exists {BASE_IMAGE}
-# leave no per-machine state behind: every sandbox makes its own on first boot
-rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
-: > /etc/machine-id
-sync
-echo {BUILD_OK} > /dev/ttyS0
-"""
+GUEST_FILES = Path(__file__).with_name("sandbox_guest")  # copied into the guest's root
+# BASE_IMAGE, BASE_TAR_IN_GUEST, HOSTKEY_* and BUILD_OK appear in those files too (a unit
+# test checks that they agree).
+BUILD_OK = "NIGHTGUARD-BUILD-OK"  # ng-build-finish prints it when the build-time boot worked
 
 
 def cache_dir() -> Path:
@@ -137,47 +77,64 @@ def recipe_key(recipe: dict) -> str:
 
 
 def base_recipe() -> dict:
-    return {"version": BASE_RECIPE_VERSION, "suite": "bookworm", "variant": "apt", "packages": list(BASE_PACKAGES)}
+    return {
+        "version": BASE_RECIPE_VERSION,
+        "suite": "bookworm",
+        "variant": "apt",
+        "packages": list(BASE_PACKAGES),
+    }
+
+
+def guest_files(root: Path = GUEST_FILES) -> dict[str, tuple[int, str]]:
+    """{guest path: (mode, text)} from the tree in tasks/sandbox_guest/."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        guest = "/" + path.relative_to(root).as_posix()
+        mode = 0o755 if os.access(path, os.X_OK) else 0o644
+        files[guest] = (0o440 if guest.startswith("/etc/sudoers.d/") else mode, path.read_text())
+    return files
 
 
 def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
     """Everything that decides the image's content; its hash names the cache entry."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown os flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
-    files = {  # path: (mode, content)
-        "/etc/fstab": (0o644, "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"),
-        "/etc/hostname": (0o644, HOSTNAME + "\n"),
-        "/etc/hosts": (0o644, f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n::1 localhost ip6-localhost\n"),
-        "/etc/resolv.conf": (0o644, "nameserver 10.0.2.3\n"),  # QEMU user networking's DNS
-        "/etc/systemd/network/10-eth0.network": (0o644, "[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n"),
-        "/etc/sudoers.d/ubuntu": (0o440, "ubuntu ALL=(ALL) NOPASSWD:ALL\n"),
-        "/etc/ssh/sshd_config.d/nightguard.conf": (0o644, "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nPermitRootLogin no\n"),
-        "/home/ubuntu/.ssh/authorized_keys": (0o600, pubkey.strip() + "\n"),
-        "/usr/local/sbin/ng-hostkeys": (0o755, HOSTKEYS_SCRIPT),
-        "/etc/systemd/system/ng-hostkeys.service": (0o644, HOSTKEYS_UNIT),
-        "/etc/systemd/system/ng-import-base.service": (0o644, IMPORT_UNIT),
-        "/etc/systemd/system/ng-build.target": (0o644, BUILD_TARGET),
-        "/etc/systemd/system/ng-build-finish.service": (0o644, BUILD_FINISH_UNIT),
-        "/usr/local/sbin/ng-build-finish": (0o755, BUILD_FINISH_SCRIPT),
-    }
+    files = guest_files()
+    files["/home/ubuntu/.ssh/authorized_keys"] = (0o600, pubkey.strip() + "\n")
     return {
-        "version": RECIPE_VERSION, "suite": flavour, "variant": "apt", "disk_size": DISK_SIZE,
-        "packages": sorted(PACKAGES + EXTRA_PACKAGES[flavour]), "base_tar": base_key,
-        "pre": [["useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "ubuntu"],
-                ["usermod", "-p", "*", "ubuntu"]],  # '*': no password, yet not locked for sshd
+        "version": RECIPE_VERSION,
+        "suite": flavour,
+        "variant": "apt",
+        "disk_size": DISK_SIZE,
+        "packages": sorted(PACKAGES + EXTRA_PACKAGES[flavour]),
+        "base_tar": base_key,
+        "pre": [
+            ["useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "ubuntu"],
+            ["usermod", "-p", "*", "ubuntu"],
+        ],  # '*': no password, yet not locked for sshd
         "files": {path: [mode, text] for path, (mode, text) in sorted(files.items())},
-        "post": [["chown", "-R", "ubuntu:ubuntu", "/home/ubuntu/.ssh"],
-                 ["chmod", "700", "/home/ubuntu/.ssh"],
-                 ["systemctl", "enable", "systemd-networkd.service", "ng-hostkeys.service", "ng-import-base.service"],
-                 # apt timers would only fail: the guest reaches no mirror
-                 ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer"],
-                 ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"]],
+        "post": [
+            ["chown", "-R", "ubuntu:ubuntu", "/home/ubuntu/.ssh"],
+            ["chmod", "700", "/home/ubuntu/.ssh"],
+            "systemctl enable systemd-networkd ng-hostkeys ng-import-base".split(),
+            # apt timers would only fail: the guest reaches no mirror
+            ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer"],
+            ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"],
+        ],
     }
 
 
-def mmdebstrap_argv(suite: str, packages, target: str, mirror_url: str, excludes=DPKG_EXCLUDES) -> list[str]:
-    argv = ["mmdebstrap", "--variant=apt", "--mode=root", "--aptopt=Acquire::Retries \"5\"",
-            "--aptopt=Acquire::http::Timeout \"30\"", f"--include={','.join(packages)}"]
+def mmdebstrap_argv(
+    suite: str, packages, target: str, mirror_url: str, excludes=DPKG_EXCLUDES
+) -> list[str]:
+    argv = [
+        "mmdebstrap",
+        "--variant=apt",
+        "--mode=root",
+        '--aptopt=Acquire::Retries "5"',
+        '--aptopt=Acquire::http::Timeout "30"',
+        f"--include={','.join(packages)}",
+    ]
     argv += [f"--dpkgopt=path-exclude={glob}" for glob in excludes]
     # keep copyright files: licences travel with the binaries
     if excludes:
@@ -191,11 +148,14 @@ def mkfs_argv(rootfs: str, image: str, size: str = DISK_SIZE) -> list[str]:
 
 def prepare_argv(image_dir: str, console: str) -> list[str]:
     """QEMU boot of the raw image that runs ng-build.target once, then powers off."""
-    return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", "tcg,thread=multi", "-cpu", "max",
-            "-m", "1024", "-smp", "2", "-kernel", f"{image_dir}/vmlinuz", "-initrd", f"{image_dir}/initrd.img",
-            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.unit=ng-build.target",
-            "-drive", f"file={image_dir}/disk.img,format=raw,if=virtio,cache=unsafe",
-            "-serial", f"file:{console}", "-display", "none", "-no-reboot"]
+    machine = "-nodefaults -no-user-config -accel tcg,thread=multi -cpu max -m 1024 -smp 2"
+    cmdline = "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.unit=ng-build.target"
+    return [
+        "qemu-system-x86_64", *machine.split(), "-display", "none", "-no-reboot",
+        "-kernel", f"{image_dir}/vmlinuz", "-initrd", f"{image_dir}/initrd.img", "-append", cmdline,
+        "-drive", f"file={image_dir}/disk.img,format=raw,if=virtio,cache=unsafe",
+        "-serial", f"file:{console}",
+    ]  # fmt: skip
 
 
 def _run(argv: list[str], log, attempts: int = 1, timeout: float = 1800) -> None:
@@ -203,8 +163,13 @@ def _run(argv: list[str], log, attempts: int = 1, timeout: float = 1800) -> None
         log.write(f"+ {' '.join(argv)}\n")
         log.flush()
         try:
-            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                timeout=timeout).returncode
+            rc = subprocess.run(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc == 0:
@@ -235,7 +200,10 @@ def _build_atomically(final: Path, build, label: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         started = time.monotonic()
-        print(f"sandbox: building {label} (once per machine and recipe; log {tmp}/build.log)", flush=True)
+        print(
+            f"sandbox: building {label} (once per machine and recipe; log {tmp}/build.log)",
+            flush=True,
+        )
         try:
             with open(tmp / "build.log", "w") as log:
                 build(tmp, log)
@@ -260,8 +228,22 @@ def ssh_key() -> Path:
     with _lock("ssh-key"):
         if not key.exists():
             tmp = key.parent / f".tmp-{os.getpid()}"
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nightguard-sandbox",
-                            "-f", str(tmp)], check=True, stdin=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "nightguard-sandbox",
+                    "-f",
+                    str(tmp),
+                ],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
             os.rename(f"{tmp}.pub", f"{key}.pub")
             os.rename(tmp, key)  # the private key last: it marks the pair complete
     os.chmod(key, 0o600)
@@ -273,7 +255,11 @@ def base_tar() -> Path:
     final = cache_dir() / "base" / recipe_key(recipe)
 
     def build(tmp: Path, log) -> None:
-        _run(mmdebstrap_argv(recipe["suite"], recipe["packages"], str(tmp / "base.tar"), mirror(), ()), log, 2)
+        _run(
+            mmdebstrap_argv(recipe["suite"], recipe["packages"], str(tmp / "base.tar"), mirror()),
+            log,
+            2,
+        )
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
     return _build_atomically(final, build, "the app base image (bookworm + python3)") / "base.tar"
