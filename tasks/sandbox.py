@@ -1,29 +1,26 @@
 """Local sandbox VMs: e2-micro look-alikes under QEMU, the default target of `inv deploy`.
 
 Tasks sandbox.up / down / status / ssh / reboot, and the Python API the deploy code and
-the e2e tests use: target, ensure_up, status, down, reboot, ssh_argv. The image comes
-from tasks.sandbox_image (built once per machine, cached). Each sandbox keeps its state
-in <project>/.sandbox/<name>/:
-    disk.qcow2     copy-on-write overlay on the cached base image (fresh one in seconds)
-    qemu.pid, port, os      the running QEMU, its 127.0.0.1 ssh port, the flavour
+the e2e tests use: target, ensure_up, status, down, reboot, ssh_argv. The image comes from
+tasks.sandbox_image (built once per machine, cached), the QEMU process is handled by
+tasks.sandbox_qemu. Each sandbox keeps its state in <project>/.sandbox/<name>/:
+    disk.qcow2     copy-on-write overlay on the cached image (a fresh one in a second)
+    os, image      the flavour and the image folder the disk was made from
     console.log    serial console since QEMU started (console.log.1: the run before)
-    qemu.log       QEMU's own messages;  monitor.sock: QEMU monitor
     known_hosts    [127.0.0.1]:PORT ssh-ed25519 ..., read from the console: host keys
-                   are verified like for a real VM
-Environment: NG_SANDBOX_ACCEL = auto (default) | tcg | kvm. auto uses KVM only after a
-probe boot on this machine reached the guest's host key under it (result cached in
-the cache folder); otherwise TCG, which always works. NG_SANDBOX_DIR moves .sandbox/.
+                   are verified like for a real VM, never trusted on first use
+    qemu.pid, port, accel, qemu.log, monitor.sock: see tasks/sandbox_qemu.py
+Environment: NG_SANDBOX_ACCEL (auto | tcg | kvm), NG_SANDBOX_DIR (moves .sandbox/),
+XDG_CACHE_HOME and NG_SANDBOX_MIRROR (image cache and Debian mirror).
 """
+
 from __future__ import annotations
 
 import base64
 import contextlib
 import fcntl
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,40 +29,24 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 
 from tasks import sandbox_image as image
+from tasks import sandbox_qemu as vm
+from tasks.sandbox_qemu import HOST, state_dir
 
 SANDBOX_USER = "ubuntu"
-HOST = "127.0.0.1"
 KVM_PROBE_SECONDS = 60  # under KVM the host key shows in a few seconds
 _HOSTKEY_RE = re.compile(r"ssh-ed25519 [A-Za-z0-9+/=]+")
-_children: dict[int, subprocess.Popen] = {}  # polled here, else they linger as zombies
 _held: set[str] = set()
 
 
-def state_dir(name: str) -> Path:
-    root = os.environ.get("NG_SANDBOX_DIR") or Path(__file__).resolve().parent.parent / ".sandbox"
-    return Path(root) / name
-
-
-def qemu_argv(*, kernel, initrd, disk, port, console, monitor, accel="tcg") -> list[str]:
-    cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", *cpu, "-m", "1024", "-smp", "2",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0",
-            # cache=unsafe: guest flushes stay in the host page cache; only a host crash loses them
-            "-drive", f"file={disk},format=qcow2,if=virtio,discard=unmap,cache=unsafe",
-            "-netdev", f"user,id=n0,hostfwd=tcp:{HOST}:{port}-:22", "-device", "virtio-net-pci,netdev=n0",
-            "-device", "virtio-rng-pci",  # entropy for first-boot host keys
-            "-serial", f"file:{console}", "-monitor", f"unix:{monitor},server=on,wait=off",
-            "-display", "none"]
-
-
 def build_ssh_argv(port: int, key: str, known_hosts: str, command: str | None = None) -> list[str]:
-    opts = {"UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
-            "StrictHostKeyChecking": "yes", "IdentitiesOnly": "yes", "BatchMode": "yes",
-            "ConnectTimeout": "10", "LogLevel": "ERROR"}
+    opts = [
+        f"UserKnownHostsFile={known_hosts}", "GlobalKnownHostsFile=/dev/null",
+        "StrictHostKeyChecking=yes", "IdentitiesOnly=yes", "BatchMode=yes",
+        "ConnectTimeout=10", "LogLevel=ERROR",
+    ]  # fmt: skip
     argv = ["ssh", "-F", "/dev/null", "-i", key, "-p", str(port)]
-    for opt, value in opts.items():
-        argv += ["-o", f"{opt}={value}"]
+    for opt in opts:
+        argv += ["-o", opt]
     return argv + [f"{SANDBOX_USER}@{HOST}"] + ([command] if command is not None else [])
 
 
@@ -104,36 +85,6 @@ def classify(has_disk: bool, running: bool, ssh_answers: bool) -> str:
     return "down" if has_disk else "absent"
 
 
-def _read(path: Path, default: str = "") -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return default
-
-
-def _pid(name: str) -> int | None:
-    """The sandbox's live QEMU pid, checked against /proc (pid reuse, zombies)."""
-    pid = _read(state_dir(name) / "qemu.pid")
-    if not pid.isdigit() or (int(pid) in _children and _children[int(pid)].poll() is not None):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, IndexError):
-        return None
-    return None if zombie or str(state_dir(name) / "disk.qcow2").encode() not in cmdline else int(pid)
-
-
-def _banner(port: int, timeout: float = 3.0) -> bool:
-    """Does sshd answer? QEMU's forwarder accepts any connection, so read the banner."""
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            return sock.recv(8).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def _locked(name: str):
     """One up/down/reboot per sandbox at a time (re-entrant within this process)."""
@@ -152,17 +103,21 @@ def _locked(name: str):
 
 
 def status(name: str = "default") -> str:
-    d, running = state_dir(name), _pid(name) is not None
-    port = _read(d / "port")
-    return classify((d / "disk.qcow2").exists(), running, running and port.isdigit() and _banner(int(port)))
+    d, running = state_dir(name), vm.pid(name) is not None
+    port = vm.read(d / "port")
+    return classify(
+        (d / "disk.qcow2").exists(), running, running and port.isdigit() and vm.banner(int(port))
+    )
 
 
 def target(name: str = "default") -> dict:
     d = state_dir(name)
-    if _pid(name) is None or not (d / "known_hosts").exists():
+    if vm.pid(name) is None or not (d / "known_hosts").exists():
         raise RuntimeError(f"sandbox {name} is not up: run `inv sandbox.up`")
-    return {"host": HOST, "port": int(_read(d / "port")), "user": SANDBOX_USER,
-            "key_filename": str(image.ssh_key()), "known_hosts": str(d / "known_hosts")}
+    return {
+        "host": HOST, "port": int(vm.read(d / "port")), "user": SANDBOX_USER,
+        "key_filename": str(image.ssh_key()), "known_hosts": str(d / "known_hosts"),
+    }  # fmt: skip
 
 
 def ssh_argv(name: str = "default", command: str | None = None) -> list[str]:
@@ -170,57 +125,15 @@ def ssh_argv(name: str = "default", command: str | None = None) -> list[str]:
     return build_ssh_argv(t["port"], t["key_filename"], t["known_hosts"], command)
 
 
-def _free_port(preferred: str) -> int:
-    """The sandbox's previous port if still free (stable known_hosts), else any free one."""
-    for port in ([int(preferred)] if preferred.isdigit() else []) + [0]:
-        with socket.socket() as sock, contextlib.suppress(OSError):
-            sock.bind((HOST, port))
-            return sock.getsockname()[1]
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-def _kvm_marker() -> Path:
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split()
-    return image.cache_dir() / "accel" / re.sub(r"[^\w.]+", "_", f"kvm-{os.uname().release}-{''.join(qemu[3:4])}")
-
-
-def choose_accel() -> str:
-    """tcg, kvm, or kvm-probe: KVM opens but is untried here, so try it and remember."""
-    wanted = os.environ.get("NG_SANDBOX_ACCEL", "auto")
-    if wanted in ("tcg", "kvm"):
-        return wanted
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError:
-        return "tcg"
-    return {"ok": "kvm", "bad": "tcg"}.get(_read(_kvm_marker()), "kvm-probe")
-
-
-def _start(name: str, img: Path, accel: str) -> None:
-    d = state_dir(name)
-    if (d / "console.log").exists():
-        os.replace(d / "console.log", d / "console.log.1")
-    port = _free_port(_read(d / "port"))
-    (d / "port").write_text(f"{port}\n")
-    (d / "known_hosts").unlink(missing_ok=True)
-    argv = qemu_argv(kernel=img / "vmlinuz", initrd=img / "initrd.img", disk=d / "disk.qcow2", port=port,
-                     console=d / "console.log", monitor=d / "monitor.sock", accel=accel)
-    with open(d / "qemu.log", "w") as log:  # own session: outlives `inv`, ignores its Ctrl-C
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    _children[proc.pid] = proc
-    (d / "qemu.pid").write_text(f"{proc.pid}\n")
-    (d / "accel").write_text(accel + "\n")
-
-
 def _check_alive(name: str) -> None:
     d = state_dir(name)
-    if _pid(name) is None or "KVM internal error" in _read(d / "qemu.log"):
+    if vm.pid(name) is None or "KVM internal error" in vm.read(d / "qemu.log"):
         time.sleep(0.5)  # QEMU's last words may land in its log just after it exits
-        raise RuntimeError(f"sandbox {name}: QEMU stopped\n{_tail(d / 'qemu.log')}\n{_tail(d / 'console.log')}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(_read(path).splitlines()[-lines:])
+        child = vm._children.get(int(vm.read(d / "qemu.pid") or 0))
+        raise RuntimeError(
+            f"sandbox {name}: QEMU stopped (exit {child.poll() if child else '?'})\n"
+            f"{vm.tail(d / 'qemu.log')}\n{vm.tail(d / 'console.log')}"
+        )
 
 
 def _wait_hostkey(name: str, deadline: float, count: int = 1) -> None:
@@ -228,45 +141,40 @@ def _wait_hostkey(name: str, deadline: float, count: int = 1) -> None:
     d = state_dir(name)
     while time.monotonic() < deadline:
         _check_alive(name)
-        keys = parse_hostkeys(_read(d / "console.log"))
+        keys = parse_hostkeys(vm.read(d / "console.log"))
         if len(keys) >= count:
-            (d / "known_hosts").write_text(known_hosts_line(int(_read(d / "port")), keys[count - 1]))
+            (d / "known_hosts").write_text(
+                known_hosts_line(int(vm.read(d / "port")), keys[count - 1])
+            )
             return
         time.sleep(0.5)
-    raise TimeoutError(f"sandbox {name}: no host key on its console in time; see {d / 'console.log'}")
+    raise TimeoutError(
+        f"sandbox {name}: no host key on its console in time; see {d / 'console.log'}"
+    )
 
 
 def _wait_ssh(name: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         _check_alive(name)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            if subprocess.run(ssh_argv(name, "true"), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=60).returncode == 0:
+            probe = ssh_argv(name, "true")
+            if (
+                subprocess.run(
+                    probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+                ).returncode
+                == 0
+            ):
                 return
         time.sleep(1)
-    raise TimeoutError(f"sandbox {name}: ssh did not answer in time; see {state_dir(name) / 'console.log'}")
-
-
-def _wait_gone(name: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _pid(name) is not None and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return _pid(name) is None
-
-
-def _kill(name: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pid = _pid(name)
-        if pid is None:
-            return
-        os.kill(pid, sig)
-        _wait_gone(name, 10)
+    raise TimeoutError(
+        f"sandbox {name}: ssh did not answer in time; see {state_dir(name) / 'console.log'}"
+    )
 
 
 def _boot(name: str, img: Path, deadline: float) -> None:
-    accel = choose_accel()
+    accel = vm.choose_accel()
     if accel == "kvm-probe":
-        _start(name, img, "kvm")
+        vm.start(name, img, "kvm")
         try:
             _wait_hostkey(name, min(deadline, time.monotonic() + KVM_PROBE_SECONDS))
             verdict = "ok"
@@ -274,67 +182,87 @@ def _boot(name: str, img: Path, deadline: float) -> None:
             if "kvm" not in str(err).lower() and isinstance(err, RuntimeError):
                 raise  # QEMU failed for another reason: no verdict on KVM
             verdict = "bad"
-            print(f"sandbox: KVM does not work here ({str(err).splitlines()[0]}); using TCG", file=sys.stderr)
-            _kill(name)
-        _kvm_marker().parent.mkdir(parents=True, exist_ok=True)
-        _kvm_marker().write_text(verdict + "\n")
+            print(
+                f"sandbox: KVM does not work here ({str(err).splitlines()[0]}); using TCG",
+                file=sys.stderr,
+            )
+            vm.kill(name)
+        vm.kvm_marker().parent.mkdir(parents=True, exist_ok=True)
+        vm.kvm_marker().write_text(verdict + "\n")
         if verdict == "ok":
             return
         accel = "tcg"
-    _start(name, img, accel)
+    vm.start(name, img, accel)
     _wait_hostkey(name, deadline)
 
 
-def ensure_up(name: str = "default", os_flavour: str = "bookworm", fresh: bool = False, timeout: float = 300) -> dict:
+def overlay_argv(base: Path, overlay: Path) -> list[str]:
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)]
+
+
+def _image_for(name: str, os_flavour: str) -> Path:
+    """The image a sandbox boots: the one its disk was made from while that still exists (a
+    disk outlives a recipe change, like a VM's), else the current one, built if missing."""
+    d = state_dir(name)
+    made_from = Path(vm.read(d / "image") or "/nonexistent")
+    if (d / "disk.qcow2").exists():
+        if vm.read(d / "os") == os_flavour and (made_from / "disk.img").exists():
+            if made_from != image.image_dir(os_flavour):
+                print(f"sandbox {name}: runs an older image; --fresh moves it to the current one")
+            return made_from
+        print(f"sandbox {name}: its disk's image is gone or another os; starting on a new disk")
+        (d / "disk.qcow2").unlink()
+    return image.ensure_image(os_flavour)
+
+
+def ensure_up(
+    name: str = "default", os_flavour: str = "bookworm", fresh: bool = False, timeout: float = 300
+) -> dict:
     """Boots the sandbox (building its image first if needed) and returns target(name)."""
-    img = image.ensure_image(os_flavour)  # minutes, once per machine: not counted in timeout
     with _locked(name):
-        d, started = state_dir(name), time.monotonic()
-        deadline = started + timeout
         if fresh:
             down(name, destroy=True)
-        if _pid(name) is None:
-            overlay = d / "disk.qcow2"
-            if overlay.exists() and (_read(d / "os"), _read(d / "image")) != (os_flavour, str(img)):
-                print(f"sandbox {name}: its disk comes from another image; starting on a new one", file=sys.stderr)
-                overlay.unlink()
-            if not overlay.exists():
+        d = state_dir(name)
+        if vm.pid(name) is None:
+            img = _image_for(name, os_flavour)  # a build takes minutes, once: not in timeout
+            started = time.monotonic()
+            if not (d / "disk.qcow2").exists():
                 d.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                                str(img / "disk.img"), str(overlay)], check=True)
+                subprocess.run(overlay_argv(img / "disk.img", d / "disk.qcow2"), check=True)
                 (d / "os").write_text(os_flavour + "\n")
                 (d / "image").write_text(f"{img}\n")
-            _boot(name, img, deadline)
+            _boot(name, img, started + timeout)
+        elif vm.read(d / "os") != os_flavour:
+            raise RuntimeError(
+                f"sandbox {name} runs {vm.read(d / 'os')}, not {os_flavour}: "
+                f"`inv sandbox.up --name {name} --os {os_flavour} --fresh` replaces it"
+            )
         elif status(name) == "up" and (d / "known_hosts").exists():
             return target(name)
         else:  # booting, started by another process: wait for the current boot
-            _wait_hostkey(name, deadline, len(parse_hostkeys(_read(d / "console.log"))) or 1)
-        _wait_ssh(name, deadline)
-        print(f"sandbox {name}: up in {time.monotonic() - started:.1f} s "
-              f"({_read(d / 'accel')}, ssh port {_read(d / 'port')})")
+            started = time.monotonic()
+            boots = len(parse_hostkeys(vm.read(d / "console.log")))
+            _wait_hostkey(name, started + timeout, boots or 1)
+        _wait_ssh(name, started + timeout)
+        took, accel, port = time.monotonic() - started, vm.read(d / "accel"), vm.read(d / "port")
+        print(f"sandbox {name}: up in {took:.1f} s ({accel}, ssh port {port})")
         return target(name)
 
 
-def _monitor(name: str, command: str) -> None:
-    with socket.socket(socket.AF_UNIX) as sock, contextlib.suppress(OSError):
-        sock.settimeout(3)
-        sock.connect(str(state_dir(name) / "monitor.sock"))
-        sock.sendall(command.encode() + b"\n")
-        time.sleep(0.3)
-
-
 def down(name: str = "default", destroy: bool = False) -> None:
-    """Stops QEMU: `systemctl poweroff`, then the ACPI button, then a kill. destroy: drop the disk."""
+    """Stops QEMU: `systemctl poweroff`, then ACPI power button, then kill. destroy: drop disk."""
     with _locked(name):
-        if _pid(name) is not None and destroy:
-            _monitor(name, "quit")  # the disk is thrown away: no clean shutdown needed
-        elif _pid(name) is not None:
+        if vm.pid(name) is not None and destroy:
+            vm.monitor(name, "quit")  # the disk is thrown away: no clean shutdown needed
+        elif vm.pid(name) is not None:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                subprocess.run(ssh_argv(name, "sudo -n systemctl poweroff"), capture_output=True, timeout=30)
-            if not _wait_gone(name, 60):
-                _monitor(name, "system_powerdown")
-        if not _wait_gone(name, 30):
-            _kill(name)
+                subprocess.run(
+                    ssh_argv(name, "sudo -n systemctl poweroff"), capture_output=True, timeout=30
+                )
+            if not vm.wait_gone(name, 60):
+                vm.monitor(name, "system_powerdown")
+        if not vm.wait_gone(name, 30):
+            vm.kill(name)
         if destroy:
             shutil.rmtree(state_dir(name), ignore_errors=True)
 
@@ -342,9 +270,12 @@ def down(name: str = "default", destroy: bool = False) -> None:
 def reboot(name: str = "default", timeout: float = 300) -> None:
     """Reboots the guest and waits until ssh answers again."""
     with _locked(name):
-        boots = len(parse_hostkeys(_read(state_dir(name) / "console.log")))
+        boots = len(parse_hostkeys(vm.read(state_dir(name) / "console.log")))
         started = time.monotonic()
-        subprocess.run(ssh_argv(name, "sudo -n systemctl reboot"), capture_output=True, timeout=60)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the connection may just drop
+            subprocess.run(
+                ssh_argv(name, "sudo -n systemctl reboot"), capture_output=True, timeout=60
+            )
         _wait_hostkey(name, started + timeout, boots + 1)  # same QEMU run: the console log goes on
         _wait_ssh(name, started + timeout)
         print(f"sandbox {name}: rebooted in {time.monotonic() - started:.1f} s")
@@ -354,8 +285,14 @@ NAME_HELP = "sandbox name (default: default); several can run at once"
 TIMEOUT_HELP = "seconds to wait for ssh (default 300; an image build comes on top)"
 
 
-@task(help={"name": NAME_HELP, "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4)",
-            "fresh": "throw the sandbox's disk away first", "timeout": TIMEOUT_HELP})
+@task(
+    help={
+        "name": NAME_HELP,
+        "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4)",
+        "fresh": "throw the sandbox's disk away first",
+        "timeout": TIMEOUT_HELP,
+    }
+)
 def up(c, name="default", os="bookworm", fresh=False, timeout=300):
     """Boot a sandbox VM (1 GB, 2 vCPUs, Podman), building its image once; wait for ssh."""
     if not fresh and status(name) == "up":
@@ -382,7 +319,7 @@ def ssh(c, name="default", command=None):
     try:
         argv = ssh_argv(name, command)
     except RuntimeError as err:
-        raise Exit(str(err), code=2)
+        raise Exit(str(err), code=2) from None
     rc = subprocess.call(argv)
     if rc:
         raise Exit(code=rc)

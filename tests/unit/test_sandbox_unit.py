@@ -1,18 +1,28 @@
 """The sandbox's pure parts: QEMU/ssh/mmdebstrap argv, recipe keys, console parsing, status."""
+
 import base64
 
 import pytest
 
 from tasks import sandbox
 from tasks import sandbox_image as image
+from tasks import sandbox_qemu as vm
 
-KEY = "ssh-ed25519 " + base64.b64encode(
-    b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + bytes(range(32))).decode()
+KEY = (
+    "ssh-ed25519 "
+    + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + bytes(range(32))).decode()
+)
 
 
 def test_qemu_argv_is_an_e2_micro_lookalike_on_loopback_only():
-    argv = sandbox.qemu_argv(kernel="/c/vmlinuz", initrd="/c/initrd.img", disk="/s/disk.qcow2", port=2222,
-                             console="/s/console.log", monitor="/s/monitor.sock")
+    argv = vm.qemu_argv(
+        kernel="/c/vmlinuz",
+        initrd="/c/initrd.img",
+        disk="/s/disk.qcow2",
+        port=2222,
+        console="/s/console.log",
+        monitor="/s/monitor.sock",
+    )
     assert argv[0] == "qemu-system-x86_64"
     assert argv[argv.index("-m") + 1] == "1024"
     assert argv[argv.index("-smp") + 1] == "2"
@@ -25,7 +35,9 @@ def test_qemu_argv_is_an_e2_micro_lookalike_on_loopback_only():
 
 
 def test_qemu_argv_kvm():
-    argv = sandbox.qemu_argv(kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m", accel="kvm")
+    argv = vm.qemu_argv(
+        kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m", accel="kvm"
+    )
     assert argv[argv.index("-accel") + 1] == "kvm"
     assert argv[argv.index("-cpu") + 1] == "host"
 
@@ -43,8 +55,11 @@ def test_ssh_argv_pins_host_key_and_key():
 
 
 def test_hostkey_parsing_from_console_log():
-    log = (f"[    1.0] systemd[1]: Starting...\r\n\r\n{image.HOSTKEY_BEGIN}\r\n{KEY}\r\n{image.HOSTKEY_END}\r\n"
-           "Debian GNU/Linux 12 nightguard-sandbox ttyS0\r\n")
+    log = (
+        f"[    1.0] systemd[1]: Starting...\r\n\r\n{image.HOSTKEY_BEGIN}\r\n{KEY}\r\n"
+        f"{image.HOSTKEY_END}\r\n"
+        "Debian GNU/Linux 12 nightguard-sandbox ttyS0\r\n"
+    )
     assert sandbox.parse_hostkeys(log) == [KEY]
     assert sandbox.parse_hostkeys(log + log) == [KEY, KEY]  # one per boot
     assert sandbox.parse_hostkeys("nothing here") == []
@@ -54,17 +69,30 @@ def test_hostkey_parsing_rejects_a_corrupted_key():
     broken = KEY[:30] + "[ 3.1] eth0" + KEY[30:]
     assert sandbox.parse_hostkeys(f"{image.HOSTKEY_BEGIN}\n{broken}\n{image.HOSTKEY_END}\n") == []
     wrong_len = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519\x00").decode()
-    assert sandbox.parse_hostkeys(f"{image.HOSTKEY_BEGIN}\n{wrong_len}\n{image.HOSTKEY_END}\n") == []
+    assert (
+        sandbox.parse_hostkeys(f"{image.HOSTKEY_BEGIN}\n{wrong_len}\n{image.HOSTKEY_END}\n") == []
+    )
+
+
+def test_overlay_argv():
+    assert sandbox.overlay_argv("/c/disk.img", "/s/disk.qcow2") == [
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/c/disk.img", "/s/disk.qcow2"
+    ]  # fmt: skip
 
 
 def test_known_hosts_line():
     assert sandbox.known_hosts_line(2222, KEY) == f"[127.0.0.1]:2222 {KEY}\n"
 
 
-@pytest.mark.parametrize("disk,running,answers,expected", [
-    (False, False, False, "absent"), (True, False, False, "down"),
-    (True, True, False, "booting"), (True, True, True, "up"),
-])
+@pytest.mark.parametrize(
+    "disk,running,answers,expected",
+    [
+        (False, False, False, "absent"),
+        (True, False, False, "down"),
+        (True, True, False, "booting"),
+        (True, True, True, "up"),
+    ],
+)
 def test_status_logic(disk, running, answers, expected):
     assert sandbox.classify(disk, running, answers) == expected
 
@@ -78,10 +106,14 @@ def test_status_of_an_unknown_sandbox_is_absent(tmp_path, monkeypatch):
 
 def test_recipe_key_follows_the_recipe():
     one = image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1")
-    assert image.recipe_key(one) == image.recipe_key(image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1"))
-    changed = [image.image_recipe("trixie", "ssh-ed25519 AAAA one", "b1"),
-               image.image_recipe("bookworm", "ssh-ed25519 AAAA two", "b1"),
-               image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b2")]
+    assert image.recipe_key(one) == image.recipe_key(
+        image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1")
+    )
+    changed = [
+        image.image_recipe("trixie", "ssh-ed25519 AAAA one", "b1"),
+        image.image_recipe("bookworm", "ssh-ed25519 AAAA two", "b1"),
+        image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b2"),
+    ]
     extra = image.image_recipe("bookworm", "ssh-ed25519 AAAA one", "b1")
     extra["packages"].append("htop")
     keys = {image.recipe_key(r) for r in [one, *changed, extra]}
@@ -90,23 +122,45 @@ def test_recipe_key_follows_the_recipe():
 
 def test_recipe_has_no_swap_no_host_keys_and_the_flavours_packages():
     recipe = image.image_recipe("trixie", "ssh-ed25519 AAAA x", "b")
-    assert "swap" not in recipe["files"]["/etc/fstab"][1]
+    fstab = recipe["files"]["/etc/fstab"][1].splitlines()
+    assert [line for line in fstab if "swap" in line and not line.startswith("#")] == []
     assert ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"] in recipe["post"]
-    assert {"podman", "crun", "iptables", "uidmap", "openssh-server", "sudo", "python3", "rsync",
-            "linux-image-cloud-amd64", "passt"} <= set(recipe["packages"])
+    assert {
+        "podman",
+        "crun",
+        "iptables",
+        "uidmap",
+        "openssh-server",
+        "sudo",
+        "python3",
+        "rsync",
+        "linux-image-cloud-amd64",
+        "passt",
+    } <= set(recipe["packages"])
     assert "passt" not in image.image_recipe("bookworm", "k", "b")["packages"]
     with pytest.raises(ValueError):
         image.image_recipe("sid", "k", "b")
 
 
 def test_mmdebstrap_and_mkfs_argv():
-    argv = image.mmdebstrap_argv("bookworm", ["python3", "ca-certificates"], "/t/base.tar", "http://m/debian", ())
+    argv = image.mmdebstrap_argv(
+        "bookworm", ["python3", "ca-certificates"], "/t/base.tar", "http://m/debian", ()
+    )
     assert argv[0] == "mmdebstrap" and "--variant=apt" in argv
     assert 'Acquire::Retries "5"' in " ".join(argv)
     assert "--include=python3,ca-certificates" in argv
     assert argv[-3:] == ["bookworm", "/t/base.tar", "http://m/debian"]
-    assert image.mkfs_argv("/r", "/t/disk.img") == ["mkfs.ext4", "-q", "-F", "-L", "ngroot", "-d", "/r",
-                                                     "/t/disk.img", "10G"]
+    assert image.mkfs_argv("/r", "/t/disk.img") == [
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-L",
+        "ngroot",
+        "-d",
+        "/r",
+        "/t/disk.img",
+        "10G",
+    ]
 
 
 def test_atomic_build_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
@@ -129,6 +183,28 @@ def test_atomic_build_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
 
 
 def test_hostkey_parsing_skips_status_lines_between_the_markers():
-    log = (f"\r\n{image.HOSTKEY_BEGIN}\r\n[\x1b[0m\x1b[0;31m*     \x1b[0m] (1 of 5) Job systemd-networkd.service/start "
-           f"running (17s / 1min 42s)\r\r\n{KEY}\r\n{image.HOSTKEY_END}\r\n")
+    log = (
+        f"\r\n{image.HOSTKEY_BEGIN}\r\n[\x1b[0m\x1b[0;31m*     \x1b[0m] (1 of 5) Job "
+        f"systemd-networkd.service/start running (17s / 1min 42s)\r\r\n{KEY}\r\n"
+        f"{image.HOSTKEY_END}\r\n"
+    )
     assert sandbox.parse_hostkeys(log) == [KEY]
+
+
+def test_guest_files_agree_with_the_constants_the_host_reads():
+    files = image.guest_files()
+    hostkeys = files["/usr/local/sbin/ng-hostkeys"]
+    assert hostkeys[0] == 0o755
+    assert image.HOSTKEY_BEGIN in hostkeys[1] and image.HOSTKEY_END in hostkeys[1]
+    assert image.BUILD_OK in files["/usr/local/sbin/ng-build-finish"][1]
+    importer = files["/etc/systemd/system/ng-import-base.service"][1]
+    assert image.BASE_IMAGE in importer and image.BASE_TAR_IN_GUEST in importer
+    assert files["/etc/sudoers.d/ubuntu"] == (0o440, "ubuntu ALL=(ALL) NOPASSWD:ALL\n")
+    argv = image.prepare_argv("/i", "/c")
+    assert "systemd.unit=ng-build.target" in argv[argv.index("-append") + 1]
+
+
+def test_prepare_boot_argv():
+    argv = image.prepare_argv("/img", "/img/prepare-console.log")
+    assert "file=/img/disk.img,format=raw,if=virtio,cache=unsafe" in argv
+    assert "-no-reboot" in argv and "-netdev" not in argv  # powers off at the end; no network
