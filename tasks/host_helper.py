@@ -265,6 +265,7 @@ def op_sync(a):
                 backup.add(full, arcname=rel)
     write_json(STATE + "/rollback-added.json",
                [r for r in a["files"] if not os.path.exists(os.path.join(app_dir, r))])
+    os.chmod(backup_path + ".tmp", 0o600)
     os.replace(backup_path + ".tmp", backup_path)
     if a.get("tarball"):
         with tarfile.open(a["tarball"], "r:gz") as delta:
@@ -466,10 +467,19 @@ OPS = {"facts": op_facts, "sync": op_sync, "restore": op_restore, "gate": op_gat
        "secret_drop_backup": op_secret_drop_backup}
 
 
+def ensure_state_dir():
+    """Root only: it holds the secret key, the HMACs and the audit log."""
+    os.makedirs(STATE, mode=0o700, exist_ok=True)
+    if os.stat(STATE).st_mode & 0o077:
+        os.chmod(STATE, 0o700)
+
+
 def main(a):
     global STATE, LOCK
     STATE = a.get("state_dir") or STATE
     LOCK = STATE + "/deploy.lock"
+    if a["op"] != "facts" or a.get("lock") or a.get("ensure_salt"):
+        ensure_state_dir()
     result = OPS[a["op"]](a)
     sys.stdout.write(json.dumps(result))
 
