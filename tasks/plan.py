@@ -127,7 +127,8 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
     stored = facts.get("secret_hashes", {})
     present = facts.get("secrets", {})
     plan.secrets = [name for name in settings.secret_names
-                    if name not in present or stored.get(name) != secret_digests.get(name)]
+                    if name not in present or not secret_digests.get(name)
+                    or stored.get(name) != secret_digests[name]]
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
         or facts.get("unit_enabled") != "enabled"

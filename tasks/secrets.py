@@ -56,7 +56,9 @@ def changed_names(facts: dict, values: SecretValues) -> list[str]:
     digests = digests_for(facts, values)
     stored = facts.get("secret_hashes") or {}
     present = facts.get("secrets") or {}
-    return [n for n in values.values if n not in present or stored.get(n) != digests.get(n)]
+    # No digest (no host key yet, or a secret made by hand): the value is unknown, so push.
+    return [n for n in values.values
+            if n not in present or not digests.get(n) or stored.get(n) != digests[n]]
 
 
 def relabel_unit(unit_text: str, digests: dict[str, str]) -> str:
