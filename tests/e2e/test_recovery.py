@@ -94,5 +94,5 @@ def test_reboot_brings_the_agent_back_without_a_login(deployed, ssh_run):
     # No session is opened except these checks, which only read.
     seconds = back_healthy(ssh_run, deployed, before, timeout=300)
     assert seconds is not None
-    swap = ssh_run(deployed, "swapon --show=NAME --noheadings").stdout.split()
+    swap = ssh_run(deployed, "sudo -n swapon --show=NAME --noheadings").stdout.split()
     assert swap == ["/swapfile"]
