@@ -34,15 +34,26 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("deploy")
 
 
-@pytest.fixture
-def env(sandbox, workdir):
-    """inv's environment for this flavour: its own .env and its own copy of the tree."""
-    base = workdir / sandbox["name"]
+def env_for(target, workdir):
+    """inv's environment for one VM: its own .env and its own copy of the tree."""
+    base = workdir / target["name"]
     if not base.exists():
         base.mkdir()
         copy_source(base / "src")
         make_env_file(base)
-    return inv_env(sandbox, base / ".env", base / "src")
+    return inv_env(target, base / ".env", base / "src")
+
+
+@pytest.fixture
+def env(sandbox, workdir):
+    return env_for(sandbox, workdir)
+
+
+@pytest.fixture
+def bookworm_env(sandbox_bookworm, workdir):
+    """For scenarios whose logic is ours alone (lock, cut connection): one flavour is
+    enough, and each costs minutes under emulation."""
+    return env_for(sandbox_bookworm, workdir)
 
 
 def audit_lines(ssh_run, sandbox) -> int:
@@ -128,7 +139,8 @@ def test_bad_input_fails_in_one_line_and_touches_nothing(sandbox, env, ssh_run, 
     assert audit_lines(ssh_run, sandbox) == lines_before
 
 
-def test_concurrent_deploy_names_the_lock_holder(sandbox, env, ssh_run):
+def test_concurrent_deploy_names_the_lock_holder(sandbox_bookworm, bookworm_env, ssh_run):
+    sandbox, env = sandbox_bookworm, bookworm_env
     with open(env["NIGHTGUARD_SOURCE_DIR"] + "/directives/README.md", "a") as handle:
         handle.write(f"lock test {time.time()}\n")
     first = start_inv(["deploy"], env)
@@ -144,7 +156,8 @@ def test_concurrent_deploy_names_the_lock_holder(sandbox, env, ssh_run):
     assert healthy_now(ssh_run, sandbox)
 
 
-def test_cut_connection_is_repaired_by_the_next_deploy(sandbox, env, ssh_run):
+def test_cut_connection_is_repaired_by_the_next_deploy(sandbox_bookworm, bookworm_env, ssh_run):
+    sandbox, env = sandbox_bookworm, bookworm_env
     with open(env["NIGHTGUARD_SOURCE_DIR"] + "/directives/README.md", "a") as handle:
         handle.write(f"cut test {time.time()}\n")
     proc = start_inv(["deploy"], env)
