@@ -52,7 +52,8 @@ PACKAGES = tuple(
     " openssh-server sudo python3 rsync ca-certificates procps iproute2"
     " podman crun iptables uidmap netavark aardvark-dns slirp4netns catatonit".split()
 )
-EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt",)}  # pasta: Podman 5's rootless net
+# Debian 13: pasta is rootless Podman 5's network; netavark 1.14 drives nftables, not iptables
+EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt", "nftables")}
 BASE_PACKAGES = ("python3", "ca-certificates")
 # Smaller image, faster mkfs and boot; nothing in the guest reads these.
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
@@ -147,9 +148,12 @@ def mkfs_argv(rootfs: str, image: str, size: str = DISK_SIZE) -> list[str]:
 
 
 def prepare_argv(image_dir: str, console: str) -> list[str]:
-    """QEMU boot of the raw image that runs ng-build.target once, then powers off."""
-    machine = "-nodefaults -no-user-config -accel tcg,thread=multi -cpu max -m 1024 -smp 2"
-    cmdline = "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.unit=ng-build.target"
+    """QEMU boot of the raw image that runs ng-build.target once, then powers off.
+    One vCPU: multi-threaded TCG can crash a booting kernel while it patches its own code
+    ("Oops: int3"), and the import gains nothing from a second one. On a panic the kernel
+    reboots, so QEMU (-no-reboot) exits and the boot is tried again."""
+    machine = "-nodefaults -no-user-config -accel tcg -cpu max -m 1024 -smp 1"
+    cmdline = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1 systemd.unit=ng-build.target"
     return [
         "qemu-system-x86_64", *machine.split(), "-display", "none", "-no-reboot",
         "-kernel", f"{image_dir}/vmlinuz", "-initrd", f"{image_dir}/initrd.img", "-append", cmdline,
@@ -306,8 +310,13 @@ def ensure_image(flavour: str) -> Path:
         shutil.copyfile(sorted((root / "boot").glob("initrd.img-*"))[-1], tmp / "initrd.img")
         _run(mkfs_argv(str(root), str(tmp / "disk.img"), recipe["disk_size"]), log)
         shutil.rmtree(root)
-        _run(prepare_argv(str(tmp), str(tmp / "prepare-console.log")), log, timeout=1200)
-        if BUILD_OK not in (tmp / "prepare-console.log").read_text(errors="replace"):
+        console = tmp / "prepare-console.log"
+        for _attempt in range(3):  # a kernel panic under emulation is rare, and not fatal
+            _run(prepare_argv(str(tmp), str(console)), log, timeout=1200)
+            if BUILD_OK in console.read_text(errors="replace"):
+                break
+            shutil.copyfile(console, tmp / f"prepare-console-{_attempt}.log")
+        else:
             raise RuntimeError(f"preparing the image failed; see {cache_dir() / 'failed'}")
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
 

@@ -39,7 +39,8 @@ def qemu_argv(*, kernel, initrd, disk, port, console, monitor, accel="tcg") -> l
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", *cpu.split(),
         "-m", "1024", "-smp", "2",
         "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0",
+        # panic=-1: a kernel that panics while booting under emulation boots again
+        "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1",
         # cache=unsafe: guest flushes stay in the host page cache; only a host crash loses them
         "-drive", f"file={disk},format=qcow2,if=virtio,discard=unmap,cache=unsafe",
         "-netdev", f"user,id=n0,hostfwd=tcp:{HOST}:{port}-:22",
