@@ -11,6 +11,7 @@ Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is 
 the images (a few minutes per flavour), later runs only boot.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
 """
+
 import itertools
 import os
 import shutil
@@ -42,7 +43,9 @@ def _require_qemu():
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
     """Runs `cmd` on the sandbox `target` (a dict from sandbox.target()) with OpenSSH."""
     argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"], cmd)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs
+    )
 
 
 @pytest.fixture(scope="session")

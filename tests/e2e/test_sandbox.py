@@ -1,5 +1,6 @@
 """The sandbox VM looks like the e2-micro we deploy to: 1 GB, no swap, systemd, cgroup v2,
 rootful Podman with the preloaded base image, ssh as ubuntu with a pinned host key."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,14 @@ PODMAN = {"bookworm": "4.3.1", "trixie": "5.4.2"}
 
 
 def inv(*args):
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_ssh_as_ubuntu_with_passwordless_sudo(sandbox, ssh_run):
@@ -32,22 +39,31 @@ def test_memory_is_about_one_gigabyte_and_no_swap(sandbox, ssh_run):
 
 
 def test_systemd_is_running_with_cgroup_v2(sandbox, ssh_run):
-    done = ssh_run(sandbox, "stat -fc %T /sys/fs/cgroup; nproc; "
-                            "timeout 240 systemctl is-system-running --wait; systemctl --failed --no-legend")
+    done = ssh_run(
+        sandbox,
+        "stat -fc %T /sys/fs/cgroup; nproc; "
+        "timeout 240 systemctl is-system-running --wait; systemctl --failed --no-legend",
+    )
     assert done.stdout.split()[:3] == ["cgroup2fs", "2", "running"], done.stdout + done.stderr
 
 
 def test_podman_from_the_distribution(sandbox, request, ssh_run):
     flavour = request.node.callspec.params["sandbox"]
-    done = ssh_run(sandbox, "sudo podman info --format '{{.Version.Version}} {{.Host.OCIRuntime.Name}} "
-                            "{{.Host.CgroupsVersion}}'")
+    done = ssh_run(
+        sandbox,
+        "sudo podman info --format '{{.Version.Version}} {{.Host.OCIRuntime.Name}} "
+        "{{.Host.CgroupsVersion}}'",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [PODMAN[flavour], "crun", "v2"]
 
 
 def test_base_image_is_preloaded_and_runs_with_networking(sandbox, ssh_run):
-    done = ssh_run(sandbox, f"sudo podman images --format '{{{{.Repository}}}}:{{{{.Tag}}}}'; "
-                            f"sudo podman run --rm {image.BASE_IMAGE} python3 -c 'print(6*7)'")
+    done = ssh_run(
+        sandbox,
+        f"sudo podman images --format '{{{{.Repository}}}}:{{{{.Tag}}}}'; "
+        f"sudo podman run --rm {image.BASE_IMAGE} python3 -c 'print(6*7)'",
+    )
     assert done.returncode == 0, done.stderr
     assert image.BASE_IMAGE in done.stdout.splitlines()
     assert done.stdout.splitlines()[-1] == "42"
@@ -60,19 +76,29 @@ def test_known_hosts_pins_the_guests_own_key(sandbox, ssh_run):
 
 
 def test_a_wrong_host_key_is_rejected(sandbox_bookworm, ssh_run, tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
+    )
     other = (tmp_path / "other.pub").read_text().split()[:2]
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sandbox_bookworm['port']} {' '.join(other)}\n")
     done = ssh_run(dict(sandbox_bookworm, known_hosts=str(known)), "echo should-not-run")
     assert done.returncode == 255
     assert "should-not-run" not in done.stdout
-    assert "Host key verification failed" in done.stderr or "HOST IDENTIFICATION HAS CHANGED" in done.stderr
+    assert (
+        "Host key verification failed" in done.stderr
+        or "HOST IDENTIFICATION HAS CHANGED" in done.stderr
+    )
 
 
 def test_cached_image_ships_no_host_keys(sandbox_bookworm):
-    disk = Path(sb.state_dir(sandbox_bookworm["name"]).joinpath("image").read_text().strip()) / "disk.img"
-    listing = subprocess.run(["debugfs", "-R", "ls -l /etc/ssh", str(disk)], capture_output=True, text=True)
+    disk = (
+        Path(sb.state_dir(sandbox_bookworm["name"]).joinpath("image").read_text().strip())
+        / "disk.img"
+    )
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -l /etc/ssh", str(disk)], capture_output=True, text=True
+    )
     assert "sshd_config" in listing.stdout
     assert "ssh_host_" not in listing.stdout
 
@@ -88,7 +114,10 @@ def test_status_and_ssh_tasks(sandbox_bookworm):
 
 def test_reboot_then_down_and_up_keep_the_disk(fresh_sandbox, ssh_run):
     target = fresh_sandbox("bookworm", name="e2e-reboot")
-    before = ssh_run(target, "echo kept | sudo tee /var/lib/ng-marker >/dev/null; cat /proc/sys/kernel/random/boot_id")
+    before = ssh_run(
+        target,
+        "echo kept | sudo tee /var/lib/ng-marker >/dev/null; cat /proc/sys/kernel/random/boot_id",
+    )
     sb.reboot("e2e-reboot")
     assert sb.status("e2e-reboot") == "up"
     after = ssh_run(target, "cat /proc/sys/kernel/random/boot_id /var/lib/ng-marker")
