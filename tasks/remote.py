@@ -106,6 +106,8 @@ class Remote:
         self.redact = redact
         self.out = out or sys.stdout
         self.stats = Stats()
+        # what callers learned about this host during the run (e.g. the helper is cached)
+        self.facts_cache: dict[str, object] = {}
         self._connection: Connection | None = None
 
     # -- connection -------------------------------------------------------------------
