@@ -183,7 +183,7 @@ def test_stdin_secret_is_not_in_the_remote_environment(remote):
 
 def test_large_stdin_is_delivered_exactly_and_quickly(remote):
     # The host helper travels on stdin; it must not trickle in byte by byte.
-    payload = helper_source() + "".join(f"line {i} äöü\n" for i in range(20000))
+    payload = helper_source()[0] + "".join(f"line {i} äöü\n" for i in range(20000))
     started = time.monotonic()
     result = remote.run(["sha256sum"], step="hash", stdin=payload, timeout=20)
     assert time.monotonic() - started < 5
