@@ -197,7 +197,7 @@ def test_guest_files_agree_with_the_constants_the_host_reads():
     assert hostkeys[0] == 0o755
     assert image.HOSTKEY_BEGIN in hostkeys[1] and image.HOSTKEY_END in hostkeys[1]
     assert image.BUILD_OK in files["/usr/local/sbin/ng-build-finish"][1]
-    importer = files["/etc/systemd/system/ng-import-base.service"][1]
+    importer = files["/usr/local/sbin/ng-import-base"][1]
     assert image.BASE_IMAGE in importer and image.BASE_TAR_IN_GUEST in importer
     assert files["/etc/sudoers.d/ubuntu"] == (0o440, "ubuntu ALL=(ALL) NOPASSWD:ALL\n")
     argv = image.prepare_argv("/i", "/c")
