@@ -298,7 +298,10 @@ def up(c, name="default", os="bookworm", fresh=False, timeout=300):
     if not fresh and status(name) == "up":
         print(f"sandbox {name}: already up (ssh port {target(name)['port']})")
         return
-    ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout))
+    try:
+        ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout))
+    except (ValueError, RuntimeError, TimeoutError) as err:
+        raise Exit(f"sandbox.up: {err}", code=1) from None
 
 
 @task(name="down", help={"name": NAME_HELP, "destroy": "also remove the sandbox's disk and state"})
@@ -328,7 +331,10 @@ def ssh(c, name="default", command=None):
 @task(name="reboot", help={"name": NAME_HELP, "timeout": TIMEOUT_HELP})
 def reboot_task(c, name="default", timeout=300):
     """Reboot a sandbox VM and wait until ssh is back."""
-    reboot(name, timeout=float(timeout))
+    try:
+        reboot(name, timeout=float(timeout))
+    except (RuntimeError, TimeoutError) as err:
+        raise Exit(f"sandbox.reboot: {err}", code=1) from None
 
 
 ns = Collection("sandbox", up, down_task, status_task, ssh, reboot_task)

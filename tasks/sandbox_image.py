@@ -149,10 +149,9 @@ def mkfs_argv(rootfs: str, image: str, size: str = DISK_SIZE) -> list[str]:
 
 def prepare_argv(image_dir: str, console: str) -> list[str]:
     """QEMU boot of the raw image that runs ng-build.target once, then powers off.
-    One vCPU: multi-threaded TCG can crash a booting kernel while it patches its own code
-    ("Oops: int3"), and the import gains nothing from a second one. On a panic the kernel
-    reboots, so QEMU (-no-reboot) exits and the boot is tried again."""
-    machine = "-nodefaults -no-user-config -accel tcg -cpu max -m 1024 -smp 1"
+    Multi-threaded TCG can crash a booting kernel while it patches its own code ("Oops:
+    int3", rare): the kernel then reboots, QEMU (-no-reboot) exits, the boot is retried."""
+    machine = "-nodefaults -no-user-config -accel tcg,thread=multi -cpu max -m 1024 -smp 2"
     cmdline = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1 systemd.unit=ng-build.target"
     return [
         "qemu-system-x86_64", *machine.split(), "-display", "none", "-no-reboot",
@@ -320,4 +319,15 @@ def ensure_image(flavour: str) -> Path:
             raise RuntimeError(f"preparing the image failed; see {cache_dir() / 'failed'}")
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
-    return _build_atomically(final, build, f"the {flavour} sandbox image")
+    _build_atomically(final, build, f"the {flavour} sandbox image")
+    prune(final)  # only after a build: a cache hit never removes anything
+    return final
+
+
+def prune(keep: Path) -> None:
+    """Removes the older images of keep's flavour (about 1 GB each). A VM running on one
+    keeps its open files; a stopped sandbox on one gets a new disk at its next start."""
+    flavour = keep.name.rsplit("-", 1)[0]
+    for old in keep.parent.glob(f"{flavour}-*"):
+        if old != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)

@@ -208,3 +208,10 @@ def test_prepare_boot_argv():
     argv = image.prepare_argv("/img", "/img/prepare-console.log")
     assert "file=/img/disk.img,format=raw,if=virtio,cache=unsafe" in argv
     assert "-no-reboot" in argv and "-netdev" not in argv  # powers off at the end; no network
+
+
+def test_prune_keeps_the_new_image_and_other_flavours(tmp_path):
+    for name in ("bookworm-old1", "bookworm-new", "trixie-old"):
+        (tmp_path / name).mkdir()
+    image.prune(tmp_path / "bookworm-new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bookworm-new", "trixie-old"]
