@@ -28,11 +28,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a sandbox VM (QEMU, slow)")
 
 
+# The shared VMs carry state from file to file: the checks of a pristine sandbox come
+# first, the reboot drills last.
+FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_gcp_chain.py", "test_secrets.py",
+              "test_recovery.py")
+
+
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.e2e)
+
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        inside = str(item.fspath).startswith(here)
+        return (inside, FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER))
+
+    items.sort(key=rank)  # stable: the order inside each file stays
 
 
 def _require_qemu():
