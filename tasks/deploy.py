@@ -162,6 +162,9 @@ def run_deploy(settings: Settings, values: SecretValues, remote: Remote,
                 outcome = f"failed: {answer.get('reason')}; {rolled}"
                 error = StepFailed("health", f"{values.redact(answer.get('reason', ''))}; "
                                    f"{rolled}")
+        if plan.drop_secret_backups and error is None:
+            with remote.step("secrets", "dropping backups of an interrupted rotation"):
+                call(remote, settings, "secret_drop_backup", step="secrets", changes=True)
     except StepFailed as exc:
         outcome, error = f"failed: {exc}", exc
     finally:

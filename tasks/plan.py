@@ -45,11 +45,12 @@ class Plan:
     build_image: bool = False
     write_unit: bool = False
     restart: bool = False
+    drop_secret_backups: bool = False
     reasons: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any((self.swap, self.remove_env_file, bool(self.delta), self.secrets,
-                    self.build_image, self.write_unit, self.restart))
+                    self.build_image, self.write_unit, self.restart, self.drop_secret_backups))
 
     def lines(self) -> list[str]:
         out = []
@@ -67,6 +68,8 @@ class Plan:
             out.append("unit: write the systemd unit and enable it")
         if self.restart:
             out.append("container: (re)start and wait until healthy")
+        if self.drop_secret_backups:
+            out.append("secrets: drop the backups an interrupted rotation left")
         return out
 
 
@@ -141,4 +144,7 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
         if labels.get(key) != value:
             plan.reasons.append(f"{key} changed")
     plan.restart = bool(plan.reasons) or plan.write_unit or bool(plan.secrets)
+    # NAME__previous outlives a rotation only when it was cut short; once the container is
+    # healthy with the current values the backup has no use left.
+    plan.drop_secret_backups = any(name.endswith("__previous") for name in present)
     return plan

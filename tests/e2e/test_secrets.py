@@ -19,11 +19,14 @@ from tests.e2e.deploy_helpers import (
     inspect,
     inv,
     inv_env,
+    kill_group,
     make_env_file,
+    start_inv,
 )
 
 NEW_TOKEN = "tg-rotated-71c0de5a"
 BAD_TOKEN = "tg-makes-agent-unhealthy"
+CUT_TOKEN = "tg-cut-rotation-5e61"
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +134,35 @@ def test_dry_run_and_errors_show_no_value(sandbox_bookworm, env):
     write_env(env, NEW_TOKEN)
 
 
+def mounted_token(ssh_run, target) -> str:
+    return ssh_run(target, f"sudo -n podman exec {CONTAINER} "
+                           "cat /run/secrets/telegram_bot_token").stdout
+
+
+def test_rotation_cut_half_way_is_repaired_by_the_next_deploy(sandbox_bookworm, ssh_run, env):
+    write_env(env, CUT_TOKEN)
+    proc = start_inv(["secrets.rotate", "--name", "telegram_bot_token"], env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.strip().startswith("- secrets:"):
+            break  # the new value exists, the old one is kept as a backup: cut here
+    kill_group(proc)
+    assert any(line.strip().startswith("- secrets:") for line in seen), "".join(seen)
+    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
+    assert "telegram_bot_token__previous" in left  # the cut really happened mid-rotation
+    done = inv(["deploy"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert mounted_token(ssh_run, sandbox_bookworm) == CUT_TOKEN
+    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
+    assert "__previous" not in left
+    again = inv(["secrets.rotate"], env)
+    assert "already has these values" in again.stdout, again.stdout + again.stderr
+
+
 def test_rotate_to_a_value_that_breaks_the_agent_puts_the_old_one_back(
         sandbox_bookworm, ssh_run, env):
+    before = mounted_token(ssh_run, sandbox_bookworm)
     write_env(env, BAD_TOKEN)
     broken = dict(env, NIGHTGUARD_HEALTH_DEADLINE="60")
     done = inv(["secrets.rotate", "--name", "telegram_bot_token"], broken)
@@ -140,13 +170,11 @@ def test_rotate_to_a_value_that_breaks_the_agent_puts_the_old_one_back(
     assert done.returncode == 1, output
     assert "old values back, healthy" in output
     assert BAD_TOKEN not in output
-    mounted = ssh_run(sandbox_bookworm, f"sudo -n podman exec {CONTAINER} "
-                                        "cat /run/secrets/telegram_bot_token").stdout
-    assert mounted == NEW_TOKEN
+    assert mounted_token(ssh_run, sandbox_bookworm) == before
     assert healthy_now(ssh_run, sandbox_bookworm)
     left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
     assert "__previous" not in left
-    write_env(env, NEW_TOKEN)
+    write_env(env, before)
 
 
 def test_secrets_check_and_no_env_on_host(sandbox_bookworm, ssh_run, env):
