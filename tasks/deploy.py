@@ -148,7 +148,7 @@ def run_deploy(settings: Settings, values: SecretValues, remote: Remote,
             print(f"    broke a stale lock of {facts['lock']['broke_stale'].get('who')}",
                   file=remote.out)
     digests = digests_for(facts, values)
-    desired = desired_state(settings, digests)
+    desired = desired_state(settings, digests, manifest=desired.manifest)
     plan = make_plan(settings, desired, facts, digests)
     outcome, error = "ok", None
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tasks.commands import STATE_DIR, sudo, unit_name
 from tasks.config import Settings
-from tasks.remote import Remote, StepFailed
+from tasks.remote import Remote, StepFailed, last_line
 
 # Reads the argument line; runs the helper kept on the host from an earlier call if its
 # version matches, else the next stdin line (the helper, compressed), which it then keeps.
@@ -95,8 +95,7 @@ def call(remote: Remote, settings: Settings, op: str, *, step: str, changes: boo
     if remote.dry_run and changes:
         return {}
     if result.exited != 0:
-        tail = remote.redact((result.stderr or result.stdout).strip().splitlines()[-1:][0]
-                             if (result.stderr or result.stdout).strip() else "(no output)")
+        tail = remote.redact(last_line(result.stderr or result.stdout))
         raise StepFailed(step, f"host helper `{op}` exited {result.exited}: {tail}")
     try:
         return json.loads(result.stdout)

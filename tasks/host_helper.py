@@ -333,8 +333,6 @@ def op_gate(a):
         return {"healthy": False, "reason": "container is not running", "container": container,
                 "logs": logs_tail(a)}
     result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
-    if a.get("verify_only"):
-        return result
     last = ""
     while time.monotonic() < deadline:
         code, out, err = podman(["healthcheck", "run", a["container"]], a, timeout=60)

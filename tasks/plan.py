@@ -89,9 +89,11 @@ def secrets_label(digests: dict[str, str]) -> str:
     return content_hash(*(f"{k}={digests[k]}" for k in sorted(digests)))
 
 
-def desired_state(settings: Settings, secret_digests: dict[str, str]) -> Desired:
-    source = settings.path("source_dir")
-    manifest = local_manifest(Path(source))
+def desired_state(settings: Settings, secret_digests: dict[str, str],
+                  manifest: dict[str, str] | None = None) -> Desired:
+    """``manifest``: the local tree's hashes when already computed in this run."""
+    if manifest is None:
+        manifest = local_manifest(Path(settings.path("source_dir")))
     code = tree_hash(manifest)
     tag = image_tag(settings)
     ref = f"{settings['image_name']}:{tag}"
@@ -115,15 +117,20 @@ def desired_state(settings: Settings, secret_digests: dict[str, str]) -> Desired
                    unit_text=systemd_unit(spec, rootful=not settings["rootless"]))
 
 
+def swap_needed(settings: Settings, facts: dict) -> bool:
+    """True unless the swapfile is active, of the right size and mode, in fstab, with the
+    wanted swappiness persisted."""
+    active = any(s["path"] == "/swapfile" for s in facts.get("swaps", []))
+    return not (active and facts.get("swapfile_size") == settings.size("limits.swap_size")
+                and facts.get("swap_in_fstab") and facts.get("swapfile_mode") == "0o600"
+                and facts.get("swappiness") == settings["limits.swappiness"]
+                and facts.get("swappiness_persisted"))
+
+
 def make_plan(settings: Settings, desired: Desired, facts: dict,
               secret_digests: dict[str, str]) -> Plan:
     plan = Plan()
-    swap_size = settings.size("limits.swap_size")
-    swap_active = any(s["path"] == "/swapfile" for s in facts.get("swaps", []))
-    plan.swap = not (swap_active and facts.get("swapfile_size") == swap_size
-                     and facts.get("swap_in_fstab") and facts.get("swapfile_mode") == "0o600"
-                     and facts.get("swappiness") == settings["limits.swappiness"]
-                     and facts.get("swappiness_persisted"))
+    plan.swap = swap_needed(settings, facts)
     plan.remove_env_file = bool(facts.get("env_file_on_host"))
     plan.delta = compute_delta(desired.manifest, facts.get("manifest", {}),
                                facts.get("synced", []))

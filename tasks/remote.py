@@ -81,7 +81,7 @@ def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(str(part) for part in argv)
 
 
-def _tail(text: str, lines: int = 1) -> str:
+def last_line(text: str, lines: int = 1) -> str:
     kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " | ".join(kept[-lines:]) if kept else "(no output)"
 
@@ -204,7 +204,7 @@ class Remote:
             raise StepFailed(step, f"connection lost during `{shown}`: {exc}") from None
         outcome = Result(result.stdout, result.stderr, result.exited)
         if check and not outcome.ok:
-            tail = self.redact(_tail(outcome.stderr or outcome.stdout))
+            tail = self.redact(last_line(outcome.stderr or outcome.stdout))
             raise StepFailed(step, f"`{shown}` exited {outcome.exited}: {tail}")
         return outcome
 

@@ -139,8 +139,7 @@ def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
             call(remote, settings, "unlock", step="unlock", changes=True)
             print("secrets: the host already has these values")
             return
-        all_values = SecretValues(dict(values.values))
-        digests = dict(facts.get("secret_hashes") or {}, **digests_for(facts, all_values))
+        digests = dict(facts.get("secret_hashes") or {}, **digests_for(facts, values))
         outcome = "failed"
         try:
             outcome = rotate_on_host(remote, settings, facts, values, todo, digests)

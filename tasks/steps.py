@@ -16,7 +16,7 @@ from tasks.config import ConfigError
 from tasks.deploy import holder, lock_failure, now, preflight, report_unhealthy, run_deploy
 from tasks.envfile import SecretValues
 from tasks.facts import call, read_facts
-from tasks.plan import desired_state, make_plan
+from tasks.plan import desired_state, make_plan, swap_needed
 from tasks.remote import StepFailed
 from tasks.targets import open_remote
 
@@ -48,9 +48,7 @@ def host_swap(c, target=None, host=None, dry_run=False):
     """Set up the 2 GB swapfile (mode 600, fstab, swappiness) if it is not in place."""
     settings = settings_for(target, host)
     with open_remote(settings, dry_run=dry_run) as remote:
-        facts = read_facts(remote, settings)
-        plan = make_plan(settings, desired_state(settings, {}), facts, {})
-        if not plan.swap:
+        if not swap_needed(settings, read_facts(remote, settings)):
             print("host.swap: already in place")
             return
         with remote.step("host.swap", settings["limits.swap_size"]):
