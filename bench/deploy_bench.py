@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import sandbox  # noqa: E402
+from tasks.sandbox import machine as sandbox  # noqa: E402
 from tests.e2e.deploy_helpers import copy_source, inv, inv_env, make_env_file  # noqa: E402
 
 STATS = re.compile(r"ssh connections: (\d+), remote commands: (\d+), bytes sent: (\d+)")

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import sandbox  # noqa: E402
+from tasks.sandbox import machine as sandbox  # noqa: E402
 from tests.e2e.conftest import run_over_ssh  # noqa: E402
 from tests.e2e.deploy_helpers import (  # noqa: E402
     CONTAINER,

@@ -20,9 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import sandbox as sb  # noqa: E402
-from tasks import sandbox_image as image  # noqa: E402
-from tasks import sandbox_qemu as vm  # noqa: E402
+from tasks.sandbox import image, qemu  # noqa: E402
+from tasks.sandbox import machine as sb  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -89,7 +88,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"accel": vm.choose_accel(), "cores": os.cpu_count(), "results": results}, indent=1
+            {"accel": qemu.choose_accel(), "cores": os.cpu_count(), "results": results}, indent=1
         )
     )
     print(f"written to {out}")

@@ -1,11 +1,20 @@
-"""The root collection of Night Guard Deploy: every namespace a user types after `inv`."""
+"""The root collection of Night Guard Deploy: every namespace a user types after `inv`.
+
+  tasks/deploy/    the product: deploy, health, logs, secrets, rollback, single steps
+  tasks/sandbox/   the local e2-micro look-alike (QEMU)
+  tasks/gcp/       the Compute Engine VM
+  config, cli, errors, targets, show_config: shared by all three
+"""
 
 from invoke import Collection
 
-from tasks import deploy, health, sandbox, secrets, settings, steps, vm
+from tasks import show_config
+from tasks.deploy import deploy, health, secrets, steps
+from tasks.gcp import tasks as vm
+from tasks.sandbox import tasks as sandbox
 
 ns = Collection()
-for module_task in (settings.config, deploy.deploy, deploy.unlock, health.health, health.logs,
+for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, steps.rollback):
     ns.add_task(module_task)
 for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns):

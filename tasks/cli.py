@@ -12,8 +12,8 @@ from typing import Any
 
 from invoke.exceptions import Exit
 
-from tasks.config import ConfigError, Settings, load_settings
-from tasks.remote import StepFailed
+from tasks.config import Settings, load_settings
+from tasks.errors import ConfigError, StepFailed
 
 EXIT_CONFIG = 2  # bad input: nothing on the host was touched
 EXIT_STEP = 1  # a step on the host failed

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from tasks.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE_NAME = "invoke.yaml"
 ENV_PREFIX = "NIGHTGUARD_"
@@ -94,10 +96,6 @@ _DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 _SECRET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-class ConfigError(Exception):
-    """A configuration problem, explained in one line."""
 
 
 def parse_size(text: str | int) -> int:

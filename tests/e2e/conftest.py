@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from tasks import sandbox as sb
+from tasks.sandbox import machine as sb
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.sync import local_manifest
+from tasks.deploy.sync import local_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 INV = str(Path(sys.executable).parent / "inv")

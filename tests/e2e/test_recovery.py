@@ -87,7 +87,7 @@ def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed
 
 
 def test_reboot_brings_the_agent_back_without_a_login(deployed, ssh_run):
-    from tasks import sandbox
+    from tasks.sandbox import machine as sandbox
 
     before = started_at(ssh_run, deployed)
     sandbox.reboot(deployed["name"], timeout=600)

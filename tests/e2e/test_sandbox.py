@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import sandbox as sb
-from tasks import sandbox_image as image
+from tasks.sandbox import image
+from tasks.sandbox import machine as sb
 
 ROOT = Path(__file__).resolve().parents[2]
 PODMAN = {"bookworm": "4.3.1", "trixie": "5.4.2"}

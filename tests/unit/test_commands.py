@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import commands
-from tasks.commands import ContainerSpec
+from tasks.deploy import commands
+from tasks.deploy.commands import ContainerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH = "python3 /app/execution/system/health_check.py"
@@ -117,7 +117,7 @@ def test_spec_hash_is_short_hex_and_deterministic():
 
 def test_spec_hash_is_stable_across_processes():
     spec = default_spec()
-    code = ("import dataclasses, json, sys; from tasks.commands import ContainerSpec; "
+    code = ("import dataclasses, json, sys; from tasks.deploy.commands import ContainerSpec; "
             "d = json.loads(sys.argv[1]); "
             "d = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) "
             "if isinstance(v, list) else v for k, v in d.items()}; "

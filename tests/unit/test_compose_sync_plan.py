@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.compose import check_compose, health_command, load_compose
-from tasks.config import ConfigError, load_settings
-from tasks.plan import IMAGE_INPUTS, desired_state, make_plan, secret_digest
-from tasks.sync import (
+from tasks.config import load_settings
+from tasks.deploy.compose import check_compose, health_command, load_compose
+from tasks.deploy.plan import IMAGE_INPUTS, desired_state, make_plan, secret_digest
+from tasks.deploy.sync import (
     ALWAYS_EXCLUDED,
     Delta,
     compute_delta,
@@ -26,6 +26,7 @@ from tasks.sync import (
     read_ignore_file,
     tree_hash,
 )
+from tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, load_settings
-from tasks.envfile import SecretValues, load_secret_values, parse_env_text
+from tasks.config import load_settings
+from tasks.deploy.envfile import SecretValues, load_secret_values, parse_env_text
+from tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "123456:tg-token-value-Zq9"

@@ -9,8 +9,9 @@ import google.auth
 import pytest
 from google.auth.exceptions import DefaultCredentialsError
 
-from tasks import gcp, gcp_ssh
 from tasks.config import load_settings
+from tasks.gcp import api as gcp
+from tasks.gcp import ssh as gcp_ssh
 from tests.fake_gce import FakeGce
 
 VM = r"/zones/us-west1-b/instances/nightguard$"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.apply import limit_drift, podman_at_least
-from tasks.config import ConfigError, load_settings
-from tasks.deploy import digests_for, lock_failure
-from tasks.envfile import SecretValues
-from tasks.health import render, summarize
-from tasks.plan import secret_digest, secrets_label
-from tasks.secrets import changed_names, pick_names, relabel_unit
+from tasks.config import load_settings
+from tasks.deploy.apply import limit_drift, podman_at_least
+from tasks.deploy.deploy import digests_for, lock_failure
+from tasks.deploy.envfile import SecretValues
+from tasks.deploy.health import render, summarize
+from tasks.deploy.plan import secret_digest, secrets_label
+from tasks.deploy.secrets import changed_names, pick_names, relabel_unit
+from tasks.errors import ConfigError
 
 MiB = 1024 * 1024
 SALT = "00" * 32

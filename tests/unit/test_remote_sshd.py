@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.envfile import SecretValues
-from tasks.facts import helper_source
-from tasks.remote import Remote, SshTarget, StepFailed
+from tasks.deploy.envfile import SecretValues
+from tasks.deploy.facts import helper_source
+from tasks.deploy.remote import Remote, SshTarget
+from tasks.errors import StepFailed
 
 SSHD = "/usr/sbin/sshd"
 SECRET = "tg-7fd1c2a9-secret-only-on-stdin"

@@ -4,9 +4,8 @@ import base64
 
 import pytest
 
-from tasks import sandbox
-from tasks import sandbox_image as image
-from tasks import sandbox_qemu as vm
+from tasks.sandbox import image, qemu
+from tasks.sandbox import machine as sandbox
 
 KEY = (
     "ssh-ed25519 "
@@ -15,7 +14,7 @@ KEY = (
 
 
 def test_qemu_argv_is_an_e2_micro_lookalike_on_loopback_only():
-    argv = vm.qemu_argv(
+    argv = qemu.qemu_argv(
         kernel="/c/vmlinuz",
         initrd="/c/initrd.img",
         disk="/s/disk.qcow2",
@@ -35,7 +34,7 @@ def test_qemu_argv_is_an_e2_micro_lookalike_on_loopback_only():
 
 
 def test_qemu_argv_kvm():
-    argv = vm.qemu_argv(
+    argv = qemu.qemu_argv(
         kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m", accel="kvm"
     )
     assert argv[argv.index("-accel") + 1] == "kvm"

@@ -18,9 +18,12 @@ import pytest
 from invoke import MockContext
 from invoke.exceptions import Exit
 
-from tasks import gcp, gcp_ssh, vm
-from tasks.config import ConfigError, load_settings
-from tasks.remote import Remote, StepFailed
+from tasks.config import load_settings
+from tasks.deploy.remote import Remote
+from tasks.errors import ConfigError, StepFailed
+from tasks.gcp import api as gcp
+from tasks.gcp import ssh as gcp_ssh
+from tasks.gcp import tasks as vm
 from tests.fake_gce import FakeGce
 
 
@@ -183,7 +186,7 @@ def test_guest_attributes_pin_the_host_key(tmp_path, fake):
         "hostkeys": {host_key.get_name(): host_key.get_base64()}}
     s = settings(tmp_path, fake, **{"ssh.port": 2222})
     out = io.StringIO()
-    target = gcp.ssh_target(s, _gce(s), out)
+    target = gcp_ssh.ssh_target(s, _gce(s), out)
     assert (target.host, target.port, target.user) == ("203.0.113.10", 2222, "ubuntu")
     assert target.known_hosts == str(tmp_path / ".ssh" / "known_hosts")
     line = f"[203.0.113.10]:2222 {host_key.get_name()} {host_key.get_base64()}"
@@ -191,7 +194,7 @@ def test_guest_attributes_pin_the_host_key(tmp_path, fake):
     assert fake.sent("GET", "/getGuestAttributes$")[0].query == {"queryPath": ["hostkeys/"]}
     assert "pinned host key of [203.0.113.10]:2222" in out.getvalue()
     again = io.StringIO()
-    gcp.ssh_target(s, _gce(s), again)  # already there: nothing written, nothing said
+    gcp_ssh.ssh_target(s, _gce(s), again)  # already there: nothing written, nothing said
     assert again.getvalue() == ""
 
 
@@ -202,7 +205,7 @@ def test_guest_attributes_replace_a_stale_entry(tmp_path, fake):
     fake.add_instance("nightguard")
     fake.guest_attributes["nightguard"] = {"hostkeys": {new.get_name(): new.get_base64()}}
     s = settings(tmp_path, fake, **{"ssh.known_hosts": "kh"})
-    gcp.ssh_target(s, _gce(s), io.StringIO())
+    gcp_ssh.ssh_target(s, _gce(s), io.StringIO())
     assert known.read_text() == f"203.0.113.10 {new.get_name()} {new.get_base64()}\n"
 
 
@@ -242,7 +245,7 @@ def test_first_use_records_the_key_and_a_changed_key_is_rejected(tmp_path, fake)
     with ssh_server(first) as port:
         s = settings(tmp_path, fake, **{"ssh.port": port, "ssh.connect_timeout": 5})
         out = io.StringIO()
-        target = gcp.ssh_target(s, _gce(s), out)
+        target = gcp_ssh.ssh_target(s, _gce(s), out)
     base = f"[127.0.0.1]:{port} {first.get_name()}"
     assert (tmp_path / ".ssh" / "known_hosts").read_text() == \
         f"{base} {first.get_base64()}\n"
@@ -252,7 +255,7 @@ def test_first_use_records_the_key_and_a_changed_key_is_rejected(tmp_path, fake)
         moved = settings(tmp_path, fake, **{"ssh.port": other_port})
         (tmp_path / ".ssh" / "known_hosts").write_text(
             f"[127.0.0.1]:{other_port} {first.get_name()} {first.get_base64()}\n")
-        target = gcp.ssh_target(moved, _gce(moved), io.StringIO())
+        target = gcp_ssh.ssh_target(moved, _gce(moved), io.StringIO())
         with pytest.raises(StepFailed, match="host key does not match"):
             Remote(target, connect_timeout=5).run(["true"], step="probe")
 
@@ -261,7 +264,7 @@ def test_stopped_vm_has_no_ssh_address(tmp_path, fake):
     fake.add_instance("nightguard", status="TERMINATED")
     s = settings(tmp_path, fake)
     with pytest.raises(gcp.GcpError) as caught:
-        gcp.ssh_target(s, _gce(s))
+        gcp_ssh.ssh_target(s, _gce(s))
     assert str(caught.value) == ("step 'vm address' failed: VM nightguard is TERMINATED: "
                                  "start it with `inv vm.start`")
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 from invoke import Collection, task
 
-from tasks import gcp, gcp_ssh
 from tasks.cli import one_line_errors, settings_for
-from tasks.config import ConfigError, Settings
+from tasks.config import Settings
+from tasks.errors import ConfigError
+from tasks.gcp import api as gcp
+from tasks.gcp import ssh as gcp_ssh
 
 VM_HELP = {
     "project": "Google Cloud project (default: nightguard.gcp.project)",

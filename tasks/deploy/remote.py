@@ -25,14 +25,7 @@ import paramiko
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut, ThreadException
 
-
-class StepFailed(Exception):
-    """A step that did not complete; ``str()`` is one line fit for the terminal."""
-
-    def __init__(self, step: str, reason: str):
-        super().__init__(f"step '{step}' failed: {reason}")
-        self.step = step
-        self.reason = reason
+from tasks.errors import StepFailed
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.commands import STATE_DIR, sudo, unit_name
 from tasks.config import Settings
-from tasks.remote import Remote, StepFailed, last_line
+from tasks.deploy.commands import STATE_DIR, sudo, unit_name
+from tasks.deploy.remote import Remote, last_line
+from tasks.errors import StepFailed
 
 # Reads the argument line; runs the helper kept on the host from an earlier call if its
 # version matches, else the next stdin line (the helper, compressed), which it then keeps.

@@ -17,14 +17,15 @@ from datetime import UTC, datetime
 
 from invoke import Collection, task
 
-from tasks import apply
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.compose import check_compose
 from tasks.config import Settings
-from tasks.envfile import SecretValues, load_secret_values
-from tasks.facts import call, read_facts
-from tasks.plan import Desired, Plan, desired_state, make_plan, secret_digest
-from tasks.remote import Remote, StepFailed
+from tasks.deploy import apply
+from tasks.deploy.compose import check_compose
+from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.facts import call, read_facts
+from tasks.deploy.plan import Desired, Plan, desired_state, make_plan, secret_digest
+from tasks.deploy.remote import Remote
+from tasks.errors import StepFailed
 from tasks.targets import open_remote
 
 

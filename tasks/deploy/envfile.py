@@ -14,7 +14,8 @@ from pathlib import Path
 
 from dotenv.parser import parse_stream
 
-from tasks.config import ConfigError, Settings
+from tasks.config import Settings
+from tasks.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from tasks import apply
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.compose import check_compose
-from tasks.config import ConfigError
-from tasks.deploy import holder, lock_failure, now, preflight, report_unhealthy, run_deploy
-from tasks.envfile import SecretValues
-from tasks.facts import call, read_facts
-from tasks.plan import desired_state, make_plan, swap_needed
-from tasks.remote import StepFailed
+from tasks.deploy import apply
+from tasks.deploy.compose import check_compose
+from tasks.deploy.deploy import (
+    holder,
+    lock_failure,
+    now,
+    preflight,
+    report_unhealthy,
+    run_deploy,
+)
+from tasks.deploy.envfile import SecretValues
+from tasks.deploy.facts import call, read_facts
+from tasks.deploy.plan import desired_state, make_plan, swap_needed
+from tasks.errors import ConfigError, StepFailed
 from tasks.targets import open_remote
 
 FLAGS = {**TARGET_HELP}

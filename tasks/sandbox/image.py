@@ -10,7 +10,7 @@ kernel and initrd that QEMU boots directly. It is built once per machine and rec
         images/<os>-<key>/        disk.img, vmlinuz, initrd.img, recipe.json
         locks/                    one lock per build: concurrent builds never overlap
 
-What goes into the guest besides packages is the file tree tasks/sandbox_guest/ (units,
+What goes into the guest besides packages is the file tree tasks/sandbox/guest/ (units,
 scripts, config), plus commands run in the chroot; see image_recipe().
 <key> is a hash of the recipe (packages, files, commands, the SSH public key): a changed
 recipe builds a new image instead of reusing a stale one. Builds go to a temporary folder
@@ -58,7 +58,7 @@ BASE_PACKAGES = ("python3", "ca-certificates")
 # Smaller image, faster mkfs and boot; nothing in the guest reads these.
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
 
-GUEST_FILES = Path(__file__).with_name("sandbox_guest")  # copied into the guest's root
+GUEST_FILES = Path(__file__).with_name("guest")  # copied into the guest's root
 # BASE_IMAGE, BASE_TAR_IN_GUEST, HOSTKEY_* and BUILD_OK appear in those files too (a unit
 # test checks that they agree).
 BUILD_OK = "NIGHTGUARD-BUILD-OK"  # ng-build-finish prints it when the build-time boot worked
@@ -87,7 +87,7 @@ def base_recipe() -> dict:
 
 
 def guest_files(root: Path = GUEST_FILES) -> dict[str, tuple[int, str]]:
-    """{guest path: (mode, text)} from the tree in tasks/sandbox_guest/."""
+    """{guest path: (mode, text)} from the tree in tasks/sandbox/guest/."""
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         guest = "/" + path.relative_to(root).as_posix()

@@ -12,10 +12,10 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.commands import ContainerSpec, content_hash, systemd_unit
-from tasks.compose import health_command, load_compose
 from tasks.config import Settings
-from tasks.sync import Delta, compute_delta, local_manifest, tree_hash
+from tasks.deploy.commands import ContainerSpec, content_hash, systemd_unit
+from tasks.deploy.compose import health_command, load_compose
+from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
 
 IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt")
 

@@ -21,14 +21,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tasks import sandbox_image as image
+from tasks.sandbox import image
 
 HOST = "127.0.0.1"
 _children: dict[int, subprocess.Popen] = {}  # polled here, else they linger as zombies
 
 
 def state_dir(name: str) -> Path:
-    root = os.environ.get("NG_SANDBOX_DIR") or Path(__file__).resolve().parent.parent / ".sandbox"
+    root = os.environ.get("NG_SANDBOX_DIR") or Path(__file__).resolve().parents[2] / ".sandbox"
     return Path(root) / name
 
 

@@ -21,14 +21,15 @@ import re
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from tasks import apply
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import ConfigError, Settings
-from tasks.deploy import digests_for, holder, lock_failure, now, report_unhealthy
-from tasks.envfile import SecretValues, load_secret_values
-from tasks.facts import call, read_facts
-from tasks.plan import secrets_label
-from tasks.remote import Remote, StepFailed
+from tasks.config import Settings
+from tasks.deploy import apply
+from tasks.deploy.deploy import digests_for, holder, lock_failure, now, report_unhealthy
+from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.facts import call, read_facts
+from tasks.deploy.plan import secrets_label
+from tasks.deploy.remote import Remote
+from tasks.errors import ConfigError, StepFailed
 from tasks.targets import open_remote
 
 NAMES_HELP = "secret names (default: all of nightguard.secrets); repeat the flag for several"

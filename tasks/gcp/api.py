@@ -1,6 +1,6 @@
 """The Compute Engine API layer: clients from settings, errors in one line, zone operations,
 the VM's lifecycle and the free-tier check. SSH keys in metadata and the VM's SSH address
-(host key pinning) live in ``tasks.gcp_ssh``.
+(host key pinning) live in ``tasks.gcp.ssh``.
 
 Credentials: ``nightguard.gcp.credentials_file`` (a service-account key) if set, else
 Application Default Credentials; none at all when ``nightguard.gcp.api_endpoint`` is an
@@ -28,7 +28,7 @@ from google.auth.exceptions import DefaultCredentialsError, RefreshError
 from google.oauth2 import service_account
 
 from tasks.config import Settings
-from tasks.remote import SshTarget, StepFailed
+from tasks.errors import StepFailed
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1
@@ -316,11 +316,3 @@ def free_tier_warnings(settings: Settings) -> list[str]:
     if settings["gcp.disk_type"] != "pd-standard":
         warnings.append(f"disk type {settings['gcp.disk_type']} is not the free pd-standard")
     return warnings
-
-
-
-def ssh_target(settings: Settings, gce: Gce | None = None, out=None) -> SshTarget:
-    """The VM's SSH address via the API, with its host key pinned (``tasks.gcp_ssh``)."""
-    from tasks import gcp_ssh
-
-    return gcp_ssh.ssh_target(settings, gce, out)

@@ -11,8 +11,9 @@ import json
 from invoke import Collection, task
 
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import ConfigError, redacted_tree
-from tasks.envfile import load_secret_values
+from tasks.config import redacted_tree
+from tasks.deploy.envfile import load_secret_values
+from tasks.errors import ConfigError
 
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],

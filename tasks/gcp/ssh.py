@@ -17,8 +17,10 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tasks.config import ConfigError, Settings
-from tasks.gcp import (
+from tasks.config import Settings
+from tasks.deploy.remote import SshTarget
+from tasks.errors import ConfigError, StepFailed
+from tasks.gcp.api import (
     Gce,
     GcpError,
     api_errors,
@@ -28,7 +30,6 @@ from tasks.gcp import (
     v1,
     wait_for_operation,
 )
-from tasks.remote import SshTarget, StepFailed
 
 DEFAULT_KEY = ".ssh/nightguard_ed25519"
 METADATA_ATTEMPTS = 5

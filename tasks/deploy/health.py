@@ -16,11 +16,11 @@ import time
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from tasks import commands as cmd
-from tasks.apply import limit_drift
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.config import Settings
-from tasks.facts import call
+from tasks.deploy import commands as cmd
+from tasks.deploy.apply import limit_drift
+from tasks.deploy.facts import call
 from tasks.targets import open_remote
 
 EXIT_UNHEALTHY = 3

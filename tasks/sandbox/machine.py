@@ -1,15 +1,15 @@
 """Local sandbox VMs: e2-micro look-alikes under QEMU, the default target of `inv deploy`.
 
-Tasks sandbox.up / down / status / ssh / reboot, and the Python API the deploy code and
-the e2e tests use: target, ensure_up, status, down, reboot, ssh_argv. The image comes from
-tasks.sandbox_image (built once per machine, cached), the QEMU process is handled by
-tasks.sandbox_qemu. Each sandbox keeps its state in <project>/.sandbox/<name>/:
+The Python API the tasks (``tasks.sandbox.tasks``), the deploy code and the e2e tests use:
+target, ensure_up, status, down, reboot, ssh_argv. The image comes from
+``tasks.sandbox.image`` (built once per machine, cached), the QEMU process is handled by
+``tasks.sandbox.qemu``. Each sandbox keeps its state in <project>/.sandbox/<name>/:
     disk.qcow2     copy-on-write overlay on the cached image (a fresh one in a second)
     os, image      the flavour and the image folder the disk was made from
     console.log    serial console since QEMU started (console.log.1: the run before)
     known_hosts    [127.0.0.1]:PORT ssh-ed25519 ..., read from the console: host keys
                    are verified like for a real VM, never trusted on first use
-    qemu.pid, port, accel, qemu.log, monitor.sock: see tasks/sandbox_qemu.py
+    qemu.pid, port, accel, qemu.log, monitor.sock: see tasks/sandbox/qemu.py
 Environment: NG_SANDBOX_ACCEL (auto | tcg | kvm), NG_SANDBOX_DIR (moves .sandbox/),
 XDG_CACHE_HOME and NG_SANDBOX_MIRROR (image cache and Debian mirror).
 """
@@ -26,11 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from invoke import Collection, Exit, task
-
-from tasks import sandbox_image as image
-from tasks import sandbox_qemu as vm
-from tasks.sandbox_qemu import HOST, state_dir
+from tasks.sandbox import image, qemu
+from tasks.sandbox.qemu import HOST, state_dir
 
 SANDBOX_USER = "ubuntu"
 KVM_PROBE_SECONDS = 60  # under KVM the host key shows in a few seconds
@@ -103,19 +100,19 @@ def _locked(name: str):
 
 
 def status(name: str = "default") -> str:
-    d, running = state_dir(name), vm.pid(name) is not None
-    port = vm.read(d / "port")
+    d, running = state_dir(name), qemu.pid(name) is not None
+    port = qemu.read(d / "port")
     return classify(
-        (d / "disk.qcow2").exists(), running, running and port.isdigit() and vm.banner(int(port))
+        (d / "disk.qcow2").exists(), running, running and port.isdigit() and qemu.banner(int(port))
     )
 
 
 def target(name: str = "default") -> dict:
     d = state_dir(name)
-    if vm.pid(name) is None or not (d / "known_hosts").exists():
+    if qemu.pid(name) is None or not (d / "known_hosts").exists():
         raise RuntimeError(f"sandbox {name} is not up: run `inv sandbox.up`")
     return {
-        "host": HOST, "port": int(vm.read(d / "port")), "user": SANDBOX_USER,
+        "host": HOST, "port": int(qemu.read(d / "port")), "user": SANDBOX_USER,
         "key_filename": str(image.ssh_key()), "known_hosts": str(d / "known_hosts"),
     }  # fmt: skip
 
@@ -127,12 +124,12 @@ def ssh_argv(name: str = "default", command: str | None = None) -> list[str]:
 
 def _check_alive(name: str) -> None:
     d = state_dir(name)
-    if vm.pid(name) is None or "KVM internal error" in vm.read(d / "qemu.log"):
+    if qemu.pid(name) is None or "KVM internal error" in qemu.read(d / "qemu.log"):
         time.sleep(0.5)  # QEMU's last words may land in its log just after it exits
-        child = vm._children.get(int(vm.read(d / "qemu.pid") or 0))
+        child = qemu._children.get(int(qemu.read(d / "qemu.pid") or 0))
         raise RuntimeError(
             f"sandbox {name}: QEMU stopped (exit {child.poll() if child else '?'})\n"
-            f"{vm.tail(d / 'qemu.log')}\n{vm.tail(d / 'console.log')}"
+            f"{qemu.tail(d / 'qemu.log')}\n{qemu.tail(d / 'console.log')}"
         )
 
 
@@ -141,10 +138,10 @@ def _wait_hostkey(name: str, deadline: float, count: int = 1) -> None:
     d = state_dir(name)
     while time.monotonic() < deadline:
         _check_alive(name)
-        keys = parse_hostkeys(vm.read(d / "console.log"))
+        keys = parse_hostkeys(qemu.read(d / "console.log"))
         if len(keys) >= count:
             (d / "known_hosts").write_text(
-                known_hosts_line(int(vm.read(d / "port")), keys[count - 1])
+                known_hosts_line(int(qemu.read(d / "port")), keys[count - 1])
             )
             return
         time.sleep(0.5)
@@ -172,9 +169,9 @@ def _wait_ssh(name: str, deadline: float) -> None:
 
 
 def _boot(name: str, img: Path, deadline: float) -> None:
-    accel = vm.choose_accel()
+    accel = qemu.choose_accel()
     if accel == "kvm-probe":
-        vm.start(name, img, "kvm")
+        qemu.start(name, img, "kvm")
         try:
             _wait_hostkey(name, min(deadline, time.monotonic() + KVM_PROBE_SECONDS))
             verdict = "ok"
@@ -186,13 +183,13 @@ def _boot(name: str, img: Path, deadline: float) -> None:
                 f"sandbox: KVM does not work here ({str(err).splitlines()[0]}); using TCG",
                 file=sys.stderr,
             )
-            vm.kill(name)
-        vm.kvm_marker().parent.mkdir(parents=True, exist_ok=True)
-        vm.kvm_marker().write_text(verdict + "\n")
+            qemu.kill(name)
+        qemu.kvm_marker().parent.mkdir(parents=True, exist_ok=True)
+        qemu.kvm_marker().write_text(verdict + "\n")
         if verdict == "ok":
             return
         accel = "tcg"
-    vm.start(name, img, accel)
+    qemu.start(name, img, accel)
     _wait_hostkey(name, deadline)
 
 
@@ -204,9 +201,9 @@ def _image_for(name: str, os_flavour: str) -> Path:
     """The image a sandbox boots: the one its disk was made from while that still exists (a
     disk outlives a recipe change, like a VM's), else the current one, built if missing."""
     d = state_dir(name)
-    made_from = Path(vm.read(d / "image") or "/nonexistent")
+    made_from = Path(qemu.read(d / "image") or "/nonexistent")
     if (d / "disk.qcow2").exists():
-        if vm.read(d / "os") == os_flavour and (made_from / "disk.img").exists():
+        if qemu.read(d / "os") == os_flavour and (made_from / "disk.img").exists():
             if made_from != image.image_dir(os_flavour):
                 print(f"sandbox {name}: runs an older image; --fresh moves it to the current one")
             return made_from
@@ -223,7 +220,7 @@ def ensure_up(
         if fresh:
             down(name, destroy=True)
         d = state_dir(name)
-        if vm.pid(name) is None:
+        if qemu.pid(name) is None:
             img = _image_for(name, os_flavour)  # a build takes minutes, once: not in timeout
             started = time.monotonic()
             if not (d / "disk.qcow2").exists():
@@ -232,19 +229,20 @@ def ensure_up(
                 (d / "os").write_text(os_flavour + "\n")
                 (d / "image").write_text(f"{img}\n")
             _boot(name, img, started + timeout)
-        elif vm.read(d / "os") != os_flavour:
+        elif qemu.read(d / "os") != os_flavour:
             raise RuntimeError(
-                f"sandbox {name} runs {vm.read(d / 'os')}, not {os_flavour}: "
+                f"sandbox {name} runs {qemu.read(d / 'os')}, not {os_flavour}: "
                 f"`inv sandbox.up --name {name} --os {os_flavour} --fresh` replaces it"
             )
         elif status(name) == "up" and (d / "known_hosts").exists():
             return target(name)
         else:  # booting, started by another process: wait for the current boot
             started = time.monotonic()
-            boots = len(parse_hostkeys(vm.read(d / "console.log")))
+            boots = len(parse_hostkeys(qemu.read(d / "console.log")))
             _wait_hostkey(name, started + timeout, boots or 1)
         _wait_ssh(name, started + timeout)
-        took, accel, port = time.monotonic() - started, vm.read(d / "accel"), vm.read(d / "port")
+        took = time.monotonic() - started
+        accel, port = qemu.read(d / "accel"), qemu.read(d / "port")
         print(f"sandbox {name}: up in {took:.1f} s ({accel}, ssh port {port})")
         return target(name)
 
@@ -252,17 +250,17 @@ def ensure_up(
 def down(name: str = "default", destroy: bool = False) -> None:
     """Stops QEMU: `systemctl poweroff`, then ACPI power button, then kill. destroy: drop disk."""
     with _locked(name):
-        if vm.pid(name) is not None and destroy:
-            vm.monitor(name, "quit")  # the disk is thrown away: no clean shutdown needed
-        elif vm.pid(name) is not None:
+        if qemu.pid(name) is not None and destroy:
+            qemu.monitor(name, "quit")  # the disk is thrown away: no clean shutdown needed
+        elif qemu.pid(name) is not None:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 subprocess.run(
                     ssh_argv(name, "sudo -n systemctl poweroff"), capture_output=True, timeout=30
                 )
-            if not vm.wait_gone(name, 60):
-                vm.monitor(name, "system_powerdown")
-        if not vm.wait_gone(name, 30):
-            vm.kill(name)
+            if not qemu.wait_gone(name, 60):
+                qemu.monitor(name, "system_powerdown")
+        if not qemu.wait_gone(name, 30):
+            qemu.kill(name)
         if destroy:
             shutil.rmtree(state_dir(name), ignore_errors=True)
 
@@ -270,7 +268,7 @@ def down(name: str = "default", destroy: bool = False) -> None:
 def reboot(name: str = "default", timeout: float = 300) -> None:
     """Reboots the guest and waits until ssh answers again."""
     with _locked(name):
-        boots = len(parse_hostkeys(vm.read(state_dir(name) / "console.log")))
+        boots = len(parse_hostkeys(qemu.read(state_dir(name) / "console.log")))
         started = time.monotonic()
         with contextlib.suppress(subprocess.TimeoutExpired):  # the connection may just drop
             subprocess.run(
@@ -281,60 +279,3 @@ def reboot(name: str = "default", timeout: float = 300) -> None:
         print(f"sandbox {name}: rebooted in {time.monotonic() - started:.1f} s")
 
 
-NAME_HELP = "sandbox name (default: default); several can run at once"
-TIMEOUT_HELP = "seconds to wait for ssh (default 300; an image build comes on top)"
-
-
-@task(
-    help={
-        "name": NAME_HELP,
-        "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4)",
-        "fresh": "throw the sandbox's disk away first",
-        "timeout": TIMEOUT_HELP,
-    }
-)
-def up(c, name="default", os="bookworm", fresh=False, timeout=300):
-    """Boot a sandbox VM (1 GB, 2 vCPUs, Podman), building its image once; wait for ssh."""
-    if not fresh and status(name) == "up":
-        print(f"sandbox {name}: already up (ssh port {target(name)['port']})")
-        return
-    try:
-        ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout))
-    except (ValueError, RuntimeError, TimeoutError) as err:
-        raise Exit(f"sandbox.up: {err}", code=1) from None
-
-
-@task(name="down", help={"name": NAME_HELP, "destroy": "also remove the sandbox's disk and state"})
-def down_task(c, name="default", destroy=False):
-    """Shut a sandbox VM down (clean poweroff, killed after a timeout)."""
-    down(name, destroy=destroy)
-
-
-@task(name="status", help={"name": NAME_HELP})
-def status_task(c, name="default"):
-    """Print one of: absent, down, booting, up (up: ssh answers)."""
-    print(status(name))
-
-
-@task(help={"name": NAME_HELP, "command": "run this one command and exit with its exit code"})
-def ssh(c, name="default", command=None):
-    """Open a shell as ubuntu on a sandbox VM, or run one command."""
-    try:
-        argv = ssh_argv(name, command)
-    except RuntimeError as err:
-        raise Exit(str(err), code=2) from None
-    rc = subprocess.call(argv)
-    if rc:
-        raise Exit(code=rc)
-
-
-@task(name="reboot", help={"name": NAME_HELP, "timeout": TIMEOUT_HELP})
-def reboot_task(c, name="default", timeout=300):
-    """Reboot a sandbox VM and wait until ssh is back."""
-    try:
-        reboot(name, timeout=float(timeout))
-    except (RuntimeError, TimeoutError) as err:
-        raise Exit(f"sandbox.reboot: {err}", code=1) from None
-
-
-ns = Collection("sandbox", up, down_task, status_task, ssh, reboot_task)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import secrets as random_names
 
-from tasks import commands as cmd
 from tasks.config import Settings
-from tasks.facts import call, unit_path
-from tasks.plan import Desired
-from tasks.remote import Remote
-from tasks.sync import Delta, delta_tarball
+from tasks.deploy import commands as cmd
+from tasks.deploy.facts import call, unit_path
+from tasks.deploy.plan import Desired
+from tasks.deploy.remote import Remote
+from tasks.deploy.sync import Delta, delta_tarball
 
 
 def podman_at_least(facts: dict, wanted: tuple[int, int]) -> bool:

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from tasks.config import ConfigError, Settings, parse_duration, parse_size
+from tasks.config import Settings, parse_duration, parse_size
+from tasks.errors import ConfigError
 
 SERVICE = "nightguard"
 REQUIRED_KEYS = ("container_name", "volumes", "mem_limit", "mem_reservation", "memswap_limit",
