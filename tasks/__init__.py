@@ -9,13 +9,13 @@
 from invoke import Collection
 
 from tasks import show_config
-from tasks.deploy import deploy, health, secrets, steps
+from tasks.deploy import deploy, health, history, secrets, steps
 from tasks.gcp import tasks as vm
 from tasks.sandbox import tasks as sandbox
 
 ns = Collection()
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
-                    steps.sync, steps.rollback):
+                    steps.sync, history.rollback, history.history):
     ns.add_task(module_task)
 for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns):
     ns.add_collection(collection)

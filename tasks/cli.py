@@ -13,10 +13,7 @@ from typing import Any
 from invoke.exceptions import Exit
 
 from tasks.config import Settings, load_settings
-from tasks.errors import ConfigError, StepFailed
-
-EXIT_CONFIG = 2  # bad input: nothing on the host was touched
-EXIT_STEP = 1  # a step on the host failed
+from tasks.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_STEP, ConfigError, StepFailed
 
 TARGET_HELP = {
     "target": "sandbox, ssh or gcp (default from invoke.yaml / NIGHTGUARD_TARGET)",
@@ -45,5 +42,7 @@ def one_line_errors(func):
             raise Exit(f"error: {exc}", code=EXIT_CONFIG) from None
         except StepFailed as exc:
             raise Exit(f"error: {exc}", code=EXIT_STEP) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -55,13 +55,23 @@ DEFAULTS: dict[str, Any] = {
         "credentials_file": "",
         "api_endpoint": "",
     },
-    "app_dir": "/home/ubuntu/97layerOS",
+    "app_dir": "/home/ubuntu/97layerOS",  # the agent's code, mounted read-only at /app
+    "data_dir": "/home/ubuntu/97layerOS-data",  # the agent's only writable dir, at /data
     "source_dir": ".",
+    # what travels to app_dir: declared, not guessed (see tasks/deploy/sync.py)
+    "sync": {
+        "include": ["execution", "directives", "knowledge", "deployment"],
+        "exclude": [],
+        "allow": [],
+    },
     "container_name": "97layer-nightguard",
     "image_name": "localhost/nightguard",
     "base_image": "docker.io/library/python:3.11-slim",
     "agent_command": "",
     "rootless": False,
+    # the agent's network: auto = slirp4netns on Podman 4, pasta on Podman 5 (user-mode
+    # stacks: no iptables rules per start, no way to the host's loopback); or bridge, host
+    "network": "auto",
     "compose_file": "deployment/podman-compose.nightguard.yml",
     "env_file": ".env",
     "keep_images": 3,
@@ -89,11 +99,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 TARGETS = ("sandbox", "ssh", "gcp")
+NETWORKS = ("auto", "slirp4netns", "pasta", "bridge", "host")
 SANDBOX_BASE_IMAGE = "localhost/nightguard-base:latest"
 SANDBOX_OS = ("bookworm", "trixie")
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 _SECRET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Podman's grammar for names; nothing else may reach a unit file or an argv.
+_CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_NAME = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+_IMAGE_REF = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+_HOST_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+/?$")  # no spaces, ':' or ',' (volume syntax)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -154,6 +173,12 @@ def _coerce(raw: Any, default: Any, where: str, key: str) -> Any:
             if not isinstance(raw, Mapping):
                 raise ValueError("expected a mapping")
             return {str(k): str(v) for k, v in raw.items()}
+        if isinstance(default, list):
+            if isinstance(raw, str):  # from the environment: comma-separated
+                raw = [part.strip() for part in raw.split(",") if part.strip()]
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise ValueError("expected a list of strings")
+            return list(raw)
         return "" if raw is None else str(raw)
     except ValueError as exc:
         raise ConfigError(f"{where}: nightguard.{key}: {exc}") from None
@@ -268,6 +293,8 @@ def validate(settings: Settings) -> None:
 
     if settings["target"] not in TARGETS:
         fail("target", f"{settings['target']!r} is not one of {', '.join(TARGETS)}")
+    if settings["network"] not in NETWORKS:
+        fail("network", f"{settings['network']!r} is not one of {', '.join(NETWORKS)}")
     if settings["sandbox.os"] not in SANDBOX_OS:
         fail("sandbox.os", f"{settings['sandbox.os']!r} is not one of {', '.join(SANDBOX_OS)}")
     sizes = {}
@@ -300,8 +327,33 @@ def validate(settings: Settings) -> None:
                 "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images"):
         if settings[key] < 1:
             fail(key, "must be at least 1")
-    if not settings["app_dir"].startswith("/"):
-        fail("app_dir", f"{settings['app_dir']!r} is not an absolute path")
+    for key in _string_keys(settings.values):
+        if _CONTROL.search(str(settings[key])):
+            fail(key, "contains a control character (a newline, a tab...)")
+    for key in ("app_dir", "data_dir"):
+        path = settings[key]
+        if not _HOST_PATH.match(path) or "/../" in path + "/" or "/./" in path + "/":
+            fail(key, f"{path!r} is not a plain absolute path (letters, digits, . _ - @ +)")
+        if path.rstrip("/") in ("", "/etc", "/usr", "/var", "/root", "/home", "/boot"):
+            fail(key, f"{path!r} is a system directory")
+    if settings["app_dir"].rstrip("/") == settings["data_dir"].rstrip("/") or \
+            settings["data_dir"].startswith(settings["app_dir"].rstrip("/") + "/") or \
+            settings["app_dir"].startswith(settings["data_dir"].rstrip("/") + "/"):
+        fail("data_dir", "must be apart from app_dir (the agent writes one, reads the other)")
+    if not _CONTAINER_NAME.match(settings["container_name"]):
+        fail("container_name", f"{settings['container_name']!r} is not a valid container "
+             "name (letters, digits, _ . -; starting with a letter or digit)")
+    if not _IMAGE_NAME.match(settings["image_name"]):
+        fail("image_name", f"{settings['image_name']!r} is not a valid image name without "
+             "a tag (e.g. localhost/nightguard)")
+    if not _IMAGE_REF.match(settings["base_image"]):
+        fail("base_image", f"{settings['base_image']!r} is not a valid image reference")
+    for key in ("sync.include", "sync.exclude", "sync.allow"):
+        for item in settings[key]:
+            if not item or item.startswith("/") or ".." in item.split("/"):
+                fail(key, f"{item!r} must be a relative path inside source_dir")
+    if not settings["sync.include"]:
+        fail("sync.include", "lists nothing to sync")
     if settings["target"] == "ssh" and not settings["ssh.host"]:
         fail("ssh.host", "is required when target is ssh")
     if settings["target"] == "gcp" and not settings["gcp.project"]:
@@ -313,6 +365,17 @@ def validate(settings: Settings) -> None:
             fail("secrets", f"{name!r} is not a valid secret name (lower case, digits, _)")
         if not _ENV_KEY.match(env_key):
             fail("secrets", f"{env_key!r} is not a valid .env key")
+
+
+def _string_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key != "secrets":
+            keys += _string_keys(value, dotted + ".")
+        elif isinstance(value, str):
+            keys.append(dotted)
+    return keys
 
 
 def redacted_tree(settings: Settings) -> dict[str, Any]:

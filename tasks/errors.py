@@ -6,6 +6,7 @@ prints it as ``error: ...`` and exits with the code below, never with a tracebac
 
 EXIT_STEP = 1  # a step on the host failed (the host may have changed; the audit says how)
 EXIT_CONFIG = 2  # bad input: nothing on the host was touched
+EXIT_INTERRUPTED = 130  # Ctrl-C: the host side records the task as interrupted
 
 
 class ConfigError(Exception):

@@ -1,112 +1,94 @@
-"""Operations: each function changes one thing on the host, only when the plan says so.
+"""Operations: each function changes one thing on the host, through the task's session.
 
-The orchestrator (``tasks.deploy``) decides order, locking and rollback; these functions
-only translate a planned change into commands for the one ``Remote``.
+The tasks (deploy, rollback, secrets, single steps) decide order and outcome; these turn a
+planned change into calls to the host helper, with a step line each. "Recreate the
+container and wait until it is healthy" and "bring a recorded release back" are written
+here once and used by every task that needs them.
 """
 
 from __future__ import annotations
 
-import secrets as random_names
-
 from tasks.config import Settings
 from tasks.deploy import commands as cmd
-from tasks.deploy.facts import call, unit_path
-from tasks.deploy.plan import Desired
-from tasks.deploy.remote import Remote
-from tasks.deploy.sync import Delta, delta_tarball
+from tasks.deploy.envfile import SecretValues
+from tasks.deploy.plan import Desired, Plan, build_needs_network, limit_drift
+from tasks.deploy.session import HostSession
+from tasks.deploy.sync import delta_tarball
+
+BUILD_TIMEOUT = 1800
+INSTALL_TIMEOUT = 1800
 
 
-def podman_at_least(facts: dict, wanted: tuple[int, int]) -> bool:
-    version = facts.get("podman") or "0.0"
-    try:
-        major, minor = (int(p) for p in version.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= wanted
+def provision(host: HostSession, packages: list[str]) -> None:
+    with host.remote.step("host", f"installing {', '.join(packages)} (apt-get)"):
+        host.call("provision", step="provision", packages=packages, timeout=INSTALL_TIMEOUT)
 
 
-def setup_swap(remote: Remote, settings: Settings) -> None:
-    script = cmd.swap_script(settings.size("limits.swap_size"), settings["limits.swappiness"])
-    remote.run(cmd.sudo(["sh", "-c", script]), step="host.swap")
+def setup_swap(host: HostSession, settings: Settings) -> None:
+    with host.remote.step("host.swap", settings["limits.swap_size"]):
+        host.call("swap", step="swap", size=settings.size("limits.swap_size"),
+                  swappiness=settings["limits.swappiness"])
 
 
-def remove_env_file(remote: Remote, settings: Settings) -> None:
-    remote.run(cmd.sudo(["rm", "-f", f"{settings['app_dir']}/.env"]), step="host.env")
+def remove_env_file(host: HostSession) -> None:
+    with host.remote.step("host.env", "removing a plain-text .env from the app dir"):
+        host.call("rm_env", step="remove .env")
 
 
-def sync_code(remote: Remote, settings: Settings, desired: Desired, delta: Delta) -> dict:
-    tarball = ""
-    if delta.changed:
-        data = delta_tarball(settings.path("source_dir"), delta.changed)
-        tarball = f"/tmp/nightguard-delta-{random_names.token_hex(6)}.tar.gz"
-        remote.put(data, tarball, step="sync")
-    return call(remote, settings, "sync", step="sync", changes=True, tarball=tarball,
-                files=list(delta.changed), delete=list(delta.deleted),
-                all_files=sorted(desired.manifest))
+def sync_code(host: HostSession, settings: Settings, desired: Desired, plan: Plan) -> None:
+    detail = plan.delta.describe() + (f", {len(plan.links)} link(s) removed" if plan.links
+                                      else "")
+    with host.remote.step("sync", detail):
+        data = delta_tarball(settings.path("source_dir"), plan.delta.changed) \
+            if plan.delta.changed else None
+        host.call("sync", step="sync", data=data, files=list(plan.delta.changed),
+                  delete=list(plan.delta.deleted), links=plan.links,
+                  all_files=sorted(desired.manifest))
 
 
-def push_secrets(remote: Remote, settings: Settings, facts: dict, names: list[str],
-                 values: dict[str, str]) -> None:
-    rootful = not settings["rootless"]
-    replace = podman_at_least(facts, (4, 7))
-    for name in names:
-        if not replace and name in facts.get("secrets", {}):
-            remote.run(cmd.secret_rm(name, rootful=rootful), step=f"secrets.{name}")
-        remote.run(cmd.secret_create(name, replace=replace and name in facts.get("secrets", {}),
-                                     rootful=rootful),
-                   step=f"secrets.{name}", stdin=values[name])
+def push_secrets(host: HostSession, names: list[str], values: dict[str, str]) -> dict[str, str]:
+    """Each value goes inside the session (never an argv); the value it replaces is kept
+    on the host for rollbacks. Returns the digests the host recorded."""
+    recorded = {}
+    with host.remote.step("secrets", ", ".join(names)):
+        for name in names:
+            answer = host.call("secret_put", step=f"secret {name}", name=name,
+                               data=values[name].encode(), podman=host.podman)
+            recorded[name] = answer.get("digest", "")
+    return recorded
 
 
-def build_image(remote: Remote, settings: Settings, desired: Desired) -> None:
+def build_image(host: HostSession, settings: Settings, desired: Desired) -> None:
     context = f"{settings['app_dir']}/deployment"
-    remote.run(cmd.image_build(desired.image_ref, f"{context}/Dockerfile.nightguard", context,
-                               settings["base_image"], rootful=not settings["rootless"]),
-               step="image", timeout=1800)
+    argv = cmd.image_build(desired.image_ref, f"{context}/Dockerfile.nightguard", context,
+                           settings["base_image"], build_needs_network(settings))
+    with host.remote.step("image", desired.image_ref):
+        host.call("run", step="image", argv=argv, timeout=BUILD_TIMEOUT, on_interrupt="kill")
 
 
-def install_unit(remote: Remote, settings: Settings, unit_text: str) -> None:
-    rootful = not settings["rootless"]
-    path = unit_path(settings, remote.target.user)
-    if not rootful:
-        remote.run(["mkdir", "-p", path.rsplit("/", 1)[0]], step="unit")
-        remote.run(["loginctl", "enable-linger", remote.target.user], step="unit")
-    # One remote command: every process start costs on a small VM.
-    remote.run(cmd.sudo(cmd.install_unit(path, cmd.unit_name(settings["container_name"]),
-                                         rootful=rootful), rootful),
-               step="unit", stdin=unit_text)
+def install_unit(host: HostSession, unit_text: str) -> None:
+    with host.remote.step("unit"):
+        host.call("install_unit", step="unit", text=unit_text)
 
 
-def restart_container(remote: Remote, settings: Settings) -> None:
-    remote.run(cmd.systemctl("restart", cmd.unit_name(settings["container_name"]),
-                             rootful=not settings["rootless"]), step="container", timeout=360)
+def write_markers(host: HostSession, text: str) -> None:
+    host.call("write_file", step="markers", key="markers", text=text)
 
 
-def limit_drift(settings: Settings, container: dict, cgroup: dict) -> list[str]:
-    """Differences between the limits asked for and those really in force."""
-    memory = settings.size("limits.memory")
-    swap_total = settings.size("limits.memory_swap")
-    wanted = {"memory": memory, "memory_swap": swap_total,
-              "memory_reservation": settings.size("limits.memory_reservation"),
-              "nano_cpus": int(float(settings["limits.cpus"]) * 1e9)}
-    drift = [f"{key} is {container.get(key)} (want {value})" for key, value in wanted.items()
-             if container.get(key) != value]
-    if cgroup.get("swap") not in (None, "") and cgroup.get("memory") is not None:
-        if cgroup["memory"] != str(memory):
-            drift.append(f"cgroup memory.max is {cgroup['memory']} (want {memory})")
-        if cgroup["swap"] != str(swap_total - memory):
-            drift.append(f"cgroup memory.swap.max is {cgroup['swap']} "
-                         f"(want {swap_total - memory})")
-    elif cgroup.get("memsw") is not None and cgroup["memsw"] != str(swap_total):
-        drift.append(f"cgroup memory.memsw.limit_in_bytes is {cgroup['memsw']} "
-                     f"(want {swap_total})")
-    return drift
+def restart(host: HostSession, settings: Settings) -> None:
+    argv = cmd.systemctl("restart", cmd.unit_name(settings["container_name"]),
+                         rootful=not settings["rootless"])
+    with host.remote.step("container", "restart"):
+        # left to finish when the client goes away: systemd completes it anyway
+        host.call("run", step="restart", argv=argv, timeout=360, on_interrupt="finish")
 
 
-def wait_healthy(remote: Remote, settings: Settings) -> dict:
+def wait_healthy(host: HostSession, settings: Settings) -> dict:
     """Verify the limits in force, then wait for healthy; returns the gate's answer."""
     deadline = settings["health.deadline"]
-    answer = call(remote, settings, "gate", step="health", changes=False,
-                  deadline=deadline, timeout=deadline + 60)
+    with host.remote.step("health", f"deadline {deadline}s"):
+        answer = host.call("gate", step="health", changes=False, record=True,
+                           deadline=deadline, timeout=deadline + 60)
     if answer.get("container") and answer.get("cgroup") is not None:
         drift = limit_drift(settings, answer["container"], answer.get("cgroup") or {})
         if drift:
@@ -115,11 +97,66 @@ def wait_healthy(remote: Remote, settings: Settings) -> dict:
     return answer
 
 
-def prune_images(remote: Remote, settings: Settings, facts: dict, keep: set[str]) -> int:
+def recreate_and_wait(host: HostSession, settings: Settings, unit_text: str,
+                      markers_text: str, *, unit_changed: bool = True) -> dict:
+    """Markers, unit, restart, health gate: the one way a container is (re)made."""
+    host.call("dirs", step="dirs", record=False)
+    write_markers(host, markers_text)
+    if unit_changed:
+        install_unit(host, unit_text)
+    restart(host, settings)
+    return wait_healthy(host, settings)
+
+
+def restore_release(host: HostSession, settings: Settings, release: dict, *,
+                    code: str | None) -> dict:
+    """Bring a recorded release back: code (``code`` = "last-sync" for the files this run
+    replaced, a version for its kept snapshot, None to leave it), the secret values it
+    ran with, its unit and markers; then restart and gate."""
+    with host.remote.step("rollback", release["version"]):
+        if code == "last-sync":
+            host.call("restore_code", step="restore code")
+        elif code:
+            host.call("restore_code", step="restore code", version=code)
+        restored = host.call("secret_restore", step="restore secrets",
+                             digests=release.get("secrets") or {}, podman=host.podman)
+    if restored.get("missing"):
+        print(f"  ! the values of {', '.join(restored['missing'])} for {release['version']} "
+              "are no longer kept: the current ones stay", file=host.remote.out)
+    return recreate_and_wait(host, settings, release["unit_text"], release["markers_text"])
+
+
+def prune_images(host: HostSession, settings: Settings, facts: dict, keep: set[str]) -> int:
     stale = [f"{settings['image_name']}:{tag}" for tag in facts.get("image_tags", [])
              if tag not in keep]
     if stale:
-        remote.run(cmd.image_rm(stale, rootful=not settings["rootless"]), step="prune",
-                   check=False)
+        host.call("run", step="prune", argv=cmd.image_rm(stale), timeout=300, check=False,
+                  record=False)
     return len(stale)
 
+
+def report_unhealthy(remote, values: SecretValues, answer: dict) -> None:
+    print(f"  ! {values.redact(answer.get('reason', 'not healthy'))}", file=remote.out)
+    for entry in (answer.get("container") or {}).get("health_log", []):
+        print(f"    health check (exit {entry['exit']}): {values.redact(entry['output'].strip())}",
+              file=remote.out)
+    for line in values.redact(answer.get("logs", "")).splitlines()[-20:]:
+        print(f"    log: {line}", file=remote.out)
+
+
+def record_release(host: HostSession, settings: Settings, facts: dict, release: dict,
+                   outcome: str, audit: dict) -> None:
+    """A release passed its gate: keep it (code snapshot, secret values, image) for
+    rollbacks, forget what no kept release needs, and write the audit line."""
+    state = dict(facts.get("state") or {})
+    older = [h for h in state.get("history") or [] if h.get("version") != release["version"]]
+    history = [release, *older][:settings["keep_images"]]
+    kept = [h["version"] for h in history]
+    host.call("snapshot", step="snapshot", version=release["version"], keep=kept,
+              record=False)
+    host.call("secret_forget", step="secrets", record=False,
+              keep={name: [h["secrets"][name] for h in history if name in h.get("secrets", {})]
+                    for name in settings.secret_names})
+    prune_images(host, settings, facts, {h.get("image_tag") or h["image"].rsplit(":", 1)[1]
+                                         for h in history})
+    host.finish(outcome, state={"history": history, "verified": release["version"]}, **audit)

@@ -1,7 +1,8 @@
 """Pure builders: each returns the argv list (or file text) for one thing to do on a host.
 
-Nothing here connects anywhere; ``tasks.remote`` runs what these return. Unit tests
-compare the lists. A new Podman flag touches this file and its test only.
+Nothing here connects anywhere: the host helper runs what these return (sent by
+``tasks.deploy.apply`` through ``tasks.deploy.session``). Unit tests compare the lists.
+A new Podman flag touches this file and its test only.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-STATE_DIR = "/var/lib/nightguard"
+STATE_DIR = "/var/lib/nightguard"  # the host helper's default; root only
+ROOTLESS_STATE_DIR = "%h/.local/state/nightguard"  # as a systemd user unit names it
 
 
 def sudo(argv: list[str], rootful: bool = True) -> list[str]:
@@ -34,16 +36,20 @@ def content_hash(*parts: str | bytes, length: int = 12) -> str:
 # -- container spec ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ContainerSpec:
-    """Everything the container is started with. Its hash goes into a label, so the
-    next run can tell whether the running container matches what is wanted."""
+    """Everything the unit starts the container with. Its hash is part of the release's
+    version, which the container carries (``NG_RELEASE_*`` from ``markers_file``), so the
+    next run can tell whether the running container is the one wanted."""
 
     name: str
     image: str
     app_dir: str
+    data_dir: str
+    markers_file: str
     memory: str
     memory_reservation: str
     memory_swap: str
     cpus: float
+    network: str
     secrets: tuple[str, ...]
     health_cmd: str
     health_interval: str
@@ -53,37 +59,46 @@ class ContainerSpec:
     environment: tuple[tuple[str, str], ...] = ()
     command: tuple[str, ...] = ()
     health_on_failure: str = "kill"
-    labels: tuple[tuple[str, str], ...] = field(default=())
 
     def spec_hash(self) -> str:
-        data = {k: v for k, v in self.__dict__.items() if k != "labels"}
-        return content_hash(json.dumps(data, sort_keys=True, default=list))
+        return content_hash(json.dumps(self.__dict__, sort_keys=True, default=list))
+
+
+APP_MOUNT = "/app"
+DATA_MOUNT = "/data"
 
 
 def run_args(spec: ContainerSpec) -> list[str]:
-    """The ``podman run`` flags (after ``run``) for the Night Guard container."""
+    """The ``podman run`` flags (after ``run``) for the Night Guard container.
+
+    The agent is internet-facing and runs an LLM: it gets its code read-only, one
+    writable data dir, no capabilities and no way to gain privileges."""
     argv = [
         "--name", spec.name,
         "--memory", spec.memory,
         "--memory-reservation", spec.memory_reservation,
         "--memory-swap", spec.memory_swap,
         "--cpus", f"{spec.cpus:g}",
-        "--volume", f"{spec.app_dir}:/app:Z",
+        "--network", spec.network,
+        "--volume", f"{spec.app_dir}:{APP_MOUNT}:ro,Z",
+        "--volume", f"{spec.data_dir}:{DATA_MOUNT}:Z,U",
+        "--cap-drop", "all",
+        "--security-opt", "no-new-privileges",
         "--health-cmd", spec.health_cmd,
         "--health-interval", spec.health_interval,
         "--health-timeout", spec.health_timeout,
         "--health-retries", str(spec.health_retries),
         "--health-start-period", spec.health_start_period,
-    ]
+    ]  # fmt: skip
     if spec.health_on_failure:
         argv += ["--health-on-failure", spec.health_on_failure]
     for secret in spec.secrets:
         # File-mounted under /run/secrets: env-type secrets would show in `podman inspect`.
         argv += ["--secret", f"{secret},type=mount,mode=0400,uid=1000"]
-    for key, value in spec.environment:
+    for key, value in (("NG_DATA_DIR", DATA_MOUNT), *spec.environment):
         argv += ["--env", f"{key}={value}"]
-    for key, value in (("nightguard.spec", spec.spec_hash()), *spec.labels):
-        argv += ["--label", f"{key}={value}"]
+    # read when the container is created: what it carries is what it was started with
+    argv += ["--env-file", spec.markers_file]
     argv.append(spec.image)
     argv += list(spec.command)
     return argv
@@ -95,8 +110,8 @@ def unit_name(container: str) -> str:
 
 def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
     """A unit like ``podman generate systemd --new`` writes: every (re)start creates a
-    fresh container, so secrets and code are re-read; Restart=always brings it back after
-    a crash, after --health-on-failure=kill, and after a reboot."""
+    fresh container, so secrets, code and release markers are re-read; Restart=always
+    brings it back after a crash, after --health-on-failure=kill, and after a reboot."""
     run = shlex.join(["/usr/bin/podman", "run", "--cidfile=%t/%n.ctr-id",
                       "--cgroups=no-conmon", "--rm", "--sdnotify=conmon", "--replace",
                       "--detach", *run_args(spec)])
@@ -104,7 +119,8 @@ def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
     remove = "/usr/bin/podman rm --force --ignore --time 10 --cidfile=%t/%n.ctr-id"
     wanted_by = "multi-user.target" if rootful else "default.target"
     # systemd expands % and $ in ExecStart; a literal % or $ in a flag must be doubled.
-    run = run.replace("%", "%%").replace("%%t/%%n", "%t/%n").replace("$", "$$")
+    run = run.replace("%", "%%").replace("%%t/%%n", "%t/%n").replace("%%h/", "%h/")
+    run = run.replace("$", "$$")
     return "\n".join([
         "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
         "[Unit]",
@@ -133,82 +149,36 @@ def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
     ])
 
 
-# -- host set-up --------------------------------------------------------------------------
-def swap_script(size_bytes: int, swappiness: int, path: str = "/swapfile") -> str:
-    """Idempotent swapfile set-up: create only if absent or of the wrong size, mode 600,
-    one fstab line, swappiness persisted."""
-    size_mb = size_bytes // (1024 * 1024)
-    return f"""set -eu
-f={path}
-want={size_bytes}
-if ! swapon --show=NAME --noheadings | grep -qx "$f"; then
-  if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -ne "$want" ]; then
-    rm -f "$f"
-    fallocate -l {size_mb}M "$f" || dd if=/dev/zero of="$f" bs=1M count={size_mb} status=none
-  fi
-  chmod 600 "$f"
-  mkswap "$f" >/dev/null
-  swapon "$f"
-fi
-chmod 600 "$f"
-grep -qE "^$f[[:space:]]" /etc/fstab || echo "$f none swap sw 0 0" >> /etc/fstab
-echo "vm.swappiness={swappiness}" > /etc/sysctl.d/99-nightguard.conf
-sysctl -q -w vm.swappiness={swappiness}
-"""
-
-
-def write_file(path: str, mode: str = "0644") -> list[str]:
-    """Write stdin to ``path`` atomically (temp file, then rename)."""
-    script = f'set -eu; t="$(mktemp {shlex.quote(path)}.XXXXXX)"; cat > "$t"; ' \
-             f'chmod {mode} "$t"; mv -f "$t" {shlex.quote(path)}'
-    return ["sh", "-c", script]
-
-
-def install_unit(path: str, unit: str, *, rootful: bool = True) -> list[str]:
-    """Write the unit from stdin, reload systemd and enable the unit, in one command."""
-    user = "" if rootful else " --user"
-    script = write_file(path)[2] + f"; systemctl{user} daemon-reload; " \
-        f"systemctl{user} enable --quiet {shlex.quote(unit)}"
-    return ["sh", "-c", script]
+def markers_text(markers: dict[str, str]) -> str:
+    """The release markers file the unit hands to ``podman run --env-file``."""
+    return "".join(f"{key}={markers[key]}\n" for key in sorted(markers))
 
 
 def systemctl(*args: str, rootful: bool = True) -> list[str]:
-    if rootful:
-        return sudo(["systemctl", *args])
-    return ["systemctl", "--user", *args]
+    return ["systemctl", *args] if rootful else ["systemctl", "--user", *args]
 
 
-# -- secrets ------------------------------------------------------------------------------
-def secret_create(name: str, *, replace: bool = False, rootful: bool = True) -> list[str]:
-    """The value is read from stdin ('-'), never passed as an argument."""
-    return podman("secret", "create", *(["--replace"] if replace else []), name, "-",
-                  rootful=rootful)
-
-
-def secret_rm(name: str, *, rootful: bool = True) -> list[str]:
-    return podman("secret", "rm", name, rootful=rootful)
+def bootstrap(code: str, rootful: bool = True) -> list[str]:
+    """The one command a task runs on the host: the helper's bootstrap (see hostlink)."""
+    return sudo(["python3", "-c", code], rootful)
 
 
 # -- images -------------------------------------------------------------------------------
 def image_build(tag: str, dockerfile: str, context: str, base_image: str,
-                *, rootful: bool = True) -> list[str]:
-    # --format docker: the OCI format silently drops HEALTHCHECK.
-    return podman("build", "--format", "docker", "--pull=never" if base_image.startswith(
-        "localhost/") else "--pull=missing", "--file", dockerfile, "--build-arg",
-        f"BASE_IMAGE={base_image}", "--tag", tag, context, rootful=rootful)
+                needs_network: bool = True) -> list[str]:
+    """Runs as the helper's user (root, or the SSH user when rootless): no sudo here.
+    --format docker: the OCI format silently drops HEALTHCHECK. --layers=false: one
+    commit for the whole image, not one per instruction (seconds on a small VM).
+    --network=none when nothing is to be downloaded: faster, and nothing can leak."""
+    pull = "--pull=never" if base_image.startswith("localhost/") else "--pull=missing"
+    network = [] if needs_network else ["--network=none"]
+    return ["podman", "build", "--format", "docker", "--layers=false", pull, *network,
+            "--file", dockerfile, "--build-arg", f"BASE_IMAGE={base_image}", "--tag", tag,
+            context]
 
 
-def image_rm(refs: list[str], *, rootful: bool = True) -> list[str]:
-    return podman("rmi", "--ignore", *refs, rootful=rootful)
-
-
-# -- reading back -------------------------------------------------------------------------
-def inspect_container(name: str, *, rootful: bool = True) -> list[str]:
-    return podman("container", "inspect", name, rootful=rootful)
-
-
-def healthcheck_run(name: str, *, rootful: bool = True) -> list[str]:
-    return podman("healthcheck", "run", name, rootful=rootful)
+def image_rm(refs: list[str]) -> list[str]:
+    return ["podman", "rmi", "--ignore", *refs]
 
 
 def logs(name: str, *, tail: int | None = None, since: str | None = None,

@@ -1,8 +1,11 @@
 """`inv health` and `inv logs`: what the agent is doing, read-only, from the laptop.
 
 `inv health` prints one screen (or ``--json``) and exits 0 only when the container runs,
-is healthy and its limits match the configuration, so cron or CI can alert on it.
-It never changes anything on the host.
+is healthy and its limits match the configuration, so cron or CI can alert on it. The
+restart count is systemd's (NRestarts of the unit), with the last exit reason: Podman's
+own RestartCount is 0 for every fresh container the unit makes. It never changes anything
+on the host. Everything printed passes through the .env values' redaction: an agent that
+prints its token shows "[REDACTED]" here.
 
 Config keys: ``nightguard.limits.*`` (to flag drift), ``nightguard.container_name``.
 """
@@ -19,8 +22,11 @@ from invoke.exceptions import Exit
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.config import Settings
 from tasks.deploy import commands as cmd
-from tasks.deploy.apply import limit_drift
-from tasks.deploy.facts import call
+from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.hostlink import PipeClosed
+from tasks.deploy.plan import SWAPFILE, limit_drift
+from tasks.deploy.session import HostSession
+from tasks.errors import ConfigError
 from tasks.targets import open_remote
 
 EXIT_UNHEALTHY = 3
@@ -36,6 +42,22 @@ def mb(value) -> str:
     return f"{number / 1024**2:.0f}M"
 
 
+def redaction(settings: Settings) -> SecretValues:
+    """The .env values to hide from anything printed; none if .env cannot be read."""
+    try:
+        return load_secret_values(settings)
+    except ConfigError:
+        return SecretValues({})
+
+
+def exit_reason(unit: dict) -> str:
+    code, status = unit.get("ExecMainCode", ""), unit.get("ExecMainStatus", "")
+    if not code and not status:
+        return "-"
+    kind = {"1": "exited", "2": "killed", "3": "dumped"}.get(code, code)
+    return f"{kind} {status}".strip()
+
+
 def summarize(settings: Settings, answer: dict) -> dict:
     """Verdict and the problems behind it, from the host's answer."""
     container = answer.get("container") or {}
@@ -48,9 +70,12 @@ def summarize(settings: Settings, answer: dict) -> dict:
         problems.append(f"health is {container.get('health') or 'unknown'}")
     drift = limit_drift(settings, container, answer.get("cgroup") or {}) if container else []
     problems += [f"drift: {d}" for d in drift]
-    if "/swapfile" not in (answer.get("swaps") or []):
+    if SWAPFILE not in (answer.get("swaps") or []):
         problems.append("swapfile is not active")
-    return {"healthy": not problems, "problems": problems, **answer}
+    unit = answer.get("unit") or {}
+    return {"healthy": not problems, "problems": problems,
+            "restarts": int(unit.get("NRestarts") or 0), "last_exit": exit_reason(unit),
+            **answer}
 
 
 def render(settings: Settings, report: dict) -> str:
@@ -59,21 +84,28 @@ def render(settings: Settings, report: dict) -> str:
     host = report.get("host") or {}
     lock = report.get("lock")
     deployed = report.get("deployed") or {}
+    unit = report.get("unit") or {}
+    last = report.get("last_audit") or {}
     lines = [
         f"Night Guard: {'HEALTHY' if report['healthy'] else 'UNHEALTHY'}",
         f"  container   {settings['container_name']}: {container.get('status', 'absent')}, "
-        f"health {container.get('health') or '-'}, restarts {container.get('restarts', '-')}, "
-        f"started {container.get('started_at', '-')}",
-        f"  unit        {report.get('unit_active', '-')}",
-        f"  version     {deployed.get('version', '-')} ({deployed.get('image', '-')})",
+        f"health {container.get('health') or '-'}",
+        f"  unit        {unit.get('ActiveState', '-')} since "
+        f"{unit.get('ActiveEnterTimestamp') or '-'}; restarts {report.get('restarts', 0)}, "
+        f"last exit {report.get('last_exit', '-')}",
+        f"  release     {deployed.get('version', '-')} ({deployed.get('image', '-')}), "
+        f"running {(container.get('markers') or {}).get('NG_RELEASE_VERSION', '-')}",
         f"  memory      {mb(cgroup.get('memory_usage'))} of {mb(cgroup.get('memory'))} RAM, "
         f"swap {mb(cgroup.get('swap_usage'))} of {mb(cgroup.get('swap', cgroup.get('memsw')))}"
+        f", peak {mb(cgroup.get('memory_peak'))}"
         f"  (want {settings['limits.memory']} / {settings['limits.memory_swap']} RAM+swap)",
         f"  host        RAM {mb(host.get('mem_available'))} free of {mb(host.get('mem_total'))}, "
         f"swap {mb(host.get('swap_free'))} free of {mb(host.get('swap_total'))}, "
         f"disk {mb(host.get('disk_free'))} free",
-        "  lock        " + (f"held by {lock.get('who', '?')} since {lock.get('since', '?')}"
-                             if lock else "free"),
+        "  lock        " + (f"held by {lock.get('who', '?')} ({lock.get('command', '?')}) since "
+                             f"{lock.get('since', '?')}" if lock else "free"),
+        f"  last task   {last.get('command', '-')} {last.get('outcome', '-')} at "
+        f"{last.get('when', '-')}",
     ]
     for entry in container.get("health_log", []):
         output = entry.get("output", "").strip()[:160]
@@ -85,21 +117,24 @@ def render(settings: Settings, report: dict) -> str:
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],
             "json": "print one JSON document instead of the screen",
-            "watch": "refresh every N seconds until interrupted (0: once)"})
+            "watch": "refresh every N seconds until interrupted (0: once)"},
+      auto_shortflags=False)
 @one_line_errors
 def health(c, target=None, host=None, json_=False, watch=0):
-    """Show the agent's health, memory against limits, drift and host state (read-only)."""
+    """Show the agent's health, restarts, memory against limits, drift and host state."""
     settings = settings_for(target, host)
-    with open_remote(settings) as remote:
+    values = redaction(settings)
+    with open_remote(settings, redact=values.redact) as remote, \
+            HostSession(remote, settings, command="health", changing=False) as session:
         while True:
-            answer = call(remote, settings, "health", step="health", changes=False)
+            answer = session.call("health", step="health", changes=False)
             report = summarize(settings, answer)
             if json_:
-                print(json.dumps(report, sort_keys=True, default=str))
+                print(values.redact(json.dumps(report, sort_keys=True, default=str)))
             else:
                 if watch:
                     sys.stdout.write("\033[H\033[2J")
-                print(render(settings, report))
+                print(values.redact(render(settings, report)))
             if not watch:
                 break
             time.sleep(watch)
@@ -109,19 +144,28 @@ def health(c, target=None, host=None, json_=False, watch=0):
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],
             "follow": "keep printing new lines", "since": "e.g. 10m or 2026-11-29T10:00:00",
-            "tail": "number of lines from the end (default 100)"})
+            "tail": "number of lines from the end (default 100)"}, auto_shortflags=False)
 @one_line_errors
 def logs(c, target=None, host=None, follow=False, since=None, tail=100):
-    """Print the agent's logs (podman logs); -f follows."""
+    """Print the agent's logs (.env values redacted); -f follows."""
     settings = settings_for(target, host)
-    with open_remote(settings) as remote:
-        argv = cmd.logs(settings["container_name"], tail=tail, since=since, follow=follow,
-                        rootful=not settings["rootless"])
+    values = redaction(settings)
+    with open_remote(settings, redact=values.redact) as remote:
         if follow:
-            remote.stream(argv, step="logs")
-            return
-        result = remote.run(argv, step="logs", changes=False)
-        sys.stdout.write(result.stdout + result.stderr)
+            argv = cmd.logs(settings["container_name"], tail=tail, since=since, follow=True,
+                            rootful=not settings["rootless"])
+            pipe = remote.open_pipe(argv, step="logs")
+            try:
+                while True:
+                    sys.stdout.write(values.redact(pipe.readline(3600).decode("utf-8",
+                                                                              "replace")))
+                    sys.stdout.flush()
+            except (PipeClosed, TimeoutError):
+                return
+        with HostSession(remote, settings, command="logs", changing=False) as session:
+            answer = session.call("logs", step="logs", changes=False, tail=tail,
+                                  since=since or "")
+    sys.stdout.write(values.redact(answer.get("text", "")))
 
 
 ns = Collection(health, logs)

@@ -1,47 +1,71 @@
-"""Runs ON THE HOST (as root, through ``sudo -n python3``), never imported by the tasks.
+"""Runs ON THE HOST, as root (``sudo -n python3``) or as the SSH user when rootless; never
+imported by the tasks. Standard library only: a host needs nothing but python3, which
+Debian and Ubuntu cloud images ship. It travels as one program (``tasks.deploy.hostlink``
+sends it once and the host keeps it by version), so it stays one file.
 
-The tasks send this file's text and one JSON line of arguments on stdin (so nothing of it
-shows in the host's process list) and read one JSON document back. Standard library only:
-the host needs nothing but python3, which Debian and Ubuntu cloud images ship.
+One process serves one task over the SSH channel's stdin/stdout:
+  in   one JSON line per request {"id", "op", "step", ...}; "data": N means N raw bytes
+       follow the line (a secret value, a tarball): nothing travels in an argv
+  out  {"id", "progress": text} lines while a step runs, then {"id", "ok": true,
+       "result": {...}} or {"id", "ok": false, "error": one line, "tail": [lines]}
+A session that changes the host holds the deploy lock: flock(2) on <state>/lock, which the
+kernel releases when this process ends, however it ends (no stale lock to break, no race
+between two breakers). It writes the audit line itself: the outcome the client reports
+with `finish`, or "interrupted" with the steps that had completed when the client went
+away (Ctrl-C, a cut connection, a SIGTERM from `inv unlock --force`).
 
-Subcommands (``args["op"]``):
-  facts   read the host's state in one round trip; with ``lock`` also take the deploy lock
-  sync    apply an uploaded delta tarball to the app dir, keeping what it replaced
-  restore put back the files the last sync replaced (code rollback)
-  gate    read back the container's effective limits, then wait until it is healthy
-  record  append the audit line, remember the deployed version, release the lock
-  unlock  release the deploy lock
-  health  container, health log, limits in force, host memory, lock: for `inv health`
-  secret_backup / secret_restore / secret_drop_backup
-          keep, put back, forget the last known-good secret values during a rotation
+Files in the app dir are written as root without ever following a symbolic link: every
+path is walked with openat(O_NOFOLLOW) from the app dir's own descriptor, files are
+created O_EXCL under a random name, fchmod/fchown act on the open file, and renameat
+replaces a planted link instead of writing through it. The agent's container cannot write
+the app dir at all (it is mounted read-only); this is the second wall.
+
+Reading the host is cheap by design: facts come from files (Podman's storage JSON, the
+container's OCI config, its pid file and health log, systemd's unit files) and the podman
+CLI is the fallback where a file is not where this Podman keeps it.
+
+Ops: facts provision swap rm_env sync snapshot restore_code secret_put secret_restore
+secret_forget run install_unit write_file gate health logs history finish unlock.
 """
 
 import base64
+import errno
+import fcntl
 import hashlib
+import hmac
+import io
 import json
 import os
 import pwd
+import queue
+import secrets as random
 import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
-STATE = "/var/lib/nightguard"
-LOCK = STATE + "/deploy.lock"
-SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", ".ruff_cache"}
+MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
+KEEP_RELEASES = 10
+COPY_SEP = "__"  # NAME__<digest12>: a kept value of secret NAME
 
 
-def sh(argv, timeout=120):
+# -- small helpers ---------------------------------------------------------------------
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_text(path, limit=None):
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 127, "", str(exc)
-    return done.returncode, done.stdout, done.stderr
-
-
-def podman(args, a, timeout=120):
-    return sh(["podman"] + args, timeout)
+        with open(path, "rb") as handle:
+            data = handle.read() if limit is None else handle.read(limit)
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace").strip()
 
 
 def read_json(path, default):
@@ -52,101 +76,426 @@ def read_json(path, default):
         return default
 
 
-def write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle)
-    os.chmod(tmp, 0o600)
+def write_private(path, data, mode=0o600):
+    """Atomic write of a root-only file in a directory only root can write."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data if isinstance(data, bytes) else data.encode())
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(65536), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_json(path, data):
+    write_private(path, json.dumps(data, sort_keys=True))
 
 
-def manifest(app_dir):
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def version_tuple(text):
+    try:
+        return tuple(int(p) for p in str(text).split("-")[0].split(".")[:2])
+    except ValueError:
+        return (0, 0)
+
+
+def pid_alive(pid):
+    try:
+        return int(pid) > 0 and os.path.exists(f"/proc/{int(pid)}")
+    except (TypeError, ValueError):
+        return False
+
+
+class OpError(Exception):
+    """A step that failed on the host: one line, plus the tail of what the command said."""
+
+    def __init__(self, message, tail=None):
+        super().__init__(message)
+        self.tail = tail or []
+
+
+# -- the session: protocol, lock, journal, audit -----------------------------------------
+def default_paths(a):
+    """Where things are on this host; a test moves any of them with args["paths"]."""
+    unit = a["unit"]
+    if a.get("rootless"):
+        uid, home = os.getuid(), os.path.expanduser("~")
+        state, graph = f"{home}/.local/state/nightguard", f"{home}/.local/share/containers/storage"
+        run, units = f"/run/user/{uid}", f"{home}/.config/systemd/user"
+        runroot, wants = f"/run/user/{uid}/containers", f"{units}/default.target.wants/{unit}"
+    else:
+        state, graph = "/var/lib/nightguard", "/var/lib/containers/storage"
+        run, units = "/run", "/etc/systemd/system"
+        runroot, wants = "/run/containers/storage", f"{units}/multi-user.target.wants/{unit}"
+    paths = {"state": state, "graphroot": graph, "runroot": runroot, "run": run,
+             "unit": f"{units}/{unit}", "unit_wants": wants,
+             "markers": f"{state}/{a['container']}.release.env",
+             "swapfile": "/swapfile", "fstab": "/etc/fstab", "proc_swaps": "/proc/swaps",
+             "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
+             "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
+             "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
+             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers"}
+    paths.update(a.get("paths") or {})
+    return paths
+
+
+class Session:
+    def __init__(self, args, stdin, stdout):
+        self.args = args
+        self.paths = default_paths(args)
+        self.stdin = stdin
+        self.stdout = stdout
+        self.requests = queue.Queue()
+        self.gone = threading.Event()  # the client went away, or we were told to stop
+        self.write_lock = threading.Lock()
+        self.journal = []
+        self.current = None
+        self.lock_fd = None
+        self.finished = False
+        self.changing = args.get("mode") == "change"
+        self.holder = dict(args.get("holder") or {}, pid=os.getpid())
+
+    # protocol -------------------------------------------------------------------------
+    def send(self, message):
+        line = (json.dumps(message, default=str) + "\n").encode()
+        with self.write_lock:
+            try:
+                self.stdout.write(line)
+                self.stdout.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.gone.set()
+
+    def progress(self, request_id, text):
+        self.send({"id": request_id, "progress": text[-500:]})
+
+    def reader(self):
+        """Reads requests (and their data) until EOF; EOF means the client is gone."""
+        try:
+            while True:
+                line = self.stdin.readline()
+                if not line:
+                    break
+                request = json.loads(line)
+                size = int(request.pop("data", 0) or 0)
+                if size:
+                    request["data"] = self.stdin.read(size)
+                    if len(request["data"]) != size:
+                        break
+                self.requests.put(request)
+        except (OSError, ValueError):
+            pass
+        self.gone.set()
+        self.requests.put(None)
+
+    # lock -----------------------------------------------------------------------------
+    def take_lock(self):
+        state = self.paths["state"]
+        path = os.path.join(state, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return {"acquired": False, "held_by": lock_holder(self.paths)}
+        self.lock_fd = fd
+        write_json(os.path.join(state, "lock.json"), self.holder)
+        return {"acquired": True}
+
+    def release_lock(self):
+        if self.lock_fd is not None:
+            try:
+                os.unlink(os.path.join(self.paths["state"], "lock.json"))
+            except OSError:
+                pass
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    # audit ----------------------------------------------------------------------------
+    def audit(self, entry):
+        entry = dict(entry, when=now(), who=self.holder.get("who", "?"),
+                     command=self.holder.get("command", "?"), steps=list(self.journal))
+        path = os.path.join(self.paths["state"], "audit.log")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def close(self):
+        """The end of the session: an audit line unless `finish` wrote one, then unlock."""
+        if self.changing and self.lock_fd is not None and not self.finished:
+            during = self.current
+            self.audit({"outcome": "interrupted",
+                        "version": self.args.get("version"),
+                        "during": during,
+                        "detail": "the client went away before the deploy finished"})
+        self.release_lock()
+
+
+def lock_holder(paths):
+    holder = read_json(os.path.join(paths["state"], "lock.json"), None)
+    if holder is None:
+        return {"who": "unknown", "since": "?", "command": "?"}
+    holder["alive"] = pid_alive(holder.get("pid"))
+    return holder
+
+
+def lock_is_free(paths):
+    path = os.path.join(paths["state"], "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+# -- running programs ------------------------------------------------------------------
+def sh(argv, timeout=120, data=None, env=None):
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, input=data,
+                              env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+    return (done.returncode, done.stdout.decode("utf-8", "replace"),
+            done.stderr.decode("utf-8", "replace"))
+
+
+def run_streaming(session, request_id, argv, timeout, on_interrupt="kill", data=None,
+                  env=None, keep=40):
+    """Runs argv, sends its output as progress, keeps the last lines. When the client
+    goes away the command is killed (a build) or left to finish (a restart), as asked."""
+    full_env = dict(os.environ, **(env or {}))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else
+                                subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=full_env)
+    except OSError as exc:
+        raise OpError(f"{argv[0]}: {exc.strerror or exc}") from None
+    if data is not None:
+        try:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    tail = []
+
+    def pump():
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            tail.append(line)
+            del tail[:-keep]
+            session.progress(request_id, line)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    deadline = time.monotonic() + timeout
+    killed = None
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            killed = f"timed out after {timeout}s"
+        elif session.gone.is_set() and on_interrupt == "kill":
+            killed = "interrupted"
+        if killed:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            break
+        time.sleep(0.1)
+    pumper.join(5)
+    return proc.returncode, tail, killed
+
+
+# -- reading the host --------------------------------------------------------------------
+def os_release(paths):
+    info = {}
+    for line in (read_text(paths["os_release"]) or "").splitlines():
+        key, _, value = line.partition("=")
+        info[key.strip()] = value.strip().strip('"')
+    return {"id": info.get("ID", ""), "version_id": info.get("VERSION_ID", ""),
+            "codename": info.get("VERSION_CODENAME", ""),
+            "like": info.get("ID_LIKE", "").split(), "name": info.get("PRETTY_NAME", "")}
+
+
+TOOLS = {
+    "podman": ["/usr/bin/podman", "/usr/local/bin/podman"],
+    "crun": ["/usr/bin/crun"], "runc": ["/usr/bin/runc", "/usr/sbin/runc"],
+    "conmon": ["/usr/bin/conmon", "/usr/libexec/podman/conmon", "/usr/lib/podman/conmon"],
+    "netavark": ["/usr/lib/podman/netavark", "/usr/libexec/podman/netavark"],
+    "aardvark-dns": ["/usr/lib/podman/aardvark-dns", "/usr/libexec/podman/aardvark-dns"],
+    "cni": ["/usr/lib/cni/bridge", "/opt/cni/bin/bridge"],
+    "iptables": ["/usr/sbin/iptables", "/sbin/iptables"],
+    "nft": ["/usr/sbin/nft", "/sbin/nft"],
+    "newuidmap": ["/usr/bin/newuidmap"],
+    "slirp4netns": ["/usr/bin/slirp4netns"], "pasta": ["/usr/bin/pasta"],
+    "systemctl": ["/usr/bin/systemctl", "/bin/systemctl"],
+    "apt-get": ["/usr/bin/apt-get"],
+}
+
+
+def find_tools(paths):
+    root = paths.get("tool_root", "")
     found = {}
-    for root, dirs, files in os.walk(app_dir):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
-        for name in files:
-            full = os.path.join(root, name)
-            if os.path.islink(full) or not os.path.isfile(full):
-                continue
-            found[os.path.relpath(full, app_dir)] = sha256_file(full)
+    for name, candidates in TOOLS.items():
+        override = shutil.which(name, path=paths["tool_path"]) if paths.get("tool_path") \
+            else None
+        found[name] = override or next((c for c in candidates if os.path.exists(root + c)),
+                                       None)
     return found
 
 
-def session_pid():
-    """The sshd process of this connection: the lock is stale once it is gone."""
-    pid = os.getppid()
-    for _ in range(8):
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)
-            comm = open(f"/proc/{pid}/comm").read().strip()
-        except OSError:
-            return 0
-        if comm.startswith("sshd"):
-            return pid
-        pid = int(fields[1].split()[1])
-    return 0
-
-
-def lock_info():
-    info = read_json(LOCK + "/info.json", None)
-    if info is None:
-        return None if not os.path.isdir(LOCK) else {"holder": "unknown", "since": "?"}
-    pid = info.get("session_pid", 0)
-    info["stale"] = bool(pid) and not os.path.exists(f"/proc/{pid}")
-    return info
-
-
-def take_lock(holder):
-    os.makedirs(STATE, mode=0o700, exist_ok=True)
-    current = lock_info()
-    broke = None
-    if current and current.get("stale"):
-        shutil.rmtree(LOCK, ignore_errors=True)
-        broke = current
-    try:
-        os.mkdir(LOCK, 0o700)
-    except FileExistsError:
-        return {"acquired": False, "held_by": lock_info()}
-    holder = dict(holder, session_pid=session_pid())
-    write_json(LOCK + "/info.json", holder)
-    return {"acquired": True, "broke_stale": broke}
-
-
-def container_facts(a):
-    code, out, _ = podman(["container", "inspect", a["container"]], a)
-    if code != 0:
+def podman_version(session_paths, tools, may_cache):
+    """Podman's version, cached by the binary's identity: a podman process costs ~1 s on
+    a small VM, and the binary only changes when it is upgraded."""
+    binary = tools.get("podman")
+    if not binary:
         return None
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    key = f"{binary}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    cache_path = os.path.join(session_paths["state"], "podman-version.json")
+    cache = read_json(cache_path, {})
+    if cache.get("key") == key:
+        return cache.get("version")
+    code, out, _ = sh([binary, "version", "--format", "{{.Client.Version}}"], 60)
+    version = out.strip() if code == 0 and out.strip() else None
+    if version and may_cache:
+        write_json(cache_path, {"key": key, "version": version})
+    return version
+
+
+def storage_names(paths):
+    """Image names, secret names and container ids from Podman's own JSON files; None for a
+    part whose file is absent or unreadable (the caller then asks the podman CLI)."""
+    images = read_json(os.path.join(paths["graphroot"], "overlay-images", "images.json"),
+                       None)
+    secrets = read_json(os.path.join(paths["graphroot"], "secrets", "secrets.json"), None)
+    containers = read_json(os.path.join(paths["graphroot"], "overlay-containers",
+                                        "containers.json"), None)
+    return images, secrets, containers
+
+
+def list_images(paths, name, images=None):
+    if images is None:
+        images, _, _ = storage_names(paths)
+    if isinstance(images, list):
+        names = [n for image in images for n in image.get("names") or []]
+    else:
+        code, out, _ = sh(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"])
+        names = out.split() if code == 0 else []
+    tags = sorted({n.rsplit(":", 1)[1] for n in names if n.rsplit(":", 1)[0] == name})
+    return names, tags
+
+
+def list_secrets(paths, secrets=None):
+    """Name -> creation time."""
+    if secrets is None:
+        _, secrets, _ = storage_names(paths)
+    if isinstance(secrets, dict) and isinstance(secrets.get("secrets"), dict):
+        return {s.get("name"): s.get("createdAt", "") for s in secrets["secrets"].values()}
+    if not os.path.exists(os.path.join(paths["graphroot"], "secrets")):
+        if secrets is None and os.path.isdir(paths["graphroot"]):
+            return {}
+    code, out, _ = sh(["podman", "secret", "ls", "--noheading", "--format",
+                       "{{.Name}}|{{.CreatedAt}}"])
+    pairs = (line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return {name: created for name, created in pairs} if code == 0 else {}
+
+
+def container_from_files(paths, name, containers):
+    """The container's state from its OCI config, pid file and health log: what crun was
+    really given (env, limits, mounts), without a podman process. None if not found."""
+    entry = next((c for c in containers if name in (c.get("names") or [])), None)
+    if entry is None:
+        return {"absent": True}
+    cid = entry["id"]
+    config = read_json(os.path.join(paths["graphroot"], "overlay-containers", cid,
+                                    "userdata", "config.json"), None)
+    if not isinstance(config, dict):
+        return None
+    run_dir = os.path.join(paths["runroot"], "overlay-containers", cid)
+    pid = read_text(os.path.join(run_dir, "userdata", "pidfile"))
+    alive = pid_alive(pid)
+    if alive:  # pid reuse: the pid must still be in this container's cgroup
+        alive = cid in (read_text(f"/proc/{pid}/cgroup") or cid)
+    health = None
+    for candidate in (os.path.join(run_dir, "healthcheck.log"),
+                      os.path.join(run_dir, "userdata", "healthcheck.log"),
+                      os.path.join(paths["graphroot"], "overlay-containers", cid, "userdata",
+                                   "healthcheck.log")):
+        health = read_json(candidate, None)
+        if health is not None:
+            break
+    resources = (config.get("linux") or {}).get("resources") or {}
+    memory = resources.get("memory") or {}
+    cpu = resources.get("cpu") or {}
+    env = dict(item.split("=", 1) for item in (config.get("process") or {}).get("env", [])
+               if "=" in item)
+    mounts = [{"destination": m.get("destination"), "source": m.get("source"),
+               "options": m.get("options") or []} for m in config.get("mounts") or []]
+    quota, period = cpu.get("quota") or 0, cpu.get("period") or 0
+    return {
+        "id": cid, "running": bool(alive), "pid": int(pid) if alive else 0,
+        "status": "running" if alive else "exited",
+        "image": json.loads(entry.get("metadata") or "{}").get("image-name", ""),
+        "created": entry.get("created"),
+        "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "memory": memory.get("limit", 0), "memory_swap": memory.get("swap", 0),
+        "memory_reservation": memory.get("reservation", 0),
+        "nano_cpus": int(quota * 1e9 // period) if period else 0,
+        "mounts": mounts,
+        "health": (health or {}).get("Status", "") if health is not None else None,
+        "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
+                       for e in ((health or {}).get("Log") or [])[-3:]],
+        "source": "files",
+    }
+
+
+def container_from_podman(name):
+    code, out, _ = sh(["podman", "container", "inspect", name])
+    if code != 0:
+        return {"absent": True}
     data = json.loads(out)[0]
     host, state = data.get("HostConfig", {}), data.get("State", {})
     health = state.get("Health") or state.get("Healthcheck") or {}
+    env = dict(item.split("=", 1) for item in (data.get("Config") or {}).get("Env") or []
+               if "=" in item)
     return {
-        "running": state.get("Running", False),
-        "status": state.get("Status"),
-        "started_at": state.get("StartedAt"),
-        "restarts": data.get("RestartCount", 0),
+        "id": data.get("Id"), "running": state.get("Running", False),
+        "pid": state.get("Pid", 0), "status": state.get("Status"),
+        "image": data.get("ImageName", ""), "created": data.get("Created"),
+        "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "memory": host.get("Memory", 0), "memory_swap": host.get("MemorySwap", 0),
+        "memory_reservation": host.get("MemoryReservation", 0),
+        "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
+                                                     // max(host.get("CpuPeriod", 1), 1)),
+        "mounts": [{"destination": m.get("Destination"), "source": m.get("Source"),
+                    "options": m.get("Options") or []} for m in data.get("Mounts") or []],
         "health": health.get("Status", ""),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in (health.get("Log") or [])[-3:]],
-        "image": data.get("ImageName", ""),
-        "labels": (data.get("Config") or {}).get("Labels") or {},
-        "memory": host.get("Memory", 0),
-        "memory_swap": host.get("MemorySwap", 0),
-        "memory_reservation": host.get("MemoryReservation", 0),
-        "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
-                                                      // max(host.get("CpuPeriod", 1), 1)),
-        "pid": state.get("Pid", 0),
-        "secrets": sorted(x.get("Name", "") for x in (data.get("Config") or {}).get("Secrets")
-                          or data.get("Secrets") or []),
+        "started_at": state.get("StartedAt"),
+        "source": "podman",
     }
+
+
+def container_state(paths, name, want_health=False):
+    _, _, containers = storage_names(paths)
+    found = container_from_files(paths, name, containers) \
+        if isinstance(containers, list) else None
+    if found is None or (want_health and found.get("running") and found.get("health") is None):
+        found = container_from_podman(name)
+    return None if found.get("absent") else found
 
 
 def cgroup_limits(pid):
@@ -163,7 +512,8 @@ def cgroup_limits(pid):
             base = "/sys/fs/cgroup" + path
             for key, name in (("memory", "memory.max"), ("swap", "memory.swap.max"),
                               ("memory_usage", "memory.current"),
-                              ("swap_usage", "memory.swap.current")):
+                              ("swap_usage", "memory.swap.current"),
+                              ("memory_peak", "memory.peak")):
                 limits[key] = read_text(os.path.join(base, name))
         elif "memory" in controllers.split(","):
             base = "/sys/fs/cgroup/memory" + path
@@ -171,14 +521,6 @@ def cgroup_limits(pid):
             limits["memsw"] = read_text(base + "/memory.memsw.limit_in_bytes")
             limits["memory_usage"] = read_text(base + "/memory.usage_in_bytes")
     return limits
-
-
-def read_text(path):
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
 
 
 def host_memory():
@@ -192,294 +534,808 @@ def host_memory():
             "disk_free": disk.free, "disk_total": disk.total}
 
 
-def list_secrets(a):
-    """Name -> creation time. (Podman 4.3 prints the word "json" for --format json here.)"""
-    code, out, _ = podman(["secret", "ls", "--noheading", "--format",
-                           "{{.Name}}|{{.CreatedAt}}"], a)
-    if code != 0:
-        return {}
-    pairs = (line.split("|", 1) for line in out.splitlines() if "|" in line)
-    return {name: created for name, created in pairs}
-
-
-def op_facts(a):
-    facts = {"lock": None}
-    if a.get("lock"):
-        facts["lock"] = take_lock(a["lock"])
-        if not facts["lock"]["acquired"]:
-            return facts
-    else:
-        facts["lock_holder"] = lock_info()
-    code, out, err = podman(["version", "--format", "json"], a)
-    facts["podman"] = json.loads(out).get("Client", {}).get("Version") if code == 0 else None
-    facts["systemd"] = os.path.isdir("/run/systemd/system")
-    swaps = (read_text("/proc/swaps") or "").splitlines()[1:]
-    facts["swaps"] = [{"path": s.split()[0], "size": int(s.split()[2]) * 1024} for s in swaps]
-    facts["swapfile_size"] = os.path.getsize("/swapfile") if os.path.exists("/swapfile") else 0
-    facts["swapfile_mode"] = (oct(os.stat("/swapfile").st_mode & 0o777)
-                              if os.path.exists("/swapfile") else None)
-    fstab = read_text("/etc/fstab") or ""
-    facts["swap_in_fstab"] = any(line.split()[:1] == ["/swapfile"] for line in fstab.splitlines())
-    facts["swappiness"] = int(read_text("/proc/sys/vm/swappiness") or -1)
-    facts["swappiness_persisted"] = read_text("/etc/sysctl.d/99-nightguard.conf")
-    facts["secrets"] = list_secrets(a)
-    facts["secret_hashes"] = read_json(STATE + "/secrets.json", {})
-    salt_path = STATE + "/secret.salt"
-    if a.get("ensure_salt") and not os.path.exists(salt_path):
-        os.makedirs(STATE, mode=0o700, exist_ok=True)
-        with open(os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(os.urandom(32).hex())
-    facts["secret_salt"] = read_text(salt_path)
-    code, out, _ = podman(["images", "--format", "json", a["image_name"]], a)
-    tags = []
-    for image in json.loads(out or "[]") if code == 0 else []:
-        tags += [n.rsplit(":", 1)[1] for n in image.get("Names") or [] if ":" in n]
-    facts["image_tags"] = sorted(set(tags))
-    facts["container"] = container_facts(a)
-    facts["unit_text"] = read_text(a["unit_path"])
-    code, out, _ = sh(["systemctl", "is-enabled", a["unit"]])
-    facts["unit_enabled"] = out.strip()
-    app_dir = a["app_dir"]
-    facts["app_dir_exists"] = os.path.isdir(app_dir)
-    facts["manifest"] = manifest(app_dir) if os.path.isdir(app_dir) else {}
-    facts["synced"] = read_json(STATE + "/synced.json", [])
-    facts["env_file_on_host"] = os.path.exists(os.path.join(app_dir, ".env"))
-    facts["state"] = read_json(STATE + "/state.json", {"history": []})
-    facts["host"] = host_memory()
-    return facts
-
-
-def op_sync(a):
-    """Unpack the delta into the app dir file by file (temp + rename, so a cut never
-    leaves a half-written file), keeping the replaced files for a code rollback."""
-    app_dir, owner = a["app_dir"], pwd.getpwnam(a["owner"])
-    os.makedirs(app_dir, exist_ok=True)
-    os.chown(app_dir, owner.pw_uid, owner.pw_gid)
-    backup_path = STATE + "/rollback-code.tar"
-    os.makedirs(STATE, mode=0o700, exist_ok=True)
-    touched = list(a["files"]) + list(a["delete"])
-    with tarfile.open(backup_path + ".tmp", "w") as backup:
-        for rel in touched:
-            full = os.path.join(app_dir, rel)
-            if os.path.isfile(full):
-                backup.add(full, arcname=rel)
-    write_json(STATE + "/rollback-added.json",
-               [r for r in a["files"] if not os.path.exists(os.path.join(app_dir, r))])
-    os.chmod(backup_path + ".tmp", 0o600)
-    os.replace(backup_path + ".tmp", backup_path)
-    if a.get("tarball"):
-        with tarfile.open(a["tarball"], "r:gz") as delta:
-            for member in delta.getmembers():
-                if not member.isfile():
-                    continue
-                place(app_dir, member.name, delta.extractfile(member).read(), member.mode, owner)
-        os.remove(a["tarball"])
-    for rel in a["delete"]:
-        full = os.path.join(app_dir, rel)
-        if os.path.isfile(full):
-            os.remove(full)
-    write_json(STATE + "/synced.json", sorted(a["all_files"]))
-    return {"written": len(a["files"]), "deleted": len(a["delete"])}
-
-
-def place(app_dir, rel, data, mode, owner):
-    full = os.path.realpath(os.path.join(app_dir, rel))
-    if not full.startswith(os.path.realpath(app_dir) + os.sep):
-        raise SystemExit(f"refusing path outside the app dir: {rel}")
-    parent = os.path.dirname(full)
-    if not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
-        walk = parent
-        while walk.startswith(os.path.realpath(app_dir) + os.sep):
-            os.chown(walk, owner.pw_uid, owner.pw_gid)
-            walk = os.path.dirname(walk)
-    tmp = full + ".nightguard-tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, mode & 0o755 | 0o644)
-    os.chown(tmp, owner.pw_uid, owner.pw_gid)
-    os.replace(tmp, full)
-
-
-def op_restore(a):
-    app_dir = a["app_dir"]
-    backup = STATE + "/rollback-code.tar"
-    restored = 0
-    for rel in read_json(STATE + "/rollback-added.json", []):
-        full = os.path.join(app_dir, rel)
-        if os.path.isfile(full):
-            os.remove(full)
-    if os.path.exists(backup):
-        owner = pwd.getpwnam(a["owner"])
-        with tarfile.open(backup) as tar:
-            for member in tar.getmembers():
-                if member.isfile():
-                    place(app_dir, member.name, tar.extractfile(member).read(), member.mode,
-                          owner)
-                    restored += 1
-    return {"restored": restored}
-
-
-def op_gate(a):
-    """Limits first (they are wrong whatever the health says), then health."""
-    deadline = time.monotonic() + a["deadline"]
-    container = None
-    while time.monotonic() < deadline:
-        container = container_facts(a)
-        if container and container["running"]:
-            break
-        time.sleep(1)
-    if not container or not container["running"]:
-        return {"healthy": False, "reason": "container is not running", "container": container,
-                "logs": logs_tail(a)}
-    result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
-    last = ""
-    while time.monotonic() < deadline:
-        code, out, err = podman(["healthcheck", "run", a["container"]], a, timeout=60)
-        last = (out + err).strip()
-        if code == 0:
-            result["healthy"] = True
-            result["container"] = container_facts(a)
-            return result
-        time.sleep(2)
-    result.update(healthy=False, reason=f"not healthy within {a['deadline']}s: {last[-200:]}",
-                  container=container_facts(a), logs=logs_tail(a))
-    return result
-
-
-def logs_tail(a):
-    _, out, err = podman(["logs", "--tail", "20", a["container"]], a)
-    return (out + err)[-3000:]
-
-
-def op_record(a):
-    os.makedirs(STATE, mode=0o700, exist_ok=True)
-    with open(STATE + "/audit.log", "a") as handle:
-        handle.write(json.dumps(a["audit"], sort_keys=True) + "\n")
-    os.chmod(STATE + "/audit.log", 0o600)
-    if a.get("state"):
-        write_json(STATE + "/state.json", a["state"])
-    if a.get("secret_hashes") is not None:
-        write_json(STATE + "/secrets.json", a["secret_hashes"])
-    if a.get("unlock"):
-        shutil.rmtree(LOCK, ignore_errors=True)
-    return {"recorded": True}
-
-
-def op_health(a):
-    """Everything `inv health` shows, read-only, in one round trip."""
-    container = container_facts(a)
-    audit = (read_text(STATE + "/audit.log") or "").splitlines()[-1:]
+def swap_facts(paths):
+    swapfile = paths["swapfile"]
+    swaps = (read_text(paths["proc_swaps"]) or "").splitlines()[1:]
+    try:
+        st = os.lstat(swapfile)
+        size, mode = st.st_size, oct(st.st_mode & 0o777)
+    except OSError:
+        size, mode = 0, None
+    fstab = read_text(paths["fstab"]) or ""
     return {
-        "container": container,
-        "cgroup": cgroup_limits(container["pid"]) if container and container["pid"] else {},
-        "host": host_memory(),
-        "swaps": [line.split()[0] for line in (read_text("/proc/swaps") or "").splitlines()[1:]],
-        "lock": lock_info(),
-        "unit_active": sh(["systemctl", "is-active", a["unit"]])[1].strip(),
-        "last_deploy": json.loads(audit[0]) if audit else None,
-        "deployed": (read_json(STATE + "/state.json", {}).get("history") or [{}])[0],
+        "swaps": [{"path": s.split()[0], "size": int(s.split()[2]) * 1024} for s in swaps],
+        "swapfile_size": size, "swapfile_mode": mode,
+        "swap_in_fstab": any(line.split()[:1] == [swapfile] for line in fstab.splitlines()),
+        "swappiness": int(read_text(paths["swappiness"]) or -1),
+        "swappiness_persisted": read_text(paths["sysctl_conf"]),
     }
 
 
-BACKUP_SUFFIX = "__previous"
+def apt_sources(paths):
+    """(scheme, host, port) of every apt source: what `provision` will need to reach."""
+    hosts = set()
+    folder = paths["apt_sources"]
+    files = [os.path.join(folder, "sources.list")]
+    files += [os.path.join(folder, "sources.list.d", n) for n in
+              sorted(os.listdir(os.path.join(folder, "sources.list.d")))
+              if os.path.isdir(os.path.join(folder, "sources.list.d"))]
+    for path in files:
+        for line in (read_text(path) or "").splitlines():
+            for word in line.replace("URIs:", " ").split():
+                if word.startswith(("http://", "https://")):
+                    scheme, rest = word.split("://", 1)
+                    host = rest.split("/", 1)[0]
+                    name, _, port = host.partition(":")
+                    hosts.add((scheme, name, int(port) if port else
+                               (443 if scheme == "https" else 80)))
+    return sorted(hosts)
 
 
-def secret_value(name, a):
-    """A secret's value, read on the host only (never sent back): Podman >= 4.7 shows it
-    to root; older Podman keeps it in its file driver's store."""
-    code, out, _ = podman(["secret", "inspect", "--showsecret", "--format",
-                           "{{.SecretData}}", name], a)
-    if code == 0 and out.strip():
-        return out.rstrip("\n")
-    code, out, _ = podman(["secret", "inspect", "--format", "{{.ID}}", name], a)
-    if code != 0:
+def reachable(host, port, timeout=5.0):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# -- the app dir, without following links --------------------------------------------------
+def open_dir_nofollow(path, create_owner=None):
+    """A descriptor on an absolute directory path, refusing links at every level below /."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if create_owner is None:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.fchown(child, *create_owner)
+            os.close(fd)
+            fd = child
+        return fd
+    except OSError:
+        os.close(fd)
+        raise
+
+
+def walk_to_parent(root_fd, rel, owner=None):
+    """The descriptor of rel's parent directory under root_fd, made if missing. A link
+    or a non-directory where a directory belongs is removed, never followed."""
+    fd = os.dup(root_fd)
+    parts = rel.split("/")
+    for part in parts[:-1]:
+        if part in ("", ".", ".."):
+            os.close(fd)
+            raise OpError(f"refusing path {rel!r}")
+        try:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError as exc:
+            if owner is None:
+                os.close(fd)
+                raise
+            if exc.errno != errno.ENOENT:  # ELOOP/ENOTDIR: a link or a file in the way
+                os.unlink(part, dir_fd=fd)
+            os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.fchown(child, *owner)
+        os.close(fd)
+        fd = child
+    if parts[-1] in ("", ".", ".."):
+        os.close(fd)
+        raise OpError(f"refusing path {rel!r}")
+    return fd
+
+
+def read_nofollow(root_fd, rel):
+    """(bytes, mode) of a regular file under root_fd, or None (absent, a link, a dir)."""
+    try:
+        parent = walk_to_parent(root_fd, rel)
+    except OSError:
         return None
-    root = (os.path.expanduser("~/.local/share/containers/storage") if a.get("rootless")
-            else "/var/lib/containers/storage")
-    store = read_json(root + "/secrets/filedriver/secretsdata.json", {})
-    encoded = store.get(out.strip())
-    if encoded is None:
+    try:
+        fd = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=parent)
+    except OSError:
         return None
-    return base64.b64decode(encoded).decode()
+    finally:
+        os.close(parent)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(), stat.S_IMODE(st.st_mode)
+    finally:
+        os.close(fd)
 
 
-def put_secret(name, value, a):
-    podman(["secret", "rm", name], a)
-    done = subprocess.run(["podman", "secret", "create", name, "-"], input=value, text=True,
-                          capture_output=True)
-    if done.returncode != 0:
-        raise SystemExit(f"podman secret create {name} failed: {done.stderr.strip()[-200:]}")
+def write_nofollow(root_fd, rel, data, mode, owner):
+    parent = walk_to_parent(root_fd, rel, owner)
+    name = rel.rsplit("/", 1)[-1]
+    tmp = f".{name}.ng-{random.token_hex(6)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=parent)
+        try:
+            os.write(fd, data) if len(data) < 1 << 20 else _write_all(fd, data)
+            os.fchown(fd, *owner)
+            os.fchmod(fd, mode & 0o777)
+        finally:
+            os.close(fd)
+        try:  # a directory in the file's place (e.g. planted): take it away first
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                remove_tree_at(parent, name)
+        except FileNotFoundError:
+            pass
+        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=parent)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(parent)
 
 
-def existing_secrets(a):
-    return set(list_secrets(a))
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
-def op_secret_backup(a):
-    """Keep the last known-good value as NAME__previous; an existing backup is kept, so a
-    rotation cut half-way still knows the value that last worked."""
-    present = existing_secrets(a)
-    kept = []
-    for name in a["names"]:
-        backup = name + BACKUP_SUFFIX
-        if backup in present or name not in present:
+def remove_nofollow(root_fd, rel):
+    try:
+        parent = walk_to_parent(root_fd, rel)
+    except OSError:
+        return False
+    try:
+        os.unlink(rel.rsplit("/", 1)[-1], dir_fd=parent)
+        return True
+    except IsADirectoryError:
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(parent)
+
+
+def remove_tree_at(dir_fd, name):
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    try:
+        for entry in os.listdir(fd):
+            if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                remove_tree_at(fd, entry)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def tree_manifest(root_fd, skip=()):
+    """rel -> sha256 of regular files; links are listed apart, never followed."""
+    found, links = {}, []
+
+    def walk(fd, prefix):
+        for name in sorted(os.listdir(fd)):
+            rel = prefix + name
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links.append(rel)
+            elif stat.S_ISDIR(st.st_mode):
+                if name in skip:
+                    continue
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                dir_fd=fd)
+                try:
+                    walk(child, rel + "/")
+                finally:
+                    os.close(child)
+            elif stat.S_ISREG(st.st_mode):
+                got = read_nofollow(fd, name)
+                if got is not None:
+                    found[rel] = f"{sha256_bytes(got[0])}:{got[1]:o}"
+
+    walk(root_fd, "")
+    return found, links
+
+
+def app_owner(args):
+    entry = pwd.getpwnam(args["owner"])
+    return entry.pw_uid, entry.pw_gid
+
+
+# -- ops -----------------------------------------------------------------------------------
+def op_facts(s, req):
+    a, paths = s.args, s.paths
+    tools = find_tools(paths)
+    facts = {"os": os_release(paths), "tools": tools,
+             "systemd": os.path.isdir(paths["systemd_run"]),
+             "cgroup2": os.path.exists(paths["cgroup_controllers"]),
+             "uid": os.getuid()}
+    facts["podman"] = podman_version(paths, tools, may_cache=s.changing)
+    facts.update(swap_facts(paths))
+    images, secrets, containers = storage_names(paths) if tools["podman"] else ([], {}, [])
+    facts["image_names"], facts["image_tags"] = list_images(paths, a["image_name"], images) \
+        if tools["podman"] else ([], [])
+    facts["secrets"] = list_secrets(paths, secrets) if tools["podman"] else {}
+    facts["secret_hashes"] = read_json(os.path.join(paths["state"], "secrets.json"), {})
+    salt_path = os.path.join(paths["state"], "secret.salt")
+    if s.changing and not os.path.exists(salt_path):
+        write_private(salt_path, os.urandom(32).hex())
+    facts["secret_salt"] = read_text(salt_path)
+    if tools["podman"]:
+        found = container_from_files(paths, a["container"], containers) \
+            if isinstance(containers, list) else None
+        if found is None:
+            found = container_from_podman(a["container"])
+        facts["container"] = None if found.get("absent") else found
+    else:
+        facts["container"] = None
+    facts["unit_text"] = read_text(paths["unit"])
+    facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
+    facts["markers_text"] = read_text(paths["markers"])
+    app_dir = a["app_dir"]
+    try:
+        root_fd = open_dir_nofollow(app_dir)
+    except OSError:
+        facts.update(app_dir_exists=False, manifest={}, links=[])
+    else:
+        try:
+            manifest, links = tree_manifest(root_fd, skip=(".git", "__pycache__"))
+        finally:
+            os.close(root_fd)
+        facts.update(app_dir_exists=True, manifest=manifest, links=links)
+    facts["env_file_on_host"] = ".env" in facts["manifest"]
+    facts["synced"] = read_json(os.path.join(paths["state"], "synced.json"), [])
+    facts["state"] = read_json(os.path.join(paths["state"], "state.json"), {"history": []})
+    facts["releases"] = sorted(n[:-7] for n in _listdir(os.path.join(paths["state"],
+                                                                     "releases"))
+                               if n.endswith(".tar.gz"))
+    facts["host"] = host_memory()
+    facts["last_audit"] = last_audit(paths)
+    basics = ("podman", "conmon", "aardvark-dns")
+    if any(not tools[name] for name in basics) or not (tools["crun"] or tools["runc"]):
+        facts["apt_sources"] = apt_sources(paths) if tools.get("apt-get") else []
+        facts["apt_reachable"] = {f"{h}:{p}": reachable(h, p, 5.0)
+                                  for _, h, p in facts["apt_sources"][:4]}
+    return facts
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def last_audit(paths, count=1):
+    text = read_text(os.path.join(paths["state"], "audit.log")) or ""
+    lines = text.splitlines()[-count:]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
             continue
-        value = secret_value(name, a)
+    return out[-1] if count == 1 and out else (out if count != 1 else None)
+
+
+def op_provision(s, req):
+    """apt-get install of what the host lacks (after the swapfile is on: a 1 GB host can
+    run out of memory in dpkg). Left to finish when the client goes away: a dpkg run cut
+    half-way leaves a host that needs `dpkg --configure -a`, which this op runs first."""
+    env = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
+    steps = [["dpkg", "--configure", "-a"],
+             ["apt-get", "-q", "update"],
+             ["apt-get", "-q", "-y", "--no-install-recommends",
+              "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+              "install", *req["packages"]]]
+    for argv in steps:
+        code, tail, killed = run_streaming(s, req["id"], argv, 1800, on_interrupt="finish",
+                                           env=env)
+        if code != 0:
+            raise OpError(f"`{' '.join(argv[:2])} ...` exited {code}"
+                          + (f" ({killed})" if killed else ""), tail[-15:])
+    return {"installed": req["packages"]}
+
+
+def op_swap(s, req):
+    p = s.paths
+    size, swapfile = int(req["size"]), p["swapfile"]
+    current = swap_facts(p)
+    active = any(x["path"] == swapfile for x in current["swaps"])
+    if not active:
+        if current["swapfile_size"] != size:
+            if os.path.lexists(swapfile):
+                os.unlink(swapfile)
+            code, _, err = sh(["fallocate", "-l", str(size), swapfile])
+            if code != 0:
+                code, _, err = sh(["dd", "if=/dev/zero", f"of={swapfile}", "bs=1M",
+                                   f"count={size // 1048576}", "status=none"], 600)
+                if code != 0:
+                    raise OpError(f"cannot make {swapfile}: {err.strip()[-200:]}")
+        os.chmod(swapfile, 0o600)
+        for argv in (["mkswap", swapfile], ["swapon", swapfile]):
+            code, _, err = sh(argv)
+            if code != 0:
+                raise OpError(f"{argv[0]} {swapfile} failed: {err.strip()[-200:]}")
+    os.chmod(swapfile, 0o600)
+    fstab = read_text(p["fstab"]) or ""
+    if not any(line.split()[:1] == [swapfile] for line in fstab.splitlines()):
+        with open(p["fstab"], "a") as handle:
+            handle.write(("" if fstab.endswith("\n") or not fstab else "\n")
+                         + f"{swapfile} none swap sw 0 0\n")
+    wanted = f"vm.swappiness={int(req['swappiness'])}"
+    if read_text(p["sysctl_conf"]) != wanted:
+        with open(p["sysctl_conf"], "w") as handle:
+            handle.write(wanted + "\n")
+    with open(p["swappiness"], "w") as handle:
+        handle.write(str(int(req["swappiness"])))
+    return {"active": True}
+
+
+def op_rm_env(s, req):
+    fd = open_dir_nofollow(s.args["app_dir"])
+    try:
+        return {"removed": remove_nofollow(fd, ".env")}
+    finally:
+        os.close(fd)
+
+
+def op_sync(s, req):
+    """Write the sent files (a tarball) and remove the deleted ones, keeping what they
+    replace so `restore_code` can put it back. Never follows a link."""
+    a, p = s.args, s.paths
+    owner = app_owner(a)
+    state = p["state"]
+    root_fd = open_dir_nofollow(a["app_dir"], create_owner=owner)
+    try:
+        touched = list(req["files"]) + list(req["delete"])
+        backup = io.BytesIO()
+        with tarfile.open(fileobj=backup, mode="w") as tar:
+            for rel in touched:
+                got = read_nofollow(root_fd, rel)
+                if got is not None:
+                    info = tarfile.TarInfo(rel)
+                    info.size, info.mode = len(got[0]), got[1]
+                    tar.addfile(info, io.BytesIO(got[0]))
+        write_private(os.path.join(state, "rollback-code.tar"), backup.getvalue())
+        write_json(os.path.join(state, "rollback-added.json"),
+                   [r for r in req["files"] if read_nofollow(root_fd, r) is None])
+        written = 0
+        if req.get("data"):
+            with tarfile.open(fileobj=io.BytesIO(req["data"]), mode="r:gz") as delta:
+                for member in delta.getmembers():
+                    if not member.isfile():
+                        continue
+                    data = delta.extractfile(member).read()
+                    write_nofollow(root_fd, member.name, data, member.mode, owner)
+                    written += 1
+        for rel in req["delete"]:
+            remove_nofollow(root_fd, rel)
+        for rel in req.get("links", []):  # links in the tree are never kept
+            remove_nofollow(root_fd, rel)
+        write_json(os.path.join(state, "synced.json"), sorted(req["all_files"]))
+    finally:
+        os.close(root_fd)
+    return {"written": written, "deleted": len(req["delete"])}
+
+
+def op_snapshot(s, req):
+    """Keep the synced tree of a release that passed its health gate, for `rollback --to`."""
+    a, p = s.args, s.paths
+    folder = os.path.join(p["state"], "releases")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    synced = read_json(os.path.join(p["state"], "synced.json"), [])
+    root_fd = open_dir_nofollow(a["app_dir"])
+    buffer = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for rel in synced:
+                got = read_nofollow(root_fd, rel)
+                if got is not None:
+                    info = tarfile.TarInfo(rel)
+                    info.size, info.mode = len(got[0]), got[1]
+                    tar.addfile(info, io.BytesIO(got[0]))
+    finally:
+        os.close(root_fd)
+    write_private(os.path.join(folder, f"{req['version']}.tar.gz"), buffer.getvalue())
+    keep = set(req.get("keep") or [])
+    for name in _listdir(folder):
+        if name.endswith(".tar.gz") and name[:-7] not in keep | {req["version"]}:
+            os.unlink(os.path.join(folder, name))
+    return {"kept": req["version"]}
+
+
+def op_restore_code(s, req):
+    """Put back the files the last sync replaced, or a kept release's whole tree."""
+    a, p = s.args, s.paths
+    owner = app_owner(a)
+    root_fd = open_dir_nofollow(a["app_dir"], create_owner=owner)
+    restored = removed = 0
+    try:
+        if req.get("version"):
+            path = os.path.join(p["state"], "releases", f"{req['version']}.tar.gz")
+            if not os.path.exists(path):
+                raise OpError(f"the code of release {req['version']} is no longer kept")
+            with tarfile.open(path, "r:gz") as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                wanted = {m.name for m in members}
+                for member in members:
+                    write_nofollow(root_fd, member.name, tar.extractfile(member).read(),
+                                   member.mode, owner)
+                    restored += 1
+            for rel in read_json(os.path.join(p["state"], "synced.json"), []):
+                if rel not in wanted and remove_nofollow(root_fd, rel):
+                    removed += 1
+            write_json(os.path.join(p["state"], "synced.json"), sorted(wanted))
+        else:
+            for rel in read_json(os.path.join(p["state"], "rollback-added.json"), []):
+                if remove_nofollow(root_fd, rel):
+                    removed += 1
+            backup = os.path.join(p["state"], "rollback-code.tar")
+            if os.path.exists(backup):
+                with tarfile.open(backup) as tar:
+                    for member in tar.getmembers():
+                        if member.isfile():
+                            write_nofollow(root_fd, member.name,
+                                           tar.extractfile(member).read(), member.mode, owner)
+                            restored += 1
+    finally:
+        os.close(root_fd)
+    return {"restored": restored, "removed": removed}
+
+
+# secrets ------------------------------------------------------------------------------
+def salt(paths):
+    text = read_text(os.path.join(paths["state"], "secret.salt"))
+    if not text:
+        raise OpError("the host has no secret key yet (facts of a changing session make it)")
+    return bytes.fromhex(text)
+
+
+def digest(paths, value):
+    return hmac.new(salt(paths), value, hashlib.sha256).hexdigest()
+
+
+def secret_value(paths, name, podman_version_text):
+    """A secret's value, read on the host only (never sent back): Podman >= 4.7 shows it
+    to its owner; older Podman keeps it in its file driver's store."""
+    if version_tuple(podman_version_text) >= (4, 7):
+        code, out, _ = sh(["podman", "secret", "inspect", "--showsecret", "--format",
+                           "{{.SecretData}}", name])
+        if code == 0:
+            return out.rstrip("\n").encode()
+    store = read_json(os.path.join(paths["graphroot"], "secrets", "secrets.json"), {})
+    secret_id = (store.get("nameToID") or {}).get(name)
+    if secret_id is None:
+        return None
+    data = read_json(os.path.join(paths["graphroot"], "secrets", "filedriver",
+                                  "secretsdata.json"), {})
+    encoded = data.get(secret_id)
+    return None if encoded is None else base64.b64decode(encoded)
+
+
+def create_secret(name, value, replace, present):
+    """`--replace` where Podman has it (atomic); else rm + create."""
+    if present and not replace:
+        sh(["podman", "secret", "rm", name])
+    argv = ["podman", "secret", "create"] + (["--replace"] if replace and present else []) \
+        + [name, "-"]
+    code, _, err = sh(argv, data=value)
+    if code != 0:
+        raise OpError(f"podman secret create {name} failed: {err.strip()[-200:]}")
+
+
+def op_secret_put(s, req):
+    """Replace secret NAME with the value sent (bytes after the request line). The value
+    it replaces is kept first as NAME__<digest12> (for a rollback); the new value's digest
+    is recorded only once Podman has it: the host never claims a value it lacks."""
+    p, name, value = s.paths, req["name"], req["data"]
+    version = req.get("podman") or ""
+    replace = version_tuple(version) >= (4, 7)
+    present = list_secrets(p)
+    hashes = read_json(os.path.join(p["state"], "secrets.json"), {})
+    kept = None
+    if name in present:
+        old = secret_value(p, name, version)
+        if old is not None:
+            kept = digest(p, old)
+            copy = f"{name}{COPY_SEP}{kept[:12]}"
+            if copy not in present:
+                create_secret(copy, old, replace, False)
+        elif req.get("keep", True):
+            raise OpError(f"cannot read the current value of {name} to keep it")
+    try:
+        create_secret(name, value, replace, name in present)
+    except OpError:
+        if kept and name not in list_secrets(p):  # rm went through, create did not
+            create_secret(name, secret_value(p, f"{name}{COPY_SEP}{kept[:12]}", version),
+                          False, False)
+        raise
+    hashes[name] = digest(p, value)
+    write_json(os.path.join(p["state"], "secrets.json"), hashes)
+    return {"digest": hashes[name], "kept": kept}
+
+
+def op_secret_restore(s, req):
+    """Put back the kept value of NAME whose digest is given (rollbacks)."""
+    p, version = s.paths, req.get("podman") or ""
+    present = list_secrets(p)
+    restored, missing = [], []
+    hashes = read_json(os.path.join(p["state"], "secrets.json"), {})
+    for name, wanted in req["digests"].items():
+        if hashes.get(name) == wanted:
+            continue
+        copy = f"{name}{COPY_SEP}{wanted[:12]}"
+        value = secret_value(p, copy, version) if copy in present else None
         if value is None:
-            raise SystemExit(f"cannot read the current value of {name} to back it up")
-        put_secret(backup, value, a)
-        kept.append(name)
-    return {"backed_up": kept}
+            missing.append(name)
+            continue
+        current = secret_value(p, name, version) if name in present else None
+        if current is not None:
+            old = digest(p, current)
+            backup = f"{name}{COPY_SEP}{old[:12]}"
+            if backup not in present:
+                create_secret(backup, current, version_tuple(version) >= (4, 7), False)
+        create_secret(name, value, version_tuple(version) >= (4, 7), name in present)
+        hashes[name] = wanted
+        write_json(os.path.join(p["state"], "secrets.json"), hashes)
+        restored.append(name)
+    return {"restored": restored, "missing": missing}
 
 
-def op_secret_restore(a):
-    present = existing_secrets(a)
-    restored = []
-    for name in a["names"]:
-        backup = name + BACKUP_SUFFIX
-        if backup in present:
-            put_secret(name, secret_value(backup, a), a)
-            podman(["secret", "rm", backup], a)
-            restored.append(name)
-    return {"restored": restored}
-
-
-def op_secret_drop_backup(a):
-    present = existing_secrets(a)
-    dropped = [n for n in present if n.endswith(BACKUP_SUFFIX)]
-    for name in dropped:
-        podman(["secret", "rm", name], a)
+def op_secret_forget(s, req):
+    """Drop kept values no release refers to any more (and NAME__previous of old tools)."""
+    keep = {f"{name}{COPY_SEP}{d[:12]}" for name, ds in req["keep"].items() for d in ds}
+    dropped = []
+    for name in list_secrets(s.paths):
+        if COPY_SEP in name and name not in keep:
+            sh(["podman", "secret", "rm", name])
+            dropped.append(name)
     return {"dropped": dropped}
 
 
-def op_unlock(a):
-    held = lock_info()
-    shutil.rmtree(LOCK, ignore_errors=True)
-    return {"released": held}
+# running, units, files ---------------------------------------------------------------------
+def op_run(s, req):
+    code, tail, killed = run_streaming(s, req["id"], req["argv"], req.get("timeout", 600),
+                                       req.get("on_interrupt", "kill"), req.get("data"),
+                                       req.get("env"))
+    if code != 0 and req.get("check") is not False:
+        why = killed or f"exited {code}"
+        raise OpError(f"`{' '.join(req['argv'][:3])} ...` {why}", tail[-15:])
+    return {"exit": code, "tail": tail[-15:]}
 
 
-OPS = {"facts": op_facts, "sync": op_sync, "restore": op_restore, "gate": op_gate,
-       "record": op_record, "unlock": op_unlock, "health": op_health,
-       "secret_backup": op_secret_backup, "secret_restore": op_secret_restore,
-       "secret_drop_backup": op_secret_drop_backup}
+def op_install_unit(s, req):
+    """Write the unit; reload systemd only when it changed; enable it."""
+    p = s.paths
+    user = ["--user"] if s.args.get("rootless") else []
+    changed = read_text(p["unit"]) != req["text"].strip()
+    if changed:
+        os.makedirs(os.path.dirname(p["unit"]), exist_ok=True)
+        write_private(p["unit"], req["text"], 0o644)
+        code, _, err = sh(["systemctl", *user, "daemon-reload"])
+        if code != 0:
+            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    if not os.path.lexists(p["unit_wants"]):
+        code, _, err = sh(["systemctl", *user, "enable", "--quiet", s.args["unit"]])
+        if code != 0:
+            raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
+    return {"changed": changed}
 
 
-def ensure_state_dir():
-    """Root only: it holds the secret key, the HMACs and the audit log."""
-    os.makedirs(STATE, mode=0o700, exist_ok=True)
-    if os.stat(STATE).st_mode & 0o077:
-        os.chmod(STATE, 0o700)
+def op_dirs(s, req):
+    """The agent's data dir (its only writable mount) and the app dir, made if missing,
+    never through a link. Podman hands the data dir to the container's user (`:U`)."""
+    owner = app_owner(s.args)
+    for key in ("app_dir", "data_dir"):
+        os.close(open_dir_nofollow(s.args[key], create_owner=owner))
+    return {"ok": True}
 
 
-def main(a):
-    global STATE, LOCK
-    STATE = a.get("state_dir") or STATE
-    LOCK = STATE + "/deploy.lock"
-    if a["op"] != "facts" or a.get("lock") or a.get("ensure_salt"):
-        ensure_state_dir()
-    result = OPS[a["op"]](a)
-    sys.stdout.write(json.dumps(result))
+def op_write_file(s, req):
+    """A root-only file the unit reads (e.g. the release markers); the path is one of the
+    session's own, never one the client names."""
+    path = s.paths[req["key"]]
+    write_private(path, req["text"], 0o600)
+    return {"written": req["key"]}
+
+
+def op_gate(s, req):
+    """The container's limits as crun applied them, then health: `podman healthcheck run`
+    until it passes or the deadline. The container must have started after `since`."""
+    a, p = s.args, s.paths
+    deadline = time.monotonic() + req["deadline"]
+    container = None
+    while time.monotonic() < deadline and not s.gone.is_set():
+        container = container_state(p, a["container"])
+        if container and container.get("running") and \
+                container.get("id") != req.get("not_id"):
+            break
+        time.sleep(0.3)
+    if not container or not container.get("running"):
+        return {"healthy": False, "reason": "container is not running",
+                "container": container, "logs": logs_tail(a)}
+    result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
+    last = ""
+    while time.monotonic() < deadline and not s.gone.is_set():
+        code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
+        last = (out + err).strip()
+        if code == 0:
+            result["healthy"] = True
+            result["container"] = container_state(p, a["container"]) or container
+            return result
+        now_state = container_state(p, a["container"])
+        if not now_state or not now_state.get("running"):
+            break
+        time.sleep(1)
+    if s.gone.is_set():
+        return {"healthy": False, "reason": "interrupted", "container": container}
+    result.update(healthy=False, reason=f"not healthy within {req['deadline']}s: "
+                  f"{last[-200:] or 'the container stopped'}",
+                  container=container_state(p, a["container"], want_health=True),
+                  logs=logs_tail(a))
+    return result
+
+
+def logs_tail(a, lines=20):
+    _, out, err = sh(["podman", "logs", "--tail", str(lines), a["container"]])
+    return (out + err)[-3000:]
+
+
+def unit_status(args):
+    user = ["--user"] if args.get("rootless") else []
+    code, out, _ = sh(["systemctl", *user, "show", "-p",
+                       "ActiveState,NRestarts,ExecMainStatus,ExecMainCode,Result,"
+                       "ActiveEnterTimestamp", args["unit"]])
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return values if code == 0 else {}
+
+
+def op_health(s, req):
+    """Everything `inv health` shows, read-only."""
+    a, p = s.args, s.paths
+    container = container_state(p, a["container"], want_health=True)
+    return {
+        "container": container,
+        "cgroup": cgroup_limits(container["pid"]) if container and container.get("pid")
+        else {},
+        "host": host_memory(),
+        "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
+        "lock": None if lock_is_free(p) else lock_holder(p),
+        "unit": unit_status(a),
+        "last_audit": last_audit(p),
+        "deployed": (read_json(os.path.join(p["state"], "state.json"), {})
+                     .get("history") or [{}])[0],
+    }
+
+
+def op_logs(s, req):
+    argv = ["podman", "logs", "--timestamps", "--tail", str(int(req.get("tail", 100)))]
+    if req.get("since"):
+        argv += ["--since", req["since"]]
+    code, out, err = sh(argv + [s.args["container"]], 120)
+    return {"exit": code, "text": (out + err)[-200000:]}
+
+
+def op_history(s, req):
+    return {"audit": last_audit(s.paths, count=int(req.get("limit", 50))) or [],
+            "state": read_json(os.path.join(s.paths["state"], "state.json"),
+                               {"history": []})}
+
+
+def op_finish(s, req):
+    """The client's account of the outcome: audit line, release history, unlock."""
+    p = s.paths
+    if req.get("state") is not None:
+        write_json(os.path.join(p["state"], "state.json"), req["state"])
+    if req.get("audit") is not None:
+        s.audit(req["audit"])
+    s.finished = True
+    return {"recorded": req.get("audit") is not None}
+
+
+def op_unlock(s, req):
+    """Stop the session that holds the lock (it writes its own "interrupted" line)."""
+    p = s.paths
+    if lock_is_free(p):
+        return {"released": None}
+    holder = lock_holder(p)
+    pid = holder.get("pid")
+    if not req.get("force"):
+        return {"released": None, "held_by": holder}
+    cmdline = read_text(f"/proc/{pid}/cmdline") or ""
+    if "nightguard-host" not in cmdline:
+        raise OpError(f"the lock holder (pid {pid}) is not a nightguard session")
+    os.kill(int(pid), signal.SIGTERM)
+    for _ in range(100):
+        if lock_is_free(p):
+            return {"released": holder}
+        time.sleep(0.1)
+    os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.5)
+    return {"released": holder, "killed": True}
+
+
+OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": op_rm_env,
+       "sync": op_sync, "snapshot": op_snapshot, "restore_code": op_restore_code,
+       "secret_put": op_secret_put, "secret_restore": op_secret_restore,
+       "secret_forget": op_secret_forget, "run": op_run, "install_unit": op_install_unit,
+       "write_file": op_write_file, "dirs": op_dirs, "gate": op_gate, "health": op_health,
+       "logs": op_logs, "history": op_history, "finish": op_finish, "unlock": op_unlock}
+# ops a read-only session may run
+READ_ONLY = {"facts", "health", "logs", "history", "unlock"}
+
+
+def handle(s, request):
+    op = request.get("op")
+    if op not in OPS or (not s.changing and op not in READ_ONLY):
+        s.send({"id": request.get("id"), "ok": False, "error": f"op {op!r} not allowed"})
+        return
+    step = request.get("step") or op
+    s.current = step
+    try:
+        result = OPS[op](s, request)
+    except OpError as exc:
+        s.journal.append(f"{step} (failed)")
+        s.send({"id": request["id"], "ok": False, "error": str(exc), "tail": exc.tail})
+    except Exception as exc:  # noqa: BLE001 - one line to the client, never a hang
+        s.journal.append(f"{step} (failed)")
+        s.send({"id": request["id"], "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"[:400]})
+    else:
+        if request.get("record", op not in READ_ONLY and op != "finish"):
+            s.journal.append(step)
+        s.send({"id": request["id"], "ok": True, "result": result})
+    finally:
+        s.current = None
+
+
+def main(args):
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    s = Session(args, stdin, stdout)
+
+    def stop(signum, frame):  # SIGTERM/SIGHUP/SIGINT: finish the step, then audit
+        s.gone.set()
+        s.requests.put(None)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop)
+    state = s.paths["state"]
+    if s.changing or os.path.isdir(state):
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        if os.stat(state).st_mode & 0o077:
+            os.chmod(state, 0o700)
+    hello = {"hello": True, "pid": os.getpid()}
+    if s.changing:
+        hello["lock"] = s.take_lock()
+        if not hello["lock"]["acquired"]:
+            s.send(hello)
+            return
+    s.send(hello)
+    threading.Thread(target=s.reader, daemon=True).start()
+    try:
+        while True:
+            request = s.requests.get()
+            if request is None or s.gone.is_set() and request.get("op") != "finish":
+                break
+            handle(s, request)
+            if request.get("op") == "finish" or s.finished:
+                break
+    finally:
+        s.close()
 
 
 if __name__ == "__main__":

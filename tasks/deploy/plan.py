@@ -1,7 +1,10 @@
-"""Desired state versus facts: the list of steps a deploy has to take, and nothing more.
+"""Every pure rule of a deploy: desired state versus facts, and the steps between them.
 
-Pure: everything here works on settings, local files and a facts document (JSON from
-``tasks.facts``), so the planning is unit-tested from recorded facts, without a host.
+Pure: everything here works on settings, local files and a facts document (JSON from the
+host helper's ``facts``), so planning is unit-tested from recorded facts, without a host.
+Each comparison sits here once: what the host lacks (packages, Podman's version), whether
+the swap is right, which secrets changed, whether the limits in force drift, and what the
+running container differs in.
 """
 
 from __future__ import annotations
@@ -13,13 +16,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.config import Settings
-from tasks.deploy.commands import ContainerSpec, content_hash, systemd_unit
+from tasks.deploy.commands import (
+    ROOTLESS_STATE_DIR,
+    STATE_DIR,
+    ContainerSpec,
+    content_hash,
+    markers_text,
+    systemd_unit,
+)
 from tasks.deploy.compose import health_command, load_compose
 from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
 
 IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt")
+MIN_PODMAN = (4, 3)  # --health-on-failure; Quadlet is not needed
+SWAPFILE = "/swapfile"
+# Podman as each release ships it, where it decides whether provisioning can help.
+DISTRO_PODMAN = {("debian", "11"): "3.0.1", ("debian", "12"): "4.3.1",
+                 ("debian", "13"): "5.4.2", ("ubuntu", "22.04"): "3.4.4",
+                 ("ubuntu", "24.04"): "4.9.3"}
+MARKER_KEYS = {"NG_RELEASE_CODE": "code changed", "NG_RELEASE_IMAGE": "image changed",
+               "NG_RELEASE_SECRETS": "secret values changed",
+               "NG_RELEASE_SPEC": "container spec changed",
+               "NG_RELEASE_VERSION": "release changed"}
 
 
+def version_tuple(text: str | None) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in str(text).split("-")[0].split(".")[:2])
+    except ValueError:
+        return (0, 0)
+    return (major, minor)
+
+
+# -- desired state ---------------------------------------------------------------------------
 @dataclass
 class Desired:
     """What the host should look like after this deploy."""
@@ -30,47 +59,28 @@ class Desired:
     image_ref: str
     spec: ContainerSpec
     unit_text: str
+    markers: dict[str, str]
+    secret_digests: dict[str, str]
 
     @property
     def version(self) -> str:
-        return f"{self.image_tag}/{self.code_hash}"
+        return self.markers["NG_RELEASE_VERSION"]
+
+    @property
+    def markers_text(self) -> str:
+        return markers_text(self.markers)
+
+    def release(self, when: str) -> dict:
+        """The history entry of this release: all a rollback needs to bring it back."""
+        return {"version": self.version, "image": self.image_ref, "image_tag": self.image_tag,
+                "code": self.code_hash, "secrets": dict(self.secret_digests),
+                "unit_text": self.unit_text, "markers_text": self.markers_text,
+                "when": when}
 
 
-@dataclass
-class Plan:
-    swap: bool = False
-    remove_env_file: bool = False
-    delta: Delta = field(default_factory=lambda: Delta((), ()))
-    secrets: list[str] = field(default_factory=list)
-    build_image: bool = False
-    write_unit: bool = False
-    restart: bool = False
-    drop_secret_backups: bool = False
-    reasons: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return any((self.swap, self.remove_env_file, bool(self.delta), self.secrets,
-                    self.build_image, self.write_unit, self.restart, self.drop_secret_backups))
-
-    def lines(self) -> list[str]:
-        out = []
-        if self.swap:
-            out.append("host: set up the 2 GB swapfile (fstab, swappiness)")
-        if self.remove_env_file:
-            out.append("host: remove the plain-text .env from the app dir")
-        if self.delta:
-            out.append(f"sync: {self.delta.describe()}")
-        if self.secrets:
-            out.append(f"secrets: create or update {', '.join(self.secrets)}")
-        if self.build_image:
-            out.append("image: build")
-        if self.write_unit:
-            out.append("unit: write the systemd unit and enable it")
-        if self.restart:
-            out.append("container: (re)start and wait until healthy")
-        if self.drop_secret_backups:
-            out.append("secrets: drop the backups an interrupted rotation left")
-        return out
+def markers_path(settings: Settings) -> str:
+    state = ROOTLESS_STATE_DIR if settings["rootless"] else STATE_DIR
+    return f"{state}/{settings['container_name']}.release.env"
 
 
 def image_tag(settings: Settings) -> str:
@@ -85,73 +95,265 @@ def secret_digest(salt: str, value: str) -> str:
     return hmac.new(bytes.fromhex(salt), value.encode(), hashlib.sha256).hexdigest()
 
 
+def secret_digests(facts: dict, values: dict[str, str]) -> dict[str, str]:
+    salt = facts.get("secret_salt")
+    if not salt:
+        return {}
+    return {name: secret_digest(salt, value) for name, value in values.items()}
+
+
 def secrets_label(digests: dict[str, str]) -> str:
     return content_hash(*(f"{k}={digests[k]}" for k in sorted(digests)))
 
 
-def desired_state(settings: Settings, secret_digests: dict[str, str],
-                  manifest: dict[str, str] | None = None) -> Desired:
-    """``manifest``: the local tree's hashes when already computed in this run."""
+def changed_secrets(facts: dict, digests: dict[str, str], names: list[str]) -> list[str]:
+    """Secrets the host lacks or holds another value of. No digest (no host key yet, a
+    secret made by hand) means the value is unknown: it counts as changed."""
+    stored = facts.get("secret_hashes") or {}
+    present = facts.get("secrets") or {}
+    return [n for n in names
+            if n not in present or not digests.get(n) or stored.get(n) != digests[n]]
+
+
+def network_mode(settings: Settings, podman: str | None) -> str:
+    """The container's network: user-mode (no iptables work per start, no way to the
+    host's loopback) unless configured otherwise; pasta where Podman 5 prefers it."""
+    if settings["network"] != "auto":
+        return settings["network"]
+    return "pasta" if version_tuple(podman) >= (5, 0) else "slirp4netns"
+
+
+def build_needs_network(settings: Settings) -> bool:
+    """Only when the agent's requirements list something to download."""
+    path = settings.root / IMAGE_INPUTS[1]
+    lines = path.read_text().splitlines() if path.exists() else []
+    return any(line.strip() and not line.strip().startswith("#") for line in lines)
+
+
+def desired_state(settings: Settings, digests: dict[str, str],
+                  manifest: dict[str, str] | None = None, podman: str | None = None) -> Desired:
+    """``manifest``: the local tree's hashes when already computed in this run; ``podman``:
+    the host's version (it picks the network stack)."""
     if manifest is None:
-        manifest = local_manifest(Path(settings.path("source_dir")))
+        from tasks.deploy.sync import declared_roots
+
+        manifest = local_manifest(Path(settings.path("source_dir")), declared_roots(settings))
     code = tree_hash(manifest)
     tag = image_tag(settings)
     ref = f"{settings['image_name']}:{tag}"
     compose = load_compose(settings.path("compose_file"))
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
                    ("NG_REQUIRED_SECRETS", ",".join(settings.secret_names))]
-    command = tuple(shlex.split(settings["agent_command"]))
     spec = ContainerSpec(
         name=settings["container_name"], image=ref, app_dir=settings["app_dir"],
+        data_dir=settings["data_dir"], markers_file=markers_path(settings),
         memory=settings["limits.memory"], memory_reservation=settings["limits.memory_reservation"],
         memory_swap=settings["limits.memory_swap"], cpus=float(settings["limits.cpus"]),
-        secrets=tuple(settings.secret_names), health_cmd=health_command(compose),
+        network=network_mode(settings, podman), secrets=tuple(settings.secret_names),
+        health_cmd=health_command(compose),
         health_interval=settings["health.interval"], health_timeout=settings["health.timeout"],
         health_retries=settings["health.retries"],
         health_start_period=settings["health.start_period"],
-        environment=tuple(environment), command=command,
-        labels=(("nightguard.code", code), ("nightguard.image", tag),
-                ("nightguard.secrets", secrets_label(secret_digests))),
+        environment=tuple(environment), command=tuple(shlex.split(settings["agent_command"])),
     )
+    label = secrets_label(digests)
+    spec_hash = spec.spec_hash()
+    markers = {"NG_RELEASE_CODE": code, "NG_RELEASE_IMAGE": tag,
+               "NG_RELEASE_SECRETS": label, "NG_RELEASE_SPEC": spec_hash,
+               "NG_RELEASE_VERSION": content_hash(code, tag, label, spec_hash)}
     return Desired(manifest=manifest, code_hash=code, image_tag=tag, image_ref=ref, spec=spec,
-                   unit_text=systemd_unit(spec, rootful=not settings["rootless"]))
+                   unit_text=systemd_unit(spec, rootful=not settings["rootless"]),
+                   markers=markers, secret_digests=dict(digests))
+
+
+# -- the host's fitness --------------------------------------------------------------------
+@dataclass
+class HostNeeds:
+    install: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def host_needs(settings: Settings, facts: dict) -> HostNeeds:
+    """Packages to install, or why the host cannot take this deploy (one line each)."""
+    needs = HostNeeds()
+    tools = facts.get("tools") or {}
+    os_info = facts.get("os") or {}
+    distro = f"{os_info.get('name') or os_info.get('id') or 'this system'}"
+    if not facts.get("systemd"):
+        needs.problems.append("systemd is not running on the host: the agent's unit needs it")
+    firewall = "nftables" if (os_info.get("id") == "debian"
+                              and version_tuple(os_info.get("version_id")) >= (13, 0)) \
+        else "iptables"
+    wanted = [("podman", tools.get("podman")),
+              ("crun", tools.get("crun") or tools.get("runc")),
+              ("conmon", tools.get("conmon")),
+              ("netavark", tools.get("netavark") or tools.get("cni")),
+              ("aardvark-dns", tools.get("aardvark-dns") or tools.get("cni")),
+              (firewall, tools.get("iptables") or tools.get("nft"))]
+    network = network_mode(settings, facts.get("podman") or (
+        "5.0" if firewall == "nftables" else "4.0"))
+    if network == "pasta":
+        wanted.append(("passt", tools.get("pasta")))
+    elif network == "slirp4netns":
+        wanted.append(("slirp4netns", tools.get("slirp4netns")))
+    if settings["rootless"]:
+        wanted.append(("uidmap", tools.get("newuidmap")))
+    needs.install = [package for package, present in wanted if not present]
+    version = facts.get("podman")
+    if version and version_tuple(version) < MIN_PODMAN:
+        needs.problems.append(f"Podman {version} is older than the minimum "
+                              f"{'.'.join(map(str, MIN_PODMAN))} (--health-on-failure): "
+                              "upgrade it, or use Debian 12+ / Ubuntu 24.04+")
+    if not needs.install:
+        return needs
+    shipped = DISTRO_PODMAN.get((os_info.get("id"), os_info.get("version_id")))
+    missing = ", ".join(needs.install)
+    like = {os_info.get("id"), *(os_info.get("like") or [])}
+    if not ({"debian", "ubuntu"} & like) or not tools.get("apt-get"):
+        needs.problems.append(f"{missing} missing, and {distro} is not Debian or Ubuntu: "
+                              "install Podman >= 4.3 there yourself")
+    elif "podman" in needs.install and shipped and version_tuple(shipped) < MIN_PODMAN:
+        needs.problems.append(f"Podman is missing and {distro} ships {shipped}, older than "
+                              f"{'.'.join(map(str, MIN_PODMAN))}: use Debian 12+ or "
+                              "Ubuntu 24.04+")
+    elif settings["rootless"]:
+        needs.problems.append(f"{missing} missing: rootless mode installs no packages; run "
+                              f"`sudo apt-get install {' '.join(needs.install)}` on the host "
+                              "once")
+    elif facts.get("apt_reachable") is not None and not any(facts["apt_reachable"].values()):
+        mirrors = ", ".join(facts["apt_reachable"]) or "no apt source configured"
+        needs.problems.append(f"{missing} missing and the host reaches no package mirror "
+                              f"({mirrors}): check its network, or install them yourself")
+    return needs
 
 
 def swap_needed(settings: Settings, facts: dict) -> bool:
     """True unless the swapfile is active, of the right size and mode, in fstab, with the
     wanted swappiness persisted."""
-    active = any(s["path"] == "/swapfile" for s in facts.get("swaps", []))
+    active = any(s["path"] == SWAPFILE for s in facts.get("swaps", []))
     return not (active and facts.get("swapfile_size") == settings.size("limits.swap_size")
                 and facts.get("swap_in_fstab") and facts.get("swapfile_mode") == "0o600"
                 and facts.get("swappiness") == settings["limits.swappiness"]
-                and facts.get("swappiness_persisted"))
+                and facts.get("swappiness_persisted")
+                == f"vm.swappiness={settings['limits.swappiness']}")
+
+
+def limit_drift(settings: Settings, container: dict, cgroup: dict) -> list[str]:
+    """Differences between the limits asked for and those really in force."""
+    memory = settings.size("limits.memory")
+    swap_total = settings.size("limits.memory_swap")
+    wanted = {"memory": memory, "memory_swap": swap_total,
+              "memory_reservation": settings.size("limits.memory_reservation"),
+              "nano_cpus": int(float(settings["limits.cpus"]) * 1e9)}
+    drift = [f"{key} is {container.get(key)} (want {value})" for key, value in wanted.items()
+             if container.get(key) != value]
+    if cgroup.get("swap") not in (None, "") and cgroup.get("memory") is not None:
+        if cgroup["memory"] != str(memory):
+            drift.append(f"cgroup memory.max is {cgroup['memory']} (want {memory})")
+        if cgroup["swap"] != str(swap_total - memory):
+            drift.append(f"cgroup memory.swap.max is {cgroup['swap']} "
+                         f"(want {swap_total - memory})")
+    elif cgroup.get("memsw") is not None and cgroup["memsw"] != str(swap_total):
+        drift.append(f"cgroup memory.memsw.limit_in_bytes is {cgroup['memsw']} "
+                     f"(want {swap_total})")
+    return drift
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    install: list[str] = field(default_factory=list)
+    swap: bool = False
+    remove_env_file: bool = False
+    delta: Delta = field(default_factory=lambda: Delta((), ()))
+    links: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+    build_image: bool = False
+    write_unit: bool = False
+    write_markers: bool = False
+    restart: bool = False
+    gate: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any((self.install, self.swap, self.remove_env_file, bool(self.delta),
+                    self.links, self.secrets, self.build_image, self.write_unit,
+                    self.write_markers, self.restart, self.gate))
+
+    def lines(self, settings: Settings | None = None) -> list[str]:
+        size = settings["limits.swap_size"] if settings else "swap"
+        out = []
+        if self.install:
+            out.append(f"host: install {', '.join(self.install)} (apt-get)")
+        if self.swap:
+            out.append(f"host: set up the {size} swapfile (fstab, swappiness)")
+        if self.remove_env_file:
+            out.append("host: remove the plain-text .env from the app dir")
+        if self.delta:
+            out.append(f"sync: {self.delta.describe()}")
+        if self.links:
+            out.append(f"sync: remove {len(self.links)} symbolic link(s) from the app dir")
+        if self.secrets:
+            out.append(f"secrets: create or update {', '.join(self.secrets)}")
+        if self.build_image:
+            out.append("image: build")
+        if self.write_unit:
+            out.append("unit: write the systemd unit and enable it")
+        if self.restart:
+            out.append("container: (re)start and wait until healthy")
+        elif self.gate:
+            out.append("health: the last deploy did not finish its health gate; check it")
+        return out
 
 
 def make_plan(settings: Settings, desired: Desired, facts: dict,
-              secret_digests: dict[str, str]) -> Plan:
+              digests: dict[str, str]) -> Plan:
     plan = Plan()
+    plan.install = host_needs(settings, facts).install
     plan.swap = swap_needed(settings, facts)
     plan.remove_env_file = bool(facts.get("env_file_on_host"))
     plan.delta = compute_delta(desired.manifest, facts.get("manifest", {}),
                                facts.get("synced", []))
-    stored = facts.get("secret_hashes", {})
-    present = facts.get("secrets", {})
-    plan.secrets = [name for name in settings.secret_names
-                    if name not in present or not secret_digests.get(name)
-                    or stored.get(name) != secret_digests[name]]
+    plan.links = list(facts.get("links") or [])
+    plan.secrets = changed_secrets(facts, digests, settings.secret_names)
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
-        or facts.get("unit_enabled") != "enabled"
+        or not facts.get("unit_enabled")
+    plan.write_markers = (facts.get("markers_text") or "").strip() \
+        != desired.markers_text.strip()
     container = facts.get("container") or {}
-    labels = container.get("labels") or {}
-    wanted = dict(desired.spec.labels, **{"nightguard.spec": desired.spec.spec_hash()})
     if not container.get("running"):
         plan.reasons.append("container is not running")
-    for key, value in wanted.items():
-        if labels.get(key) != value:
-            plan.reasons.append(f"{key} changed")
+    running = container.get("markers") or {}
+    for key, why in MARKER_KEYS.items():
+        if key != "NG_RELEASE_VERSION" and running.get(key) != desired.markers[key]:
+            plan.reasons.append(why)
     plan.restart = bool(plan.reasons) or plan.write_unit or bool(plan.secrets)
-    # NAME__previous outlives a rotation only when it was cut short; once the container is
-    # healthy with the current values the backup has no use left.
-    plan.drop_secret_backups = any(name.endswith("__previous") for name in present)
+    verified = (facts.get("state") or {}).get("verified")
+    plan.gate = plan.restart or verified != desired.version
     return plan
+
+
+def parse_markers(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (text or "").splitlines() if "=" in line)
+
+
+def rotated_release(release: dict, digests: dict[str, str], when: str) -> dict:
+    """A release with other secret values: same code, image and unit, new markers."""
+    markers = parse_markers(release["markers_text"])
+    secrets = dict(release.get("secrets") or {}, **digests)
+    label = secrets_label(secrets)
+    markers["NG_RELEASE_SECRETS"] = label
+    markers["NG_RELEASE_VERSION"] = content_hash(markers["NG_RELEASE_CODE"],
+                                                 markers["NG_RELEASE_IMAGE"], label,
+                                                 markers["NG_RELEASE_SPEC"])
+    return dict(release, version=markers["NG_RELEASE_VERSION"], secrets=secrets,
+                markers_text=markers_text(markers), when=when)
+
+
+def previous_release(facts: dict) -> dict | None:
+    """The last release that passed its gate, if it was recorded fully enough to restore."""
+    for entry in (facts.get("state") or {}).get("history") or []:
+        if entry.get("markers_text") and entry.get("unit_text"):
+            return entry
+    return None

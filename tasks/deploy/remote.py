@@ -1,11 +1,12 @@
 """The one place that talks to a host: a single Fabric connection per run and host.
 
-Every task hands argv lists (built by ``tasks.commands``) to ``Remote.run``. This module
-decides how they travel: one SSH connection reused by every step, connect and command
-timeouts, ``sudo -n`` (never a password prompt), secrets on stdin only (never in argv,
-never ``env=``, never a pty), dry-run printing, a progress line per step with its duration,
-and failures turned into ``StepFailed`` - one line naming the step, the command (secrets
-redacted) and the tail of stderr.
+A task opens one pipe (``open_pipe``: one command, the host helper's bootstrap, see
+``tasks.deploy.session``) and sends every step through it; ``stream`` serves `logs -f`.
+This module decides how bytes travel and how progress shows: one SSH connection, connect
+timeouts and keepalives, host keys checked against the project's known_hosts (never added
+blindly), ``sudo -n`` (never a password prompt), secrets only inside the pipe (never in an
+argv, ``env=`` or a pty), a line per step with its duration - live on a terminal, plain
+lines every few seconds elsewhere - and failures turned into ``StepFailed``: one line.
 
 Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_timeout``.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ import paramiko
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut, ThreadException
 
+from tasks.deploy.hostlink import PipeClosed
 from tasks.errors import StepFailed
 
 
@@ -58,8 +61,74 @@ class Stats:
 
     connections: int = 0
     commands: int = 0
+    steps: int = 0
     bytes_sent: int = 0
     dry_run_commands: list[str] = field(default_factory=list)
+
+
+class SshPipe:
+    """One command's stdin/stdout over an SSH channel, line by line, with timeouts."""
+
+    def __init__(self, channel, stats: Stats):
+        self.channel = channel
+        self.stats = stats
+        self.buffer = b""
+        self.errors = b""
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.channel.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException):
+            raise PipeClosed() from None
+        self.stats.bytes_sent += len(data)
+
+    def _drain_stderr(self) -> None:
+        while self.channel.recv_stderr_ready():
+            self.errors = (self.errors + self.channel.recv_stderr(65536))[-8192:]
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.channel.settimeout(min(left, 0.5))
+            try:
+                chunk = self.channel.recv(65536)
+            except TimeoutError:
+                self._drain_stderr()
+                continue
+            except (OSError, EOFError, paramiko.SSHException):
+                raise PipeClosed() from None
+            if not chunk:
+                self._drain_stderr()
+                raise PipeClosed()
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line + b"\n"
+
+    def shutdown_write(self) -> None:
+        try:
+            self.channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while not self.channel.exit_status_ready():
+            if time.monotonic() > deadline or self.channel.closed and \
+                    not self.channel.exit_status_ready():
+                return None
+            self._drain_stderr()
+            time.sleep(0.05)
+        return self.channel.recv_exit_status()
+
+    def stderr_tail(self) -> str:
+        try:
+            self._drain_stderr()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        return self.errors.decode("utf-8", "replace")
 
 
 class _WholeStdin(io.StringIO):
@@ -99,6 +168,7 @@ class Remote:
         self.redact = redact
         self.out = out or sys.stdout
         self.stats = Stats()
+        self._last_line = ""
         # what callers learned about this host during the run (e.g. the helper is cached)
         self.facts_cache: dict[str, object] = {}
         self._connection: Connection | None = None
@@ -154,6 +224,20 @@ class Remote:
         self.close()
 
     # -- commands ---------------------------------------------------------------------
+    def open_pipe(self, argv: Sequence[str], *, step: str) -> SshPipe:
+        """Start one command whose stdin/stdout the caller speaks over (the host helper)."""
+        connection = self._connect()
+        try:
+            channel = connection.client.get_transport().open_session(
+                timeout=self.connect_timeout)
+            channel.exec_command(shell_join(argv))
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._connection = None
+            raise StepFailed(step, f"could not start a command on "
+                             f"{self.target.describe()}: {exc}") from None
+        self.stats.commands += 1
+        return SshPipe(channel, self.stats)
+
     def run(
         self,
         argv: Sequence[str],
@@ -229,14 +313,46 @@ class Remote:
         self.stats.bytes_sent += len(data)
 
     # -- progress ---------------------------------------------------------------------
+    def progress(self, line: str) -> None:
+        """The last thing a running step said (a build line); shown live on a terminal."""
+        self._last_line = line
+
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[None]:
-        """Print one line per step with its duration, so a slow link shows progress."""
+        """A line per step with its duration. While it runs: a live line with the elapsed
+        time on a terminal; elsewhere a plain line every few seconds, never silence."""
         started = time.monotonic()
         label = f"{name}: {detail}" if detail else name
+        self._last_line = ""
+        tty = hasattr(self.out, "isatty") and self.out.isatty()
+        stop = threading.Event()
+
+        def ticker() -> None:
+            shown = 0.0
+            while not stop.wait(0.25 if tty else 1.0):
+                elapsed = time.monotonic() - started
+                if tty:
+                    tail = self._last_line.strip()[:60]
+                    self.out.write(f"\r\033[K  ~ {label} ({elapsed:.0f}s) {tail}")
+                    self.out.flush()
+                elif elapsed - shown >= 5:
+                    shown = elapsed
+                    print(f"  ~ {label}: running ({elapsed:.0f}s)", file=self.out, flush=True)
+
+        thread = threading.Thread(target=ticker, daemon=True)
+        thread.start()
         try:
             yield
-        except Exception:
-            print(f"  x {label} ({time.monotonic() - started:.1f}s)", file=self.out)
+        except BaseException:
+            stop.set()
+            thread.join()
+            self._end_line(tty, f"  x {label} ({time.monotonic() - started:.1f}s)")
             raise
-        print(f"  - {label} ({time.monotonic() - started:.1f}s)", file=self.out)
+        stop.set()
+        thread.join()
+        self._end_line(tty, f"  - {label} ({time.monotonic() - started:.1f}s)")
+
+    def _end_line(self, tty: bool, text: str) -> None:
+        if tty:
+            self.out.write("\r\033[K")
+        print(text, file=self.out, flush=True)

@@ -1,14 +1,15 @@
 """`inv secrets.*`: Podman secrets from the local .env, rotated with one restart.
 
 How a changed value is noticed without keeping plaintext anywhere: the host keeps a random
-32-byte key (``/var/lib/nightguard/secret.salt``, root only) and, per secret, the
-HMAC-SHA256 of the value under that key (``secrets.json``, root only). The laptop reads
-the key and the HMACs with the facts, computes the HMAC of its .env value and compares.
-This works on every Podman from 4.3 (which cannot show a secret's value) to 5.x.
+32-byte key (``<state>/secret.salt``, root only) and, per secret, the HMAC-SHA256 of the
+value under that key (``secrets.json``, root only), written by the host when Podman has the
+value - never before. The laptop computes the HMAC of its .env value and compares. This
+works on every Podman from 4.3 (which cannot show a secret's value) to 5.x.
 
-Values travel only on the SSH channel's stdin into ``podman secret create NAME -``.
-During a rotation the last known-good value is kept on the host as ``NAME__previous``
-(another Podman secret) until the container is healthy with the new one.
+Values travel only inside the task's session on the host (never an argv, a log line or a
+file of ours). When a value is replaced, the one it replaces is kept as another Podman
+secret, ``NAME__<first 12 of its HMAC>``, for as long as a kept release uses it: a failed
+rotation or deploy, and `inv rollback`, put it back.
 
 Config keys: ``nightguard.secrets`` (Podman secret name -> .env key), ``nightguard.env_file``.
 """
@@ -16,7 +17,6 @@ Config keys: ``nightguard.secrets`` (Podman secret name -> .env key), ``nightgua
 from __future__ import annotations
 
 import getpass
-import re
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -24,11 +24,14 @@ from invoke.exceptions import Exit
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.config import Settings
 from tasks.deploy import apply
-from tasks.deploy.deploy import digests_for, holder, lock_failure, now, report_unhealthy
 from tasks.deploy.envfile import SecretValues, load_secret_values
-from tasks.deploy.facts import call, read_facts
-from tasks.deploy.plan import secrets_label
-from tasks.deploy.remote import Remote
+from tasks.deploy.plan import (
+    changed_secrets,
+    previous_release,
+    rotated_release,
+    secret_digests,
+)
+from tasks.deploy.session import HostSession, now
 from tasks.errors import ConfigError, StepFailed
 from tasks.targets import open_remote
 
@@ -53,129 +56,80 @@ def prompt_values(settings: Settings, names: list[str]) -> SecretValues:
     return SecretValues(values)
 
 
-def changed_names(facts: dict, values: SecretValues) -> list[str]:
-    digests = digests_for(facts, values)
-    stored = facts.get("secret_hashes") or {}
-    present = facts.get("secrets") or {}
-    # No digest (no host key yet, or a secret made by hand): the value is unknown, so push.
-    return [n for n in values.values
-            if n not in present or not digests.get(n) or stored.get(n) != digests[n]]
-
-
-def relabel_unit(unit_text: str, digests: dict[str, str]) -> str:
-    """The running unit with only its secrets label changed: rotating a key must not
-    also roll out code or image changes."""
-    return re.sub(r"nightguard\.secrets=[0-9a-f]+", f"nightguard.secrets={secrets_label(digests)}",
-                  unit_text)
-
-
-def locked_facts(remote: Remote, settings: Settings, command: str) -> dict:
-    facts = read_facts(remote, settings, lock=holder(command), ensure_salt=True)
-    if not facts["lock"]["acquired"]:
-        raise lock_failure(facts["lock"])
-    return facts
-
-
-def record(remote, settings, facts, values, names, outcome, command):
-    digests = digests_for(facts, values)
-    stored = dict(facts.get("secret_hashes") or {})
-    if outcome == "ok":
-        stored.update({n: digests[n] for n in names})
-    call(remote, settings, "record", step="record", changes=True, unlock=True,
-         secret_hashes=stored,
-         audit={"when": now(), "who": holder(command)["who"], "command": command,
-                "secrets": names, "outcome": outcome})
-
-
-@task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP})
+@task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP}, auto_shortflags=False)
 @one_line_errors
 def push(c, target=None, host=None, dry_run=False, name=None):
     """Create the secrets that are missing on the host or differ from .env (no restart)."""
     settings = settings_for(target, host)
     values = load_secret_values(settings, pick_names(settings, name))
-    with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
-        facts = read_facts(remote, settings)
-        todo = changed_names(facts, values)
+    with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote, \
+            HostSession(remote, settings, command="secrets.push") as session:
+        facts = session.facts()
+        todo = changed_secrets(facts, secret_digests(facts, values.values), list(values.values))
         if not todo:
+            session.finish("no changes", secrets=[])
             print("secrets: all up to date")
             return
-        if dry_run:
-            apply.push_secrets(remote, settings, facts, todo, values.values)
-            return
-        facts = locked_facts(remote, settings, "secrets.push")
-        todo = changed_names(facts, values)
-        outcome = "failed"
-        try:
-            with remote.step("secrets", ", ".join(todo)):
-                apply.push_secrets(remote, settings, facts, todo, values.values)
-            outcome = "ok"
-        finally:
-            record(remote, settings, facts, values, todo, outcome, "secrets.push")
-        print("secrets: pushed; a running container keeps the old values until "
+        apply.push_secrets(session, todo, values.values)
+        session.finish("ok", secrets=todo)
+    if not dry_run:
+        print("secrets: pushed; the running container keeps the old values until "
               "`inv secrets.rotate` or `inv deploy` recreates it")
 
 
 @task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP,
-                               "prompt": "type the new values (no echo) instead of reading .env"})
+                               "prompt": "type the new values (no echo) instead of reading .env"},
+      auto_shortflags=False)
 @one_line_errors
 def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
     """Replace secret values, recreate the container, keep them only if it gets healthy."""
     settings = settings_for(target, host)
     names = pick_names(settings, name)
     values = prompt_values(settings, names) if prompt else load_secret_values(settings, names)
-    with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
-        facts = read_facts(remote, settings)
-        if not facts.get("unit_text"):
+    with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote, \
+            HostSession(remote, settings, command="secrets.rotate") as session:
+        facts = session.facts()
+        current = previous_release(facts)
+        running = ((facts.get("container") or {}).get("markers") or {}).get(
+            "NG_RELEASE_VERSION")
+        if current is None:
             raise StepFailed("rotate", "Night Guard is not deployed here yet: run `inv deploy`")
-        if dry_run:
-            todo = changed_names(facts, values) or names
-            print(f"plan: back up {', '.join(todo)}; create the new values; recreate the "
-                  "container; wait until healthy; then drop the backups (or put them back)")
-            apply.push_secrets(remote, settings, facts, todo, values.values)
-            apply.restart_container(remote, settings)
-            return
-        facts = locked_facts(remote, settings, "secrets.rotate")
-        todo = changed_names(facts, values)
+        if running != current["version"]:
+            raise StepFailed("rotate", "the running container is not the last healthy "
+                             "release (a deploy did not finish): run `inv deploy` first")
+        todo = changed_secrets(facts, secret_digests(facts, values.values), list(values.values))
         if not todo:
-            call(remote, settings, "unlock", step="unlock", changes=True)
+            session.finish("no changes", secrets=[])
             print("secrets: the host already has these values")
             return
-        digests = dict(facts.get("secret_hashes") or {}, **digests_for(facts, values))
-        outcome = "failed"
-        try:
-            outcome = rotate_on_host(remote, settings, facts, values, todo, digests)
-        finally:
-            record(remote, settings, facts, values, todo if outcome == "ok" else [],
-                   outcome, "secrets.rotate")
-        if outcome != "ok":
-            raise StepFailed("rotate", outcome)
-        print(f"secrets: rotated {', '.join(todo)}; the container is healthy with them")
+        recorded = apply.push_secrets(session, todo, values.values)
+        if dry_run:
+            apply.restart(session, settings)
+            return
+        release = rotated_release(current, recorded, now())
+        answer = apply.recreate_and_wait(session, settings, current["unit_text"],
+                                         release["markers_text"], unit_changed=False)
+        audit = {"secrets": todo, "version": release["version"],
+                 "previous": current["version"]}
+        if answer.get("healthy"):
+            apply.record_release(session, settings, facts, release, "ok", audit)
+        else:
+            apply.report_unhealthy(remote, values, answer)
+            again = apply.restore_release(session, settings, current, code=None)
+            back = "old values back, healthy" if again.get("healthy") else \
+                "old values back, NOT healthy"
+            reason = values.redact(answer.get("reason", "not healthy"))
+            session.finish("rolled-back" if again.get("healthy") else "failed",
+                           error=f"{reason}; {back}", **audit)
+            raise StepFailed("rotate", f"{reason}; {back}")
+    print(f"secrets: rotated {', '.join(todo)}; the container is healthy with them")
+    if prompt:
+        print("note: put the new values into .env too, or the next deploy puts the old "
+              "ones back")
 
 
-def rotate_on_host(remote, settings, facts, values, todo, digests) -> str:
-    with remote.step("backup", "keeping the current values until the new ones work"):
-        call(remote, settings, "secret_backup", step="backup", changes=True, names=todo)
-    with remote.step("secrets", ", ".join(todo)):
-        apply.push_secrets(remote, settings, facts, todo, values.values)
-    with remote.step("container", "recreate with the new values"):
-        apply.install_unit(remote, settings, relabel_unit(facts["unit_text"], digests))
-        apply.restart_container(remote, settings)
-    with remote.step("health", f"deadline {settings['health.deadline']}s"):
-        answer = apply.wait_healthy(remote, settings)
-    if answer.get("healthy"):
-        call(remote, settings, "secret_drop_backup", step="backup", changes=True)
-        return "ok"
-    report_unhealthy(remote, values, answer)
-    with remote.step("rollback", "old values and container back"):
-        call(remote, settings, "secret_restore", step="rollback", changes=True, names=todo)
-        apply.install_unit(remote, settings, facts["unit_text"])
-        apply.restart_container(remote, settings)
-        again = apply.wait_healthy(remote, settings)
-    back = "old values back, healthy" if again.get("healthy") else "old values back, NOT healthy"
-    return f"failed: {values.redact(answer.get('reason', 'not healthy'))}; {back}"
-
-
-@task(name="list", help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"]})
+@task(name="list", help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"]},
+      auto_shortflags=False)
 @one_line_errors
 def list_(c, target=None, host=None):
     """List the host's secrets: created, used by the container, matches .env (no values)."""
@@ -186,11 +140,14 @@ def list_(c, target=None, host=None):
         values, problem = SecretValues({}), str(exc)
     else:
         problem = ""
-    with open_remote(settings) as remote:
-        facts = read_facts(remote, settings)
-    digests = digests_for(facts, values)
+    with open_remote(settings, redact=values.redact) as remote, \
+            HostSession(remote, settings, command="secrets.list", changing=False) as session:
+        facts = session.facts()
+    digests = secret_digests(facts, values.values)
     stored = facts.get("secret_hashes") or {}
-    used = set(((facts.get("container") or {}).get("secrets")) or [])
+    running = ((facts.get("container") or {}).get("markers") or {}).get("NG_RELEASE_VERSION")
+    history = (facts.get("state") or {}).get("history") or []
+    release = next((h for h in history if h.get("version") == running), {})
     for secret in settings.secret_names:
         created = (facts.get("secrets") or {}).get(secret)
         if not created:
@@ -198,19 +155,22 @@ def list_(c, target=None, host=None):
             continue
         match = ("unknown (.env unreadable)" if secret not in digests else
                  "matches .env" if stored.get(secret) == digests[secret] else "differs from .env")
-        print(f"{secret:24} created {created[:19]}  "
-              f"{'used by container' if secret in used else 'not in use'}  {match}")
+        used = "in use" if (release.get("secrets") or {}).get(secret) == stored.get(secret) \
+            else "not in the running container"
+        print(f"{secret:24} created {created[:19]}  {used}  {match}")
     if problem:
         print(f"note: {problem}")
 
 
-@task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"]})
+@task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"]},
+      auto_shortflags=False)
 @one_line_errors
 def check(c, target=None, host=None):
     """Fail (exit 1) when a required secret is missing on the host."""
     settings = settings_for(target, host)
-    with open_remote(settings) as remote:
-        facts = read_facts(remote, settings)
+    with open_remote(settings) as remote, \
+            HostSession(remote, settings, command="secrets.check", changing=False) as session:
+        facts = session.facts()
     missing = [n for n in settings.secret_names if n not in (facts.get("secrets") or {})]
     if missing:
         raise Exit(f"error: missing on {remote.target.describe()}: {', '.join(missing)} "

@@ -1,0 +1,157 @@
+"""Lock -> work -> record, written once for every task that changes the host.
+
+A ``HostSession`` is one helper process on the host for one task (deploy, rollback,
+compose.up, secrets.push / rotate, host.swap, sync). A changing session takes the deploy
+lock when it starts and ends with ``finish``: the audit line with the outcome
+(ok / failed / rolled-back / no changes). If the task dies first - Ctrl-C, a cut
+connection, an error this code did not expect - the helper itself records "interrupted"
+and the steps that had completed, and the kernel drops the lock with the process. The
+audit therefore never says more than what happened.
+
+A read-only session (health, logs, history, dry runs) takes no lock and writes nothing.
+In a dry run every changing call is printed ("would: ...") instead of sent.
+
+Config keys: ``nightguard.rootless``, ``nightguard.ssh.command_timeout`` (the longest
+silence allowed from the host during a step), ``nightguard.app_dir``,
+``nightguard.container_name``, ``nightguard.image_name``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from datetime import UTC, datetime
+
+from tasks.config import Settings
+from tasks.deploy import commands as cmd
+from tasks.deploy.hostlink import BOOTSTRAP, HostLink, helper_source
+from tasks.deploy.remote import Remote, shell_join
+from tasks.errors import StepFailed
+
+READ_TIMEOUT = 60  # a read-only answer (facts, health) comes within this
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def holder(command: str) -> dict:
+    return {"who": f"{getpass.getuser()}@{socket.gethostname()}", "since": now(),
+            "command": command}
+
+
+class LockHeld(StepFailed):
+    def __init__(self, held: dict):
+        alive = "" if held.get("alive", True) else " (its process is gone)"
+        super().__init__("lock", f"another deploy holds the lock: {held.get('who', '?')} "
+                         f"({held.get('command', '?')}) since {held.get('since', '?')}"
+                         f"{alive}; if it is stuck, `inv unlock --force` stops it")
+        self.held = held
+
+
+def describe(op: str, args: dict) -> str:
+    """What a changing call would do, for dry runs (never a value: data is not shown)."""
+    if op == "run":
+        return shell_join(args["argv"])
+    shown = {k: v for k, v in args.items() if k not in ("text", "state", "audit")}
+    return f"{op} {shown}" if shown else op
+
+
+class HostSession:
+    """One helper process on the host for one task; see the module docstring."""
+
+    def __init__(self, remote: Remote, settings: Settings, *, command: str,
+                 changing: bool = True, paths: dict | None = None):
+        self.remote = remote
+        self.settings = settings
+        self.command = command
+        self.changing = changing and not remote.dry_run
+        self.paths = paths or {}
+        self.link: HostLink | None = None
+        self.done: list[str] = []
+        self.finished = False
+        self.timeout = settings["ssh.command_timeout"]
+        self.podman = ""  # the host's Podman version, once facts were read
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> HostSession:
+        settings = self.settings
+        rootful = not settings["rootless"]
+        state = cmd.STATE_DIR if rootful else "~/.local/state/nightguard"
+        pipe = self.remote.open_pipe(cmd.bootstrap(BOOTSTRAP, rootful), step="connect")
+        self.link = HostLink(pipe, redact=self.remote.redact, on_progress=self._progress)
+        args = {
+            "mode": "change" if self.changing else "read",
+            "holder": holder(self.command),
+            "app_dir": settings["app_dir"], "data_dir": settings["data_dir"],
+            "container": settings["container_name"], "image_name": settings["image_name"],
+            "unit": cmd.unit_name(settings["container_name"]), "rootless": not rootful,
+            "owner": self.remote.target.user, "paths": self.paths,
+            "helper_path": f"{state}/helper/{helper_source()[1]}.py",
+            "keep_helper": self.changing,
+        }
+        try:
+            hello = self.link.hello(args, step="connect", timeout=READ_TIMEOUT)
+        except BaseException:
+            self._close_link()
+            raise
+        if self.changing and not (hello.get("lock") or {}).get("acquired"):
+            self._close_link()
+            raise LockHeld((hello.get("lock") or {}).get("held_by") or {})
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is KeyboardInterrupt and self.link is not None:
+                print("  ! interrupted: the host finishes its current step and records the "
+                      "task as interrupted", file=self.remote.out, flush=True)
+            elif exc is not None and self.changing and not self.finished \
+                    and self.link is not None and not isinstance(exc, LockHeld):
+                # a failed step is always told; an input error before any change is not
+                failed = isinstance(exc, StepFailed) or self.done
+                try:
+                    self.finish(f"failed: {exc}" if failed else None)
+                except StepFailed:
+                    pass  # the connection is gone: the host recorded "interrupted" itself
+        finally:
+            self._close_link()
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            if self.link.close(wait=30) is None:
+                print("  ! the host side did not finish within 30 s; it records the task "
+                      "itself when it does", file=self.remote.out)
+            self.remote.stats.bytes_sent += self.link.bytes_sent
+            self.link = None
+
+    # -- calls ------------------------------------------------------------------------------
+    def _progress(self, step: str, line: str) -> None:
+        self.remote.progress(line)
+
+    def call(self, op: str, *, step: str, timeout: float | None = None,
+             data: bytes | None = None, changes: bool = True, **args) -> dict:
+        if changes and not self.changing:
+            print(f"    would: {self.remote.redact(describe(op, args))}", file=self.remote.out)
+            return {}
+        answer = self.link.call(op, step=step, timeout=timeout or self.timeout, data=data,
+                                **args)
+        self.remote.stats.steps += 1
+        if changes:
+            self.done.append(step)
+        return answer.result
+
+    def facts(self, **args) -> dict:
+        facts = self.call("facts", step="facts", changes=False, timeout=READ_TIMEOUT,
+                          record=False, **args)
+        self.podman = facts.get("podman") or ""
+        return facts
+
+    def finish(self, outcome: str | None, *, state: dict | None = None, **audit) -> None:
+        """The outcome of a changing task: its audit line (and new release history).
+        ``outcome=None`` ends the session without a line (nothing was changed)."""
+        if not self.changing:
+            return
+        entry = None if outcome is None else dict(audit, outcome=outcome)
+        self.link.call("finish", step="record", timeout=READ_TIMEOUT, audit=entry,
+                       state=state)
+        self.finished = True
