@@ -13,8 +13,9 @@ give the guest ``fake.url_for("10.0.2.2")``).
     fake.stop()
 
 Bot API (``/bot<TOKEN>/<method>``; JSON bodies, form bodies and query strings alike):
-  getMe, deleteWebhook, getWebhookInfo (no webhook), sendMessage (recorded, answers a
-  Message), getUpdates, and ``{"ok":true,"result":true}`` for any other method. A wrong
+  getMe, deleteWebhook and setWebhook (``drop_pending_updates`` forgets every pending
+  update), getWebhookInfo (no webhook), sendMessage (recorded, answers a Message),
+  getUpdates, and ``{"ok":true,"result":true}`` for any other method. A wrong
   token answers 401 as the real API does.
   getUpdates: ``offset`` confirms (forgets) every update below it, ``limit`` caps the batch,
   ``timeout`` holds the request open until an update arrives or the time is up.
@@ -30,7 +31,7 @@ wrong key 400 INVALID_ARGUMENT (reason API_KEY_INVALID). The answer's text is
 "gemini says: " + the prompt. ``fail_gemini(n)`` makes the next n calls answer 503;
 ``gemini_delay`` (seconds) holds every answer, to catch an agent in the middle of a call.
 
-Not modelled: webhooks (setWebhook answers true and changes nothing), file uploads
+Not modelled: webhooks (setWebhook sets none), file uploads
 (multipart bodies), per-chat message ids, rate limits (429 retry_after).
 
 The server never logs: request lines hold the bot token.
@@ -432,6 +433,11 @@ class FakeTelegram:
             with self._cond:
                 pending = len(self._updates)
             result = {"url": "", "has_custom_certificate": False, "pending_update_count": pending}
+        elif name in ("deletewebhook", "setwebhook"):
+            if str(params.get("drop_pending_updates", "")).lower() in ("true", "1"):
+                with self._cond:
+                    self._updates.clear()
+            result = True
         elif name == "sendmessage":
             status, payload = self._send_message(handler, params)
             self._answer(handler, record, status, payload)

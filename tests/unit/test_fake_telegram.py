@@ -89,6 +89,15 @@ def test_simple_methods(fake):
     assert bot(fake, "setMyCommands", {"commands": "[]"}, body="form")[1]["result"] is True
 
 
+def test_drop_pending_updates_forgets_them(fake):
+    fake.send_user_message("a")
+    assert bot(fake, "deleteWebhook", {"drop_pending_updates": "false"}, body="form")[0] == 200
+    assert len(fake.pending_updates()) == 1
+    assert bot(fake, "deleteWebhook", {"drop_pending_updates": "true"}, body="form")[0] == 200
+    assert fake.pending_updates() == []
+    assert bot(fake, "getUpdates")[1]["result"] == []
+
+
 def test_long_poll_holds_until_an_update_arrives(fake):
     box = in_thread(bot, fake, "getUpdates", {"timeout": 5})
     assert fake.wait_for(lambda: fake.open_polls(), 2)
