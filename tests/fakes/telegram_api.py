@@ -209,6 +209,10 @@ class FakeTelegram:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            # Held getUpdates answer (empty) before their connections are cut below.
+            deadline = time.monotonic() + 1.0
+            while self._polls and time.monotonic() < deadline:
+                self._cond.wait(POLL_SLICE)
         self._server.shutdown()
         self._server.server_close()
         with self._cond:  # keep-alive connections too: the server is gone for everyone

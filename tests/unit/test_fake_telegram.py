@@ -48,11 +48,14 @@ def bot(fake, method, params=None, body="json", token=TOKEN):
 
 
 def in_thread(fn, *args, **kwargs):
-    """Start fn in a thread; returns a dict that gets "result" and "done_at"."""
+    """Start fn in a thread; returns a dict that gets "result" (or "error") and "done_at"."""
     box = {}
 
     def run():
-        box["result"] = fn(*args, **kwargs)
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except Exception as exc:
+            box["error"] = exc
         box["done_at"] = time.monotonic()
 
     thread = threading.Thread(target=run, daemon=True)
@@ -110,6 +113,8 @@ def test_long_poll_holds_until_an_update_arrives(fake):
     assert status == 200 and body["result"] == [update]
     assert box["done_at"] - sent_at < 0.5
     assert body["result"][0]["message"]["text"] == "hello"
+    # The fake notes the end just after it wrote the answer the client may already have.
+    assert fake.wait_for(lambda: fake.getupdates_intervals(), 2)
     ((start, end, peer),) = fake.getupdates_intervals()
     assert end - start >= 0.3 and peer[0] == "127.0.0.1"
 
@@ -153,6 +158,7 @@ def test_newer_getupdates_ends_the_older_with_409(fake):
     newer["thread"].join(2)
     assert newer["result"] == (200, {"ok": True, "result": [update]})
     assert fake.conflicts == 1
+    assert fake.wait_for(lambda: len(fake.getupdates_intervals()) == 2, 2)
     intervals = fake.getupdates_intervals()
     assert len(intervals) == 2 and intervals[0][2] != intervals[1][2]  # two connections
 
@@ -220,6 +226,7 @@ def test_stop_ends_a_held_poll():
     fake.stop()
     box["thread"].join(3)
     assert not box["thread"].is_alive()
+    assert box["result"] == (200, {"ok": True, "result": []})
 
 
 def gemini(fake, prompt, headers, model="gemini-2.0-flash", query=""):
