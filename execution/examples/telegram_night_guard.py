@@ -10,7 +10,10 @@ brings httpx). What it shows beyond the reference agent (execution/system/night_
     them and exits 0, so a restart neither answers a message twice nor loses one. Pending
     updates are never dropped at start (Telegram keeps them for 24 h);
   * one poller per token: Telegram answers 409 Conflict when two processes poll, so a
-    deploy must stop the old container before it starts the new one;
+    deploy must stop the old container before it starts the new one. After failed polls
+    (409s, Telegram unreachable) python-telegram-bot waits 1, 1.5, 2.25, ... up to 30 s
+    before it polls again, and a stop waits for that pause to end: a stop can then
+    outlast podman's 10 s grace and end in SIGKILL;
   * the heartbeat is written by a task on the bot's own event loop, so a blocked loop makes
     the health check fail;
   * secrets never reach the log: the URLs that carry the bot token are not logged, and

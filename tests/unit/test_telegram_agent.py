@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip(
-    "telegram", reason="python-telegram-bot is not installed (execution/examples/requirements.txt)"
+    "telegram",
+    reason="python-telegram-bot is not installed (execution/examples/requirements.txt)",
+    exc_type=ImportError,
 )
 
 from tests.fakes.telegram_api import GEMINI_PREFIX, FakeTelegram  # noqa: E402
