@@ -350,6 +350,8 @@ def validate(settings: Settings) -> None:
         fail("base_image", f"{settings['base_image']!r} is not a valid image reference")
     for key in ("sync.include", "sync.exclude", "sync.allow"):
         for item in settings[key]:
+            if _CONTROL.search(item):
+                fail(key, "an entry contains a control character")
             if not item or item.startswith("/") or ".." in item.split("/"):
                 fail(key, f"{item!r} must be a relative path inside source_dir")
     if not settings["sync.include"]:

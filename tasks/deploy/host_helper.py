@@ -52,6 +52,7 @@ import time
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
 KEEP_RELEASES = 10
 COPY_SEP = "__"  # NAME__<digest12>: a kept value of secret NAME
+OUR_MOUNTS = ("/app", "/data", "/run/secrets")  # the mounts facts report
 
 
 # -- small helpers ---------------------------------------------------------------------
@@ -442,7 +443,8 @@ def container_from_files(paths, name, containers):
     env = dict(item.split("=", 1) for item in (config.get("process") or {}).get("env", [])
                if "=" in item)
     mounts = [{"destination": m.get("destination"), "source": m.get("source"),
-               "options": m.get("options") or []} for m in config.get("mounts") or []]
+               "options": m.get("options") or []} for m in config.get("mounts") or []
+              if (m.get("destination") or "").startswith(OUR_MOUNTS)]
     quota, period = cpu.get("quota") or 0, cpu.get("period") or 0
     return {
         "id": cid, "running": bool(alive), "pid": int(pid) if alive else 0,
@@ -480,7 +482,8 @@ def container_from_podman(name):
         "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
                                                      // max(host.get("CpuPeriod", 1), 1)),
         "mounts": [{"destination": m.get("Destination"), "source": m.get("Source"),
-                    "options": m.get("Options") or []} for m in data.get("Mounts") or []],
+                    "options": m.get("Options") or []} for m in data.get("Mounts") or []
+                   if (m.get("Destination") or "").startswith(OUR_MOUNTS)],
         "health": health.get("Status", ""),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in (health.get("Log") or [])[-3:]],

@@ -41,11 +41,12 @@ MARKER_KEYS = {"NG_RELEASE_CODE": "code changed", "NG_RELEASE_IMAGE": "image cha
 
 
 def version_tuple(text: str | None) -> tuple[int, int]:
+    """'4.3.1' -> (4, 3); '13' -> (13, 0); None or junk -> (0, 0)."""
     try:
-        major, minor = (int(p) for p in str(text).split("-")[0].split(".")[:2])
+        parts = [int(p) for p in str(text).split("-")[0].split(".")[:2]]
     except ValueError:
         return (0, 0)
-    return (major, minor)
+    return (parts + [0])[0], (parts + [0, 0])[1]
 
 
 # -- desired state ---------------------------------------------------------------------------

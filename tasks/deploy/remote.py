@@ -13,19 +13,17 @@ Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_t
 
 from __future__ import annotations
 
-import io
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
-from invoke.exceptions import CommandTimedOut, ThreadException
 
 from tasks.deploy.hostlink import PipeClosed
 from tasks.errors import StepFailed
@@ -45,17 +43,6 @@ class SshTarget:
 
 
 @dataclass
-class Result:
-    stdout: str
-    stderr: str
-    exited: int
-
-    @property
-    def ok(self) -> bool:
-        return self.exited == 0
-
-
-@dataclass
 class Stats:
     """What a run cost, for the summary line and the benchmarks."""
 
@@ -63,7 +50,6 @@ class Stats:
     commands: int = 0
     steps: int = 0
     bytes_sent: int = 0
-    dry_run_commands: list[str] = field(default_factory=list)
 
 
 class SshPipe:
@@ -131,21 +117,8 @@ class SshPipe:
         return self.errors.decode("utf-8", "replace")
 
 
-class _WholeStdin(io.StringIO):
-    """Invoke reads a non-terminal ``in_stream`` one character per 10 ms poll (about
-    100 bytes/s: minutes for the host helper); hand it everything on the first read."""
-
-    def read(self, size: int | None = -1) -> str:
-        return super().read()
-
-
 def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(str(part) for part in argv)
-
-
-def last_line(text: str, lines: int = 1) -> str:
-    kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(kept[-lines:]) if kept else "(no output)"
 
 
 class Remote:
@@ -237,80 +210,6 @@ class Remote:
                              f"{self.target.describe()}: {exc}") from None
         self.stats.commands += 1
         return SshPipe(channel, self.stats)
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        step: str,
-        stdin: str | None = None,
-        changes: bool = True,
-        check: bool = True,
-        timeout: int | None = None,
-    ) -> Result:
-        """Run ``argv`` on the host. ``changes=False`` marks a read that also runs in
-        dry-run mode. ``stdin`` is the only way a secret may travel."""
-        command = shell_join(argv)
-        shown = self.redact(command)
-        if self.dry_run and changes:
-            self.stats.dry_run_commands.append(shown)
-            print(f"    would run: {shown}" + ("  (stdin: redacted)" if stdin else ""),
-                  file=self.out)
-            return Result("", "", 0)
-        connection = self._connect()
-        self.stats.commands += 1
-        if stdin is not None:
-            self.stats.bytes_sent += len(stdin.encode())
-        try:
-            result = connection.run(
-                command, hide=True, warn=True, pty=False, echo_stdin=False,
-                in_stream=_WholeStdin(stdin) if stdin is not None else False,
-                timeout=timeout or self.command_timeout,
-            )
-        except CommandTimedOut:
-            raise StepFailed(step, f"`{shown}` timed out after "
-                             f"{timeout or self.command_timeout}s") from None
-        except ThreadException as exc:
-            # stdin could not be written (the command ended or the channel closed first)
-            self.close()
-            reason = exc.exceptions[0].value if exc.exceptions else exc
-            raise StepFailed(step, f"`{shown}` lost its input stream: "
-                             f"{self.redact(str(reason))}") from None
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            self._connection = None
-            raise StepFailed(step, f"connection lost during `{shown}`: {exc}") from None
-        outcome = Result(result.stdout, result.stderr, result.exited)
-        if check and not outcome.ok:
-            tail = self.redact(last_line(outcome.stderr or outcome.stdout))
-            raise StepFailed(step, f"`{shown}` exited {outcome.exited}: {tail}")
-        return outcome
-
-    def stream(self, argv: Sequence[str], *, step: str) -> int:
-        """Run a read-only command with its output shown live (``logs -f``); no timeout."""
-        command = shell_join(argv)
-        connection = self._connect()
-        self.stats.commands += 1
-        try:
-            result = connection.run(command, hide=False, warn=True, pty=False, in_stream=False)
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise StepFailed(step, f"connection lost during `{command}`: {exc}") from None
-        return result.exited
-
-    def put(self, data: bytes, remote_path: str, *, step: str, mode: int = 0o600) -> None:
-        """Upload bytes over the same connection (SFTP), for file deltas."""
-        if self.dry_run:
-            print(f"    would upload {len(data)} bytes to {remote_path}", file=self.out)
-            return
-        connection = self._connect()
-        try:
-            sftp = connection.sftp()
-            with sftp.open(remote_path, "wb") as handle:
-                handle.set_pipelined(True)
-                handle.write(data)
-            sftp.chmod(remote_path, mode)
-        except (OSError, paramiko.SSHException) as exc:
-            raise StepFailed(step, f"upload to {remote_path} failed: {exc}") from None
-        self.stats.bytes_sent += len(data)
 
     # -- progress ---------------------------------------------------------------------
     def progress(self, line: str) -> None:

@@ -77,7 +77,8 @@ class HostSession:
     def __enter__(self) -> HostSession:
         settings = self.settings
         rootful = not settings["rootless"]
-        state = cmd.STATE_DIR if rootful else "~/.local/state/nightguard"
+        state = self.paths.get("state") or (cmd.STATE_DIR if rootful
+                                            else "~/.local/state/nightguard")
         pipe = self.remote.open_pipe(cmd.bootstrap(BOOTSTRAP, rootful), step="connect")
         self.link = HostLink(pipe, redact=self.remote.redact, on_progress=self._progress)
         args = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import os
@@ -15,15 +14,25 @@ import pytest
 
 from tasks.config import load_settings
 from tasks.deploy.compose import check_compose, health_command, load_compose
-from tasks.deploy.plan import IMAGE_INPUTS, desired_state, make_plan, secret_digest
+from tasks.deploy.plan import (
+    IMAGE_INPUTS,
+    desired_state,
+    host_needs,
+    make_plan,
+    rotated_release,
+    secret_digest,
+    secrets_label,
+)
 from tasks.deploy.sync import (
-    ALWAYS_EXCLUDED,
+    NEVER,
     Delta,
+    SyncRules,
     compute_delta,
     delta_tarball,
+    file_entry,
     is_excluded,
     local_manifest,
-    read_ignore_file,
+    rules_for,
     tree_hash,
 )
 from tasks.errors import ConfigError
@@ -185,6 +194,7 @@ def test_load_compose_errors(tmp_path):
     (".env.production", True),
     ("deployment/.env", True),
     (".env.example", False),
+    ("deployment/.env.example", False),
     (".git", True),
     (".git/config", True),
     ("pkg/__pycache__/mod.cpython-311.pyc", True),
@@ -192,26 +202,14 @@ def test_load_compose_errors(tmp_path):
     (".venv/bin/python", True),
     (".sandbox/disk.qcow2", True),
     (".ssh/known_hosts", True),
+    ("knowledge/.netrc", True),
+    ("deployment/key.pem", True),
     ("execution/system/night_guard.py", False),
     ("environment.md", False),
     ("docs/env.txt", False),
 ])
-def test_is_excluded_always(rel, excluded):
-    assert is_excluded(rel, list(ALWAYS_EXCLUDED)) is excluded
-
-
-def test_deployignore_patterns(tmp_path):
-    (tmp_path / ".deployignore").write_text(
-        "# local only\n\nlogs/\n*.log\ndata/cache/*\n  notes.txt  \n")
-    patterns = read_ignore_file(tmp_path)
-    assert patterns == ["logs", "*.log", "data/cache/*", "notes.txt"]
-    assert is_excluded("logs/today.txt", patterns)
-    assert is_excluded("agent/run.log", patterns)
-    assert is_excluded("data/cache/blob", patterns)
-    assert is_excluded("sub/notes.txt", patterns)
-    assert not is_excluded("data/keep.json", patterns)
-    assert not is_excluded("catalogs/x.txt", patterns)
-    assert read_ignore_file(tmp_path / "nowhere") == []
+def test_never_synced(rel, excluded):
+    assert is_excluded(rel, NEVER) is excluded
 
 
 def make_tree(root: Path, files: dict[str, str]) -> Path:
@@ -225,26 +223,87 @@ def make_tree(root: Path, files: dict[str, str]) -> Path:
 SOURCE_FILES = {
     "execution/system/night_guard.py": "print('guard')\n",
     "execution/system/health_check.py": "print('ok')\n",
-    "README.md": "# agent\n",
-    ".env.example": "TELEGRAM_BOT_TOKEN=\n",
+    "directives/README.md": "# agent\n",
+    "knowledge/README.md": "# notes\n",
 }
+ROOTS = SyncRules(roots=("execution", "directives", "knowledge", "deployment"))
 
 
-def test_local_manifest_of_a_tree(tmp_path):
+def entry(text: str, mode: int = 0o644) -> str:
+    return file_entry(text.encode(), mode)
+
+
+def test_only_the_declared_folders_travel(tmp_path):
     make_tree(tmp_path, {
         **SOURCE_FILES,
         ".env": "TELEGRAM_BOT_TOKEN=secret\n",
-        ".env.local": "X=1\n",
-        ".git/HEAD": "ref: refs/heads/main\n",
+        "prod.env": "TELEGRAM_BOT_TOKEN=secret\n",
+        "secrets.env": "X=1\n",
+        "tasks/deploy.py": "laptop only\n",
+        "service-account.json": "{}\n",
         "execution/__pycache__/x.cpython-311.pyc": "bytecode",
-        "logs/today.log": "noise\n",
-        ".deployignore": "logs\n",
+        ".git/HEAD": "ref: refs/heads/main\n",
     })
-    os.symlink(tmp_path / "README.md", tmp_path / "link.md")
-    manifest = local_manifest(tmp_path)
-    assert sorted(manifest) == sorted([*SOURCE_FILES, ".deployignore"])
-    digest = hashlib.sha256(SOURCE_FILES["README.md"].encode()).hexdigest()
-    assert manifest["README.md"] == digest
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+    os.symlink(tmp_path / "prod.env", tmp_path / "knowledge" / "link.md")
+    manifest = local_manifest(tmp_path, ROOTS)
+    assert sorted(manifest) == sorted(SOURCE_FILES)
+    assert manifest["directives/README.md"] == entry("# agent\n")
+
+
+def test_exclude_globs_and_the_env_file_under_any_name(tmp_path):
+    make_tree(tmp_path, {**SOURCE_FILES, "knowledge/logs/today.log": "noise\n",
+                         "knowledge/local.cfg": "A=1\n"})
+    rules = SyncRules(roots=ROOTS.roots, exclude=("*.log",),
+                      never_paths=((tmp_path / "knowledge/local.cfg").resolve(),))
+    manifest = local_manifest(tmp_path, rules)
+    assert "knowledge/logs/today.log" not in manifest
+    assert "knowledge/local.cfg" not in manifest  # the configured env_file, renamed
+
+
+@pytest.mark.parametrize(("name", "content", "why"), [
+    ("knowledge/key.txt", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n", "private key"),
+    ("knowledge/tls.txt", "-----BEGIN RSA PRIVATE KEY-----\nabc\n", "private key"),
+    ("knowledge/sa.json", '{"type": "service_account", "private_key": "x"}', "credentials"),
+    ("knowledge/_netrc", "machine a login b password c\n", ".netrc"),
+    ("knowledge/notes.md", f"token is {TOKEN}\n", "value from .env"),
+])
+def test_a_file_that_looks_like_a_credential_stops_the_sync(tmp_path, name, content, why):
+    make_tree(tmp_path, {**SOURCE_FILES, name: content})
+    rules = SyncRules(roots=ROOTS.roots, values=(TOKEN.encode(),))
+    with pytest.raises(ConfigError) as info:
+        local_manifest(tmp_path, rules)
+    message = str(info.value)
+    assert message.startswith(name) and why in message
+    assert "nightguard.sync.exclude" in message and "nightguard.sync.allow" in message
+    assert TOKEN not in message and "\n" not in message
+    allowed = SyncRules(roots=ROOTS.roots, values=(TOKEN.encode(),), allow=(name,))
+    assert name in local_manifest(tmp_path, allowed)
+
+
+def test_modes_are_part_of_the_manifest(tmp_path):
+    make_tree(tmp_path, SOURCE_FILES)
+    path = tmp_path / "execution/system/night_guard.py"
+    path.chmod(0o600)
+    private = local_manifest(tmp_path, ROOTS)["execution/system/night_guard.py"]
+    path.chmod(0o755)
+    assert local_manifest(tmp_path, ROOTS)["execution/system/night_guard.py"] != private
+    assert private.endswith(":600")
+
+
+def test_rules_from_settings_never_send_env_or_credentials(tmp_path):
+    (tmp_path / "creds.json").write_text("{}")
+    settings = load_settings(root=tmp_path, environ={}, overrides={
+        "env_file": "config/my.env", "gcp.credentials_file": "creds.json",
+        "sync.exclude": "*.tmp", "sync.allow": "knowledge/sample.pem"})
+    rules = rules_for(settings, {"telegram_bot_token": TOKEN})
+    assert rules.roots == ("execution", "directives", "knowledge", "deployment")
+    assert (tmp_path / "config/my.env").resolve() in rules.never_paths
+    assert (tmp_path / "creds.json").resolve() in rules.never_paths
+    assert rules.exclude == ("*.tmp",) and rules.allow == ("knowledge/sample.pem",)
+    assert rules.values == (TOKEN.encode(),)
 
 
 def test_tree_hash_depends_on_names_and_contents():
@@ -262,7 +321,7 @@ def test_compute_delta():
     synced = ["same.py", "changed.py", "gone.py", "gone_already.py"]
     delta = compute_delta(local, remote, synced)
     assert delta.changed == ("changed.py", "new.py")
-    assert delta.deleted == ("gone.py",)  # agent-made files and already-gone ones stay out
+    assert delta.deleted == ("gone.py",)  # files we never synced and already-gone ones stay out
     assert delta.describe() == "2 file(s) to send, 1 to remove"
     assert delta
 
@@ -278,7 +337,7 @@ def test_delta_tarball_round_trip(tmp_path):
     make_tree(tmp_path, SOURCE_FILES)
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "execution/system/night_guard.py").chmod(0o755)
-    files = ("blob.bin", "execution/system/night_guard.py", "README.md")
+    files = ("blob.bin", "execution/system/night_guard.py", "directives/README.md")
     data = delta_tarball(tmp_path, files)
     assert data[:2] == b"\x1f\x8b"  # gzip
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
@@ -318,6 +377,10 @@ def digests_for(salt: str, token: str = TOKEN, gemini: str = GEMINI) -> dict[str
             "gemini_api_key": secret_digest(salt, gemini)}
 
 
+def desired_for(settings, digests, podman="4.3.1"):
+    return desired_state(settings, digests, podman=podman)
+
+
 def deployed_facts(desired, digests) -> dict:
     """The recorded deployed host, with the tree-dependent fields taken from desired_state."""
     facts = load_fixture("deployed_host.json")
@@ -325,11 +388,12 @@ def deployed_facts(desired, digests) -> dict:
     facts["synced"] = sorted(desired.manifest)
     facts["image_tags"] = sorted({*facts["image_tags"], desired.image_tag})
     facts["unit_text"] = desired.unit_text
+    facts["markers_text"] = desired.markers_text
     facts["secret_hashes"] = dict(digests)
-    labels = dict(desired.spec.labels)
-    labels["nightguard.spec"] = desired.spec.spec_hash()
-    facts["container"]["labels"] = labels
+    facts["container"]["markers"] = dict(desired.markers)
     facts["container"]["image"] = desired.image_ref
+    facts["state"] = {"history": [desired.release("2026-11-29T00:00:00Z")],
+                      "verified": desired.version}
     return facts
 
 
@@ -339,34 +403,47 @@ def deployed(project):
     settings = plan_settings(root, source)
     salt = load_fixture("deployed_host.json")["secret_salt"]
     digests = digests_for(salt)
-    desired = desired_state(settings, digests)
+    desired = desired_for(settings, digests)
     return settings, desired, digests, deployed_facts(desired, digests), source
+
+
+def test_recorded_fixture_is_a_real_podman_host():
+    facts = load_fixture("deployed_host.json")
+    assert facts["podman"] == "4.3.1" and facts["container"]["source"] == "files"
+    assert set(facts["container"]["markers"]) == {
+        "NG_RELEASE_CODE", "NG_RELEASE_IMAGE", "NG_RELEASE_SECRETS", "NG_RELEASE_SPEC",
+        "NG_RELEASE_VERSION"}
+    assert {m["destination"] for m in facts["container"]["mounts"]} >= {"/app", "/data"}
 
 
 def test_desired_state_reads_the_project_files(project):
     root, source = project
     settings = plan_settings(root, source)
-    desired = desired_state(settings, {})
+    desired = desired_for(settings, {})
     assert sorted(desired.manifest) == sorted(SOURCE_FILES)
     assert desired.code_hash == tree_hash(desired.manifest)
     assert desired.image_ref == f"localhost/nightguard:{desired.image_tag}"
-    assert desired.version == f"{desired.image_tag}/{desired.code_hash}"
+    assert desired.markers["NG_RELEASE_CODE"] == desired.code_hash
+    assert desired.markers["NG_RELEASE_SECRETS"] == secrets_label({})
+    assert desired.markers_text.startswith("NG_RELEASE_CODE=")
     assert desired.spec.memory_swap == "2700m"
     assert "--memory-swap 2700m" in desired.unit_text
+    assert "--network slirp4netns" in desired.unit_text
+    assert "--network pasta" in desired_for(settings, {}, podman="5.4.2").unit_text
 
 
 def test_fresh_host_plans_every_step(project):
     root, source = project
     settings = plan_settings(root, source)
     digests = digests_for("00" * 32)
-    desired = desired_state(settings, digests)
+    desired = desired_for(settings, digests)
     plan = make_plan(settings, desired, load_fixture("fresh_host.json"), digests)
     assert plan.swap
-    assert not plan.remove_env_file
+    assert not plan.remove_env_file and not plan.install
     assert sorted(plan.delta.changed) == sorted(SOURCE_FILES)
     assert plan.delta.deleted == ()
     assert plan.secrets == ["telegram_bot_token", "gemini_api_key"]
-    assert plan.build_image and plan.write_unit and plan.restart
+    assert plan.build_image and plan.write_unit and plan.write_markers and plan.restart
     assert "container is not running" in plan.reasons
     assert len(plan.lines()) == 6
     assert plan
@@ -380,34 +457,57 @@ def test_up_to_date_host_plans_nothing(deployed):
     assert plan.reasons == []
 
 
+def test_unverified_release_gets_a_health_gate(deployed):
+    settings, desired, digests, facts, _ = deployed
+    facts["state"]["verified"] = "0" * 12  # the last deploy was cut during its gate
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.gate and not plan.restart
+    assert plan.lines() == ["health: the last deploy did not finish its health gate; check it"]
+
+
 def test_one_changed_file_is_a_delta_of_one_and_a_restart(deployed):
     settings, _, digests, facts, source = deployed
     (source / "execution/system/night_guard.py").write_text("print('guard v2')\n")
-    desired = desired_state(settings, digests)
+    desired = desired_for(settings, digests)
     plan = make_plan(settings, desired, facts, digests)
     assert plan.delta.changed == ("execution/system/night_guard.py",)
     assert plan.delta.deleted == ()
-    assert plan.restart
-    assert plan.reasons == ["nightguard.code changed"]
-    assert plan.write_unit  # the unit carries the code label
+    assert plan.restart and plan.write_markers
+    assert plan.reasons == ["code changed"]
+    assert not plan.write_unit  # the code hash travels in the markers file, not the unit
     assert not (plan.swap or plan.secrets or plan.build_image or plan.remove_env_file)
+
+
+def test_a_container_started_before_the_markers_changed_is_restarted(deployed):
+    settings, desired, digests, facts, _ = deployed
+    facts["container"]["markers"]["NG_RELEASE_CODE"] = "0" * 12  # cut after the markers
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.restart and not plan.write_markers and plan.reasons == ["code changed"]
 
 
 def test_a_file_removed_locally_is_removed_on_the_host_but_agent_files_stay(deployed):
     settings, _, digests, facts, source = deployed
-    (source / "README.md").unlink()
-    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
-    assert plan.delta.deleted == ("README.md",)
+    (source / "directives/README.md").unlink()
+    plan = make_plan(settings, desired_for(settings, digests), facts, digests)
+    assert plan.delta.deleted == ("directives/README.md",)
     assert plan.delta.changed == ()
     assert "data/agent_state.db" not in plan.delta.deleted
 
 
-def test_rotated_secret_updates_it_and_restarts(deployed):
+def test_links_found_in_the_app_dir_are_removed(deployed):
     settings, desired, digests, facts, _ = deployed
+    facts["links"] = ["knowledge/README.md"]
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.links == ["knowledge/README.md"]
+    assert "sync: remove 1 symbolic link(s) from the app dir" in plan.lines()
+
+
+def test_rotated_secret_updates_it_and_restarts(deployed):
+    settings, _, digests, facts, _ = deployed
     rotated = dict(digests, gemini_api_key=secret_digest(facts["secret_salt"], "rotated"))
-    plan = make_plan(settings, desired, facts, rotated)
+    plan = make_plan(settings, desired_for(settings, rotated), facts, rotated)
     assert plan.secrets == ["gemini_api_key"]
-    assert plan.restart
+    assert plan.restart and "secret values changed" in plan.reasons
     assert not plan.delta and not plan.build_image and not plan.write_unit
 
 
@@ -422,11 +522,8 @@ def test_podman_compose_drift(deployed):
     settings, desired, digests, _, _ = deployed
     facts = load_fixture("podman_compose_host.json")
     plan = make_plan(settings, desired, facts, digests)
-    assert plan.write_unit
-    assert plan.remove_env_file
-    assert plan.restart
-    assert plan.build_image
-    assert "nightguard.spec changed" in plan.reasons
+    assert plan.write_unit and plan.remove_env_file and plan.restart and plan.build_image
+    assert "container spec changed" in plan.reasons
     assert "container is not running" not in plan.reasons
     assert not plan.swap
     assert "host: remove the plain-text .env from the app dir" in plan.lines()
@@ -435,7 +532,7 @@ def test_podman_compose_drift(deployed):
 def test_missing_unit_is_written(deployed):
     settings, desired, digests, facts, _ = deployed
     facts["unit_text"] = None
-    facts["unit_enabled"] = "not-found"
+    facts["unit_enabled"] = False
     plan = make_plan(settings, desired, facts, digests)
     assert plan.write_unit and plan.restart
     assert plan.lines() == ["unit: write the systemd unit and enable it",
@@ -444,7 +541,7 @@ def test_missing_unit_is_written(deployed):
 
 def test_disabled_unit_is_enabled(deployed):
     settings, desired, digests, facts, _ = deployed
-    facts["unit_enabled"] = "disabled"
+    facts["unit_enabled"] = False
     assert make_plan(settings, desired, facts, digests).write_unit
 
 
@@ -459,9 +556,9 @@ def test_changed_limit_rewrites_the_unit(project, deployed):
     root, source = project
     _, _, digests, facts, _ = deployed
     settings = plan_settings(root, source, **{"limits.memory_reservation": "400m"})
-    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
+    plan = make_plan(settings, desired_for(settings, digests), facts, digests)
     assert plan.write_unit and plan.restart
-    assert "nightguard.spec changed" in plan.reasons
+    assert "container spec changed" in plan.reasons
     assert not plan.build_image and not plan.delta
 
 
@@ -469,15 +566,16 @@ def test_changed_base_image_rebuilds(project, deployed):
     root, source = project
     _, _, digests, facts, _ = deployed
     settings = plan_settings(root, source, base_image="docker.io/library/python:3.12-slim")
-    plan = make_plan(settings, desired_state(settings, digests), facts, digests)
+    plan = make_plan(settings, desired_for(settings, digests), facts, digests)
     assert plan.build_image
-    assert "nightguard.image changed" in plan.reasons
+    assert "image changed" in plan.reasons
 
 
 @pytest.mark.parametrize(("key", "value"), [
     ("swapfile_mode", "0o644"),
     ("swappiness", 60),
     ("swappiness_persisted", None),
+    ("swappiness_persisted", "vm.swappiness=60"),
     ("swap_in_fstab", False),
     ("swapfile_size", 1024**3),
     ("swaps", []),
@@ -494,4 +592,75 @@ def test_secret_digest_is_keyed():
     assert secret_digest("00" * 32, "v") == secret_digest("00" * 32, "v")
     assert secret_digest("00" * 32, "v") != secret_digest("01" * 32, "v")
     assert GEMINI not in secret_digest("00" * 32, GEMINI)
-    assert len(secret_digest("00" * 32, "v")) == 64
+
+
+def test_rotated_release_keeps_code_image_and_unit(deployed):
+    settings, desired, digests, facts, _ = deployed
+    release = facts["state"]["history"][0]
+    new = dict(digests, gemini_api_key=secret_digest(facts["secret_salt"], "rotated"))
+    rotated = rotated_release(release, new, "later")
+    assert rotated["unit_text"] == release["unit_text"]
+    assert rotated["version"] != release["version"]
+    assert rotated["secrets"] == new
+    again = desired_for(settings, new)
+    assert rotated["version"] == again.version  # the same as a deploy of those values
+    assert rotated["markers_text"] == again.markers_text
+
+
+# -- what the host lacks --------------------------------------------------------------------
+def bare(facts: dict, *missing: str, **changes) -> dict:
+    facts = copy.deepcopy(facts)
+    for tool in missing:
+        facts["tools"][tool] = None
+    if "podman" in missing:
+        facts["podman"] = None
+    facts.update(changes)
+    return facts
+
+
+def test_a_host_without_podman_gets_it_installed(deployed):
+    settings, desired, digests, facts, _ = deployed
+    needs = host_needs(settings, bare(facts, "podman", "slirp4netns"))
+    assert needs.install == ["podman", "slirp4netns"] and needs.problems == []
+    plan = make_plan(settings, desired, bare(facts, "podman"), digests)
+    assert plan.lines()[0] == "host: install podman (apt-get)"
+
+
+def test_trixie_gets_nftables_and_passt(deployed):
+    settings, _, _, facts, _ = deployed
+    trixie = bare(facts, "podman", "iptables", "slirp4netns",
+                  os={"id": "debian", "version_id": "13", "like": [], "name": "Debian 13"})
+    assert host_needs(settings, trixie).install == ["podman", "nftables", "passt"]
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"os": {"id": "fedora", "version_id": "40", "like": [], "name": "Fedora 40"}},
+     "is not Debian or Ubuntu"),
+    ({"os": {"id": "ubuntu", "version_id": "22.04", "like": ["debian"],
+             "name": "Ubuntu 22.04"}}, "ships 3.4.4"),
+    ({"apt_reachable": {"deb.debian.org:80": False}}, "reaches no package mirror"),
+])
+def test_a_host_that_cannot_get_podman_is_refused_in_one_line(deployed, changes, expected):
+    settings, _, _, facts, _ = deployed
+    needs = host_needs(settings, bare(facts, "podman", **changes))
+    assert len(needs.problems) == 1 and expected in needs.problems[0]
+    assert "\n" not in needs.problems[0]
+
+
+def test_old_podman_is_refused(deployed):
+    settings, _, _, facts, _ = deployed
+    needs = host_needs(settings, bare(facts, podman="3.4.4"))
+    assert needs.problems and "older than the minimum 4.3" in needs.problems[0]
+
+
+def test_rootless_installs_nothing_and_says_the_command(project, deployed):
+    root, source = project
+    _, _, _, facts, _ = deployed
+    settings = plan_settings(root, source, rootless=True)
+    needs = host_needs(settings, bare(facts, "podman", "newuidmap"))
+    assert needs.problems and "sudo apt-get install podman uidmap" in needs.problems[0]
+
+
+def test_no_systemd_is_a_problem(deployed):
+    settings, _, _, facts, _ = deployed
+    assert "systemd is not running" in host_needs(settings, bare(facts, systemd=False)).problems[0]

@@ -341,3 +341,42 @@ def test_every_known_key_round_trips_through_its_env_name():
         assert ENV_NAMES[env_var_name(path)] == path
     assert env_var_name(("limits", "memory_swap")) == "NIGHTGUARD_LIMITS_MEMORY_SWAP"
     assert env_var_name(("ssh", "host")) == "NIGHTGUARD_SSH_HOST"
+
+
+# -- values that reach a unit file, an argv or Podman --------------------------------------------
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"NIGHTGUARD_IMAGE_NAME": "localhost/ng\nExecStartPre=/bin/sh -c id"},
+     "nightguard.image_name: contains a control character"),
+    ({"NIGHTGUARD_AGENT_COMMAND": "python3 a.py\x00"}, "agent_command: contains a control"),
+    ({"NIGHTGUARD_CONTAINER_NAME": "night guard"}, "not a valid container name"),
+    ({"NIGHTGUARD_CONTAINER_NAME": "-x"}, "not a valid container name"),
+    ({"NIGHTGUARD_IMAGE_NAME": "localhost/NightGuard"}, "not a valid image name"),
+    ({"NIGHTGUARD_IMAGE_NAME": "localhost/nightguard:1"}, "not a valid image name"),
+    ({"NIGHTGUARD_BASE_IMAGE": "python:3.11 slim"}, "not a valid image reference"),
+    ({"NIGHTGUARD_APP_DIR": "/home/ubuntu/97layerOS:/etc"}, "not a plain absolute path"),
+    ({"NIGHTGUARD_APP_DIR": "/home/ubuntu/../../etc"}, "not a plain absolute path"),
+    ({"NIGHTGUARD_APP_DIR": "relative/dir"}, "not a plain absolute path"),
+    ({"NIGHTGUARD_APP_DIR": "/etc"}, "is a system directory"),
+    ({"NIGHTGUARD_DATA_DIR": "/home/ubuntu/97layerOS/data"}, "must be apart from app_dir"),
+    ({"NIGHTGUARD_SYNC_INCLUDE": "../secrets"}, "must be a relative path inside"),
+    ({"NIGHTGUARD_SYNC_INCLUDE": ""}, "lists nothing to sync"),
+    ({"NIGHTGUARD_NETWORK": "macvlan"}, "is not one of auto"),
+])
+def test_hostile_or_typoed_values_are_refused_in_one_line(tmp_path, env, expected):
+    assert expected in config_error(tmp_path, env)
+
+
+def test_lists_from_yaml_and_the_environment(tmp_path):
+    write_yaml(tmp_path, """\
+        nightguard:
+          sync:
+            include: [execution, knowledge]
+            exclude: ["*.log"]
+    """)
+    settings = load(tmp_path, {"NIGHTGUARD_SYNC_ALLOW": "knowledge/a.pem, knowledge/b.pem"})
+    assert settings["sync.include"] == ["execution", "knowledge"]
+    assert settings["sync.exclude"] == ["*.log"]
+    assert settings["sync.allow"] == ["knowledge/a.pem", "knowledge/b.pem"]
+    assert "not a list" not in str(settings.sources)
+    write_yaml(tmp_path, "nightguard:\n  sync:\n    include: 5\n")
+    assert "expected a list of strings" in config_error(tmp_path)

@@ -1,17 +1,16 @@
-"""Pure parts of the orchestration: secrets change detection, unit relabelling, lock
-messages, `inv health` verdicts and the limit drift check."""
+"""Pure parts of the orchestration: secrets change detection, lock messages, release
+picking, `inv health` verdicts and the limit drift check."""
 
 from __future__ import annotations
 
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy.apply import limit_drift, podman_at_least
-from tasks.deploy.deploy import digests_for, lock_failure
-from tasks.deploy.envfile import SecretValues
-from tasks.deploy.health import render, summarize
-from tasks.deploy.plan import secret_digest, secrets_label
-from tasks.deploy.secrets import changed_names, pick_names, relabel_unit
+from tasks.deploy.health import exit_reason, render, summarize
+from tasks.deploy.history import pick_release
+from tasks.deploy.plan import changed_secrets, limit_drift, secret_digest, secret_digests
+from tasks.deploy.secrets import pick_names
+from tasks.deploy.session import LockHeld
 from tasks.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -36,32 +35,24 @@ def test_secret_digest_is_keyed_and_never_the_value():
     assert digest == secret_digest(SALT, "tg-value")
 
 
-def test_changed_names_compares_keyed_hashes():
-    values = SecretValues({"telegram_bot_token": "new", "gemini_api_key": "same"})
+def test_changed_secrets_compares_keyed_hashes():
+    values = {"telegram_bot_token": "new", "gemini_api_key": "same"}
     facts = {"secret_salt": SALT,
              "secrets": {"telegram_bot_token": "x", "gemini_api_key": "y"},
              "secret_hashes": {"telegram_bot_token": secret_digest(SALT, "old"),
                                "gemini_api_key": secret_digest(SALT, "same")}}
-    assert changed_names(facts, values) == ["telegram_bot_token"]
+    digests = secret_digests(facts, values)
+    assert changed_secrets(facts, digests, list(values)) == ["telegram_bot_token"]
     facts["secrets"].pop("gemini_api_key")
-    assert changed_names(facts, values) == ["telegram_bot_token", "gemini_api_key"]
+    assert changed_secrets(facts, digests, list(values)) == ["telegram_bot_token",
+                                                             "gemini_api_key"]
 
 
 def test_without_a_host_key_every_secret_counts_as_changed():
-    values = SecretValues({"telegram_bot_token": "a"})
-    assert digests_for({}, values) == {}
-    assert changed_names({"secrets": {"telegram_bot_token": "t"}}, values) == [
-        "telegram_bot_token"]
-
-
-def test_relabel_unit_changes_only_the_secrets_label():
-    unit = "ExecStart=/usr/bin/podman run --label nightguard.secrets=abc123 --label " \
-           "nightguard.code=def456 img"
-    digests = {"telegram_bot_token": "11", "gemini_api_key": "22"}
-    relabelled = relabel_unit(unit, digests)
-    assert f"nightguard.secrets={secrets_label(digests)}" in relabelled
-    assert "nightguard.code=def456" in relabelled
-    assert relabelled.replace(secrets_label(digests), "abc123") == unit
+    values = {"telegram_bot_token": "a"}
+    assert secret_digests({}, values) == {}
+    facts = {"secrets": {"telegram_bot_token": "t"}}
+    assert changed_secrets(facts, {}, list(values)) == ["telegram_bot_token"]
 
 
 def test_pick_names_rejects_unknown(settings):
@@ -71,18 +62,29 @@ def test_pick_names_rejects_unknown(settings):
         pick_names(settings, ["nope"])
 
 
-def test_lock_failure_names_holder_and_since():
-    error = lock_failure({"acquired": False, "held_by": {
-        "who": "ana@laptop", "since": "2026-11-29T10:00:00Z", "command": "deploy"}})
+def test_lock_message_names_holder_since_and_the_way_out():
+    error = LockHeld({"who": "ana@laptop", "since": "2026-11-29T10:00:00Z", "command": "deploy",
+                      "alive": True})
     assert str(error) == ("step 'lock' failed: another deploy holds the lock: ana@laptop "
-                          "(deploy) since 2026-11-29T10:00:00Z; if it is gone, run `inv unlock`")
+                          "(deploy) since 2026-11-29T10:00:00Z; if it is stuck, "
+                          "`inv unlock --force` stops it")
 
 
-def test_podman_version_gates():
-    assert podman_at_least({"podman": "4.7.0"}, (4, 7))
-    assert podman_at_least({"podman": "5.4.2"}, (4, 7))
-    assert not podman_at_least({"podman": "4.3.1"}, (4, 7))
-    assert not podman_at_least({}, (4, 7))
+def release(version: str) -> dict:
+    return {"version": version, "unit_text": "u", "markers_text": "m", "secrets": {}}
+
+
+def test_pick_release_defaults_to_the_one_before_and_takes_a_prefix():
+    history = [release("aaa111"), release("bbb222"), release("ccc333")]
+    assert pick_release(history, None)["version"] == "bbb222"
+    assert pick_release(history, "ccc")["version"] == "ccc333"
+    with pytest.raises(ConfigError, match="no such release"):
+        pick_release(history, "zzz")
+    with pytest.raises(ConfigError, match="no earlier release"):
+        pick_release(history[:1], None)
+    old_format = [release("aaa111"), {"version": "old", "unit_text": "u"}]
+    with pytest.raises(ConfigError, match="no earlier release"):
+        pick_release(old_format, None)  # recorded before releases kept markers
 
 
 def test_limit_drift_reads_inspect_and_cgroup(settings):
@@ -113,3 +115,14 @@ def test_health_verdicts(settings):
     screen = render(settings, unhealthy)
     assert screen.splitlines()[0] == "Night Guard: UNHEALTHY"
     assert "! health is unhealthy" in screen
+
+
+def test_restarts_come_from_systemd_with_the_last_exit_reason(settings):
+    answer = {"container": good_container(), "cgroup": {}, "swaps": ["/swapfile"], "host": {},
+              "lock": None, "unit": {"NRestarts": "4", "ExecMainCode": "1",
+                                     "ExecMainStatus": "3", "ActiveState": "active"}}
+    report = summarize(settings, answer)
+    assert report["restarts"] == 4 and report["last_exit"] == "exited 3"
+    assert "restarts 4, last exit exited 3" in render(settings, report)
+    assert exit_reason({"ExecMainCode": "2", "ExecMainStatus": "9"}) == "killed 9"
+    assert exit_reason({}) == "-"

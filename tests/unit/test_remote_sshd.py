@@ -1,8 +1,10 @@
-"""The SSH executor against a real OpenSSH server on 127.0.0.1 (no mocks).
+"""The SSH executor and a host session against a real OpenSSH server on 127.0.0.1.
 
 A throw-away sshd runs with its own host key, config and authorized key on a free loopback
-port; the project's known_hosts handling, stdin-only secrets, dry-run, timeouts and the
-one-line failures are checked end to end.
+port; the project's known_hosts handling, the one command's pipe, secrets that travel only
+inside it, timeouts, progress lines and one-line failures are checked end to end, and so is
+the real host helper behind that pipe: its lock, and the audit line it writes itself when
+the connection is cut from the host's side.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.deploy.envfile import SecretValues
-from tasks.deploy.facts import helper_source
+from tasks.config import load_settings
+from tasks.deploy.hostlink import PipeClosed, helper_source
 from tasks.deploy.remote import Remote, SshTarget
+from tasks.deploy.session import HostSession, LockHeld
 from tasks.errors import StepFailed
 
 SSHD = "/usr/sbin/sshd"
@@ -128,31 +131,50 @@ def remote(sshd):
         yield handle
 
 
-# -- running commands -------------------------------------------------------------------------
-def test_run_returns_stdout_and_exit_code(remote):
-    result = remote.run(["echo", "hello world"], step="echo")
-    assert result.stdout == "hello world\n"
-    assert result.exited == 0 and result.ok
-    failed = remote.run(["sh", "-c", "echo out; echo err >&2; exit 3"], step="exit", check=False)
-    assert (failed.stdout, failed.stderr, failed.exited, failed.ok) == ("out\n", "err\n", 3, False)
+def run(remote: Remote, argv: list[str], data: bytes = b"", timeout: float = 10):
+    """One command through a pipe: (stdout lines, exit code)."""
+    pipe = remote.open_pipe(argv, step="test")
+    if data:
+        pipe.send(data)
+    pipe.shutdown_write()
+    lines = []
+    try:
+        while True:
+            lines.append(pipe.readline(timeout).decode())
+    except PipeClosed:
+        pass
+    return lines, pipe.wait(timeout)
+
+
+# -- the pipe ---------------------------------------------------------------------------------
+def test_a_pipe_carries_lines_both_ways_and_the_exit_code(remote):
+    pipe = remote.open_pipe(["sh", "-c", "while read l; do echo \"got $l\"; done; exit 3"],
+                            step="echo")
+    pipe.send(b"one\n")
+    assert pipe.readline(5) == b"got one\n"
+    pipe.send(b"two\n")
+    assert pipe.readline(5) == b"got two\n"
+    pipe.shutdown_write()
+    with pytest.raises(PipeClosed):
+        pipe.readline(5)
+    assert pipe.wait(5) == 3
 
 
 def test_arguments_travel_unsplit(remote):
     odd = ["a b", "it's", '"q"', "$HOME", "*", ";", ""]
-    result = remote.run(["python3", "-c", "import sys, json; print(json.dumps(sys.argv[1:]))",
-                         *odd], step="argv")
-    assert result.stdout.strip() == json.dumps(odd)
+    lines, code = run(remote, ["python3", "-c",
+                               "import sys, json; print(json.dumps(sys.argv[1:]))", *odd])
+    assert code == 0 and lines == [json.dumps(odd) + "\n"]
 
 
 def test_one_connection_serves_many_commands(remote):
-    seen = {remote.run(["sh", "-c", "echo $SSH_CONNECTION"], step=f"n{i}").stdout
-            for i in range(12)}
+    seen = {run(remote, ["sh", "-c", "echo $SSH_CONNECTION"])[0][0] for _ in range(8)}
     assert len(seen) == 1  # the same client port every time
     assert remote.stats.connections == 1
-    assert remote.stats.commands == 12
+    assert remote.stats.commands == 8
 
 
-def test_stdin_secret_reaches_the_command_and_never_the_process_list(remote, sshd, tmp_path):
+def test_a_secret_in_the_pipe_never_shows_in_the_process_list(remote, tmp_path):
     target = tmp_path / "secret.out"
     samples: list[str] = []
     stop = threading.Event()
@@ -166,92 +188,47 @@ def test_stdin_secret_reaches_the_command_and_never_the_process_list(remote, ssh
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        remote.run(["sh", "-c", f"sleep 1.5; cat > {target}"], step="secret", stdin=SECRET)
+        _, code = run(remote, ["sh", "-c", f"sleep 1.5; cat > {target}"], SECRET.encode())
     finally:
         stop.set()
         sampler.join()
-    assert target.read_text() == SECRET
+    assert code == 0 and target.read_text() == SECRET
     assert len(samples) >= 5
     assert any("sleep 1.5" in s for s in samples)  # the sampler did see the remote command
     assert not [s for s in samples if SECRET in s]
     assert remote.stats.bytes_sent >= len(SECRET)
 
 
-def test_stdin_secret_is_not_in_the_remote_environment(remote):
-    result = remote.run(["sh", "-c", "cat >/dev/null; env"], step="env", stdin=SECRET)
-    assert result.ok and SECRET not in result.stdout
-
-
-def test_large_stdin_is_delivered_exactly_and_quickly(remote):
-    # The host helper travels on stdin; it must not trickle in byte by byte.
-    payload = helper_source()[0] + "".join(f"line {i} äöü\n" for i in range(20000))
+def test_large_data_is_delivered_exactly_and_quickly(remote):
+    payload = helper_source()[0] * 4 + b"".join(f"line {i}\n".encode() for i in range(50000))
     started = time.monotonic()
-    result = remote.run(["sha256sum"], step="hash", stdin=payload, timeout=20)
+    lines, code = run(remote, ["sha256sum"], payload, timeout=20)
     assert time.monotonic() - started < 5
-    assert result.stdout.split()[0] == hashlib.sha256(payload.encode()).hexdigest()
+    assert code == 0 and lines[0].split()[0] == hashlib.sha256(payload).hexdigest()
 
 
-# -- dry run ----------------------------------------------------------------------------------
-def test_dry_run_prints_and_does_not_change_anything(sshd, tmp_path):
-    marker = tmp_path / "marker"
-    out = io.StringIO()
-    with Remote(sshd.target(), dry_run=True, connect_timeout=5, out=out) as handle:
-        result = handle.run(["touch", str(marker)], step="touch")
-        handle.run(["podman", "secret", "create", "t", "-"], step="secret", stdin=SECRET)
-        handle.put(b"data", str(tmp_path / "uploaded"), step="upload")
-        assert result.ok and result.stdout == ""
-        assert handle.stats.connections == 0  # nothing needed the host yet
-        read = handle.run(["echo", "read only"], step="read", changes=False)
-        assert read.stdout == "read only\n"
-        assert handle.stats.connections == 1
-    shown = out.getvalue()
-    assert f"would run: touch {marker}" in shown
-    assert "would run: podman secret create t -  (stdin: redacted)" in shown
-    assert "would upload 4 bytes" in shown
-    assert SECRET not in shown
-    assert not marker.exists()
-    assert not (tmp_path / "uploaded").exists()
-    assert handle.stats.dry_run_commands == [f"touch {marker}", "podman secret create t -"]
-
-
-# -- failures ---------------------------------------------------------------------------------
-def test_timeout_names_the_step(remote):
+def test_silence_is_a_timeout_not_a_hang(remote):
+    pipe = remote.open_pipe(["sleep", "10"], step="wait")
     started = time.monotonic()
-    with pytest.raises(StepFailed) as info:
-        remote.run(["sleep", "10"], step="wait-healthy", timeout=1)
-    assert time.monotonic() - started < 5
-    assert info.value.step == "wait-healthy"
-    assert str(info.value) == "step 'wait-healthy' failed: `sleep 10` timed out after 1s"
+    with pytest.raises(TimeoutError):
+        pipe.readline(1)
+    assert time.monotonic() - started < 3
 
 
-def test_non_zero_exit_is_one_line_with_command_and_stderr_tail(sshd):
-    secrets = SecretValues({"telegram_bot_token": SECRET})
-    script = f"echo first >&2; echo 'rejected token {SECRET}' >&2; exit 4"
-    with Remote(sshd.target(), connect_timeout=5, redact=secrets.redact,
-                out=io.StringIO()) as handle:
-        with pytest.raises(StepFailed) as info:
-            handle.run(["sh", "-c", script], step="secrets")
-    message = str(info.value)
-    assert "\n" not in message
-    assert SECRET not in message
-    assert info.value.step == "secrets"
-    assert message.startswith("step 'secrets' failed: `sh -c ")
-    assert "rejected token [REDACTED]" in message.split("exited 4:")[0]  # command, redacted
-    assert message.endswith("exited 4: rejected token [REDACTED]")
-    assert "first" not in message.split("exited 4:")[1]  # only the tail
+def test_stderr_is_kept_apart_for_the_error_message(remote):
+    pipe = remote.open_pipe(["sh", "-c", "echo out; echo 'sudo: a password is required' >&2"],
+                            step="s")
+    assert pipe.readline(5) == b"out\n"
+    assert pipe.wait(5) == 0
+    assert "a password is required" in pipe.stderr_tail()
 
 
-def test_non_zero_exit_without_stderr_uses_stdout(remote):
-    with pytest.raises(StepFailed) as info:
-        remote.run(["sh", "-c", "echo only-stdout; exit 2"], step="s")
-    assert str(info.value).endswith("exited 2: only-stdout")
-
-
+# -- connecting -------------------------------------------------------------------------------
 def test_unreachable_port(sshd):
     port = free_port()
     with Remote(sshd.target(port=port), connect_timeout=2, out=io.StringIO()) as handle:
         with pytest.raises(StepFailed) as info:
-            handle.run(["true"], step="facts")
+            handle.open_pipe(["true"], step="facts")
     assert info.value.step == "connect"
     assert f"root@127.0.0.1:{port} unreachable within 2s" in str(info.value)
     assert "\n" not in str(info.value)
@@ -264,7 +241,7 @@ def test_wrong_host_key_is_refused(sshd, tmp_path):
     with Remote(sshd.target(known_hosts=str(known_hosts)), connect_timeout=5,
                 out=io.StringIO()) as handle:
         with pytest.raises(StepFailed) as info:
-            handle.run(["touch", str(tmp_path / "never")], step="facts")
+            handle.open_pipe(["touch", str(tmp_path / "never")], step="facts")
     assert info.value.step == "connect"
     assert "host key does not match" in str(info.value)
     assert str(known_hosts) in str(info.value)
@@ -277,7 +254,7 @@ def test_unknown_host_key_is_refused_not_added(sshd, tmp_path):
     with Remote(sshd.target(known_hosts=str(known_hosts)), connect_timeout=5,
                 out=io.StringIO()) as handle:
         with pytest.raises(StepFailed) as info:
-            handle.run(["true"], step="facts")
+            handle.open_pipe(["true"], step="facts")
     assert info.value.step == "connect"
     assert "host key unknown" in str(info.value)
     assert known_hosts.read_text() == ""
@@ -288,37 +265,87 @@ def test_wrong_client_key_fails_to_authenticate(sshd, tmp_path):
     with Remote(sshd.target(key_filename=str(tmp_path / "stranger")), connect_timeout=5,
                 out=io.StringIO()) as handle:
         with pytest.raises(StepFailed) as info:
-            handle.run(["true"], step="facts")
+            handle.open_pipe(["true"], step="facts")
     assert info.value.step == "connect"
     assert "\n" not in str(info.value)
 
 
-# -- upload -----------------------------------------------------------------------------------
-def test_put_uploads_over_the_same_connection(remote, tmp_path):
-    remote.run(["true"], step="first")
-    data = bytes(range(256)) * 1024
-    path = tmp_path / "delta.tar.gz"
-    remote.put(data, str(path), step="upload", mode=0o640)
-    assert path.read_bytes() == data
-    assert path.stat().st_mode & 0o777 == 0o640
-    assert remote.stats.connections == 1
-    assert remote.stats.bytes_sent >= len(data)
-    assert remote.run(["stat", "-c", "%s", str(path)], step="size").stdout.strip() == \
-        str(len(data))
-
-
-def test_put_to_a_missing_directory_is_a_step_failure(remote, tmp_path):
-    with pytest.raises(StepFailed) as info:
-        remote.put(b"x", str(tmp_path / "no" / "such" / "dir" / "f"), step="upload")
-    assert info.value.step == "upload"
-    assert "upload to" in str(info.value) and "failed" in str(info.value)
-
-
-def test_step_progress_lines(remote):
+# -- progress ---------------------------------------------------------------------------------
+def test_step_lines_and_a_plain_line_every_few_seconds_when_not_a_terminal(remote):
     with remote.step("sync", "2 files"):
-        remote.run(["true"], step="sync")
+        pass
     with pytest.raises(StepFailed), remote.step("image"):
-        remote.run(["false"], step="image")
+        raise StepFailed("image", "broken")
+    with remote.step("health"):
+        time.sleep(5.6)
     lines = remote.out.getvalue().splitlines()
     assert lines[0].startswith("  - sync: 2 files (") and lines[0].endswith("s)")
     assert lines[1].startswith("  x image (")
+    assert lines[2] == "  ~ health: running (5s)"
+    assert lines[3].startswith("  - health (5.")
+
+
+# -- the host helper behind the pipe ---------------------------------------------------------
+def session_settings(tmp_path):
+    # rootless: no sudo on this machine; the helper runs as the SSH user (root here)
+    return load_settings(root=tmp_path, environ={}, overrides={
+        "target": "ssh", "ssh.host": "127.0.0.1", "rootless": True,
+        "app_dir": str(tmp_path / "app"), "data_dir": str(tmp_path / "data")})
+
+
+def host_paths(tmp_path) -> dict:
+    state = tmp_path / "state"
+    return {"state": str(state), "graphroot": str(tmp_path / "storage"),
+            "runroot": str(tmp_path / "run"), "unit": str(tmp_path / "unit.service"),
+            "unit_wants": str(tmp_path / "wants"), "markers": str(state / "markers.env"),
+            "tool_path": str(tmp_path / "no-tools")}
+
+
+def audit(tmp_path) -> list[dict]:
+    path = tmp_path / "state" / "audit.log"
+    assert path.exists(), "the helper wrote no audit log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_session_locks_and_a_second_one_is_told_who_holds_it(sshd, tmp_path):
+    settings = session_settings(tmp_path)
+    with Remote(sshd.target(), connect_timeout=5, out=io.StringIO()) as first_remote, \
+            HostSession(first_remote, settings, command="deploy",
+                        paths=host_paths(tmp_path)) as first:
+        facts = first.facts()
+        assert facts["tools"]["podman"] is None and facts["container"] is None
+        with Remote(sshd.target(), connect_timeout=5, out=io.StringIO()) as other:
+            with pytest.raises(LockHeld) as info:
+                with HostSession(other, settings, command="deploy", paths=host_paths(tmp_path)):
+                    pass
+        assert "another deploy holds the lock" in str(info.value)
+        assert "(deploy) since" in str(info.value)
+        first.finish("no changes")
+    assert [line["outcome"] for line in audit(tmp_path)] == ["no changes"]
+    assert (tmp_path / "state" / "helper").is_dir()  # kept: the next run sends a few bytes
+
+
+def test_a_connection_cut_on_the_host_side_is_audited_as_interrupted(sshd, tmp_path):
+    settings = session_settings(tmp_path)
+    with Remote(sshd.target(), connect_timeout=5, out=io.StringIO()) as handle:
+        session = HostSession(handle, settings, command="deploy", paths=host_paths(tmp_path))
+        session.__enter__()
+        session.facts()
+        session.call("dirs", step="dirs")
+        helper_pid = int(json.loads((tmp_path / "state" / "lock.json").read_text())["pid"])
+        sshd_child = int(open(f"/proc/{helper_pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        while "sshd" not in open(f"/proc/{sshd_child}/comm").read():
+            sshd_child = int(open(f"/proc/{sshd_child}/stat").read().rsplit(")", 1)[1].split()[1])
+        os.kill(sshd_child, 9)  # the session's sshd process: the connection is gone
+        with pytest.raises(StepFailed) as info:
+            session.call("dirs", step="dirs")
+        assert "connection to the host lost" in str(info.value)
+        session.__exit__(None, None, None)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{helper_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = audit(tmp_path)
+    assert lines[-1]["outcome"] == "interrupted" and lines[-1]["steps"] == ["dirs"]
+    with Remote(sshd.target(), connect_timeout=5, out=io.StringIO()) as handle, \
+            HostSession(handle, settings, command="deploy", paths=host_paths(tmp_path)) as again:
+        again.finish("no changes")  # the lock went with the process

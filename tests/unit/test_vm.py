@@ -257,7 +257,7 @@ def test_first_use_records_the_key_and_a_changed_key_is_rejected(tmp_path, fake)
             f"[127.0.0.1]:{other_port} {first.get_name()} {first.get_base64()}\n")
         target = gcp_ssh.ssh_target(moved, _gce(moved), io.StringIO())
         with pytest.raises(StepFailed, match="host key does not match"):
-            Remote(target, connect_timeout=5).run(["true"], step="probe")
+            Remote(target, connect_timeout=5).open_pipe(["true"], step="probe")
 
 
 def test_stopped_vm_has_no_ssh_address(tmp_path, fake):
