@@ -34,9 +34,23 @@ class SecretValues:
         return text
 
 
+def decode_env_bytes(data: bytes, file_name: str) -> str:
+    """UTF-8 (a byte-order mark is dropped); a byte that is not is named by its line."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file_name}: line {line} is not UTF-8 (save the file as UTF-8)") \
+            from None
+
+
 def parse_env_text(text: str, file_name: str) -> dict[str, str]:
-    """Parse .env content; a line python-dotenv cannot read is an error, not a skip."""
+    """Parse .env content; a line python-dotenv cannot read is an error, not a skip, and so
+    is a key set twice (which value would win is not obvious to the reader)."""
     parsed: dict[str, str] = {}
+    seen: dict[str, int] = {}
     for binding in parse_stream(io.StringIO(text)):
         # A binding's text starts with the blank lines before it; count from its content.
         original = binding.original.string
@@ -48,6 +62,10 @@ def parse_env_text(text: str, file_name: str) -> dict[str, str]:
             if binding.value is None:
                 # Not echoed: a bare word on a line is often a pasted secret value.
                 raise ConfigError(f"{file_name}: line {line_no} has no '=' (expected KEY=VALUE)")
+            if binding.key in seen:
+                raise ConfigError(f"{file_name}: {binding.key} is set twice (lines "
+                                  f"{seen[binding.key]} and {line_no})")
+            seen[binding.key] = line_no
             parsed[binding.key] = binding.value
     return parsed
 
@@ -59,9 +77,10 @@ def load_secret_values(settings: Settings, names: list[str] | None = None) -> Se
     if not path.exists():
         raise ConfigError(f"{shown}: not found (copy .env.example to .env and fill it in)")
     mode = path.stat().st_mode
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"{shown}: is world-readable (run: chmod 600 {shown})")
-    parsed = parse_env_text(path.read_text(), shown)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        who = "world" if mode & stat.S_IRWXO else "group"
+        raise ConfigError(f"{shown}: is {who}-accessible (run: chmod 600 {path})")
+    parsed = parse_env_text(decode_env_bytes(path.read_bytes(), shown), shown)
     wanted = settings["secrets"] if names is None else {
         name: settings["secrets"][name] for name in names}
     values: dict[str, str] = {}

@@ -153,6 +153,7 @@ class Session:
         self.write_lock = threading.Lock()
         self.journal = []
         self.current = None
+        self.during = None  # the step that was running when the client went away
         self.lock_fd = None
         self.finished = False
         self.changing = args.get("mode") == "change"
@@ -225,7 +226,7 @@ class Session:
     def close(self):
         """The end of the session: an audit line unless `finish` wrote one, then unlock."""
         if self.changing and self.lock_fd is not None and not self.finished:
-            during = self.current
+            during = self.during or self.current
             self.audit({"outcome": "interrupted",
                         "version": self.args.get("version"),
                         "during": during,
@@ -1302,6 +1303,8 @@ def handle(s, request):
             s.journal.append(step)
         s.send({"id": request["id"], "ok": True, "result": result})
     finally:
+        if s.gone.is_set() and s.during is None:
+            s.during = step
         s.current = None
 
 

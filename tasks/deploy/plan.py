@@ -85,9 +85,12 @@ def markers_path(settings: Settings) -> str:
 
 
 def image_tag(settings: Settings) -> str:
+    """A hash of what the image is built from: the base, and the Dockerfile and agent
+    requirements as they travel in source_dir (the host builds from those)."""
+    source = settings.path("source_dir")
     parts = [settings["base_image"]]
     for rel in IMAGE_INPUTS:
-        parts.append((settings.root / rel).read_bytes().decode())
+        parts.append((source / rel).read_bytes().decode())
     return content_hash(*parts)
 
 
@@ -126,7 +129,7 @@ def network_mode(settings: Settings, podman: str | None) -> str:
 
 def build_needs_network(settings: Settings) -> bool:
     """Only when the agent's requirements list something to download."""
-    path = settings.root / IMAGE_INPUTS[1]
+    path = settings.path("source_dir") / IMAGE_INPUTS[1]
     lines = path.read_text().splitlines() if path.exists() else []
     return any(line.strip() and not line.strip().startswith("#") for line in lines)
 

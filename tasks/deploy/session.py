@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from tasks.config import Settings
 from tasks.deploy import commands as cmd
-from tasks.deploy.hostlink import BOOTSTRAP, HostLink, helper_source
+from tasks.deploy.hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
 from tasks.deploy.remote import Remote, shell_join
 from tasks.errors import StepFailed
 
@@ -134,8 +134,13 @@ class HostSession:
         if changes and not self.changing:
             print(f"    would: {self.remote.redact(describe(op, args))}", file=self.remote.out)
             return {}
-        answer = self.link.call(op, step=step, timeout=timeout or self.timeout, data=data,
-                                **args)
+        try:
+            answer = self.link.call(op, step=step, timeout=timeout or self.timeout, data=data,
+                                    **args)
+        except HostStepFailed as exc:
+            for line in exc.tail[-12:]:  # the command's own last words: the real reason
+                print(f"    | {line}", file=self.remote.out)
+            raise
         self.remote.stats.steps += 1
         if changes:
             self.done.append(step)

@@ -247,6 +247,17 @@ def external_ip(instance: compute_v1.Instance) -> str:
     return ""
 
 
+# Installs Podman while the VM boots, so the first `inv deploy` has less to do; the deploy
+# checks and installs what is missing itself and never depends on this having run.
+STARTUP_SCRIPT = """#!/bin/sh
+# nightguard: install Podman at first boot (the deploy would do it otherwise)
+command -v podman >/dev/null 2>&1 && exit 0
+export DEBIAN_FRONTEND=noninteractive
+apt-get -q update && apt-get -q -y --no-install-recommends install \\
+  podman crun conmon netavark aardvark-dns iptables slirp4netns
+"""
+
+
 def build_instance(settings: Settings, source_image: str,
                    ssh_keys: str) -> compute_v1.Instance:
     compute = v1()
@@ -257,7 +268,8 @@ def build_instance(settings: Settings, source_image: str,
     nat = compute.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
     # Guest attributes let the guest agent publish its host keys for pinning.
     items = [compute.Items(key="ssh-keys", value=ssh_keys),
-             compute.Items(key="enable-guest-attributes", value="TRUE")]
+             compute.Items(key="enable-guest-attributes", value="TRUE"),
+             compute.Items(key="startup-script", value=STARTUP_SCRIPT)]
     return compute.Instance(
         name=settings["gcp.instance"],
         machine_type=f"zones/{zone}/machineTypes/{settings['gcp.machine_type']}",

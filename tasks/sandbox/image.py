@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE_VERSION = 3  # bump to rebuild every image
-BASE_RECIPE_VERSION = 3  # 3: without docs, man pages, locales
+RECIPE_VERSION = 4  # bump to rebuild every image; 4: the laptop's CAs, apt reaches mirrors
+BASE_RECIPE_VERSION = 4  # 3: without docs, man pages, locales; 4: venv, pip, laptop's CAs
 FLAVOURS = ("bookworm", "trixie")
 BASE_IMAGE = "localhost/nightguard-base:latest"
 BASE_TAR_IN_GUEST = "/var/lib/nightguard/base.tar"
@@ -54,7 +54,12 @@ PACKAGES = tuple(
 )
 # Debian 13: pasta is rootless Podman 5's network; netavark 1.14 drives nftables, not iptables
 EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt", "nftables")}
-BASE_PACKAGES = ("python3", "ca-certificates")
+# What python:3.x-slim gives an agent: pip and venv, wheels only (no compiler)
+BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
+# The laptop's own extra certificate authorities: the guest and the app image reach the
+# package mirrors and PyPI the way the laptop does (through the same proxy, if any).
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+GUEST_CA_DIR = "/usr/local/share/ca-certificates/nightguard-laptop"
 # Smaller image, faster mkfs and boot; nothing in the guest reads these.
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
 
@@ -77,12 +82,20 @@ def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def local_cas(folder: Path = LOCAL_CA_DIR) -> dict[str, str]:
+    """{file name: PEM text} of the laptop's extra CAs (none on most laptops)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_text() for p in sorted(folder.rglob("*.crt")) if p.is_file()}
+
+
 def base_recipe() -> dict:
     return {
         "version": BASE_RECIPE_VERSION,
         "suite": "bookworm",
         "variant": "apt",
         "packages": list(BASE_PACKAGES),
+        "cas": local_cas(),
     }
 
 
@@ -102,6 +115,8 @@ def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
         raise ValueError(f"unknown os flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
     files = guest_files()
     files["/home/ubuntu/.ssh/authorized_keys"] = (0o600, pubkey.strip() + "\n")
+    for name, text in local_cas().items():
+        files[f"{GUEST_CA_DIR}/{name}"] = (0o644, text)
     return {
         "version": RECIPE_VERSION,
         "suite": flavour,
@@ -118,7 +133,8 @@ def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
             ["chown", "-R", "ubuntu:ubuntu", "/home/ubuntu/.ssh"],
             ["chmod", "700", "/home/ubuntu/.ssh"],
             "systemctl enable systemd-networkd ng-hostkeys ng-import-base".split(),
-            # apt timers would only fail: the guest reaches no mirror
+            ["update-ca-certificates"],
+            # unattended apt runs would only compete with the tests for the 2 vCPUs
             ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer"],
             ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"],
         ],
@@ -126,7 +142,7 @@ def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
 
 
 def mmdebstrap_argv(
-    suite: str, packages, target: str, mirror_url: str, excludes=DPKG_EXCLUDES
+    suite: str, packages, target: str, mirror_url: str, excludes=DPKG_EXCLUDES, hooks=()
 ) -> list[str]:
     argv = [
         "mmdebstrap",
@@ -140,6 +156,7 @@ def mmdebstrap_argv(
     # keep copyright files: licences travel with the binaries
     if excludes:
         argv.append("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+    argv += [f"--customize-hook={hook}" for hook in hooks]
     return argv + [suite, target, mirror_url]
 
 
@@ -258,14 +275,21 @@ def base_tar() -> Path:
     final = cache_dir() / "base" / recipe_key(recipe)
 
     def build(tmp: Path, log) -> None:
-        _run(
-            mmdebstrap_argv(recipe["suite"], recipe["packages"], str(tmp / "base.tar"), mirror()),
-            log,
-            2,
-        )
+        hooks = []
+        if recipe["cas"]:
+            cas = tmp / "cas"
+            cas.mkdir()
+            for name, text in recipe["cas"].items():
+                (cas / name).write_text(text)
+            hooks = [f'mkdir -p "$1{GUEST_CA_DIR}"',
+                     f'cp {cas}/*.crt "$1{GUEST_CA_DIR}/"',
+                     'chroot "$1" update-ca-certificates']
+        _run(mmdebstrap_argv(recipe["suite"], recipe["packages"], str(tmp / "base.tar"),
+                             mirror(), hooks=hooks), log, 2)
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
-    return _build_atomically(final, build, "the app base image (bookworm + python3)") / "base.tar"
+    return _build_atomically(final, build, "the app base image (bookworm, python3, pip)") \
+        / "base.tar"
 
 
 def current_recipe(flavour: str) -> tuple[dict, str]:

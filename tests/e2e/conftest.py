@@ -5,10 +5,13 @@ One shared VM per flavour per test session (booting one costs about a minute und
     sandbox                            parametrized over both (ids bookworm, trixie)
     fresh_sandbox(os_flavour)          factory for a throw-away VM a test may reboot or
                                        break; destroyed after the test
+    fresh_sandbox_module(os_flavour)   the same, shared by the tests of one file
     ssh_run(target, cmd)               runs cmd over OpenSSH, returns CompletedProcess
 Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is marked
-`e2e`; the tests skip only where QEMU is not installed. The first run on a machine builds
-the images (a few minutes per flavour), later runs only boot.
+`e2e`. Outside CI the tests skip where QEMU, mmdebstrap or sshd is missing; in CI (the CI
+environment variable is set) a missing tool fails the run instead of turning it green with
+skips. The first run on a machine builds the images (a few minutes per flavour), later
+runs only boot.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
 """
 
@@ -30,8 +33,9 @@ def pytest_configure(config):
 
 # The shared VMs carry state from file to file: the checks of a pristine sandbox come
 # first, the reboot drills last.
-FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_gcp_chain.py", "test_secrets.py",
-              "test_recovery.py")
+FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_security.py", "test_secrets.py",
+              "test_interrupts.py", "test_agent_telegram.py", "test_rootless.py",
+              "test_kube.py", "test_recovery.py", "test_bare_host.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,9 +52,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order inside each file stays
 
 
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "ssh")
+
+
 def _require_qemu():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (scripts/bootstrap.sh installs it)")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if not os.path.exists("/usr/sbin/sshd"):
+        missing.append("sshd")
+    if missing:
+        message = f"{', '.join(missing)} not installed (scripts/bootstrap.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the sandbox: {message}")
+        pytest.skip(message)
 
 
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
@@ -93,9 +106,8 @@ def sandbox(request):
 _fresh_ids = itertools.count(1)
 
 
-@pytest.fixture
-def fresh_sandbox():
-    """Factory: fresh_sandbox("bookworm") boots a new VM on a new disk; destroyed after."""
+def _fresh():
+    """Factory: make("bookworm") boots a new VM on a new disk; destroyed afterwards."""
     _require_qemu()
     made = []
 
@@ -107,5 +119,18 @@ def fresh_sandbox():
         return target
 
     yield make
-    for name in made:
-        sb.down(name, destroy=True)
+    if os.environ.get("NG_E2E_KEEP") != "1":
+        for name in made:
+            sb.down(name, destroy=True)
+
+
+@pytest.fixture
+def fresh_sandbox():
+    """A VM a single test may reboot or break."""
+    yield from _fresh()
+
+
+@pytest.fixture(scope="module")
+def fresh_sandbox_module():
+    """A VM the tests of one file break together, in order (one boot instead of several)."""
+    yield from _fresh()

@@ -1,4 +1,8 @@
-"""Running `inv` against a sandbox the way a user does, and reading the host back."""
+"""Running `inv` against a sandbox the way a user does, and reading the host back.
+
+Every probe that reads the host checks its own exit code first: an empty answer from a
+probe that failed (ssh itself failing exits 255) must never pass for "nothing there".
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.deploy.sync import local_manifest
+from tasks.config import load_settings
+from tasks.deploy.sync import local_manifest, rules_for
 
 ROOT = Path(__file__).resolve().parents[2]
 INV = str(Path(sys.executable).parent / "inv")
 CONTAINER = "97layer-nightguard"
+STATE = "/var/lib/nightguard"
+APP_DIR = "/home/ubuntu/97layerOS"
 TOKEN = "tg-e2e-9f3c1a7b55d2"
 GEMINI = "gem-e2e-4be0c2d97a61"
 
@@ -28,8 +35,12 @@ def make_env_file(directory: Path, token: str = TOKEN, gemini: str = GEMINI) -> 
 
 
 def copy_source(destination: Path) -> Path:
-    """The project's syncable files, as a separate tree a test may edit."""
-    for rel in local_manifest(ROOT):
+    """The project's deployment files and what the deploy syncs, as a tree a test edits."""
+    settings = load_settings(environ={})
+    wanted = set(local_manifest(ROOT, rules_for(settings)))
+    wanted |= {"deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt",
+               "deployment/podman-compose.nightguard.yml", "invoke.yaml"}
+    for rel in sorted(wanted):
         target = destination / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
@@ -39,7 +50,8 @@ def copy_source(destination: Path) -> Path:
 def inv_env(target: dict, env_file: Path, source: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTGUARD_")}
     env.update({"NIGHTGUARD_TARGET": "sandbox", "NIGHTGUARD_SANDBOX_NAME": target["name"],
-                "NIGHTGUARD_ENV_FILE": str(env_file), "NIGHTGUARD_SOURCE_DIR": str(source)})
+                "NIGHTGUARD_ENV_FILE": str(env_file), "NIGHTGUARD_SOURCE_DIR": str(source),
+                "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 
@@ -55,16 +67,35 @@ def start_inv(args: list[str], env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def checked(ssh_run, target, command: str, expect: int = 0) -> str:
+    """stdout of a probe whose exit code must be `expect` (255 is ssh itself failing)."""
+    done = ssh_run(target, command)
+    assert done.returncode == expect, (command, done.returncode, done.stdout, done.stderr)
+    return done.stdout
 
 
 def inspect(ssh_run, target) -> dict | None:
     done = ssh_run(target, f"sudo -n podman container inspect {CONTAINER}")
-    if done.returncode != 0:
-        return None
-    return json.loads(done.stdout)[0]
+    assert done.returncode in (0, 125), done.stderr  # 125: no such container
+    return json.loads(done.stdout)[0] if done.returncode == 0 else None
+
+
+def markers(ssh_run, target) -> dict:
+    """The NG_RELEASE_* values the running container was started with."""
+    data = inspect(ssh_run, target) or {}
+    env = dict(e.split("=", 1) for e in (data.get("Config") or {}).get("Env") or [] if "=" in e)
+    return {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")}
+
+
+def audit(ssh_run, target) -> list[dict]:
+    """The host's audit log; it must exist (an absent file is not "no new line")."""
+    text = checked(ssh_run, target, f"sudo -n cat {STATE}/audit.log")
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def wait_until(predicate, timeout: float, interval: float = 3.0):
@@ -78,7 +109,16 @@ def wait_until(predicate, timeout: float, interval: float = 3.0):
 
 
 def healthy_now(ssh_run, target) -> bool:
-    return ssh_run(target, f"sudo -n podman healthcheck run {CONTAINER}").returncode == 0
+    done = ssh_run(target, f"sudo -n podman healthcheck run {CONTAINER}")
+    assert done.returncode != 255, done.stderr
+    return done.returncode == 0
+
+
+def health_status(ssh_run, target) -> str:
+    """Podman's recorded health, read passively (no check run that would count)."""
+    data = inspect(ssh_run, target) or {}
+    state = data.get("State") or {}
+    return (state.get("Health") or state.get("Healthcheck") or {}).get("Status", "")
 
 
 def control(ssh_run, target, name: str, value: str = "1") -> None:
@@ -87,3 +127,7 @@ def control(ssh_run, target, name: str, value: str = "1") -> None:
                            f"/tmp/nightguard/control/.{name} && mv /tmp/nightguard/control/.{name}"
                            f" /tmp/nightguard/control/{name}'")
     assert done.returncode == 0, done.stderr
+
+
+def output(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr

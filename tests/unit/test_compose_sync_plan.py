@@ -354,10 +354,11 @@ def test_delta_tarball_round_trip(tmp_path):
 def project(tmp_path):
     """A project root with the deployment files, and a separate source tree to sync."""
     root = tmp_path / "project"
-    for rel in (*IMAGE_INPUTS, "deployment/podman-compose.nightguard.yml"):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, root / rel)
     source = make_tree(tmp_path / "source", SOURCE_FILES)
+    for rel in (*IMAGE_INPUTS, "deployment/podman-compose.nightguard.yml"):
+        for base in (root, source):
+            (base / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, base / rel)
     return root, source
 
 
@@ -420,7 +421,8 @@ def test_desired_state_reads_the_project_files(project):
     root, source = project
     settings = plan_settings(root, source)
     desired = desired_for(settings, {})
-    assert sorted(desired.manifest) == sorted(SOURCE_FILES)
+    assert sorted(desired.manifest) == sorted([*SOURCE_FILES, *IMAGE_INPUTS,
+                                               "deployment/podman-compose.nightguard.yml"])
     assert desired.code_hash == tree_hash(desired.manifest)
     assert desired.image_ref == f"localhost/nightguard:{desired.image_tag}"
     assert desired.markers["NG_RELEASE_CODE"] == desired.code_hash
@@ -440,7 +442,7 @@ def test_fresh_host_plans_every_step(project):
     plan = make_plan(settings, desired, load_fixture("fresh_host.json"), digests)
     assert plan.swap
     assert not plan.remove_env_file and not plan.install
-    assert sorted(plan.delta.changed) == sorted(SOURCE_FILES)
+    assert sorted(plan.delta.changed) == sorted(desired.manifest)
     assert plan.delta.deleted == ()
     assert plan.secrets == ["telegram_bot_token", "gemini_api_key"]
     assert plan.build_image and plan.write_unit and plan.write_markers and plan.restart
@@ -664,3 +666,14 @@ def test_rootless_installs_nothing_and_says_the_command(project, deployed):
 def test_no_systemd_is_a_problem(deployed):
     settings, _, _, facts, _ = deployed
     assert "systemd is not running" in host_needs(settings, bare(facts, systemd=False)).problems[0]
+
+
+def test_the_image_tag_follows_the_files_that_travel(project, deployed):
+    root, source = project
+    settings, desired, digests, facts, _ = deployed
+    with open(source / "deployment/requirements-agent.txt", "a") as handle:
+        handle.write("python-telegram-bot==22.8\n")
+    again = desired_for(settings, digests)
+    assert again.image_tag != desired.image_tag
+    plan = make_plan(settings, again, facts, digests)
+    assert plan.build_image and "image changed" in plan.reasons

@@ -65,16 +65,34 @@ def test_missing_file(tmp_path):
     assert ".env.example" in message
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o604, 0o666])
-def test_world_readable_file_is_refused(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "who"), [(0o644, "world"), (0o604, "world"), (0o666, "world"),
+                                           (0o640, "group"), (0o620, "group")])
+def test_a_file_others_can_read_is_refused_with_the_chmod_to_run(tmp_path, mode, who):
     write_env(tmp_path, f"TELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n", mode=mode)
     message = error_of(tmp_path)
-    assert message == ".env: is world-readable (run: chmod 600 .env)"
+    assert message == f".env: is {who}-accessible (run: chmod 600 {tmp_path / '.env'})"
 
 
-def test_group_readable_file_is_accepted(tmp_path):
-    write_env(tmp_path, f"TELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n", mode=0o640)
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = write_env(tmp_path, "", mode=0o600)
+    path.write_bytes(f"\ufeffTELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n"
+                     .encode())
     assert load_secret_values(settings_in(tmp_path)).values["telegram_bot_token"] == TOKEN
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_its_line(tmp_path):
+    path = write_env(tmp_path, "", mode=0o600)
+    path.write_bytes(f"TELEGRAM_BOT_TOKEN={TOKEN}\n# note\n".encode()
+                     + b"GEMINI_API_KEY=\xe9t\xe9\n")
+    assert error_of(tmp_path) == ".env: line 3 is not UTF-8 (save the file as UTF-8)"
+
+
+def test_a_key_set_twice_names_both_lines(tmp_path):
+    write_env(tmp_path, f"TELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n\n"
+              "TELEGRAM_BOT_TOKEN=second\n", mode=0o600)
+    message = error_of(tmp_path)
+    assert message == ".env: TELEGRAM_BOT_TOKEN is set twice (lines 1 and 4)"
+    assert "second" not in message
 
 
 def test_missing_key(tmp_path):
@@ -180,5 +198,5 @@ def test_inv_config_reports_a_bad_env_file_without_failing(tmp_path):
                          mode=0o644, name="secrets.env")
     result = _inv_config(env_file)
     assert result.returncode == 0, result.stderr
-    assert "secrets.env: is world-readable" in result.stdout
+    assert "secrets.env: is world-accessible" in result.stdout
     assert TOKEN not in result.stdout + result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import google.auth
@@ -70,6 +71,10 @@ def test_create_sends_a_free_tier_vm_with_the_ssh_key(gce, fake):
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
     assert items["ssh-keys"] == "ubuntu:ssh-ed25519 AAAA ubuntu"
     assert items["enable-guest-attributes"] == "TRUE"
+    script = items["startup-script"]
+    assert script.startswith("#!/bin/sh") and "command -v podman" in script
+    assert "install" in script and "podman" in script.split("install", 1)[1]
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
 
 
 def test_create_reports_an_existing_vm_and_inserts_nothing(gce, fake):

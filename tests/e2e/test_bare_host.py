@@ -1,0 +1,134 @@
+"""From a brand-new VM to a healthy agent, and the host's own lifecycle, on a fresh Debian 12
+sandbox this file may break: Podman is purged first (as on Google's Ubuntu image, which has
+none), then the user's journey runs through the Google Cloud path - `inv vm.create` against
+a local fake of the Compute API (the real google-cloud-compute client), whose VM's address
+is this sandbox - and one `inv deploy` installs what is missing (the guest reaches
+Debian's packages through the sandbox's network) and brings the agent up. Then: a reboot
+brings it back before anyone logs in, and a stopped and started sandbox keeps its disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+
+import pytest
+
+from tasks.sandbox import machine as sb
+from tests.e2e.deploy_helpers import (
+    CONTAINER,
+    audit,
+    checked,
+    copy_source,
+    healthy_now,
+    inspect,
+    inv,
+    make_env_file,
+    markers,
+    output,
+    wait_until,
+)
+from tests.fake_gce import FakeGce
+
+MiB = 1024 * 1024
+NAME = "e2e-bare"
+
+
+@pytest.fixture(scope="module")
+def bare(fresh_sandbox_module, ssh_run):
+    target = fresh_sandbox_module("bookworm", name=NAME)
+    purge = ssh_run(target, "sudo -n env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q "
+                            "podman >/dev/null && command -v podman", timeout=900)
+    assert purge.returncode == 1, purge.stdout + purge.stderr  # podman is gone
+    return target
+
+
+@pytest.fixture(scope="module")
+def gcp_env(bare, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bare")
+    fake = FakeGce().start()
+    fake.nat_ip = "127.0.0.1"
+    host_key = open(bare["known_hosts"]).read().split()[1:3]
+    fake.guest_attributes["nightguard"] = {"hostkeys": {host_key[0]: host_key[1]}}
+    copy_source(base / "src")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NIGHTGUARD_")},
+        "NIGHTGUARD_TARGET": "gcp",
+        "NIGHTGUARD_GCP_PROJECT": fake.project,
+        "NIGHTGUARD_GCP_API_ENDPOINT": fake.endpoint,
+        "NIGHTGUARD_GCP_INSTANCE": "nightguard",
+        "NIGHTGUARD_SSH_PORT": str(bare["port"]),
+        "NIGHTGUARD_SSH_KEY_FILENAME": bare["key_filename"],
+        "NIGHTGUARD_SSH_KNOWN_HOSTS": str(base / "known_hosts"),
+        "NIGHTGUARD_ENV_FILE": str(make_env_file(base)),
+        "NIGHTGUARD_SOURCE_DIR": str(base / "src"),
+        # the sandbox cannot pull python:3.x-slim from a registry; it preloads this base
+        "NIGHTGUARD_BASE_IMAGE": "localhost/nightguard-base:latest",
+        "PYTHONUNBUFFERED": "1",
+    }
+    yield fake, env, base
+    fake.stop()
+
+
+def test_vm_create_then_one_deploy_provisions_a_bare_host(bare, gcp_env, ssh_run):
+    fake, env, base = gcp_env
+    created = inv(["vm.create"], env)
+    assert created.returncode == 0, output(created)
+    [insert] = fake.sent("POST", "/instances")
+    assert insert.body["machineType"].endswith("/machineTypes/e2-micro")
+    items = {i["key"]: i["value"] for i in insert.body["metadata"]["items"]}
+    assert "podman" in items["startup-script"]  # offered, but not run here: deploy must cope
+    started = time.monotonic()
+    deployed = inv(["deploy"], env, timeout=1800)
+    seconds = time.monotonic() - started
+    text = output(deployed)
+    assert deployed.returncode == 0, text
+    assert "pinned host key of [127.0.0.1]" in text
+    assert "plan: host: install podman" in text
+    assert "plan: host: set up the 2g swapfile" in text
+    print(f"cold deploy from a bare host: {seconds:.1f} s")
+    (base / "bare-cold-seconds").write_text(f"{seconds:.1f}\n")
+    version = checked(ssh_run, bare, "podman --version").split()[-1]
+    assert tuple(int(x) for x in version.split(".")[:2]) >= (4, 3)
+    data = inspect(ssh_run, bare)
+    assert data["State"]["Running"] and healthy_now(ssh_run, bare)
+    host = data["HostConfig"]
+    assert (host["Memory"], host["MemorySwap"]) == (700 * MiB, 2700 * MiB)
+    mounted = checked(ssh_run, bare, f"sudo -n podman exec {CONTAINER} sh -c "
+                                     "'test -s /run/secrets/telegram_bot_token && echo ok'")
+    assert mounted.strip() == "ok"
+    again = inv(["deploy"], env)
+    assert again.returncode == 0 and "no changes" in again.stdout, output(again)
+    assert audit(ssh_run, bare)[-1]["outcome"] == "no changes"
+
+
+def journal_time(ssh_run, target, args: str) -> datetime | None:
+    line = checked(ssh_run, target, f"sudo -n journalctl -b -o short-iso-precise --no-pager "
+                                    f"{args} | head -1").strip()
+    return datetime.fromisoformat(line.split()[0]) if line else None
+
+
+def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(bare, ssh_run):
+    before = markers(ssh_run, bare)
+    sb.reboot(NAME, timeout=900)
+    # what the journal says, not what a login sees: the agent's start, then the first login
+    agent = journal_time(ssh_run, bare, f"-u container-{CONTAINER}.service "
+                                        "-g 'night_guard: running'")
+    login = journal_time(ssh_run, bare, "-u ssh -g 'Accepted publickey'")
+    assert agent is not None and login is not None
+    assert agent < login, (agent, login)
+    assert wait_until(lambda: healthy_now(ssh_run, bare), timeout=300, interval=5)
+    assert markers(ssh_run, bare) == before
+    swap = checked(ssh_run, bare, "sudo -n swapon --show=NAME --noheadings").split()
+    assert swap == ["/swapfile"]
+
+
+def test_a_stopped_and_started_sandbox_keeps_its_disk(bare, ssh_run):
+    checked(ssh_run, bare, "echo kept | sudo -n tee /var/lib/ng-marker >/dev/null")
+    sb.down(NAME)
+    assert sb.status(NAME) == "down"
+    with pytest.raises(RuntimeError, match="not up"):
+        sb.target(NAME)
+    again = sb.ensure_up(NAME, timeout=900)
+    assert checked(ssh_run, again, "cat /var/lib/ng-marker") == "kept\n"
