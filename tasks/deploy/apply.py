@@ -126,15 +126,6 @@ def restore_release(host: HostSession, settings: Settings, release: dict, *,
     return recreate_and_wait(host, settings, release["unit_text"], release["markers_text"])
 
 
-def prune_images(host: HostSession, settings: Settings, facts: dict, keep: set[str]) -> int:
-    stale = [f"{settings['image_name']}:{tag}" for tag in facts.get("image_tags", [])
-             if tag not in keep]
-    if stale:
-        host.call("run", step="prune", argv=cmd.image_rm(stale), timeout=300, check=False,
-                  record=False)
-    return len(stale)
-
-
 def report_unhealthy(remote, values: SecretValues, answer: dict) -> None:
     print(f"  ! {values.redact(answer.get('reason', 'not healthy'))}", file=remote.out)
     for entry in (answer.get("container") or {}).get("health_log", []):
@@ -144,19 +135,17 @@ def report_unhealthy(remote, values: SecretValues, answer: dict) -> None:
         print(f"    log: {line}", file=remote.out)
 
 
-def record_release(host: HostSession, settings: Settings, facts: dict, release: dict,
-                   outcome: str, audit: dict) -> None:
-    """A release passed its gate: keep it (code snapshot, secret values, image) for
-    rollbacks, forget what no kept release needs, and write the audit line."""
-    state = dict(facts.get("state") or {})
-    older = [h for h in state.get("history") or [] if h.get("version") != release["version"]]
-    history = [release, *older][:settings["keep_images"]]
-    kept = [h["version"] for h in history]
-    host.call("snapshot", step="snapshot", version=release["version"], keep=kept,
-              record=False)
-    host.call("secret_forget", step="secrets", record=False,
-              keep={name: [h["secrets"][name] for h in history if name in h.get("secrets", {})]
-                    for name in settings.secret_names})
-    prune_images(host, settings, facts, {h.get("image_tag") or h["image"].rsplit(":", 1)[1]
-                                         for h in history})
-    host.finish(outcome, state={"history": history, "verified": release["version"]}, **audit)
+def record_release(host: HostSession, settings: Settings, release: dict, outcome: str,
+                   audit: dict) -> None:
+    """A release passed its gate: the host records it (with its unit and markers as they
+    are there), keeps its code, secret values and image for rollbacks, lets go of what no
+    kept release needs; then the audit line."""
+    entry = {k: v for k, v in release.items() if k not in ("unit_text", "markers_text")}
+    host.call("release", step="release", record=False, entry=entry,
+              keep=settings["keep_images"])
+    host.finish(outcome, **audit)
+
+
+def forget_unused_secrets(host: HostSession) -> None:
+    """After a rollback: drop kept secret values no kept release runs with."""
+    host.call("secret_forget", step="secrets", record=False)

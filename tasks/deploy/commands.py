@@ -177,10 +177,6 @@ def image_build(tag: str, dockerfile: str, context: str, base_image: str,
             context]
 
 
-def image_rm(refs: list[str]) -> list[str]:
-    return ["podman", "rmi", "--ignore", *refs]
-
-
 def logs(name: str, *, tail: int | None = None, since: str | None = None,
          follow: bool = False, rootful: bool = True) -> list[str]:
     argv = ["logs", "--timestamps"]

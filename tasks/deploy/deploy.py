@@ -68,6 +68,7 @@ def gate_or_roll_back(host: HostSession, settings: Settings, values: SecretValue
     code = previous["version"] if previous["version"] in facts.get("releases", []) else (
         "last-sync" if plan.delta else None)
     again = apply.restore_release(host, settings, previous, code=code)
+    apply.forget_unused_secrets(host)
     if again.get("healthy"):
         return "rolled-back", StepFailed("health", f"{reason}; rolled back to "
                                          f"{previous['version']}, which is healthy again")
@@ -138,7 +139,7 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
             outcome, error = gate_or_roll_back(host, settings, values, facts, plan, answer)
         audit["seconds"] = round(time.monotonic() - started, 1)
         if error is None:
-            apply.record_release(host, settings, facts, desired.release(now()), outcome, audit)
+            apply.record_release(host, settings, desired.release(now()), outcome, audit)
         else:
             host.finish(outcome, error=str(error), **audit)
     if error:

@@ -63,7 +63,7 @@ def rollback(c, target=None, host=None, dry_run=False, to=None):
                 answer = apply.restore_release(session, settings, release, code=code)
                 audit = {"version": release["version"], "previous": current}
                 if answer.get("healthy"):
-                    apply.record_release(session, settings, facts, release, "ok", audit)
+                    apply.record_release(session, settings, release, "ok", audit)
                     print(f"rolled back to {release['version']}; it is healthy",
                           file=remote.out)
                     return

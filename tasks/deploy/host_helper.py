@@ -24,8 +24,8 @@ Reading the host is cheap by design: facts come from files (Podman's storage JSO
 container's OCI config, its pid file and health log, systemd's unit files) and the podman
 CLI is the fallback where a file is not where this Podman keeps it.
 
-Ops: facts provision swap rm_env sync snapshot restore_code secret_put secret_restore
-secret_forget run install_unit write_file gate health logs history finish unlock.
+Ops: facts provision swap rm_env sync release restore_code secret_put secret_restore
+secret_forget run install_unit write_file dirs gate health logs history finish unlock.
 """
 
 import base64
@@ -935,9 +935,19 @@ def op_sync(s, req):
     return {"written": written, "deleted": len(req["delete"])}
 
 
-def op_snapshot(s, req):
-    """Keep the synced tree of a release that passed its health gate, for `rollback --to`."""
+def op_release(s, req):
+    """A release passed its health gate: record it (its unit and markers as they are on this
+    host now, so nothing long travels), keep its code for `rollback --to`, and let go of
+    what no kept release needs: older code snapshots, secret copies, images."""
     a, p = s.args, s.paths
+    entry = dict(req["entry"], unit_text=read_text(p["unit"]) or "",
+                 markers_text=read_text(p["markers"]) or "")
+    version = entry["version"]
+    state_path = os.path.join(p["state"], "state.json")
+    state = read_json(state_path, {"history": []})
+    history = [entry] + [h for h in state.get("history") or [] if h.get("version") != version]
+    history = history[:max(1, int(req.get("keep", 3)))]
+    write_json(state_path, {"history": history, "verified": version})
     folder = os.path.join(p["state"], "releases")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     synced = read_json(os.path.join(p["state"], "synced.json"), [])
@@ -953,12 +963,30 @@ def op_snapshot(s, req):
                     tar.addfile(info, io.BytesIO(got[0]))
     finally:
         os.close(root_fd)
-    write_private(os.path.join(folder, f"{req['version']}.tar.gz"), buffer.getvalue())
-    keep = set(req.get("keep") or [])
+    write_private(os.path.join(folder, f"{version}.tar.gz"), buffer.getvalue())
+    kept = {h["version"] for h in history}
     for name in _listdir(folder):
-        if name.endswith(".tar.gz") and name[:-7] not in keep | {req["version"]}:
+        if name.endswith(".tar.gz") and name[:-7] not in kept:
             os.unlink(os.path.join(folder, name))
-    return {"kept": req["version"]}
+    forget_secrets(p, history)
+    tags = {h.get("image_tag") for h in history}
+    _, present = list_images(p, a["image_name"])
+    stale = [f"{a['image_name']}:{t}" for t in present if t not in tags]
+    if stale:
+        sh(["podman", "rmi", "--ignore", *stale], 300)
+    return {"kept": [h["version"] for h in history], "pruned": stale}
+
+
+def forget_secrets(paths, history):
+    """Drop kept values (NAME__<digest12>) no kept release runs with."""
+    keep = {f"{name}{COPY_SEP}{d[:12]}" for h in history
+            for name, d in (h.get("secrets") or {}).items()}
+    dropped = []
+    for name in list_secrets(paths):
+        if COPY_SEP in name and name not in keep:
+            sh(["podman", "secret", "rm", name])
+            dropped.append(name)
+    return dropped
 
 
 def op_restore_code(s, req):
@@ -1100,14 +1128,9 @@ def op_secret_restore(s, req):
 
 
 def op_secret_forget(s, req):
-    """Drop kept values no release refers to any more (and NAME__previous of old tools)."""
-    keep = {f"{name}{COPY_SEP}{d[:12]}" for name, ds in req["keep"].items() for d in ds}
-    dropped = []
-    for name in list_secrets(s.paths):
-        if COPY_SEP in name and name not in keep:
-            sh(["podman", "secret", "rm", name])
-            dropped.append(name)
-    return {"dropped": dropped}
+    """After a rollback: drop the values no kept release uses (the failed one among them)."""
+    history = read_json(os.path.join(s.paths["state"], "state.json"), {}).get("history") or []
+    return {"dropped": forget_secrets(s.paths, history)}
 
 
 # running, units, files ---------------------------------------------------------------------
@@ -1273,7 +1296,7 @@ def op_unlock(s, req):
 
 
 OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": op_rm_env,
-       "sync": op_sync, "snapshot": op_snapshot, "restore_code": op_restore_code,
+       "sync": op_sync, "release": op_release, "restore_code": op_restore_code,
        "secret_put": op_secret_put, "secret_restore": op_secret_restore,
        "secret_forget": op_secret_forget, "run": op_run, "install_unit": op_install_unit,
        "write_file": op_write_file, "dirs": op_dirs, "gate": op_gate, "health": op_health,

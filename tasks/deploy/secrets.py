@@ -112,10 +112,11 @@ def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
         audit = {"secrets": todo, "version": release["version"],
                  "previous": current["version"]}
         if answer.get("healthy"):
-            apply.record_release(session, settings, facts, release, "ok", audit)
+            apply.record_release(session, settings, release, "ok", audit)
         else:
             apply.report_unhealthy(remote, values, answer)
             again = apply.restore_release(session, settings, current, code=None)
+            apply.forget_unused_secrets(session)
             back = "old values back, healthy" if again.get("healthy") else \
                 "old values back, NOT healthy"
             reason = values.redact(answer.get("reason", "not healthy"))

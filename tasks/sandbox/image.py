@@ -348,10 +348,15 @@ def ensure_image(flavour: str) -> Path:
     return final
 
 
+KEEP_IMAGES = 2  # per flavour: two checkouts on one machine (two branches) can coexist
+
+
 def prune(keep: Path) -> None:
-    """Removes the older images of keep's flavour (about 1 GB each). A VM running on one
-    keeps its open files; a stopped sandbox on one gets a new disk at its next start."""
+    """Removes the older images of keep's flavour (about 1 GB each) beyond the newest
+    KEEP_IMAGES. A VM running on one keeps its open files; a stopped sandbox on one gets a
+    new disk at its next start."""
     flavour = keep.name.rsplit("-", 1)[0]
-    for old in keep.parent.glob(f"{flavour}-*"):
-        if old != keep and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    others = sorted((p for p in keep.parent.glob(f"{flavour}-*") if p.is_dir() and p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[KEEP_IMAGES - 1:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,8 @@ from tests.e2e.deploy_helpers import (
     CONTAINER,
     GEMINI,
     TOKEN,
+    audit,
+    checked,
     copy_source,
     healthy_now,
     inspect,
@@ -35,13 +37,13 @@ def env(sandbox_bookworm, tmp_path_factory):
     copy_source(base / "src")
     # An agent that refuses to start with a key it considers bad, as a real one would
     # when Telegram rejects its token.
-    (base / "src" / "drill").mkdir()
-    (base / "src" / "drill" / "picky_agent.sh").write_text(
+    (base / "src" / "execution" / "drill").mkdir()
+    (base / "src" / "execution" / "drill" / "picky_agent.sh").write_text(
         'case "$(cat /run/secrets/telegram_bot_token)" in *unhealthy*) exit 1;; esac\n'
         "exec python3 /app/execution/system/night_guard.py\n")
     env_file = make_env_file(base)
     env = inv_env(sandbox_bookworm, env_file, base / "src",
-                  NIGHTGUARD_AGENT_COMMAND="sh /app/drill/picky_agent.sh")
+                  NIGHTGUARD_AGENT_COMMAND="sh /app/execution/drill/picky_agent.sh")
     done = inv(["deploy"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     return env
@@ -53,15 +55,18 @@ def write_env(env, token):
 
 
 def host_search(ssh_run, target, value) -> str:
-    """Every place on the host a value must never be, searched in one go."""
+    """Every place on the host a value must never be, searched in one go: podman inspect,
+    the whole journal, our state, the unit files, the app and data dirs, /tmp. Each part
+    must run (exit 0 or grep's 1 for "not found"), or the search proves nothing."""
     script = (
-        f"sudo -n podman inspect {CONTAINER} 2>&1; "
-        "sudo -n journalctl --no-pager -o cat 2>&1; "
-        "sudo -n grep -rF -- " + value + " /home/ubuntu /root/.bash_history "
-        "/var/lib/nightguard /etc/systemd/system 2>/dev/null; "
-        "cat /home/ubuntu/.bash_history 2>/dev/null; true"
+        f"sudo -n podman inspect {CONTAINER} || exit 90; "
+        "sudo -n journalctl --no-pager -o cat || exit 91; "
+        "sudo -n grep -rF -- " + value + " /home/ubuntu /var/lib/nightguard "
+        "/etc/systemd/system /tmp; test $? -le 1 || exit 92"
     )
-    return ssh_run(target, script).stdout
+    done = ssh_run(target, script)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    return done.stdout
 
 
 def sample_processes(ssh_run, target, stop: threading.Event, seen: list[str]):
@@ -79,20 +84,16 @@ def test_search_finds_a_planted_value(sandbox_bookworm, ssh_run):
 
 
 def test_secret_files_on_host_are_root_only(sandbox_bookworm, ssh_run, env):
-    # Podman's value store and our state (salt, HMACs, audit log) are root only; empty
-    # lock files may be readable, they hold nothing.
-    done = ssh_run(sandbox_bookworm,
-                   "sudo -n find /var/lib/containers/storage/secrets /var/lib/nightguard "
-                   "-type f -size +0 -perm /o=rwx; sudo -n stat -c %a /var/lib/nightguard; "
-                   "sudo -n find /var/lib/nightguard -maxdepth 1 -name 'secret*' "
-                   "-perm /g=rwx,o=rwx")
-    assert done.returncode == 0
-    lines = done.stdout.split()
-    assert lines[-1:] == ["700"], done.stdout
-    assert all(line.endswith("base.tar") for line in lines[:-1]), done.stdout
-    readable = ssh_run(sandbox_bookworm,
-                       "cat /var/lib/containers/storage/secrets/filedriver/secretsdata.json")
-    assert readable.returncode != 0  # the ssh user without sudo cannot read the store
+    # Podman's value store and our state (salt, HMACs, audit log, kept code) are root only
+    store = "/var/lib/containers/storage/secrets/filedriver/secretsdata.json"
+    checked(ssh_run, sandbox_bookworm, f"sudo -n test -s {store}")  # precondition
+    found = checked(ssh_run, sandbox_bookworm,
+                    "sudo -n find /var/lib/containers/storage/secrets /var/lib/nightguard "
+                    "-type f -size +0 -perm /o=rwx ! -name base.tar; "
+                    "sudo -n stat -c %a /var/lib/nightguard")
+    assert found.split() == ["700"], found
+    readable = ssh_run(sandbox_bookworm, f"cat {store}")
+    assert readable.returncode == 1  # the ssh user without sudo cannot read the store
 
 
 def test_rotate_mounts_new_value_and_exposes_nothing(sandbox_bookworm, ssh_run, env):
@@ -109,6 +110,7 @@ def test_rotate_mounts_new_value_and_exposes_nothing(sandbox_bookworm, ssh_run, 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert len(seen) >= 3  # the process list was really sampled while it ran
+    assert any("nightguard-host" in sample for sample in seen)  # ...and saw the helper
     for value in (NEW_TOKEN, TOKEN, GEMINI):
         assert value not in output
         assert not any(value in sample for sample in seen)
@@ -127,7 +129,7 @@ def test_dry_run_and_errors_show_no_value(sandbox_bookworm, env):
     write_env(env, "tg-dry-run-only-0042")
     done = inv(["secrets.rotate", "--dry-run"], env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "would run" in done.stdout and "stdin: redacted" in done.stdout
+    assert "would: secret_put" in done.stdout
     assert "tg-dry-run-only-0042" not in done.stdout + done.stderr
     bad = inv(["secrets.rotate", "--name", "nope"], env)
     assert bad.returncode == 2 and "unknown secret 'nope'" in bad.stderr
@@ -139,6 +141,11 @@ def mounted_token(ssh_run, target) -> str:
                            "cat /run/secrets/telegram_bot_token").stdout
 
 
+def kept_copies(ssh_run, target) -> list[str]:
+    names = checked(ssh_run, target, "sudo -n podman secret ls --format '{{.Name}}'").split()
+    return sorted(n for n in names if "__" in n)
+
+
 def test_rotation_cut_half_way_is_repaired_by_the_next_deploy(sandbox_bookworm, ssh_run, env):
     write_env(env, CUT_TOKEN)
     proc = start_inv(["secrets.rotate", "--name", "telegram_bot_token"], env)
@@ -146,16 +153,15 @@ def test_rotation_cut_half_way_is_repaired_by_the_next_deploy(sandbox_bookworm, 
     for line in proc.stdout:
         seen.append(line)
         if line.strip().startswith("- secrets:"):
-            break  # the new value exists, the old one is kept as a backup: cut here
+            break  # the new value exists, the old one is kept: cut here
     kill_group(proc)
     assert any(line.strip().startswith("- secrets:") for line in seen), "".join(seen)
-    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
-    assert "telegram_bot_token__previous" in left  # the cut really happened mid-rotation
+    assert mounted_token(ssh_run, sandbox_bookworm) != CUT_TOKEN  # really cut half-way
+    last = audit(ssh_run, sandbox_bookworm)[-1]
+    assert last["command"] == "secrets.rotate" and last["outcome"] == "interrupted", last
     done = inv(["deploy"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert mounted_token(ssh_run, sandbox_bookworm) == CUT_TOKEN
-    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
-    assert "__previous" not in left
     again = inv(["secrets.rotate"], env)
     assert "already has these values" in again.stdout, again.stdout + again.stderr
 
@@ -172,8 +178,8 @@ def test_rotate_to_a_value_that_breaks_the_agent_puts_the_old_one_back(
     assert BAD_TOKEN not in output
     assert mounted_token(ssh_run, sandbox_bookworm) == before
     assert healthy_now(ssh_run, sandbox_bookworm)
-    left = ssh_run(sandbox_bookworm, "sudo -n podman secret ls --format '{{.Name}}'").stdout
-    assert "__previous" not in left
+    assert audit(ssh_run, sandbox_bookworm)[-1]["outcome"] == "rolled-back"
+    assert len(kept_copies(ssh_run, sandbox_bookworm)) <= 2  # the bad value is not kept
     write_env(env, before)
 
 
@@ -182,4 +188,4 @@ def test_secrets_check_and_no_env_on_host(sandbox_bookworm, ssh_run, env):
     data = inspect(ssh_run, sandbox_bookworm)
     assert all(e.split("=", 1)[0] not in ("TELEGRAM_BOT_TOKEN", "GEMINI_API_KEY")
                for e in data["Config"]["Env"])
-    assert ssh_run(sandbox_bookworm, "test -e /home/ubuntu/97layerOS/.env").returncode != 0
+    assert ssh_run(sandbox_bookworm, "test -e /home/ubuntu/97layerOS/.env").returncode == 1

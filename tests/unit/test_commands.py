@@ -239,10 +239,6 @@ def test_image_build_from_a_local_base_without_requirements_needs_no_network():
         "--tag", "localhost/nightguard:abc", "."]
 
 
-def test_image_rm():
-    assert commands.image_rm(["a:1", "a:2"]) == ["podman", "rmi", "--ignore", "a:1", "a:2"]
-
-
 def test_bootstrap_is_the_only_command_and_holds_no_argument_of_the_task():
     assert commands.bootstrap("CODE") == ["sudo", "-n", "python3", "-c", "CODE"]
     assert commands.bootstrap("CODE", rootful=False) == ["python3", "-c", "CODE"]

@@ -209,8 +209,12 @@ def test_prepare_boot_argv():
     assert "-no-reboot" in argv and "-netdev" not in argv  # powers off at the end; no network
 
 
-def test_prune_keeps_the_new_image_and_other_flavours(tmp_path):
-    for name in ("bookworm-old1", "bookworm-new", "trixie-old"):
+def test_prune_keeps_the_new_image_the_newest_other_and_other_flavours(tmp_path):
+    import os
+
+    for age, name in enumerate(("bookworm-new", "bookworm-old1", "bookworm-old2", "trixie-old")):
         (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
     image.prune(tmp_path / "bookworm-new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bookworm-new", "trixie-old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bookworm-new", "bookworm-old1", "trixie-old"]
