@@ -41,9 +41,11 @@ def sync_code(host: HostSession, settings: Settings, desired: Desired, plan: Pla
     with host.remote.step("sync", detail):
         data = delta_tarball(settings.path("source_dir"), plan.delta.changed) \
             if plan.delta.changed else None
+        # the full list only when it changed: the host keeps it from the last sync
+        listed = sorted(desired.manifest)
         host.call("sync", step="sync", data=data, files=list(plan.delta.changed),
                   delete=list(plan.delta.deleted), links=plan.links,
-                  all_files=sorted(desired.manifest))
+                  all_files=None if listed == plan.synced else listed)
 
 
 def push_secrets(host: HostSession, names: list[str], values: dict[str, str]) -> dict[str, str]:

@@ -929,7 +929,8 @@ def op_sync(s, req):
             remove_nofollow(root_fd, rel)
         for rel in req.get("links", []):  # links in the tree are never kept
             remove_nofollow(root_fd, rel)
-        write_json(os.path.join(state, "synced.json"), sorted(req["all_files"]))
+        if req.get("all_files") is not None:
+            write_json(os.path.join(state, "synced.json"), sorted(req["all_files"]))
     finally:
         os.close(root_fd)
     return {"written": written, "deleted": len(req["delete"])}
@@ -1181,19 +1182,28 @@ def op_write_file(s, req):
 
 def op_gate(s, req):
     """The container's limits as crun applied them, then health: `podman healthcheck run`
-    until it passes or the deadline. The container must have started after `since`."""
+    until it passes or the deadline. An agent that keeps exiting fails the gate at once
+    (systemd's restart counter tells), with what it printed before it died."""
     a, p = s.args, s.paths
+    started = time.time()
     deadline = time.monotonic() + req["deadline"]
-    container = None
+    restarts = int(unit_status(a).get("NRestarts") or 0)
+    container, checked_at = None, time.monotonic()
     while time.monotonic() < deadline and not s.gone.is_set():
         container = container_state(p, a["container"])
-        if container and container.get("running") and \
-                container.get("id") != req.get("not_id"):
+        if container and container.get("running"):
             break
+        if time.monotonic() - checked_at > 2:
+            checked_at = time.monotonic()
+            unit = unit_status(a)
+            if int(unit.get("NRestarts") or 0) - restarts >= 2:
+                return {"healthy": False, "container": container, "logs": logs_tail(a, started),
+                        "reason": "the agent keeps exiting (last exit status "
+                                  f"{unit.get('ExecMainStatus', '?')})"}
         time.sleep(0.3)
     if not container or not container.get("running"):
         return {"healthy": False, "reason": "container is not running",
-                "container": container, "logs": logs_tail(a)}
+                "container": container, "logs": logs_tail(a, started)}
     result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
@@ -1212,11 +1222,19 @@ def op_gate(s, req):
     result.update(healthy=False, reason=f"not healthy within {req['deadline']}s: "
                   f"{last[-200:] or 'the container stopped'}",
                   container=container_state(p, a["container"], want_health=True),
-                  logs=logs_tail(a))
+                  logs=logs_tail(a, started))
     return result
 
 
-def logs_tail(a, lines=20):
+def logs_tail(a, since, lines=20):
+    """What the agent (and systemd about it) said since `since`: the unit's journal, which
+    outlives a container removed with --rm; podman's own log where the journal is empty."""
+    user = ["--user"] if a.get("rootless") else []
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since - 1))
+    code, out, _ = sh(["journalctl", *user, "-u", a["unit"], "--since", stamp, "-n",
+                       str(lines), "-o", "cat", "--no-pager"])
+    if code == 0 and out.strip():
+        return out[-3000:]
     _, out, err = sh(["podman", "logs", "--tail", str(lines), a["container"]])
     return (out + err)[-3000:]
 

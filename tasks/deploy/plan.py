@@ -271,6 +271,7 @@ class Plan:
     remove_env_file: bool = False
     delta: Delta = field(default_factory=lambda: Delta((), ()))
     links: list[str] = field(default_factory=list)
+    synced: list[str] = field(default_factory=list)  # what the host lists as synced now
     secrets: list[str] = field(default_factory=list)
     build_image: bool = False
     write_unit: bool = False
@@ -319,6 +320,7 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
     plan.delta = compute_delta(desired.manifest, facts.get("manifest", {}),
                                facts.get("synced", []))
     plan.links = list(facts.get("links") or [])
+    plan.synced = sorted(facts.get("synced") or [])
     plan.secrets = changed_secrets(facts, digests, settings.secret_names)
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
