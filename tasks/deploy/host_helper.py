@@ -136,7 +136,8 @@ def default_paths(a):
              "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
              "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
-             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers"}
+             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
+             "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
     paths.update(a.get("paths") or {})
     return paths
 
@@ -427,7 +428,7 @@ def container_from_files(paths, name, containers):
     pid = read_text(os.path.join(run_dir, "userdata", "pidfile"))
     alive = pid_alive(pid)
     if alive:  # pid reuse: the pid must still be in this container's cgroup
-        alive = cid in (read_text(f"/proc/{pid}/cgroup") or cid)
+        alive = cid in (read_text(f"{paths['proc']}/{pid}/cgroup") or cid)
     health = None
     for candidate in (os.path.join(run_dir, "healthcheck.log"),
                       os.path.join(run_dir, "userdata", "healthcheck.log"),
@@ -498,10 +499,10 @@ def container_state(paths, name, want_health=False):
     return None if found.get("absent") else found
 
 
-def cgroup_limits(pid):
+def cgroup_limits(paths, pid):
     """The limits the kernel enforces, read from the container's cgroup (v2 or v1)."""
     try:
-        with open(f"/proc/{pid}/cgroup") as handle:
+        with open(f"{paths['proc']}/{pid}/cgroup") as handle:
             lines = handle.read().splitlines()
     except OSError:
         return {}
@@ -509,14 +510,14 @@ def cgroup_limits(pid):
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            base = "/sys/fs/cgroup" + path
+            base = paths["cgroup"] + path
             for key, name in (("memory", "memory.max"), ("swap", "memory.swap.max"),
                               ("memory_usage", "memory.current"),
                               ("swap_usage", "memory.swap.current"),
                               ("memory_peak", "memory.peak")):
                 limits[key] = read_text(os.path.join(base, name))
         elif "memory" in controllers.split(","):
-            base = "/sys/fs/cgroup/memory" + path
+            base = paths["cgroup"] + "/memory" + path
             limits["memory"] = read_text(base + "/memory.limit_in_bytes")
             limits["memsw"] = read_text(base + "/memory.memsw.limit_in_bytes")
             limits["memory_usage"] = read_text(base + "/memory.usage_in_bytes")
@@ -1167,7 +1168,7 @@ def op_gate(s, req):
     if not container or not container.get("running"):
         return {"healthy": False, "reason": "container is not running",
                 "container": container, "logs": logs_tail(a)}
-    result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
+    result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
@@ -1209,7 +1210,7 @@ def op_health(s, req):
     container = container_state(p, a["container"], want_health=True)
     return {
         "container": container,
-        "cgroup": cgroup_limits(container["pid"]) if container and container.get("pid")
+        "cgroup": cgroup_limits(p, container["pid"]) if container and container.get("pid")
         else {},
         "host": host_memory(),
         "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
