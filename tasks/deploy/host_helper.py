@@ -1341,3 +1341,7 @@ def main(args):
 
 if __name__ == "__main__":
     main(ARGS)  # noqa: F821 - ARGS is set by the bootstrap line that runs this text
+    # The reader thread may still wait on stdin (the client keeps it open after `finish`;
+    # a SIGTERM comes at any time): the interpreter's shutdown would abort on it ("Fatal
+    # Python error: _enter_buffered_busy", SIGABRT, a core dump on some hosts).
+    os._exit(0)
