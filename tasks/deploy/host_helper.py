@@ -1300,7 +1300,8 @@ def handle(s, request):
             s.journal.append(step)
         s.send({"id": request["id"], "ok": True, "result": result})
     finally:
-        s.current = None
+        if not s.gone.is_set():  # else the audit names it: the step the client left in
+            s.current = None
 
 
 def main(args):
