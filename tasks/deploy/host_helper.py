@@ -913,6 +913,8 @@ def op_sync(s, req):
         write_private(os.path.join(state, "rollback-code.tar"), backup.getvalue())
         write_json(os.path.join(state, "rollback-added.json"),
                    [r for r in req["files"] if read_nofollow(root_fd, r) is None])
+        for rel in req.get("links", []):  # links in the tree are never kept; first, so
+            remove_nofollow(root_fd, rel)  # a file synced in a link's place stays
         written = 0
         if req.get("data"):
             with tarfile.open(fileobj=io.BytesIO(req["data"]), mode="r:gz") as delta:
@@ -923,8 +925,6 @@ def op_sync(s, req):
                     write_nofollow(root_fd, member.name, data, member.mode, owner)
                     written += 1
         for rel in req["delete"]:
-            remove_nofollow(root_fd, rel)
-        for rel in req.get("links", []):  # links in the tree are never kept
             remove_nofollow(root_fd, rel)
         write_json(os.path.join(state, "synced.json"), sorted(req["all_files"]))
     finally:
