@@ -913,6 +913,8 @@ def op_sync(s, req):
         write_private(os.path.join(state, "rollback-code.tar"), backup.getvalue())
         write_json(os.path.join(state, "rollback-added.json"),
                    [r for r in req["files"] if read_nofollow(root_fd, r) is None])
+        write_json(os.path.join(state, "rollback-synced.json"),
+                   read_json(os.path.join(state, "synced.json"), []))
         for rel in req.get("links", []):  # links in the tree are never kept; first, so
             remove_nofollow(root_fd, rel)  # a file synced in a link's place stays
         written = 0
@@ -992,6 +994,9 @@ def op_restore_code(s, req):
                             write_nofollow(root_fd, member.name,
                                            tar.extractfile(member).read(), member.mode, owner)
                             restored += 1
+            synced = read_json(os.path.join(p["state"], "rollback-synced.json"), None)
+            if synced is not None:  # what the next sync may delete: the files back here
+                write_json(os.path.join(p["state"], "synced.json"), synced)
     finally:
         os.close(root_fd)
     return {"restored": restored, "removed": removed}
