@@ -558,9 +558,8 @@ def apt_sources(paths):
     hosts = set()
     folder = paths["apt_sources"]
     files = [os.path.join(folder, "sources.list")]
-    files += [os.path.join(folder, "sources.list.d", n) for n in
-              sorted(os.listdir(os.path.join(folder, "sources.list.d")))
-              if os.path.isdir(os.path.join(folder, "sources.list.d"))]
+    files += [os.path.join(folder, "sources.list.d", n)
+              for n in sorted(_listdir(os.path.join(folder, "sources.list.d")))]
     for path in files:
         for line in (read_text(path) or "").splitlines():
             for word in line.replace("URIs:", " ").split():
