@@ -41,8 +41,9 @@ MARKER_KEYS = {"NG_RELEASE_CODE": "code changed", "NG_RELEASE_IMAGE": "image cha
 
 
 def version_tuple(text: str | None) -> tuple[int, int]:
+    """'4.9.3' -> (4, 9); '13' (Debian's VERSION_ID) -> (13, 0); unreadable -> (0, 0)."""
     try:
-        major, minor = (int(p) for p in str(text).split("-")[0].split(".")[:2])
+        major, minor = ([int(p) for p in str(text).split("-")[0].split(".")[:2]] + [0])[:2]
     except ValueError:
         return (0, 0)
     return (major, minor)
