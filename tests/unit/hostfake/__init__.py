@@ -95,7 +95,7 @@ class FakeHost:
         self.log = root / "calls.jsonl"
         self.log.write_text("")
         self.config = root / "standins.json"
-        self.config.write_text(json.dumps({
+        self.standin_config = {
             "graphroot": str(self.paths["graphroot"]), "runroot": str(self.paths["runroot"]),
             "proc": str(self.paths["proc"]), "cgroup": str(self.paths["cgroup"]),
             "run": str(self.paths["run"]), "unit_dir": str(units),
@@ -104,7 +104,13 @@ class FakeHost:
             "proc_swaps": str(self.paths["proc_swaps"]), "swap_names": {},
             "path_map": {cmd.STATE_DIR: str(state)}, "control": str(self.control_dir),
             "bin": str(self.bin), "live_pid": live_pid, "dead_pid": dead_pid,
-            "version": podman}))
+            "version": podman}
+        self.configure()
+
+    def configure(self, **changes) -> None:
+        """Change what the stand-ins are told (e.g. swap_names, version)."""
+        self.standin_config.update(changes)
+        self.config.write_text(json.dumps(self.standin_config))
 
     # -- what the helper gets -----------------------------------------------------------
     def env(self) -> dict:
@@ -248,6 +254,7 @@ class LocalRemote(Remote):
                          out=io.StringIO())
         self.host = host
         self.sent_args: list[dict] = []  # what each session asked the helper for
+        self.ops: list[str] = []  # every request sent, in order
         self.on_progress = on_progress
 
     def open_pipe(self, argv, *, step: str):
@@ -284,6 +291,8 @@ class _ArgsPipe:
                              **args["paths"]}
             args["helper_path"], args["keep_helper"] = str(HELPER_FILE), False
             data = json.dumps(args).encode() + b"\n"
+        elif data.startswith(b"{"):  # a request line, then its data if any
+            self.remote.ops.append(json.loads(data.split(b"\n", 1)[0])["op"])
         self.pipe.send(data)
 
     def __getattr__(self, name):

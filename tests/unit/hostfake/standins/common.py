@@ -19,7 +19,7 @@ SEEN_ENV = ("DEBIAN_FRONTEND", "NEEDRESTART_MODE")
 
 
 def record(tool: str, argv: list[str]) -> None:
-    entry = {"tool": tool, "argv": argv,
+    entry = {"tool": tool, "argv": argv, "t": round(time.time(), 3),
              "env": {k: os.environ[k] for k in SEEN_ENV if k in os.environ}}
     with open(os.environ["NGFAKE_LOG"], "a") as handle:
         handle.write(json.dumps(entry) + "\n")

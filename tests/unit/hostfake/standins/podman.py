@@ -324,6 +324,11 @@ def cmd_run(args):
         name = spec.split(",")[0]
         if name not in store["nameToID"]:
             die(f'Error: no secret with name or id "{name}": no such secret')
+    network = last(found, "--network", default="")
+    if network in ("slirp4netns", "pasta") and \
+            not os.path.exists(os.path.join(CONFIG["bin"], network)):
+        die(f"Error: could not find {network}, the network namespace can't be configured: "
+            f'exec: "{network}": executable file not found in $PATH')
     name = last(found, "--name")
     existing = find(name)
     if existing:
