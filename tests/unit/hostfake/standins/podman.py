@@ -24,7 +24,7 @@ secret-rm; "health" ({"fail": true} or {"fail_if_secret": {name: value}} or
 {"fail_if_file": path under /app}, "output", "kill": the container stops, as
 --health-on-failure=kill does); "build" ({"lines": n, "sleep": seconds per line});
 "logs" (the lines the agent printed); "cgroup" (values that override the limits the
-kernel would show, to fake a drift).
+kernel would show, to fake a drift); "cgroup_v1" (true: the host's cgroup is v1).
 """
 
 from __future__ import annotations
@@ -298,15 +298,24 @@ def start(cid: str, resources: dict) -> None:
     with open(f"{run_dir(cid)}/userdata/pidfile", "w") as handle:
         handle.write(str(pid))
     os.makedirs(f"{CONFIG['proc']}/{pid}", exist_ok=True)
-    with open(f"{CONFIG['proc']}/{pid}/cgroup", "w") as handle:
-        handle.write(f"0::{cgroup_path(cid)}\n")
-    folder = CONFIG["cgroup"] + cgroup_path(cid)
-    os.makedirs(folder, exist_ok=True)
     memory = resources["memory"]
-    values = {"memory.max": str(memory["limit"]),
-              "memory.swap.max": str(memory["swap"] - memory["limit"]),
-              "memory.current": "52428800", "memory.swap.current": "0",
-              "memory.peak": "61865984", **control("cgroup", {})}
+    if control("cgroup_v1", False):  # a host still on cgroup v1: memory controller apart
+        line = f"4:memory:{cgroup_path(cid)}\n1:cpu,cpuacct:{cgroup_path(cid)}\n"
+        folder = CONFIG["cgroup"] + "/memory" + cgroup_path(cid)
+        values = {"memory.limit_in_bytes": str(memory["limit"]),
+                  "memory.memsw.limit_in_bytes": str(memory["swap"]),
+                  "memory.usage_in_bytes": "52428800"}
+    else:
+        line = f"0::{cgroup_path(cid)}\n"
+        folder = CONFIG["cgroup"] + cgroup_path(cid)
+        values = {"memory.max": str(memory["limit"]),
+                  "memory.swap.max": str(memory["swap"] - memory["limit"]),
+                  "memory.current": "52428800", "memory.swap.current": "0",
+                  "memory.peak": "61865984"}
+    with open(f"{CONFIG['proc']}/{pid}/cgroup", "w") as handle:
+        handle.write(line)
+    os.makedirs(folder, exist_ok=True)
+    values.update(control("cgroup", {}))
     for name, value in values.items():
         with open(f"{folder}/{name}", "w") as handle:
             handle.write(value + "\n")
