@@ -4,6 +4,7 @@ and a LocalRemote whose one pipe is the helper process instead of an SSH channel
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -13,6 +14,8 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from tasks.config import load_settings
+from tasks.deploy import apply
+from tasks.deploy import deploy as deploy_tasks
 from tasks.deploy import secrets as secrets_tasks
 from tasks.deploy.deploy import HostUnfit, run_deploy
 from tasks.deploy.envfile import load_secret_values
@@ -58,10 +61,10 @@ class Deployer:
         self.project, self.host = project, host
         self.remotes: list[LocalRemote] = []
 
-    def settings(self):
+    def settings(self, **overrides):
         return load_settings(root=self.project, environ={}, overrides={
             "app_dir": str(self.host.app_dir), "data_dir": str(self.host.data_dir),
-            "limits.swap_size": "16m", "health.deadline": 5})
+            "limits.swap_size": "16m", "health.deadline": 5, **overrides})
 
     def remote(self, **kwargs) -> LocalRemote:
         kwargs.setdefault("redact", load_secret_values(self.settings()).redact)
@@ -69,8 +72,8 @@ class Deployer:
         self.remotes.append(remote)
         return remote
 
-    def __call__(self, **kwargs) -> dict:
-        settings = self.settings()
+    def __call__(self, settings=None, **kwargs) -> dict:
+        settings = settings or self.settings()
         values = load_secret_values(settings)
         manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
         return run_deploy(settings, values, manifest, self.remote(**kwargs))
@@ -285,6 +288,109 @@ def test_a_fresh_debian_13_host_gets_the_network_its_podman_uses(tmp_path, conta
     assert "--network pasta" in host.paths["unit"].read_text()
     assert host.audit()[-1]["outcome"] == "ok"
     assert deploy() == {"changed": False, "version": result["version"]}  # Podman 5 now
+
+
+def test_a_rollback_that_is_not_healthy_either_is_a_failure(deploy, host):
+    first = deploy()
+    (deploy.project / AGENT).write_text("print('v2')\n")
+    host.control("health", {"fail": True, "kill": True})
+    with pytest.raises(StepFailed, match=f"rolled back to {first['version']}, but it is not "
+                                         "healthy either"):
+        deploy()
+    assert host.audit()[-1]["outcome"] == "failed"
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == first["version"]
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["cgroup2", "cgroup1"])
+def test_limits_not_in_force_fail_the_gate(deploy, host, v1):
+    host.control("cgroup_v1", v1)
+    host.control("cgroup", {"memory.memsw.limit_in_bytes" if v1 else "memory.swap.max": "0"})
+    wanted = "memory.memsw.limit_in_bytes is 0 (want 2831155200)" if v1 else \
+        "memory.swap.max is 0 (want 2097152000)"
+    with pytest.raises(StepFailed, match=re.escape(f"limits not in force: cgroup {wanted}; "
+                                                   "no earlier release to roll back to")):
+        deploy()
+    assert host.audit()[-1]["outcome"] == "failed"
+
+
+def test_ctrl_c_during_the_gate_then_the_next_run_only_checks_health(deploy, host,
+                                                                     monkeypatch):
+    real = apply.wait_healthy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apply, "wait_healthy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deploy()
+    last = host.audit()[-1]
+    assert last["outcome"] == "interrupted" and last["steps"][-1] == "restart"
+    assert host.state() == {}  # the release was never recorded
+    monkeypatch.setattr(apply, "wait_healthy", real)
+    result = deploy()
+    assert "health: the last deploy did not finish its health gate; check it" in \
+        deploy.last.text
+    assert deploy.last.ops == ["facts", "gate", "snapshot", "secret_forget", "finish"]
+    assert host.state()["verified"] == result["version"]
+
+
+def test_a_plain_text_env_in_the_app_dir_is_removed(deploy, host):
+    deploy()
+    (host.app_dir / ".env").write_text(f"GEMINI_API_KEY={GEMINI}\n")
+    deploy()
+    assert "plan: host: remove the plain-text .env from the app dir" in deploy.last.text
+    assert not (host.app_dir / ".env").exists()
+
+
+def test_images_and_code_of_releases_no_longer_kept_are_dropped(deploy, host):
+    settings = deploy.settings(keep_images=1)
+    first = deploy(settings)
+    first_image = host.image_names()
+    requirements = deploy.project / "deployment" / "requirements-agent.txt"
+    requirements.write_text(requirements.read_text() + "# a new image\n")
+    second = deploy(settings)
+    assert host.image_names() != first_image and len(host.image_names()) == 1
+    assert ["rmi", "--ignore", *first_image] in host.calls("podman")
+    assert sorted(p.name for p in (host.paths["state"] / "releases").iterdir()) == \
+        [f"{second['version']}.tar.gz"]
+    assert [r["version"] for r in host.state()["history"]] == [second["version"]]
+    assert first["version"] != second["version"]
+
+
+# -- the tasks themselves -----------------------------------------------------------------------
+@pytest.fixture
+def tasks_on_fake_host(deploy, host, monkeypatch):
+    """`inv deploy` / `inv unlock` / `inv secrets.*` reach the fake host."""
+    compose = deploy.project / "deployment" / "podman-compose.nightguard.yml"
+    compose.write_text(compose.read_text().replace("/home/ubuntu/97layerOS:",
+                                                   f"{host.app_dir}:"))
+    for module in (deploy_tasks, secrets_tasks):
+        monkeypatch.setattr(module, "settings_for", lambda *a, **k: deploy.settings())
+        monkeypatch.setattr(module, "open_remote",
+                            lambda settings, **kwargs: deploy.remote(**kwargs))
+    return deploy
+
+
+def test_the_deploy_task_checks_locally_then_deploys(tasks_on_fake_host, host, capsys):
+    deploy_tasks.deploy(Context())
+    out = tasks_on_fake_host.last.text
+    assert out.startswith("deploy to the fake host\n")
+    assert "ssh connections: 1, remote commands: 1, steps: 13" in out
+    assert host.audit()[-1]["outcome"] == "ok"
+
+
+def test_the_unlock_task_names_the_holder_and_stops_it_with_force(tasks_on_fake_host, host,
+                                                                  capsys):
+    holder = host.helper(who="bo@desk", command="deploy")
+    deploy_tasks.unlock(Context())
+    assert f"the lock is held by bo@desk (deploy) since 2026-11-29T10:00:00Z, pid " \
+           f"{holder.pid}; `inv unlock --force` stops it" in capsys.readouterr().out
+    deploy_tasks.unlock(Context(), force=True)
+    assert "stopped the deploy of bo@desk (deploy)" in capsys.readouterr().out
+    assert holder.pipe.wait(10) is not None
+    deploy_tasks.unlock(Context())
+    assert capsys.readouterr().out == "no lock is held\n"
+    assert host.audit()[-1]["outcome"] == "interrupted"
 
 
 # -- secrets.rotate -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from tasks.deploy import commands as cmd
 from tasks.deploy.hostlink import HostStepFailed, helper_source
 from tasks.deploy.plan import secret_digest
+from tasks.errors import StepFailed
 from tests.unit.hostfake import (
     CONTAINER,
     IMAGE,
@@ -355,6 +356,9 @@ def outside(fake_host):
 
 def plant_links(app_dir: Path, outside: Path) -> None:
     (app_dir / "execution" / "lib").mkdir(parents=True)
+    (app_dir / "execution" / "run.sh").mkdir()  # a directory where a file goes
+    (app_dir / "execution" / "run.sh" / "x").symlink_to(outside / "passwd")
+    (app_dir / "execution" / "run.sh" / "deeper").mkdir()
     (app_dir / "execution" / "agent.py").symlink_to(outside / "passwd")  # a file's name
     (app_dir / "execution" / ".run.sh.ng-0123456789ab").symlink_to(outside / "passwd")
     (app_dir / "execution" / "lib" / "sub").symlink_to(outside / "deep")  # a parent dir
@@ -374,7 +378,7 @@ def test_sync_replaces_planted_links_and_never_writes_through_them(fake_host, ou
         facts = helper.call("facts")
         assert sorted(facts["links"]) == ["execution/.run.sh.ng-0123456789ab",
                                           "execution/agent.py", "execution/lib/sub",
-                                          "knowledge"]
+                                          "execution/run.sh/x", "knowledge"]
         sync(helper, LINKED_FILES, links=facts["links"])
         assert tree(outside) == before
         found = tree(fake_host.app_dir)
@@ -619,6 +623,16 @@ def test_gate_passes_a_healthy_container_with_the_limits_in_force(fake_host):
     assert container["env"]["NG_RELEASE_CODE"] == "c-v1"
 
 
+def test_gate_reads_the_limits_of_a_cgroup_v1_host(fake_host):
+    fake_host.control("cgroup_v1", True)
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+        answer = helper.call("gate", deadline=10)
+    assert answer["healthy"] is True
+    assert answer["cgroup"] == {"memory": str(700 * MiB), "memsw": str(2700 * MiB),
+                                "memory_usage": "52428800"}
+
+
 def test_gate_reports_an_unhealthy_container_with_its_health_log_and_logs(fake_host):
     fake_host.control("health", {"fail": True, "output": "heartbeat is 93 s old"})
     fake_host.control("logs", ["agent: started", "agent: Telegram said 401"])
@@ -695,6 +709,27 @@ def test_op_errors_come_back_as_one_line_and_the_session_goes_on(fake_host):
     assert str(unknown.value) == "step 'format_disk' failed: op 'format_disk' not allowed"
     assert fake_host.audit()[-1]["steps"] == ["sync", "image (failed)", "write_file (failed)",
                                               "run"]
+
+
+# -- the link: a helper that does not start, or goes away --------------------------------------
+def test_a_helper_that_dies_at_start_is_one_line(fake_host):
+    from tasks.deploy.hostlink import HostLink, local_pipe
+
+    link = HostLink(local_pipe(fake_host.env()))
+    args = fake_host.args()
+    del args["unit"]  # the helper cannot work out its paths
+    with pytest.raises(StepFailed) as failed:
+        link.hello(args, step="connect", timeout=20)
+    assert str(failed.value) == "step 'connect' failed: the host helper ended: KeyError: 'unit'"
+    link.close()
+
+
+def test_a_helper_killed_mid_session_is_a_lost_connection(fake_host):
+    with fake_host.helper() as helper:
+        helper.pipe.proc.kill()
+        with pytest.raises(StepFailed, match=r"^step 'dirs' failed: connection to the host "
+                                             r"lost \(the host helper ended: no output\)$"):
+            helper.call("dirs")
 
 
 # -- the bootstrap ---------------------------------------------------------------------------------
