@@ -28,12 +28,24 @@ def container_pids():
 
 
 @pytest.fixture
-def fake_host(tmp_path, container_pids):
-    host = FakeHost(tmp_path, *container_pids)
-    try:
-        check_isolated(host)
-    except Isolation as exc:
-        pytest.fail(f"refusing to run the host helper: {exc} (these tests run as root: the "
-                    "machine's own systemctl or swapon would change the machine)",
-                    pytrace=False)
-    return host
+def make_fake_host(tmp_path, container_pids):
+    """make_fake_host(podman="4.9.3"): a fake host in the test's folder, checked."""
+    made = []
+
+    def make(podman: str = "4.9.3") -> FakeHost:
+        host = FakeHost(tmp_path / f"host{len(made)}", *container_pids, podman=podman)
+        try:
+            check_isolated(host)
+        except Isolation as exc:
+            pytest.fail(f"refusing to run the host helper: {exc} (these tests run as root: "
+                        "the machine's own systemctl or swapon would change the machine)",
+                        pytrace=False)
+        made.append(host)
+        return host
+
+    return make
+
+
+@pytest.fixture
+def fake_host(make_fake_host):
+    return make_fake_host()

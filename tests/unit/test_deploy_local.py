@@ -22,7 +22,7 @@ from tasks.deploy.envfile import load_secret_values
 from tasks.deploy.session import LockHeld
 from tasks.deploy.sync import local_manifest, rules_for
 from tasks.errors import StepFailed
-from tests.unit.hostfake import FakeHost, LocalRemote, check_isolated
+from tests.unit.hostfake import FakeHost, LocalRemote
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN, GEMINI = "tg-local-9f3c1a7b55d2", "gem-local-4be0c2d97a61"
@@ -273,10 +273,8 @@ def test_a_dry_run_says_what_it_would_do_and_changes_nothing(deploy, host):
     assert "lock" not in deploy.last.sent_args[0] and deploy.last.sent_args[0]["mode"] == "read"
 
 
-def test_a_fresh_debian_13_host_gets_the_network_its_podman_uses(tmp_path, container_pids,
-                                                                   project):
-    host = FakeHost(tmp_path / "host", *container_pids, podman="5.4.2")
-    check_isolated(host)
+def test_a_fresh_debian_13_host_gets_the_network_its_podman_uses(make_fake_host, project):
+    host = make_fake_host(podman="5.4.2")
     host.configure(swap_names={str(host.paths["swapfile"]): "/swapfile"})
     host.paths["os_release"].write_text('ID=debian\nVERSION_ID="13"\nVERSION_CODENAME=trixie\n')
     for tool in ("podman", "slirp4netns", "pasta"):

@@ -498,10 +498,8 @@ def test_a_failed_replace_records_no_digest_and_leaves_the_old_value(fake_host):
     assert fake_host.secret_values()["gemini_api_key"] == "gem-1111"
 
 
-def test_podman_before_4_7_replaces_by_rm_and_create_and_undoes_a_failed_create(tmp_path,
-                                                                              container_pids):
-    host = FakeHost(tmp_path, *container_pids, podman="4.3.1")
-    check_isolated(host)
+def test_podman_before_4_7_replaces_by_rm_and_create_and_undoes_a_failed_create(make_fake_host):
+    host = make_fake_host(podman="4.3.1")
     with host.helper() as helper:
         facts = helper.call("facts")
         assert facts["podman"] == "4.3.1"
