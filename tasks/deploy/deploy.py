@@ -25,6 +25,7 @@ from tasks.deploy.plan import (
     Desired,
     Plan,
     desired_state,
+    expected_podman,
     host_needs,
     make_plan,
     previous_release,
@@ -104,7 +105,7 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
             host.finish(None)
             raise HostUnfit("host", needs.problems[0])
         digests = secret_digests(facts, values.values)
-        desired = desired_state(settings, digests, manifest, facts.get("podman"))
+        desired = desired_state(settings, digests, manifest, expected_podman(facts))
         plan = make_plan(settings, desired, facts, digests)
         if not plan:
             host.finish("no changes", version=desired.version)

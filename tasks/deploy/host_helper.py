@@ -137,7 +137,8 @@ def default_paths(a):
              "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
              "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
-             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers"}
+             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
+             "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
     paths.update(a.get("paths") or {})
     return paths
 
@@ -429,7 +430,7 @@ def container_from_files(paths, name, containers):
     pid = read_text(os.path.join(run_dir, "userdata", "pidfile"))
     alive = pid_alive(pid)
     if alive:  # pid reuse: the pid must still be in this container's cgroup
-        alive = cid in (read_text(f"/proc/{pid}/cgroup") or cid)
+        alive = cid in (read_text(f"{paths['proc']}/{pid}/cgroup") or cid)
     health = None
     for candidate in (os.path.join(run_dir, "healthcheck.log"),
                       os.path.join(run_dir, "userdata", "healthcheck.log"),
@@ -502,10 +503,10 @@ def container_state(paths, name, want_health=False):
     return None if found.get("absent") else found
 
 
-def cgroup_limits(pid):
+def cgroup_limits(paths, pid):
     """The limits the kernel enforces, read from the container's cgroup (v2 or v1)."""
     try:
-        with open(f"/proc/{pid}/cgroup") as handle:
+        with open(f"{paths['proc']}/{pid}/cgroup") as handle:
             lines = handle.read().splitlines()
     except OSError:
         return {}
@@ -513,14 +514,14 @@ def cgroup_limits(pid):
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            base = "/sys/fs/cgroup" + path
+            base = paths["cgroup"] + path
             for key, name in (("memory", "memory.max"), ("swap", "memory.swap.max"),
                               ("memory_usage", "memory.current"),
                               ("swap_usage", "memory.swap.current"),
                               ("memory_peak", "memory.peak")):
                 limits[key] = read_text(os.path.join(base, name))
         elif "memory" in controllers.split(","):
-            base = "/sys/fs/cgroup/memory" + path
+            base = paths["cgroup"] + "/memory" + path
             limits["memory"] = read_text(base + "/memory.limit_in_bytes")
             limits["memsw"] = read_text(base + "/memory.memsw.limit_in_bytes")
             limits["memory_usage"] = read_text(base + "/memory.usage_in_bytes")
@@ -561,9 +562,8 @@ def apt_sources(paths):
     hosts = set()
     folder = paths["apt_sources"]
     files = [os.path.join(folder, "sources.list")]
-    files += [os.path.join(folder, "sources.list.d", n) for n in
-              sorted(os.listdir(os.path.join(folder, "sources.list.d")))
-              if os.path.isdir(os.path.join(folder, "sources.list.d"))]
+    files += [os.path.join(folder, "sources.list.d", n)
+              for n in sorted(_listdir(os.path.join(folder, "sources.list.d")))]
     for path in files:
         for line in (read_text(path) or "").splitlines():
             for word in line.replace("URIs:", " ").split():
@@ -916,6 +916,10 @@ def op_sync(s, req):
         write_private(os.path.join(state, "rollback-code.tar"), backup.getvalue())
         write_json(os.path.join(state, "rollback-added.json"),
                    [r for r in req["files"] if read_nofollow(root_fd, r) is None])
+        write_json(os.path.join(state, "rollback-synced.json"),
+                   read_json(os.path.join(state, "synced.json"), []))
+        for rel in req.get("links", []):  # links in the tree are never kept; first, so
+            remove_nofollow(root_fd, rel)  # a file synced in a link's place stays
         written = 0
         if req.get("data"):
             with tarfile.open(fileobj=io.BytesIO(req["data"]), mode="r:gz") as delta:
@@ -926,8 +930,6 @@ def op_sync(s, req):
                     write_nofollow(root_fd, member.name, data, member.mode, owner)
                     written += 1
         for rel in req["delete"]:
-            remove_nofollow(root_fd, rel)
-        for rel in req.get("links", []):  # links in the tree are never kept
             remove_nofollow(root_fd, rel)
         if req.get("all_files") is not None:
             write_json(os.path.join(state, "synced.json"), sorted(req["all_files"]))
@@ -952,18 +954,22 @@ def op_release(s, req):
     folder = os.path.join(p["state"], "releases")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     synced = read_json(os.path.join(p["state"], "synced.json"), [])
-    root_fd = open_dir_nofollow(a["app_dir"])
     buffer = io.BytesIO()
-    try:
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for rel in synced:
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        try:
+            root_fd = open_dir_nofollow(a["app_dir"])
+        except FileNotFoundError:
+            root_fd = None  # nothing synced yet: an empty snapshot
+        try:
+            for rel in synced if root_fd is not None else []:
                 got = read_nofollow(root_fd, rel)
                 if got is not None:
                     info = tarfile.TarInfo(rel)
                     info.size, info.mode = len(got[0]), got[1]
                     tar.addfile(info, io.BytesIO(got[0]))
-    finally:
-        os.close(root_fd)
+        finally:
+            if root_fd is not None:
+                os.close(root_fd)
     write_private(os.path.join(folder, f"{version}.tar.gz"), buffer.getvalue())
     kept = {h["version"] for h in history}
     for name in _listdir(folder):
@@ -1024,6 +1030,9 @@ def op_restore_code(s, req):
                             write_nofollow(root_fd, member.name,
                                            tar.extractfile(member).read(), member.mode, owner)
                             restored += 1
+            synced = read_json(os.path.join(p["state"], "rollback-synced.json"), None)
+            if synced is not None:  # what the next sync may delete: the files back here
+                write_json(os.path.join(p["state"], "synced.json"), synced)
     finally:
         os.close(root_fd)
     return {"restored": restored, "removed": removed}
@@ -1204,7 +1213,7 @@ def op_gate(s, req):
     if not container or not container.get("running"):
         return {"healthy": False, "reason": "container is not running",
                 "container": container, "logs": logs_tail(a, started)}
-    result = {"container": container, "cgroup": cgroup_limits(container["pid"])}
+    result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
@@ -1254,7 +1263,7 @@ def op_health(s, req):
     container = container_state(p, a["container"], want_health=True)
     return {
         "container": container,
-        "cgroup": cgroup_limits(container["pid"]) if container and container.get("pid")
+        "cgroup": cgroup_limits(p, container["pid"]) if container and container.get("pid")
         else {},
         "host": host_memory(),
         "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
@@ -1345,7 +1354,7 @@ def handle(s, request):
         s.send({"id": request["id"], "ok": True, "result": result})
     finally:
         if s.gone.is_set() and s.during is None:
-            s.during = step
+            s.during = step  # the audit names the step the client left in
         s.current = None
 
 
@@ -1387,3 +1396,7 @@ def main(args):
 
 if __name__ == "__main__":
     main(ARGS)  # noqa: F821 - ARGS is set by the bootstrap line that runs this text
+    # The reader thread may still wait on stdin (the client keeps it open after `finish`;
+    # a SIGTERM comes at any time): the interpreter's shutdown would abort on it ("Fatal
+    # Python error: _enter_buffered_busy", SIGABRT, a core dump on some hosts).
+    os._exit(0)

@@ -41,12 +41,12 @@ MARKER_KEYS = {"NG_RELEASE_CODE": "code changed", "NG_RELEASE_IMAGE": "image cha
 
 
 def version_tuple(text: str | None) -> tuple[int, int]:
-    """'4.3.1' -> (4, 3); '13' -> (13, 0); None or junk -> (0, 0)."""
+    """'4.9.3' -> (4, 9); '13' (Debian's VERSION_ID) -> (13, 0); unreadable -> (0, 0)."""
     try:
-        parts = [int(p) for p in str(text).split("-")[0].split(".")[:2]]
+        major, minor = ([int(p) for p in str(text).split("-")[0].split(".")[:2]] + [0])[:2]
     except ValueError:
         return (0, 0)
-    return (parts + [0])[0], (parts + [0, 0])[1]
+    return major, minor
 
 
 # -- desired state ---------------------------------------------------------------------------
@@ -177,6 +177,19 @@ class HostNeeds:
     problems: list[str] = field(default_factory=list)
 
 
+def nftables_host(os_info: dict) -> bool:
+    return os_info.get("id") == "debian" and version_tuple(os_info.get("version_id")) >= (13, 0)
+
+
+def expected_podman(facts: dict) -> str:
+    """The host's Podman version or, while it is still to be installed, the one its
+    distribution ships: the unit's network stack depends on it, so the packages planned
+    and the unit written must assume the same one."""
+    os_info = facts.get("os") or {}
+    shipped = DISTRO_PODMAN.get((os_info.get("id"), os_info.get("version_id")))
+    return facts.get("podman") or shipped or ("5.0" if nftables_host(os_info) else "4.0")
+
+
 def host_needs(settings: Settings, facts: dict) -> HostNeeds:
     """Packages to install, or why the host cannot take this deploy (one line each)."""
     needs = HostNeeds()
@@ -185,17 +198,14 @@ def host_needs(settings: Settings, facts: dict) -> HostNeeds:
     distro = f"{os_info.get('name') or os_info.get('id') or 'this system'}"
     if not facts.get("systemd"):
         needs.problems.append("systemd is not running on the host: the agent's unit needs it")
-    firewall = "nftables" if (os_info.get("id") == "debian"
-                              and version_tuple(os_info.get("version_id")) >= (13, 0)) \
-        else "iptables"
+    firewall = "nftables" if nftables_host(os_info) else "iptables"
     wanted = [("podman", tools.get("podman")),
               ("crun", tools.get("crun") or tools.get("runc")),
               ("conmon", tools.get("conmon")),
               ("netavark", tools.get("netavark") or tools.get("cni")),
               ("aardvark-dns", tools.get("aardvark-dns") or tools.get("cni")),
               (firewall, tools.get("iptables") or tools.get("nft"))]
-    network = network_mode(settings, facts.get("podman") or (
-        "5.0" if firewall == "nftables" else "4.0"))
+    network = network_mode(settings, expected_podman(facts))
     if network == "pasta":
         wanted.append(("passt", tools.get("pasta")))
     elif network == "slirp4netns":

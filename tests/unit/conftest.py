@@ -1,0 +1,51 @@
+"""Fixtures of the host tier (tests/unit/hostfake): the real host helper against a fake
+host in a temp folder.
+
+These tests run as root on CI, where the machine's real systemctl, swapon or apt-get would
+change the machine. `fake_host` therefore fails the test loudly, before any helper starts,
+unless the stand-ins come first on the helper's PATH, nothing outside the temp folder is on
+it, and every path the helper knows points into the temp folder.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.unit.hostfake import FakeHost, Isolation, check_isolated
+
+
+@pytest.fixture(scope="session")
+def container_pids():
+    """(live, dead): a long-sleeping process that stands for the container's, and the pid
+    of one that has ended (a stopped container's pid file)."""
+    live = subprocess.Popen([shutil.which("sleep") or "/bin/sleep", "86400"])
+    ended = subprocess.Popen([shutil.which("true") or "/bin/true"])
+    ended.wait()
+    yield live.pid, ended.pid
+    live.kill()
+    live.wait()
+
+
+@pytest.fixture
+def make_fake_host(tmp_path, container_pids):
+    """make_fake_host(podman="4.9.3"): a fake host in the test's folder, checked."""
+    made = []
+
+    def make(podman: str = "4.9.3") -> FakeHost:
+        host = FakeHost(tmp_path / f"host{len(made)}", *container_pids, podman=podman)
+        try:
+            check_isolated(host)
+        except Isolation as exc:
+            pytest.fail(f"refusing to run the host helper: {exc} (these tests run as root: "
+                        "the machine's own systemctl or swapon would change the machine)",
+                        pytrace=False)
+        made.append(host)
+        return host
+
+    return make
+
+
+@pytest.fixture
+def fake_host(make_fake_host):
+    return make_fake_host()

@@ -1,0 +1,443 @@
+"""The tasks' orchestration (tasks.deploy.deploy.run_deploy, secrets.rotate) against the
+real host helper on a fake host (tests/unit/hostfake): a copy of the project tree, a .env,
+and a LocalRemote whose one pipe is the helper process instead of an SSH channel."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from invoke import Context
+from invoke.exceptions import Exit
+
+from tasks.config import load_settings
+from tasks.deploy import apply
+from tasks.deploy import deploy as deploy_tasks
+from tasks.deploy import secrets as secrets_tasks
+from tasks.deploy.deploy import HostUnfit, run_deploy
+from tasks.deploy.envfile import load_secret_values
+from tasks.deploy.session import LockHeld
+from tasks.deploy.sync import local_manifest, rules_for
+from tasks.errors import StepFailed
+from tests.unit.hostfake import FakeHost, LocalRemote
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN, GEMINI = "tg-local-9f3c1a7b55d2", "gem-local-4be0c2d97a61"
+AGENT = "execution/system/health_check.py"  # a file of the synced tree
+
+
+def write_env(project: Path, token: str = TOKEN, gemini: str = GEMINI) -> None:
+    path = project / ".env"
+    path.write_text(f"TELEGRAM_BOT_TOKEN={token}\nGEMINI_API_KEY={gemini}\n")
+    path.chmod(0o600)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """The project's syncable files, in a tree a test may edit, with a .env."""
+    root = tmp_path / "project"
+    for rel in local_manifest(ROOT, rules_for(load_settings(environ={}))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, root / rel)
+    shutil.copy2(ROOT / "invoke.yaml", root / "invoke.yaml")
+    write_env(root)
+    return root
+
+
+@pytest.fixture
+def host(fake_host) -> FakeHost:
+    # the host's /swapfile lives in the temp folder; its kernel shows it as /swapfile
+    fake_host.configure(swap_names={str(fake_host.paths["swapfile"]): "/swapfile"})
+    return fake_host
+
+
+class Deployer:
+    """`inv deploy` without preflight's SSH target: settings from the copied tree."""
+
+    def __init__(self, project: Path, host: FakeHost):
+        self.project, self.host = project, host
+        self.remotes: list[LocalRemote] = []
+
+    def settings(self, **overrides):
+        return load_settings(root=self.project, environ={}, overrides={
+            "app_dir": str(self.host.app_dir), "data_dir": str(self.host.data_dir),
+            "limits.swap_size": "16m", "health.deadline": 5, **overrides})
+
+    def remote(self, **kwargs) -> LocalRemote:
+        kwargs.setdefault("redact", load_secret_values(self.settings()).redact)
+        remote = LocalRemote(self.host, **kwargs)
+        self.remotes.append(remote)
+        return remote
+
+    def __call__(self, settings=None, **kwargs) -> dict:
+        settings = settings or self.settings()
+        values = load_secret_values(settings)
+        manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
+        return run_deploy(settings, values, manifest, self.remote(**kwargs))
+
+    @property
+    def last(self) -> LocalRemote:
+        return self.remotes[-1]
+
+
+@pytest.fixture
+def deploy(project, host) -> Deployer:
+    return Deployer(project, host)
+
+
+def mirror(host: FakeHost):
+    """A package mirror the host can reach: a listening socket on 127.0.0.1."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    (host.paths["apt_sources"] / "sources.list").write_text(
+        f"deb http://127.0.0.1:{server.getsockname()[1]}/debian bookworm main\n")
+    return server
+
+
+# -- a cold host, then nothing to do ------------------------------------------------------------
+def test_a_cold_deploy_installs_sets_up_and_records_the_release(deploy, host):
+    host.remove_tool("podman")
+    host.remove_tool("crun")
+    with mirror(host):
+        result = deploy()
+    version = result["version"]
+    assert result == {"changed": True, "version": version}
+    out = deploy.last.text
+    for line in ("plan: host: install podman, crun (apt-get)",
+                 "plan: host: set up the 16m swapfile (fstab, swappiness)",
+                 "plan: secrets: create or update telegram_bot_token, gemini_api_key",
+                 "plan: image: build", "plan: unit: write the systemd unit and enable it",
+                 "plan: container: (re)start and wait until healthy", f"deployed {version}"):
+        assert line in out
+    assert TOKEN not in out and GEMINI not in out
+    audit = host.audit()
+    assert len(audit) == 1
+    assert (audit[0]["outcome"], audit[0]["command"], audit[0]["version"]) == \
+        ("ok", "deploy", version)
+    assert audit[0]["steps"] == ["swap", "provision", "sync", "secret telegram_bot_token",
+                                 "secret gemini_api_key", "image", "markers", "unit",
+                                 "restart", "health"]
+    state = host.state()
+    assert state["verified"] == version
+    assert [r["version"] for r in state["history"]] == [version]
+    assert set(state["history"][0]["secrets"]) == {"telegram_bot_token", "gemini_api_key"}
+    container = host.container()
+    assert container["env"]["NG_RELEASE_VERSION"] == version
+    assert container["secrets"] == {"telegram_bot_token": TOKEN, "gemini_api_key": GEMINI}
+    assert (host.app_dir / AGENT).read_bytes() == (deploy.project / AGENT).read_bytes()
+    assert (host.paths["state"] / "releases" / f"{version}.tar.gz").exists()
+    assert deploy.last.ops[0] == "facts" and deploy.last.ops[-1] == "finish"
+    assert deploy.last.stats.connections == 1 and deploy.last.stats.commands == 1
+
+
+def test_a_second_deploy_with_nothing_changed_is_one_facts_call(deploy, host):
+    first = deploy()
+    calls = len(host.calls())
+    second = deploy()
+    assert second == {"changed": False, "version": first["version"]}
+    assert deploy.last.ops == ["facts", "finish"]
+    assert deploy.last.stats.steps == 1
+    assert host.calls()[calls:] == []  # no podman, no systemctl: Podman's files told all
+    assert f"no changes: the fake host runs {first['version']}" in deploy.last.text
+    assert [a["outcome"] for a in host.audit()] == ["ok", "no changes"]
+
+
+def test_a_one_file_change_syncs_that_file_and_restarts(deploy, host):
+    first = deploy()
+    builds = [c for c in host.calls("podman") if c[0] == "build"]
+    (deploy.project / AGENT).write_text("print('changed')\n")
+    second = deploy()
+    assert second["changed"] and second["version"] != first["version"]
+    assert "plan: sync: 1 file(s) to send, 0 to remove" in deploy.last.text
+    assert "why: code changed" in deploy.last.text
+    assert deploy.last.ops == ["facts", "sync", "dirs", "write_file", "run", "gate",
+                               "release", "finish"]  # same unit: kept
+    assert [c for c in host.calls("podman") if c[0] == "build"] == builds  # no rebuild
+    assert (host.app_dir / AGENT).read_text() == "print('changed')\n"
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == second["version"]
+    assert [r["version"] for r in host.state()["history"]] == [second["version"],
+                                                               first["version"]]
+
+
+def test_a_deleted_file_is_removed_from_the_host(deploy, host):
+    deploy()
+    (deploy.project / AGENT).unlink()
+    deploy()
+    assert "plan: sync: 0 file(s) to send, 1 to remove" in deploy.last.text
+    assert not (host.app_dir / AGENT).exists()
+
+
+def test_a_link_planted_in_the_app_dir_is_replaced_by_the_synced_file(deploy, host, tmp_path):
+    deploy()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0\n")
+    (host.app_dir / AGENT).unlink()
+    (host.app_dir / AGENT).symlink_to(outside / "passwd")
+    deploy()
+    assert "plan: sync: remove 1 symbolic link(s) from the app dir" in deploy.last.text
+    assert not (host.app_dir / AGENT).is_symlink()
+    assert (host.app_dir / AGENT).read_bytes() == (deploy.project / AGENT).read_bytes()
+    assert (outside / "passwd").read_text() == "root:x:0:0\n"
+
+
+# -- failures --------------------------------------------------------------------------------------
+def test_a_failed_gate_rolls_back_to_the_previous_release_secrets_included(deploy, host):
+    first = deploy()
+    write_env(deploy.project, gemini="gem-bad-0000000000")
+    (deploy.project / AGENT).write_text("print('broken')\n")
+    host.control("health", {"fail_if_secret": {"gemini_api_key": "gem-bad-0000000000"},
+                            "output": "Gemini said 400", "kill": True})
+    with pytest.raises(StepFailed) as failed:
+        deploy()
+    assert str(failed.value).endswith(f"rolled back to {first['version']}, which is healthy "
+                                      "again")
+    out = deploy.last.text
+    assert "health check (exit 1): Gemini said 400" in out
+    assert "gem-bad-0000000000" not in out and "gem-bad" not in str(failed.value)
+    last = host.audit()[-1]
+    assert last["outcome"] == "rolled-back" and "rolled back" in last["error"]
+    assert "restore code" in last["steps"] and "restore secrets" in last["steps"]
+    assert host.secret_values()["gemini_api_key"] == GEMINI
+    assert host.container()["secrets"]["gemini_api_key"] == GEMINI
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == first["version"]
+    assert (host.app_dir / AGENT).read_bytes() == (ROOT / AGENT).read_bytes()
+    assert host.state()["verified"] == first["version"]
+    assert [r["version"] for r in host.state()["history"]] == [first["version"]]
+    # once .env and the code are as before, the host has nothing to do
+    write_env(deploy.project)
+    shutil.copy2(ROOT / AGENT, deploy.project / AGENT)
+    assert deploy() == {"changed": False, "version": first["version"]}
+
+
+def test_a_failed_first_deploy_has_nothing_to_roll_back_to(deploy, host):
+    host.control("health", {"fail": True, "kill": True})
+    with pytest.raises(StepFailed, match="no earlier release to roll back to"):
+        deploy()
+    last = host.audit()[-1]
+    assert last["outcome"] == "failed"
+    assert host.state() == {}
+
+
+def test_ctrl_c_in_the_middle_leaves_an_interrupted_line_and_the_next_run_completes(deploy,
+                                                                                   host):
+    host.control("build", {"lines": 40, "sleep": 0.05})
+
+    def ctrl_c(line):
+        if line.startswith("STEP 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deploy(on_progress=ctrl_c)
+    assert "! interrupted: the host finishes its current step" in deploy.last.text
+    last = host.audit()[-1]
+    assert last["outcome"] == "interrupted" and last["during"] == "image"
+    assert last["steps"][-1] == "image (failed)" and "sync" in last["steps"]
+    assert host.image_names() == []  # the build was stopped
+    with host.helper() as helper:  # the lock went with the process
+        assert helper.hello["lock"]["acquired"]
+    host.control("build", {"lines": 2})
+    result = deploy()
+    assert result["changed"] and host.audit()[-1]["outcome"] == "ok"
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == result["version"]
+
+
+def test_a_deploy_while_another_holds_the_lock_is_refused_and_records_nothing(deploy, host):
+    with host.helper(who="bo@desk", command="secrets.rotate"):
+        with pytest.raises(LockHeld, match=r"bo@desk \(secrets.rotate\) since"):
+            deploy()
+    assert deploy.last.ops == []
+    assert [(a["who"], a["outcome"]) for a in host.audit()] == [("bo@desk", "interrupted")]
+
+
+def test_a_host_with_too_old_a_podman_is_refused_before_any_change(deploy, host):
+    host.configure(version="4.2.0")
+    with pytest.raises(HostUnfit, match="Podman 4.2.0 is older than the minimum 4.3"):
+        deploy()
+    assert deploy.last.ops == ["facts", "finish"]
+    assert host.audit() == [] and host.container() is None
+
+
+def test_a_dry_run_says_what_it_would_do_and_changes_nothing(deploy, host):
+    result = deploy(dry_run=True)
+    assert result == {"changed": False, "dry_run": True}
+    out = deploy.last.text
+    assert "would: sync" in out and "would: podman build" in out
+    assert "would: systemctl restart container-97layer-nightguard.service" in out
+    assert deploy.last.ops == ["facts"]
+    assert host.audit() == [] and not host.app_dir.exists()
+    assert "lock" not in deploy.last.sent_args[0] and deploy.last.sent_args[0]["mode"] == "read"
+
+
+def test_a_fresh_debian_13_host_gets_the_network_its_podman_uses(make_fake_host, project):
+    host = make_fake_host(podman="5.4.2")
+    host.configure(swap_names={str(host.paths["swapfile"]): "/swapfile"})
+    host.paths["os_release"].write_text('ID=debian\nVERSION_ID="13"\nVERSION_CODENAME=trixie\n')
+    for tool in ("podman", "slirp4netns", "pasta"):
+        host.remove_tool(tool)
+    deploy = Deployer(project, host)
+    with mirror(host):
+        result = deploy()
+    assert "plan: host: install podman, passt (apt-get)" in deploy.last.text
+    assert "--network pasta" in host.paths["unit"].read_text()
+    assert host.audit()[-1]["outcome"] == "ok"
+    assert deploy() == {"changed": False, "version": result["version"]}  # Podman 5 now
+
+
+def test_a_rollback_that_is_not_healthy_either_is_a_failure(deploy, host):
+    first = deploy()
+    (deploy.project / AGENT).write_text("print('v2')\n")
+    host.control("health", {"fail": True, "kill": True})
+    with pytest.raises(StepFailed, match=f"rolled back to {first['version']}, but it is not "
+                                         "healthy either"):
+        deploy()
+    assert host.audit()[-1]["outcome"] == "failed"
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == first["version"]
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["cgroup2", "cgroup1"])
+def test_limits_not_in_force_fail_the_gate(deploy, host, v1):
+    host.control("cgroup_v1", v1)
+    host.control("cgroup", {"memory.memsw.limit_in_bytes" if v1 else "memory.swap.max": "0"})
+    wanted = "memory.memsw.limit_in_bytes is 0 (want 2831155200)" if v1 else \
+        "memory.swap.max is 0 (want 2097152000)"
+    with pytest.raises(StepFailed, match=re.escape(f"limits not in force: cgroup {wanted}; "
+                                                   "no earlier release to roll back to")):
+        deploy()
+    assert host.audit()[-1]["outcome"] == "failed"
+
+
+def test_ctrl_c_during_the_gate_then_the_next_run_only_checks_health(deploy, host,
+                                                                     monkeypatch):
+    real = apply.wait_healthy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apply, "wait_healthy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deploy()
+    last = host.audit()[-1]
+    assert last["outcome"] == "interrupted" and last["steps"][-1] == "restart"
+    assert host.state() == {}  # the release was never recorded
+    monkeypatch.setattr(apply, "wait_healthy", real)
+    result = deploy()
+    assert "health: the last deploy did not finish its health gate; check it" in \
+        deploy.last.text
+    assert deploy.last.ops == ["facts", "gate", "release", "finish"]
+    assert host.state()["verified"] == result["version"]
+
+
+def test_a_plain_text_env_in_the_app_dir_is_removed(deploy, host):
+    deploy()
+    (host.app_dir / ".env").write_text(f"GEMINI_API_KEY={GEMINI}\n")
+    deploy()
+    assert "plan: host: remove the plain-text .env from the app dir" in deploy.last.text
+    assert not (host.app_dir / ".env").exists()
+
+
+def test_images_and_code_of_releases_no_longer_kept_are_dropped(deploy, host):
+    settings = deploy.settings(keep_images=1)
+    first = deploy(settings)
+    first_image = host.image_names()
+    requirements = deploy.project / "deployment" / "requirements-agent.txt"
+    requirements.write_text(requirements.read_text() + "# a new image\n")
+    second = deploy(settings)
+    assert host.image_names() != first_image and len(host.image_names()) == 1
+    assert ["rmi", "--ignore", *first_image] in host.calls("podman")
+    assert sorted(p.name for p in (host.paths["state"] / "releases").iterdir()) == \
+        [f"{second['version']}.tar.gz"]
+    assert [r["version"] for r in host.state()["history"]] == [second["version"]]
+    assert first["version"] != second["version"]
+
+
+# -- the tasks themselves -----------------------------------------------------------------------
+@pytest.fixture
+def tasks_on_fake_host(deploy, host, monkeypatch):
+    """`inv deploy` / `inv unlock` / `inv secrets.*` reach the fake host."""
+    compose = deploy.project / "deployment" / "podman-compose.nightguard.yml"
+    compose.write_text(compose.read_text().replace("/home/ubuntu/97layerOS:",
+                                                   f"{host.app_dir}:"))
+    for module in (deploy_tasks, secrets_tasks):
+        monkeypatch.setattr(module, "settings_for", lambda *a, **k: deploy.settings())
+        monkeypatch.setattr(module, "open_remote",
+                            lambda settings, **kwargs: deploy.remote(**kwargs))
+    return deploy
+
+
+def test_the_deploy_task_checks_locally_then_deploys(tasks_on_fake_host, host, capsys):
+    deploy_tasks.deploy(Context())
+    out = tasks_on_fake_host.last.text
+    assert out.startswith("deploy to the fake host\n")
+    assert "ssh connections: 1, remote commands: 1, steps: 12" in out
+    assert host.audit()[-1]["outcome"] == "ok"
+
+
+def test_the_unlock_task_names_the_holder_and_stops_it_with_force(tasks_on_fake_host, host,
+                                                                  capsys):
+    holder = host.helper(who="bo@desk", command="deploy")
+    deploy_tasks.unlock(Context())
+    assert f"the lock is held by bo@desk (deploy) since 2026-11-29T10:00:00Z, pid " \
+           f"{holder.pid}; `inv unlock --force` stops it" in capsys.readouterr().out
+    deploy_tasks.unlock(Context(), force=True)
+    assert "stopped the deploy of bo@desk (deploy)" in capsys.readouterr().out
+    assert holder.pipe.wait(10) is not None
+    deploy_tasks.unlock(Context())
+    assert capsys.readouterr().out == "no lock is held\n"
+    assert host.audit()[-1]["outcome"] == "interrupted"
+
+
+# -- secrets.rotate -----------------------------------------------------------------------------
+@pytest.fixture
+def rotate(deploy, host, monkeypatch):
+    """`inv secrets.rotate` against the fake host."""
+    monkeypatch.setattr(secrets_tasks, "settings_for", lambda *a, **k: deploy.settings())
+    monkeypatch.setattr(secrets_tasks, "open_remote",
+                        lambda settings, **kwargs: deploy.remote(**kwargs))
+    return lambda **flags: secrets_tasks.rotate(Context(), **flags)
+
+
+def test_rotate_replaces_a_value_with_one_restart_and_records_the_release(deploy, host,
+                                                                         rotate, capsys):
+    first = deploy()
+    write_env(deploy.project, gemini="gem-new-1111111111")
+    rotate(name=["gemini_api_key"])
+    assert "secrets: rotated gemini_api_key; the container is healthy with them" in \
+        capsys.readouterr().out
+    last = host.audit()[-1]
+    assert (last["command"], last["outcome"], last["secrets"]) == \
+        ("secrets.rotate", "ok", ["gemini_api_key"])
+    assert host.container()["secrets"]["gemini_api_key"] == "gem-new-1111111111"
+    history = host.state()["history"]
+    assert [r["version"] for r in history] == [last["version"], first["version"]]
+    old_copy = f"gemini_api_key__{history[1]['secrets']['gemini_api_key'][:12]}"
+    assert host.secret_values()[old_copy] == GEMINI  # kept for a rollback
+    assert deploy() == {"changed": False, "version": last["version"]}
+
+
+def test_a_rotation_that_fails_its_gate_puts_the_old_values_back(deploy, host, rotate):
+    first = deploy()
+    write_env(deploy.project, gemini="gem-bad-2222222222")
+    host.control("health", {"fail_if_secret": {"gemini_api_key": "gem-bad-2222222222"},
+                            "kill": True})
+    with pytest.raises(Exit) as failed:
+        rotate(name=["gemini_api_key"])
+    assert failed.value.code == 1
+    assert "old values back, healthy" in str(failed.value.message)
+    last = host.audit()[-1]
+    assert (last["command"], last["outcome"]) == ("secrets.rotate", "rolled-back")
+    assert host.secret_values()["gemini_api_key"] == GEMINI
+    assert host.container()["secrets"]["gemini_api_key"] == GEMINI
+    assert host.container()["env"]["NG_RELEASE_VERSION"] == first["version"]
+    assert host.state()["verified"] == first["version"]
+
+
+def test_rotate_refuses_a_host_that_was_never_deployed(host, rotate):
+    with pytest.raises(Exit, match="not deployed here yet"):
+        rotate()
+    assert not [argv for argv in host.calls("podman") if argv[:2] == ["secret", "create"]]
+    assert host.audit()[-1]["outcome"].startswith("failed: step 'rotate' failed")
