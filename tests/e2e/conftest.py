@@ -7,18 +7,19 @@ One shared VM per flavour per test session (booting one costs about a minute und
                                        break; destroyed after the test
     ssh_run(target, cmd)               runs cmd over OpenSSH, returns CompletedProcess
 Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is marked
-`e2e`; the tests skip only where QEMU is not installed. The first run on a machine builds
-the images (a few minutes per flavour), later runs only boot.
+`e2e`; the tests skip only where the sandbox cannot run (no QEMU; no image yet and no way
+to build one: tasks/sandbox/support.py says why). The first run on a machine builds the
+images (a few minutes per flavour), later runs only boot.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
 """
 
 import itertools
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from tasks.sandbox import image, support
 from tasks.sandbox import machine as sb
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
@@ -48,9 +49,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order inside each file stays
 
 
-def _require_qemu():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (scripts/bootstrap.sh installs it)")
+def _require_sandbox(flavour="bookworm"):
+    problem = support.boot_problem()
+    if problem is None and not image.image_dir(flavour).is_dir():
+        problem = support.build_problem(image.cache_dir())
+    if problem:
+        pytest.skip(problem)
 
 
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
@@ -67,7 +71,7 @@ def ssh_run():
 
 
 def _shared(name, flavour):
-    _require_qemu()
+    _require_sandbox(flavour)
     target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
     target["name"] = name
     yield target
@@ -96,10 +100,11 @@ _fresh_ids = itertools.count(1)
 @pytest.fixture
 def fresh_sandbox():
     """Factory: fresh_sandbox("bookworm") boots a new VM on a new disk; destroyed after."""
-    _require_qemu()
+    _require_sandbox()
     made = []
 
     def make(os_flavour="bookworm", name=None):
+        _require_sandbox(os_flavour)
         name = name or f"e2e-fresh-{os.getpid()}-{next(_fresh_ids)}"
         made.append(name)
         target = sb.ensure_up(name, os_flavour=os_flavour, fresh=True, timeout=BOOT_TIMEOUT)
