@@ -8,13 +8,13 @@
 #   PYTHON=python3.12         the interpreter for .venv (default: python3)
 #   NG_BOOTSTRAP_SANDBOX=0    same as --no-sandbox: no Debian packages
 #
-# Safe to run again: it only installs what is missing. Written for bash 3.2 too (macOS).
+# Safe to run again: it only installs what is missing or changed. Written for bash 3.2 too (macOS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap openssh-client openssh-server e2fsprogs rsync ca-certificates)
 GET_PYTHON="install Python 3.11 or newer (macOS: brew install python@3.12, or python.org; Debian/Ubuntu: apt-get install python3 python3-venv; Fedora: dnf install python3) or name one with PYTHON=/path/to/python3"
-REAL_VM="without it, deploy to a real VM: .venv/bin/inv deploy --host HOST (or nightguard.target: gcp)"
+REAL_VM="without the sandbox, deploy to a real VM: .venv/bin/inv deploy --host HOST (or nightguard.target: gcp)"
 
 die() {
     echo "bootstrap: $*" >&2
@@ -28,7 +28,7 @@ esac
 while [[ $# -gt 0 ]]; do
     case $1 in
         --no-sandbox) sandbox=no ;;
-        -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "bootstrap: unknown argument '$1' (only --no-sandbox)" >&2; exit 2 ;;
     esac
     shift
@@ -85,6 +85,12 @@ elif ! out=$("$python" -m venv .venv 2>&1); then
     die "'$python -m venv .venv' failed (Debian/Ubuntu: apt-get install python3-venv): $(printf '%s\n' "$out" | grep -v '^$' | tail -n 1)"
 fi
 # The project itself (editable: `inv` and the tests use the working tree) with the versions
-# pinned in requirements.txt; the dev extra brings the test and lint tools.
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.txt -e '.[dev]'
+# pinned in requirements.txt; the dev extra brings the test and lint tools. Skipped when
+# neither file changed since the last install: a rerun needs no network (removing
+# .venv/.bootstrap-stamp forces a reinstall).
+stamp=$(cat pyproject.toml requirements.txt | cksum)
+if [[ ! -f .venv/.bootstrap-stamp || $(cat .venv/.bootstrap-stamp) != "$stamp" ]]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.txt -e '.[dev]'
+    echo "$stamp" >.venv/.bootstrap-stamp
+fi
 echo "bootstrap: ready (.venv, Python $(python_version .venv/bin/python))"
