@@ -31,7 +31,8 @@ from tasks.sandbox import qemu, support
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a laptop without apt has that bootstrap and the tasks use; ssh comes with macOS.
-TOOLS = ("bash", "dirname", "uname", "id", "rm", "sed", "grep", "tail", "ssh", "ssh-keygen")
+TOOLS = ("bash", "dirname", "uname", "id", "rm", "sed", "grep", "tail", "cat", "cksum", "ssh",
+         "ssh-keygen")
 ABSENT = ("apt-get", "dpkg", "dpkg-query", "mmdebstrap", "qemu-system-x86_64", "qemu-img")
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", ".sandbox", ".ssh", ".env", "*.egg-info", "build", "__pycache__",
@@ -264,7 +265,7 @@ def laptop(tmp_path_factory):
                               env={**env, **(extra_env or {})}, capture_output=True, text=True,
                               timeout=120)
 
-    return {"repo": repo, "bootstrap": done, "inv": inv}
+    return {"repo": repo, "env": env, "bootstrap": done, "inv": inv}
 
 
 def _one_line_error(done) -> str:
@@ -283,6 +284,13 @@ def test_bootstrap_without_apt_makes_the_venv_and_says_what_the_sandbox_needs(la
     show = subprocess.run([str(laptop["repo"] / ".venv" / "bin" / "pip"), "show",
                            "nightguard-deploy"], capture_output=True, text=True)
     assert "Name: nightguard-deploy" in show.stdout
+    # a rerun with nothing changed installs nothing, so it needs no index
+    offline = {**laptop["env"], "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "",
+               "PIP_INDEX_URL": "http://127.0.0.1:9/"}
+    again = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=laptop["repo"], env=offline,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == out[-1]
 
 
 def test_laptop_tasks_load_and_show_the_config(laptop):
