@@ -8,7 +8,8 @@
 #   PYTHON=python3.12         the interpreter for .venv (default: python3)
 #   NG_BOOTSTRAP_SANDBOX=0    same as --no-sandbox: no Debian packages
 #
-# Safe to run again: it only installs what is missing or changed. Written for bash 3.2 too (macOS).
+# Safe to run again: it only installs what is missing or changed. Written for bash 3.2
+# too (macOS's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
