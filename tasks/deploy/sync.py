@@ -4,7 +4,8 @@ What travels: the folders and files listed in ``nightguard.sync.include`` (relat
 ``nightguard.source_dir``; default the agent's own: execution/, directives/, knowledge/,
 deployment/), minus ``nightguard.sync.exclude`` globs (matched against the relative path
 and each of its components). Never, whatever the lists say: the configured env_file, the
-Google Cloud credentials file, ``.env``/``.env.*``, ``.git``, virtualenvs and caches.
+Google Cloud credentials file, ``.env``/``.env.*``, ``.git``, virtualenvs and caches,
+macOS's ``.DS_Store`` and ``._*`` files.
 
 A file that looks like a credential stops the deploy before anything is sent, naming the
 file and how to exclude it (or, for a false alarm, ``nightguard.sync.allow``): a PEM or
@@ -31,7 +32,8 @@ from tasks.errors import ConfigError
 
 NEVER = (".env", ".env.*", ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache",
          ".ruff_cache", ".mypy_cache", "node_modules", ".sandbox", ".ssh", "*.img", "*.qcow2",
-         ".netrc", "*.pem", "id_rsa", "id_ed25519", "id_ecdsa")
+         ".netrc", "*.pem", "id_rsa", "id_ed25519", "id_ecdsa",
+         ".DS_Store", "._*")  # macOS Finder's and AppleDouble files: a Mac laptop's litter
 ALWAYS_INCLUDED = (".env.example",)  # documents the keys; holds no values
 PRIVATE_KEY_MARKERS = (b"-----BEGIN OPENSSH PRIVATE KEY-----", b"PRIVATE KEY-----",
                        b'"private_key"', b'"private_key_id"')

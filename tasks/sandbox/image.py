@@ -21,7 +21,8 @@ machine anyway). Host keys are not: the guest makes them on first boot and print
 ed25519 one to the serial console between HOSTKEY_BEGIN and HOSTKEY_END.
 
 Environment: XDG_CACHE_HOME, NG_SANDBOX_MIRROR (default http://deb.debian.org/debian).
-Needs root (mmdebstrap root mode and chroot).
+Needs Linux and root (mmdebstrap root mode and chroot); elsewhere ensure_image stops with one
+line (tasks.sandbox.support), and a cache folder copied from a Linux machine is used as is.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tasks.sandbox import support
 
 RECIPE_VERSION = 4  # bump to rebuild every image; 4: the laptop's CAs, apt reaches mirrors
 BASE_RECIPE_VERSION = 4  # 3: without docs, man pages, locales; 4: venv, pip, laptop's CAs
@@ -309,6 +312,7 @@ def ensure_image(flavour: str) -> Path:
     final = cache_dir() / "images" / f"{flavour}-{key}"
     if final.is_dir():
         return final
+    support.require_build(cache_dir())  # one line, not a failed mmdebstrap, where it cannot
     tar = base_tar()
 
     def build(tmp: Path, log) -> None:

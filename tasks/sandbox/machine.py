@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.sandbox import image, qemu
+from tasks.sandbox import image, qemu, support
 from tasks.sandbox.qemu import HOST, state_dir
 
 SANDBOX_USER = "ubuntu"
@@ -110,6 +110,8 @@ def status(name: str = "default") -> str:
 def target(name: str = "default") -> dict:
     d = state_dir(name)
     if qemu.pid(name) is None or not (d / "known_hosts").exists():
+        if problem := support.boot_problem():  # e.g. a Mac: say so, not "run sandbox.up"
+            raise RuntimeError(f"sandbox {name} is not up, and cannot run here: {problem}")
         raise RuntimeError(f"sandbox {name} is not up: run `inv sandbox.up`")
     return {
         "host": HOST, "port": int(qemu.read(d / "port")), "user": SANDBOX_USER,
@@ -215,7 +217,9 @@ def _image_for(name: str, os_flavour: str) -> Path:
 def ensure_up(
     name: str = "default", os_flavour: str = "bookworm", fresh: bool = False, timeout: float = 300
 ) -> dict:
-    """Boots the sandbox (building its image first if needed) and returns target(name)."""
+    """Boots the sandbox (building its image first if needed) and returns target(name).
+    Raises support.SandboxUnavailable (one line) where the sandbox cannot run."""
+    support.require_boot()
     with _locked(name):
         if fresh:
             down(name, destroy=True)

@@ -18,12 +18,14 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from tasks.sandbox import image
 
 HOST = "127.0.0.1"
+PROCFS = sys.platform.startswith("linux")  # else (macOS) ask ps about a process
 _children: dict[int, subprocess.Popen] = {}  # polled here, else they linger as zombies
 
 
@@ -62,23 +64,36 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(read(path).splitlines()[-lines:])
 
 
+def process(pid: int) -> tuple[str, bytes] | None:
+    """(state letter, command line) of a running process, or None. From /proc on Linux;
+    elsewhere (macOS) from ps, whose `stat` and `command` columns procps and BSD share."""
+    if PROCFS:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return None
+        return state, cmdline
+    try:  # -ww: the whole command line, however long
+        argv = ["ps", "-ww", "-o", "stat=", "-o", "command=", "-p", str(pid)]
+        out = subprocess.run(argv, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = out.split(None, 1)
+    return (fields[0][:1].decode(), fields[1]) if len(fields) == 2 else None
+
+
 def pid(name: str) -> int | None:
-    """The sandbox's live QEMU pid, checked against /proc (pid reuse, zombies)."""
+    """The sandbox's live QEMU pid, checked against the process table (pid reuse, zombies)."""
     found = read(state_dir(name) / "qemu.pid")
     if not found.isdigit() or (
         int(found) in _children and _children[int(found)].poll() is not None
     ):
         return None
-    try:
-        cmdline = Path(f"/proc/{found}/cmdline").read_bytes()
-        zombie = Path(f"/proc/{found}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, IndexError):
+    running = process(int(found))
+    if running is None or running[0] == "Z":
         return None
-    return (
-        None
-        if zombie or str(state_dir(name) / "disk.qcow2").encode() not in cmdline
-        else int(found)
-    )
+    return int(found) if str(state_dir(name) / "disk.qcow2").encode() in running[1] else None
 
 
 def banner(port: int, timeout: float = 3.0) -> bool:

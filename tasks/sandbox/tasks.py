@@ -2,6 +2,8 @@
 ``tasks.sandbox.machine``).
 
 Config keys: ``nightguard.sandbox.name``, ``nightguard.sandbox.os``.
+Where the sandbox cannot run (no QEMU; no Linux, root or mmdebstrap for the first image
+build) `sandbox.up` prints one line on what it needs and exits 2 (``tasks.sandbox.support``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import subprocess
 
 from invoke import Collection, Exit, task
 
+from tasks.errors import EXIT_CONFIG
 from tasks.sandbox.machine import down, ensure_up, reboot, ssh_argv, status, target
+from tasks.sandbox.support import SandboxUnavailable
 
 NAME_HELP = "sandbox name (default: default); several can run at once"
 TIMEOUT_HELP = "seconds to wait for ssh (default 300; an image build comes on top)"
@@ -31,7 +35,10 @@ def up(c, name="default", os="bookworm", fresh=False, timeout=300):
         return
     try:
         ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout))
-    except (ValueError, RuntimeError, TimeoutError) as err:
+    except SandboxUnavailable as err:  # nothing was started: say what this machine lacks
+        raise Exit(f"sandbox.up: {err}", code=EXIT_CONFIG) from None
+    except (ValueError, RuntimeError, TimeoutError, OSError,
+            subprocess.CalledProcessError) as err:
         raise Exit(f"sandbox.up: {err}", code=1) from None
 
 

@@ -8,20 +8,20 @@ One shared VM per flavour per test session (booting one costs about a minute und
     fresh_sandbox_module(os_flavour)   the same, shared by the tests of one file
     ssh_run(target, cmd)               runs cmd over OpenSSH, returns CompletedProcess
 Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is marked
-`e2e`. Outside CI the tests skip where QEMU, mmdebstrap or sshd is missing; in CI (the CI
-environment variable is set) a missing tool fails the run instead of turning it green with
-skips. The first run on a machine builds the images (a few minutes per flavour), later
-runs only boot.
+`e2e`. Outside CI the tests skip where the sandbox cannot run (no QEMU; no image yet and
+no way to build one: tasks/sandbox/support.py says why); in CI (the CI environment
+variable is set) that fails the run instead of turning it green with skips. The first run
+on a machine builds the images (a few minutes per flavour), later runs only boot.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
 """
 
 import itertools
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from tasks.sandbox import image, support
 from tasks.sandbox import machine as sb
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
@@ -52,18 +52,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order inside each file stays
 
 
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "ssh")
-
-
-def _require_qemu():
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
-    if not os.path.exists("/usr/sbin/sshd"):
-        missing.append("sshd")
-    if missing:
-        message = f"{', '.join(missing)} not installed (scripts/bootstrap.sh installs them)"
+def _require_sandbox(flavour="bookworm"):
+    problem = support.boot_problem()
+    if problem is None and not image.image_dir(flavour).is_dir():
+        problem = support.build_problem(image.cache_dir())
+    if problem:
         if os.environ.get("CI"):
-            pytest.fail(f"CI needs the sandbox: {message}")
-        pytest.skip(message)
+            pytest.fail(f"CI needs the sandbox: {problem}")
+        pytest.skip(problem)
 
 
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
@@ -80,7 +76,7 @@ def ssh_run():
 
 
 def _shared(name, flavour):
-    _require_qemu()
+    _require_sandbox(flavour)
     target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
     target["name"] = name
     yield target
@@ -108,10 +104,11 @@ _fresh_ids = itertools.count(1)
 
 def _fresh():
     """Factory: make("bookworm") boots a new VM on a new disk; destroyed afterwards."""
-    _require_qemu()
+    _require_sandbox()
     made = []
 
     def make(os_flavour="bookworm", name=None):
+        _require_sandbox(os_flavour)
         name = name or f"e2e-fresh-{os.getpid()}-{next(_fresh_ids)}"
         made.append(name)
         target = sb.ensure_up(name, os_flavour=os_flavour, fresh=True, timeout=BOOT_TIMEOUT)
