@@ -1,18 +1,25 @@
-"""Deploy figures on a sandbox VM: cold, no-op and one-file-change deploys.
+"""`inv deploy` beside the hand-written yardstick (../shared/bench/manual-deploy.sh), on the
+same sandbox VM, in the same run, alternating: cold, no-op and one-file-change deploys.
 
-For each kind, N runs (default 3); prints medians of wall time, SSH connections opened,
-remote commands run and bytes sent (as `inv deploy` itself counts them).
+    .venv/bin/python bench/deploy_bench.py [--runs 3] [--os bookworm] [--yardstick PATH]
 
-    .venv/bin/python bench/deploy_bench.py [--runs 3] [--os bookworm]
-
-A cold run starts from a fresh sandbox disk each time (boot not counted).
+Prints, per kind: the medians of both tools' wall time and their ratio (ours / script);
+where our time went (our step lines, medians); and our SSH connections, remote commands
+and bytes sent twice - as `inv deploy` counts them, and as the host saw them (sshd's
+"Accepted" lines in the journal, sudo's log of commands, and the bytes the guest's eth0
+received, which include SSH's own framing and encryption). Cold means: our (or the
+script's) container, unit, secrets, images, state, app dir and swapfile removed first;
+Podman and the preloaded base image stay, as on a VM made by `inv vm.create`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,51 +29,148 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.sandbox import machine as sandbox  # noqa: E402
+from tests.e2e.conftest import run_over_ssh  # noqa: E402
 from tests.e2e.deploy_helpers import copy_source, inv, inv_env, make_env_file  # noqa: E402
 
-STATS = re.compile(r"ssh connections: (\d+), remote commands: (\d+), bytes sent: (\d+)")
+YARDSTICK = ROOT.parent / "shared" / "bench" / "manual-deploy.sh"
+STATS = re.compile(r"ssh connections: (\d+), remote commands: (\d+), steps: (\d+), "
+                   r"bytes sent: (\d+)")
+STEP = re.compile(r"^  - ([\w.]+)(?::[^(]*)? \(([\d.]+)s\)$")
+RESET_OURS = r"""
+systemctl disable --now container-97layer-nightguard.service >/dev/null 2>&1
+rm -f /etc/systemd/system/container-97layer-nightguard.service; systemctl daemon-reload
+podman rm -f -t 0 97layer-nightguard >/dev/null 2>&1
+for s in $(podman secret ls --format '{{.Name}}' | grep -v '^yardstick_'); do
+  podman secret rm "$s" >/dev/null; done
+for i in $(podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/nightguard:'); do
+  podman rmi -f "$i" >/dev/null; done
+rm -rf /var/lib/nightguard /home/ubuntu/97layerOS /home/ubuntu/97layerOS-data
+"""
+RESET_SWAP = r"""
+swapoff /swapfile 2>/dev/null; rm -f /swapfile /etc/sysctl.d/99-nightguard.conf
+sed -i '\#^/swapfile#d' /etc/fstab; sysctl -q -w vm.swappiness=60
+"""
+# independent counts, read on the host: connections, sudo commands, bytes received
+COUNTERS = ("echo accepted $(journalctl -u ssh --since @{since} --no-pager -o cat "
+            "| grep -c 'Accepted publickey'); "
+            "echo commands $(journalctl _COMM=sudo --since @{since} --no-pager -o cat "
+            "| grep -c 'COMMAND='); "
+            "echo rx $(awk '/eth0:/ {{print $2}}' /proc/net/dev)")
 
 
-def one_deploy(env: dict) -> dict:
+def host(target, script: str) -> str:
+    argv = sandbox.build_ssh_argv(target["port"], target["key_filename"],
+                                  target["known_hosts"], "sudo -n sh -s")
+    done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"on the sandbox: {script[:60]}...: {done.stderr}")
+    return done.stdout
+
+
+def counters(target, since: float) -> dict[str, int]:
+    out = run_over_ssh(target, f"sudo -n sh -c \"{COUNTERS.format(since=int(since))}\"")
+    return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+
+
+def ours(env: dict, target) -> dict:
+    rx_before = counters(target, time.time())["rx"]
+    since = time.time() - 1
     started = time.monotonic()
     done = inv(["deploy"], env)
     seconds = time.monotonic() - started
     if done.returncode != 0:
-        raise SystemExit(f"deploy failed:\n{done.stdout}\n{done.stderr}")
-    connections, commands, sent = (int(x) for x in STATS.search(done.stdout).groups())
+        raise SystemExit(f"inv deploy failed:\n{done.stdout}\n{done.stderr}")
+    time.sleep(1)  # the journal gets the lines of the run
+    seen = counters(target, since)
+    connections, commands, steps, sent = (int(x) for x in STATS.search(done.stdout).groups())
+    timings = {m.group(1): float(m.group(2)) for m in map(STEP.match, done.stdout.splitlines())
+               if m}
     return {"seconds": seconds, "connections": connections, "commands": commands,
-            "bytes": sent}
+            "steps": steps, "bytes": sent, "host_accepted": seen["accepted"],
+            "host_sudo": seen["commands"], "host_rx": seen["rx"] - rx_before,
+            "timings": timings}
+
+
+def script(target, app: Path) -> dict:
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(target["port"]), SSH_USER="ubuntu",
+               KEY=target["key_filename"], KNOWN_HOSTS=target["known_hosts"],
+               APP_SRC=str(app))
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(YARDSTICK)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the yardstick failed:\n{done.stdout}\n{done.stderr}")
+    return {"seconds": time.monotonic() - started}
+
+
+def reset_script(target, app: Path) -> None:
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(target["port"]), SSH_USER="ubuntu",
+               KEY=target["key_filename"], KNOWN_HOSTS=target["known_hosts"], APP_SRC=str(app))
+    subprocess.run(["bash", str(YARDSTICK), "--reset"], env=env, capture_output=True,
+                   check=True)
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--os", default="bookworm")
+    parser.add_argument("--yardstick", type=Path, default=YARDSTICK)
     args = parser.parse_args()
+    global YARDSTICK
+    YARDSTICK = args.yardstick
     name = f"bench-{args.os}"
-    results: dict[str, list[dict]] = {"cold": [], "no-op": [], "one file": []}
+    kinds = ("cold", "no-op", "one file")
+    rows = {(tool, kind): [] for tool in ("ours", "script") for kind in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         copy_source(base / "src")
         env_file = make_env_file(base)
+        app = base / "yardstick-app"
+        shutil.copytree(YARDSTICK.parent / "app", app)
+        target = sandbox.ensure_up(name, os_flavour=args.os, timeout=900)
+        target["name"] = name
+        env = inv_env(target, env_file, base / "src")
         for run in range(args.runs):
-            target = sandbox.ensure_up(name, os_flavour=args.os, fresh=True, timeout=900)
-            target["name"] = name
-            env = inv_env(target, env_file, base / "src")
-            results["cold"].append(one_deploy(env))
-            for _ in range(1 if run else args.runs):
-                results["no-op"].append(one_deploy(env))
-            with open(base / "src" / "knowledge" / "README.md", "a") as handle:
+            print(f"round {run + 1} of {args.runs}", flush=True)
+            host(target, RESET_OURS + RESET_SWAP)
+            reset_script(target, app)
+            rows["script", "cold"].append(script(target, app))
+            host(target, RESET_OURS + RESET_SWAP)  # the swapfile: the script's made it
+            rows["ours", "cold"].append(ours(env, target))
+            rows["script", "no-op"].append(script(target, app))
+            rows["ours", "no-op"].append(ours(env, target))
+            main_py = app / "main.py"
+            main_py.write_text(re.sub(r"VERSION = .*", f"VERSION = 'bench-{run}'",
+                                      main_py.read_text()))
+            rows["script", "one file"].append(script(target, app))
+            with open(base / "src/knowledge/README.md", "a") as handle:
                 handle.write(f"bench change {time.time()}\n")
-            results["one file"].append(one_deploy(env))
-        sandbox.down(name, destroy=True)
-    print(f"deploy on a sandbox ({args.os}, TCG emulation), medians of {args.runs}+ runs")
-    print(f"{'kind':10} {'wall s':>8} {'ssh conns':>10} {'commands':>9} {'bytes sent':>11}")
-    for kind, rows in results.items():
-        def med(key, rows=rows):
-            return statistics.median(row[key] for row in rows)
-        print(f"{kind:10} {med('seconds'):8.1f} {med('connections'):10.0f} "
-              f"{med('commands'):9.0f} {med('bytes'):11.0f}")
+            rows["ours", "one file"].append(ours(env, target))
+        if os.environ.get("NG_BENCH_KEEP") != "1":
+            sandbox.down(name, destroy=True)
+    print(f"\ndeploy on one sandbox ({args.os}, 1 GB, 2 vCPUs, TCG emulation), "
+          f"medians of {args.runs} alternating runs")
+    print(f"{'kind':10} {'ours s':>8} {'script s':>9} {'ratio':>6}")
+    for kind in kinds:
+        a, b = median(rows["ours", kind], "seconds"), median(rows["script", kind], "seconds")
+        print(f"{kind:10} {a:8.1f} {b:9.1f} {a / b:6.2f}")
+    print("\nwhere our time went (medians of the step lines, seconds)")
+    for kind in kinds:
+        steps = sorted({s for row in rows["ours", kind] for s in row["timings"]})
+        ours_rows = rows["ours", kind]
+        parts = [f"{s} {statistics.median(r['timings'].get(s, 0.0) for r in ours_rows):.1f}"
+                 for s in steps]
+        print(f"  {kind:10} " + ", ".join(parts))
+    print("\nour counts: as inv counts them / as the host saw them")
+    print(f"{'kind':10} {'ssh conns':>12} {'commands':>12} {'bytes sent / eth0 rx':>24}")
+    for kind in kinds:
+        r = rows["ours", kind]
+        print(f"{kind:10} {median(r, 'connections'):5.0f} / {median(r, 'host_accepted'):<4.0f}"
+              f" {median(r, 'commands'):5.0f} / {median(r, 'host_sudo'):<4.0f}"
+              f" {median(r, 'bytes'):10.0f} / {median(r, 'host_rx'):<10.0f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ before anything connects to a host.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -67,7 +68,13 @@ DEFAULTS: dict[str, Any] = {
     "container_name": "97layer-nightguard",
     "image_name": "localhost/nightguard",
     "base_image": "docker.io/library/python:3.11-slim",
+    # an archive on the host to import base_image from when its storage lacks it (for hosts
+    # that reach no registry, like the sandbox; `podman import`)
+    "base_image_archive": "",
     "agent_command": "",
+    # extra environment for the agent (name -> value); NOT for secrets, which go in .env and
+    # reach the agent as files: these values show in `podman inspect`
+    "agent_env": {},
     "rootless": False,
     # the agent's network: auto = slirp4netns on Podman 4, pasta on Podman 5 (user-mode
     # stacks: no iptables rules per start, no way to the host's loopback); or bridge, host
@@ -101,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
 TARGETS = ("sandbox", "ssh", "gcp")
 NETWORKS = ("auto", "slirp4netns", "pasta", "bridge", "host")
 SANDBOX_BASE_IMAGE = "localhost/nightguard-base:latest"
+SANDBOX_BASE_ARCHIVE = "/var/lib/nightguard-sandbox/base.tar"
 SANDBOX_OS = ("bookworm", "trixie")
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
@@ -134,11 +142,14 @@ def parse_duration(text: str) -> float:
     return int(match.group(1)) * factor
 
 
+MAPPING_KEYS = {("secrets",), ("agent_env",)}  # settings whose value is a whole mapping
+
+
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
     flat: dict[tuple, Any] = {}
     for key, value in tree.items():
         path = prefix + (str(key),)
-        if isinstance(value, Mapping) and path != ("secrets",):
+        if isinstance(value, Mapping) and path not in MAPPING_KEYS:
             flat.update(_flatten(value, path))
         else:
             flat[path] = value
@@ -170,6 +181,11 @@ def _coerce(raw: Any, default: Any, where: str, key: str) -> Any:
         if isinstance(default, float):
             return float(str(raw).strip())
         if isinstance(default, dict):
+            if isinstance(raw, str):  # from the environment: a JSON object
+                try:
+                    raw = json.loads(raw) if raw.strip() else {}
+                except ValueError:
+                    raise ValueError('expected a JSON object, e.g. {"KEY": "value"}') from None
             if not isinstance(raw, Mapping):
                 raise ValueError("expected a mapping")
             return {str(k): str(v) for k, v in raw.items()}
@@ -280,6 +296,9 @@ def load_settings(
         # The sandbox cannot reach registries; it preloads this base image.
         values["base_image"] = SANDBOX_BASE_IMAGE
         sources["base_image"] = "sandbox default"
+        if "base_image_archive" not in sources:
+            values["base_image_archive"] = SANDBOX_BASE_ARCHIVE
+            sources["base_image_archive"] = "sandbox default"
     settings = Settings(values=values, sources=sources, root=root)
     validate(settings)
     return settings
@@ -330,6 +349,9 @@ def validate(settings: Settings) -> None:
     for key in _string_keys(settings.values):
         if _CONTROL.search(str(settings[key])):
             fail(key, "contains a control character (a newline, a tab...)")
+    archive = settings["base_image_archive"]
+    if archive and (not _HOST_PATH.match(archive) or "/../" in archive):
+        fail("base_image_archive", f"{archive!r} is not a plain absolute path")
     for key in ("app_dir", "data_dir"):
         path = settings[key]
         if not _HOST_PATH.match(path) or "/../" in path + "/" or "/./" in path + "/":
@@ -360,6 +382,11 @@ def validate(settings: Settings) -> None:
         fail("ssh.host", "is required when target is ssh")
     if settings["target"] == "gcp" and not settings["gcp.project"]:
         fail("gcp.project", "is required when target is gcp")
+    for name, value in settings["agent_env"].items():
+        if not _ENV_KEY.match(name) or name.startswith(("NG_RELEASE_", "NG_DATA_DIR")):
+            fail("agent_env", f"{name!r} is not a name the agent may be given")
+        if _CONTROL.search(value):
+            fail("agent_env", f"{name}: the value contains a control character")
     if not settings["secrets"]:
         fail("secrets", "at least one secret is required")
     for name, env_key in settings["secrets"].items():
@@ -373,7 +400,7 @@ def _string_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key != "secrets":
+        if isinstance(value, Mapping) and (key,) not in MAPPING_KEYS:
             keys += _string_keys(value, dotted + ".")
         elif isinstance(value, str):
             keys.append(dotted)

@@ -42,7 +42,7 @@ def config(c, target=None, host=None, json_=False):
 def _leaves(tree, prefix=""):
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "secrets":
+        if isinstance(value, dict) and key not in ("secrets", "agent_env"):
             yield from _leaves(value, dotted + ".")
         else:
             yield dotted, value

@@ -65,6 +65,10 @@ def build_image(host: HostSession, settings: Settings, desired: Desired) -> None
     argv = cmd.image_build(desired.image_ref, f"{context}/Dockerfile.nightguard", context,
                            settings["base_image"], build_needs_network(settings))
     with host.remote.step("image", desired.image_ref):
+        base, archive = settings["base_image"], settings["base_image_archive"]
+        if archive and base not in (host.facts_seen.get("image_names") or []):
+            host.call("run", step="base image", argv=cmd.image_import(archive, base),
+                      timeout=BUILD_TIMEOUT, on_interrupt="kill")
         host.call("run", step="image", argv=argv, timeout=BUILD_TIMEOUT, on_interrupt="kill")
 
 

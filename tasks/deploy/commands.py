@@ -177,6 +177,12 @@ def image_build(tag: str, dockerfile: str, context: str, base_image: str,
             context]
 
 
+def image_import(archive: str, name: str) -> list[str]:
+    """The base image from an archive on the host, for a storage that lacks it and a host
+    that reaches no registry (the sandbox's rootless user)."""
+    return ["podman", "import", archive, name]
+
+
 def logs(name: str, *, tail: int | None = None, since: str | None = None,
          follow: bool = False, rootful: bool = True) -> list[str]:
     argv = ["logs", "--timestamps"]

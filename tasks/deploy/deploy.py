@@ -34,7 +34,7 @@ from tasks.deploy.plan import (
 from tasks.deploy.remote import Remote
 from tasks.deploy.session import HostSession, now
 from tasks.deploy.sync import local_manifest, rules_for
-from tasks.errors import StepFailed
+from tasks.errors import ConfigError, StepFailed
 from tasks.targets import open_remote
 
 
@@ -46,6 +46,10 @@ def preflight(target, host) -> tuple[Settings, SecretValues, dict[str, str]]:
     """Everything that can be checked without the host; raises before any SSH."""
     settings = settings_for(target, host)
     values = load_secret_values(settings)
+    for name, value in settings["agent_env"].items():
+        if any(secret and secret in value for secret in values.values.values()):
+            raise ConfigError(f"nightguard.agent_env.{name} holds a value from .env: secrets "
+                              "go in .env and reach the agent as files, never as environment")
     check_compose(settings)
     manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
     return settings, values, manifest

@@ -147,7 +147,8 @@ def desired_state(settings: Settings, digests: dict[str, str],
     ref = f"{settings['image_name']}:{tag}"
     compose = load_compose(settings.path("compose_file"))
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
-                   ("NG_REQUIRED_SECRETS", ",".join(settings.secret_names))]
+                   ("NG_REQUIRED_SECRETS", ",".join(settings.secret_names)),
+                   *sorted(settings["agent_env"].items())]
     spec = ContainerSpec(
         name=settings["container_name"], image=ref, app_dir=settings["app_dir"],
         data_dir=settings["data_dir"], markers_file=markers_path(settings),
@@ -213,6 +214,12 @@ def host_needs(settings: Settings, facts: dict) -> HostNeeds:
     if settings["rootless"]:
         wanted.append(("uidmap", tools.get("newuidmap")))
     needs.install = [package for package, present in wanted if not present]
+    base = settings["base_image"]
+    if tools.get("podman") and base.startswith("localhost/") and not \
+            settings["base_image_archive"] and base not in (facts.get("image_names") or []):
+        needs.problems.append(f"the base image {base} is not on the host and a localhost/ "
+                              "image cannot be pulled: load it there, or set "
+                              "nightguard.base_image_archive")
     version = facts.get("podman")
     if version and version_tuple(version) < MIN_PODMAN:
         needs.problems.append(f"Podman {version} is older than the minimum "

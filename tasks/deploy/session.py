@@ -72,6 +72,7 @@ class HostSession:
         self.finished = False
         self.timeout = settings["ssh.command_timeout"]
         self.podman = ""  # the host's Podman version, once facts were read
+        self.facts_seen: dict = {}  # the last facts read in this session
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> HostSession:
@@ -150,6 +151,7 @@ class HostSession:
         facts = self.call("facts", step="facts", changes=False, timeout=READ_TIMEOUT,
                           record=False, **args)
         self.podman = facts.get("podman") or ""
+        self.facts_seen = facts
         return facts
 
     def finish(self, outcome: str | None, *, state: dict | None = None, **audit) -> None:

@@ -54,6 +54,9 @@ def host(fake_host) -> FakeHost:
     return fake_host
 
 
+BASE = "localhost/nightguard-base:latest"
+
+
 class Deployer:
     """`inv deploy` without preflight's SSH target: settings from the copied tree."""
 
@@ -119,8 +122,11 @@ def test_a_cold_deploy_installs_sets_up_and_records_the_release(deploy, host):
     assert (audit[0]["outcome"], audit[0]["command"], audit[0]["version"]) == \
         ("ok", "deploy", version)
     assert audit[0]["steps"] == ["swap", "provision", "sync", "secret telegram_bot_token",
-                                 "secret gemini_api_key", "image", "markers", "unit",
-                                 "restart", "health"]
+                                 "secret gemini_api_key", "base image", "image", "markers",
+                                 "unit", "restart", "health"]
+    assert [
+        "import", "/var/lib/nightguard-sandbox/base.tar", "localhost/nightguard-base:latest"] \
+        in host.calls("podman")  # the sandbox's preloaded base, for a storage without it
     state = host.state()
     assert state["verified"] == version
     assert [r["version"] for r in state["history"]] == [version]
@@ -237,7 +243,7 @@ def test_ctrl_c_in_the_middle_leaves_an_interrupted_line_and_the_next_run_comple
     last = host.audit()[-1]
     assert last["outcome"] == "interrupted" and last["during"] == "image"
     assert last["steps"][-1] == "image (failed)" and "sync" in last["steps"]
-    assert host.image_names() == []  # the build was stopped
+    assert host.image_names() == [BASE]  # the build was stopped: no image of ours
     with host.helper() as helper:  # the lock went with the process
         assert helper.hello["lock"]["acquired"]
     host.control("build", {"lines": 2})
@@ -343,11 +349,12 @@ def test_a_plain_text_env_in_the_app_dir_is_removed(deploy, host):
 def test_images_and_code_of_releases_no_longer_kept_are_dropped(deploy, host):
     settings = deploy.settings(keep_images=1)
     first = deploy(settings)
-    first_image = host.image_names()
+    first_image = [n for n in host.image_names() if n != BASE]
     requirements = deploy.project / "deployment" / "requirements-agent.txt"
     requirements.write_text(requirements.read_text() + "# a new image\n")
     second = deploy(settings)
-    assert host.image_names() != first_image and len(host.image_names()) == 1
+    ours = [n for n in host.image_names() if n != BASE]
+    assert ours != first_image and len(ours) == 1
     assert ["rmi", "--ignore", *first_image] in host.calls("podman")
     assert sorted(p.name for p in (host.paths["state"] / "releases").iterdir()) == \
         [f"{second['version']}.tar.gz"]
@@ -373,7 +380,7 @@ def test_the_deploy_task_checks_locally_then_deploys(tasks_on_fake_host, host, c
     deploy_tasks.deploy(Context())
     out = tasks_on_fake_host.last.text
     assert out.startswith("deploy to the fake host\n")
-    assert "ssh connections: 1, remote commands: 1, steps: 12" in out
+    assert "ssh connections: 1, remote commands: 1, steps: 13" in out
     assert host.audit()[-1]["outcome"] == "ok"
 
 

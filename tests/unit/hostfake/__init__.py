@@ -83,6 +83,9 @@ class FakeHost:
         self.paths["fstab"].write_text("# /etc/fstab\nUUID=1234 / ext4 defaults 0 1\n")
         self.paths["cgroup_controllers"].write_text("cpuset cpu io memory pids\n")
         (self.paths["apt_sources"] / "sources.list").write_text("")
+        archive = root / "var/lib/nightguard-sandbox/base.tar"  # the sandbox's preloaded base
+        archive.parent.mkdir(parents=True)
+        archive.write_bytes(b"a base image archive")
         self.bin.mkdir()
         for name, script in TOOLS.items():
             (self.bin / name).symlink_to(STANDINS / script)
@@ -102,7 +105,9 @@ class FakeHost:
             "wants_dir": str(self.paths["unit_wants"].parent),
             "systemd_state": str(root / "systemd.json"),
             "proc_swaps": str(self.paths["proc_swaps"]), "swap_names": {},
-            "path_map": {cmd.STATE_DIR: str(state)}, "control": str(self.control_dir),
+            "path_map": {cmd.STATE_DIR: str(state),
+                         "/var/lib/nightguard-sandbox": str(archive.parent)},
+            "control": str(self.control_dir),
             "bin": str(self.bin), "live_pid": live_pid, "dead_pid": dead_pid,
             "version": podman}
         self.configure()

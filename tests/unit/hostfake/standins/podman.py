@@ -151,6 +151,19 @@ def cmd_build(args):
     print(f"COMMIT {tag}\n{image_id}")
 
 
+def cmd_import(args):
+    """`podman import ARCHIVE NAME`: the archive must exist on the (fake) host."""
+    _, rest = options(args)
+    archive, name = rest[0], rest[1]
+    if not os.path.isfile(host_path(archive)):
+        die(f"Error: {archive}: no such file or directory")
+    kept = [i for i in images() if name not in (i.get("names") or [])]
+    image_id = os.urandom(32).hex()
+    kept.append({"id": image_id, "names": [name], "created": iso_now()})
+    write_json(IMAGES, kept)
+    print(image_id)
+
+
 def cmd_rmi(args):
     found, refs = options(args)
     listed, missing = images(), []
@@ -549,7 +562,7 @@ def cmd_logs(args):
 COMMANDS = {"version": cmd_version, "images": cmd_images, "build": cmd_build,
             "rmi": cmd_rmi, "secret": cmd_secret, "run": cmd_run, "rm": cmd_rm,
             "stop": cmd_stop, "container": cmd_container, "healthcheck": cmd_healthcheck,
-            "logs": cmd_logs}
+            "logs": cmd_logs, "import": cmd_import}
 
 if __name__ == "__main__":
     record("podman", sys.argv[1:])
