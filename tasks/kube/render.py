@@ -33,9 +33,10 @@ Decisions:
   * The probe is an exec livenessProbe running the compose file's health check:
     periodSeconds = health.interval, timeoutSeconds = health.timeout, failureThreshold =
     health.retries, initialDelaySeconds = health.start_period. No startupProbe: Podman 4.3
-    ignores it, and both engines read initialDelaySeconds as the start period. A failing
-    probe restarts the container, as ``--health-on-failure=kill`` and systemd's
-    ``Restart=always`` do on the VM.
+    ignores it, while initialDelaySeconds is Podman's start period and, on a cluster, the
+    wait before the first probe - either way a hang is noticed within the start period
+    plus retries x interval. A failing probe restarts the container, as
+    ``--health-on-failure=kill`` and systemd's ``Restart=always`` do on the VM.
   * Resources: limits.memory and limits.cpus are the limits, limits.memory_reservation is
     requests.memory; Podman's sizes (``700m`` is 700 MiB) become binary quantities
     (``700Mi``). requests.cpu is ``CPU_REQUEST`` unless told otherwise: the VM reserves no
