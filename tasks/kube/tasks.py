@@ -76,6 +76,8 @@ def check_no_values(bundle: Bundle, values: SecretValues) -> None:
 
 def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, str]) -> None:
     """Write the files and app/ (exactly the manifest's files, with their modes)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise ConfigError(f"--out {out}: not empty and not an earlier export; "
                           "choose another directory")

@@ -324,6 +324,9 @@ def test_export_refuses_a_directory_it_did_not_write(tmp_path):
         write_export(tmp_path, bundle, ROOT, {})
     assert "not empty and not an earlier export" in one_line(info)
     assert (tmp_path / "precious.txt").exists()
+    with pytest.raises(ConfigError) as info:
+        write_export(tmp_path / "precious.txt", bundle, ROOT, {})
+    assert one_line(info).endswith("precious.txt: is not a directory")
 
 
 def test_build_dir_is_ignored_by_git():
