@@ -74,6 +74,16 @@ def check_no_values(bundle: Bundle, values: SecretValues) -> None:
                 raise StepFailed("export", f"{name} would hold a .env value; nothing written")
 
 
+def check_outside_sync(out: Path, source: Path, include: list[str]) -> None:
+    """The export must not land in the synced tree: it would travel to the host, and into
+    the next export's image."""
+    for top in include:
+        root = (source / top).resolve()
+        if out.resolve() == root or root in out.resolve().parents:
+            raise ConfigError(f"--out {out}: inside the synced tree ({top}, "
+                              "nightguard.sync.include); choose a directory outside it")
+
+
 def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, str]) -> None:
     """Write the files and app/ (exactly the manifest's files, with their modes)."""
     if out.exists() and not out.is_dir():
@@ -114,6 +124,7 @@ def export(c, out=DEFAULT_OUT, image=None, cpu_request=CPU_REQUEST, target=None)
     out_dir = Path(os.path.expanduser(out))
     out_dir = out_dir if out_dir.is_absolute() else settings.root / out_dir
     source = settings.path("source_dir")
+    check_outside_sync(out_dir, source, settings["sync.include"])
     bundle = render(settings, desired, image=image, cpu=cpu_request, out=shown(out_dir),
                     deploy_context=shown(source / "deployment"),
                     needs_network=build_needs_network(settings))

@@ -17,7 +17,13 @@ from tasks.deploy.plan import desired_state
 from tasks.deploy.sync import local_manifest, rules_for
 from tasks.errors import ConfigError, StepFailed
 from tasks.kube import render as kube
-from tasks.kube.tasks import MARKER, check_no_values, check_schema, write_export
+from tasks.kube.tasks import (
+    MARKER,
+    check_no_values,
+    check_outside_sync,
+    check_schema,
+    write_export,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -327,6 +333,13 @@ def test_export_refuses_a_directory_it_did_not_write(tmp_path):
     with pytest.raises(ConfigError) as info:
         write_export(tmp_path / "precious.txt", bundle, ROOT, {})
     assert one_line(info).endswith("precious.txt: is not a directory")
+
+
+def test_export_stays_out_of_the_synced_tree(tmp_path):
+    check_outside_sync(tmp_path / "build" / "kube", tmp_path, ["execution", "knowledge"])
+    with pytest.raises(ConfigError) as info:
+        check_outside_sync(tmp_path / "knowledge" / "kube", tmp_path, ["execution", "knowledge"])
+    assert "inside the synced tree (knowledge, nightguard.sync.include)" in one_line(info)
 
 
 def test_build_dir_is_ignored_by_git():
