@@ -98,20 +98,12 @@ _SHELL_SYNTAX = re.compile(r"[|&;<>()$`\\*?\[\]#~{}\n]")
 
 @dataclass(frozen=True)
 class Names:
-    """Every name the export gives out, and the ones `podman kube play` derives."""
+    """Every name the export gives out."""
 
     deployment: str
     secret: str
     claim: str
     container: str = CONTAINER
-
-    @property
-    def podman_pod(self) -> str:
-        return f"{self.deployment}-pod"
-
-    @property
-    def podman_container(self) -> str:
-        return f"{self.podman_pod}-{self.container}"
 
 
 @dataclass(frozen=True)
@@ -447,8 +439,9 @@ def notes_text(settings: Settings, desired: Desired, image: str,
         f"named volume `{names.secret}` on the host's disk (root only), which `podman kube "
         f"down` leaves behind with the data volume `{names.claim}`: remove both with `sudo "
         f"podman volume rm {names.secret} {names.claim}`, and the Podman secret with `sudo "
-        f"podman secret rm {names.secret}`. The pod is `{names.podman_pod}`, the container "
-        f"`{names.podman_container}`. Podman before 4.5 may leave a hung container stopped "
+        f"podman secret rm {names.secret}`. The pod is `{names.deployment}-pod` "
+        f"(`{names.deployment}-pod-0` on Podman 4.3), its container the pod's name plus "
+        f"`-{names.container}`. Podman before 4.5 may leave a hung container stopped "
         "instead of restarting it (containers/podman#17777).",
         "",
     ]

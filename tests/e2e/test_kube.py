@@ -140,8 +140,8 @@ def played(vm, tmp_path_factory):
         "image": pod["containers"][0]["image"],
         "secret": pod["volumes"][0]["secret"]["secretName"],
         "claim": claim["metadata"]["name"],
-        "pod": f"{deployment['metadata']['name']}-pod",
-        "container": f"{deployment['metadata']['name']}-pod-{pod['containers'][0]['name']}",
+        "deployment": deployment["metadata"]["name"],
+        "container_name": pod["containers"][0]["name"],
         "podman": podman_version(vm),
         "before": {what: listed(vm, what) for what in ("volume", "secret", "container")},
         "env": env,
@@ -158,6 +158,12 @@ def played(vm, tmp_path_factory):
         assert done.returncode == 0, out(done)
         done = ssh(vm, f"sudo -n podman kube play {REMOTE}/nightguard.yaml", timeout=900)
         assert done.returncode == 0, out(done)
+        # the Deployment's pod: <name>-pod on Podman 5, <name>-pod-0 (a replica index) on 4.3
+        (info["pod"],) = [name for name in ssh(vm, "sudo -n podman pod ps --format "
+                                                   "'{{.Name}}'").stdout.decode().split()
+                          if name.startswith(f"{info['deployment']}-pod")]
+        info["container"] = f"{info['pod']}-{info['container_name']}"
+        assert inspect_pod_container(vm, info["container"]), info
         yield info
     finally:
         if not info.get("cleaned"):
