@@ -137,6 +137,7 @@ def default_paths(a):
              "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
              "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
+             "linger_dir": "/var/lib/systemd/linger",
              "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
              "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
     paths.update(a.get("paths") or {})
@@ -787,6 +788,7 @@ def op_facts(s, req):
         facts["container"] = None
     facts["unit_text"] = read_text(paths["unit"])
     facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
+    facts["linger"] = os.path.exists(os.path.join(paths["linger_dir"], a["owner"]))
     facts["markers_text"] = read_text(paths["markers"])
     app_dir = a["app_dir"]
     try:
@@ -1169,7 +1171,22 @@ def op_install_unit(s, req):
         code, _, err = sh(["systemctl", *user, "enable", "--quiet", s.args["unit"]])
         if code != 0:
             raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
+    if user:
+        ensure_linger(s)
     return {"changed": changed}
+
+
+def ensure_linger(s):
+    """A user's units (and Podman's health timers) die with the last login session unless
+    systemd lingers for the user: enable it, or say the one command that does."""
+    owner = s.args["owner"]
+    if os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        return
+    code, _, err = sh(["loginctl", "enable-linger", owner])
+    if code != 0 or not os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        raise OpError(f"rootless mode needs systemd to linger for {owner} (else the agent "
+                      f"stops at logout and after a reboot): run `sudo loginctl enable-linger "
+                      f"{owner}` on the host once ({err.strip()[-120:] or 'not allowed'})")
 
 
 def op_dirs(s, req):
