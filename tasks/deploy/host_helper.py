@@ -455,6 +455,7 @@ def container_from_files(paths, name, containers):
         "image": json.loads(entry.get("metadata") or "{}").get("image-name", ""),
         "created": entry.get("created"),
         "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "heartbeat_file": env.get("NG_HEARTBEAT_FILE", "/tmp/nightguard/heartbeat"),
         "memory": memory.get("limit", 0), "memory_swap": memory.get("swap", 0),
         "memory_reservation": memory.get("reservation", 0),
         "nano_cpus": int(quota * 1e9 // period) if period else 0,
@@ -480,6 +481,7 @@ def container_from_podman(name):
         "pid": state.get("Pid", 0), "status": state.get("Status"),
         "image": data.get("ImageName", ""), "created": data.get("Created"),
         "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "heartbeat_file": env.get("NG_HEARTBEAT_FILE", "/tmp/nightguard/heartbeat"),
         "memory": host.get("Memory", 0), "memory_swap": host.get("MemorySwap", 0),
         "memory_reservation": host.get("MemoryReservation", 0),
         "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
@@ -1231,6 +1233,8 @@ def op_gate(s, req):
         return {"healthy": False, "reason": "container is not running",
                 "container": container, "logs": logs_tail(a, started)}
     result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
+    # at most half the deadline: an agent that never beats still gets its checks (and logs)
+    wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone)
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
@@ -1250,6 +1254,24 @@ def op_gate(s, req):
                   container=container_state(p, a["container"], want_health=True),
                   logs=logs_tail(a, started))
     return result
+
+
+def wait_first_beat(paths, container, until, gone):
+    """Wait until the new agent wrote its first heartbeat (read through the container's own
+    root, /proc/PID/root), so the first `podman healthcheck run` - a second of CPU on a
+    small VM - is not spent on an agent still starting."""
+    name = container.get("heartbeat_file") or "/tmp/nightguard/heartbeat"
+    path = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root",
+                        name.lstrip("/"))
+    while time.monotonic() < until and not gone.is_set():
+        try:
+            if os.stat(path).st_size > 0:
+                return True
+        except OSError:
+            if not pid_alive(container["pid"]):
+                return False
+        time.sleep(0.2)
+    return False
 
 
 def logs_tail(a, since, lines=20):
