@@ -10,6 +10,7 @@
 set -euo pipefail
 
 APP_DIR=${APP_DIR:-/home/ubuntu/97layerOS}
+DATA_DIR=${DATA_DIR:-/home/ubuntu/97layerOS-data}
 NAME=${CONTAINER_NAME:-97layer-nightguard}
 IMAGE=${IMAGE:-localhost/nightguard:manual}
 BASE_IMAGE=${BASE_IMAGE:-docker.io/library/python:3.11-slim}
@@ -23,8 +24,9 @@ fi
 if ! command -v podman >/dev/null; then
     echo "installing podman"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman slirp4netns >/dev/null
 fi
+mkdir -p "$DATA_DIR"
 
 if ! swapon --show=NAME --noheadings | grep -qx /swapfile; then
     if [[ ! -f /swapfile ]] || (( $(stat -c %s /swapfile) != SWAP_SIZE_MB * 1024 * 1024 )); then
@@ -60,7 +62,7 @@ Environment=PODMAN_SYSTEMD_UNIT=%n
 Restart=always
 RestartSec=2
 TimeoutStopSec=30
-ExecStart=/usr/bin/podman run --cidfile=%t/%n.ctr-id --cgroups=no-conmon --rm --sdnotify=conmon --replace --detach --name $NAME --memory 700m --memory-reservation 500m --memory-swap 2700m --cpus 1 --volume $APP_DIR:/app:Z --health-cmd "python3 /app/execution/system/health_check.py" --health-interval 30s --health-timeout 10s --health-retries 3 --health-start-period 60s --health-on-failure kill --secret telegram_bot_token,type=mount,mode=0400,uid=1000 --secret gemini_api_key,type=mount,mode=0400,uid=1000 $IMAGE
+ExecStart=/usr/bin/podman run --cidfile=%t/%n.ctr-id --cgroups=no-conmon --rm --sdnotify=conmon --replace --detach --name $NAME --memory 700m --memory-reservation 500m --memory-swap 2700m --cpus 1 --network slirp4netns --volume $APP_DIR:/app:ro,Z --volume $DATA_DIR:/data:Z,U --cap-drop all --security-opt no-new-privileges --env NG_DATA_DIR=/data --health-cmd "python3 /app/execution/system/health_check.py" --health-interval 30s --health-timeout 10s --health-retries 3 --health-start-period 60s --health-on-failure kill --secret telegram_bot_token,type=mount,mode=0400,uid=1000 --secret gemini_api_key,type=mount,mode=0400,uid=1000 $IMAGE
 ExecStop=/usr/bin/podman stop --ignore --time 10 --cidfile=%t/%n.ctr-id
 ExecStopPost=/usr/bin/podman rm --force --ignore --time 10 --cidfile=%t/%n.ctr-id
 Type=notify

@@ -3,7 +3,8 @@
   tasks/deploy/    the product: deploy, health, logs, secrets, rollback, single steps
   tasks/sandbox/   the local e2-micro look-alike (QEMU)
   tasks/gcp/       the Compute Engine VM
-  config, cli, errors, targets, show_config: shared by all three
+  tasks/kube/      the same service as Kubernetes manifests (`inv kube.export`)
+  config, cli, errors, targets, show_config: shared by all of them
 """
 
 from invoke import Collection
@@ -11,11 +12,12 @@ from invoke import Collection
 from tasks import show_config
 from tasks.deploy import deploy, health, history, secrets, steps
 from tasks.gcp import tasks as vm
+from tasks.kube import tasks as kube
 from tasks.sandbox import tasks as sandbox
 
 ns = Collection()
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, history.rollback, history.history):
     ns.add_task(module_task)
-for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns):
+for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns, kube.ns):
     ns.add_collection(collection)

@@ -77,9 +77,9 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
         fail("restart", f"{service['restart']!r}: use 'always' (unless-stopped does not "
              "survive a reboot on Podman < 5.8)")
     volumes = [str(v) for v in service["volumes"]]
-    wanted = f"{settings['app_dir']}:/app:Z"
-    if wanted not in volumes:
-        fail("volumes", f"expected {wanted!r}")
+    for wanted in (f"{settings['app_dir']}:/app:ro,Z", f"{settings['data_dir']}:/data:Z,U"):
+        if wanted not in volumes:
+            fail("volumes", f"expected {wanted!r} (the code read-only, the data dir writable)")
     health = service["healthcheck"]
     for key, setting in (("interval", "health.interval"), ("timeout", "health.timeout"),
                          ("start_period", "health.start_period")):

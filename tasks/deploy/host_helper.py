@@ -137,6 +137,7 @@ def default_paths(a):
              "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
              "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
+             "linger_dir": "/var/lib/systemd/linger",
              "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
              "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
     paths.update(a.get("paths") or {})
@@ -454,6 +455,7 @@ def container_from_files(paths, name, containers):
         "image": json.loads(entry.get("metadata") or "{}").get("image-name", ""),
         "created": entry.get("created"),
         "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "heartbeat_file": env.get("NG_HEARTBEAT_FILE", "/tmp/nightguard/heartbeat"),
         "memory": memory.get("limit", 0), "memory_swap": memory.get("swap", 0),
         "memory_reservation": memory.get("reservation", 0),
         "nano_cpus": int(quota * 1e9 // period) if period else 0,
@@ -479,6 +481,7 @@ def container_from_podman(name):
         "pid": state.get("Pid", 0), "status": state.get("Status"),
         "image": data.get("ImageName", ""), "created": data.get("Created"),
         "markers": {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")},
+        "heartbeat_file": env.get("NG_HEARTBEAT_FILE", "/tmp/nightguard/heartbeat"),
         "memory": host.get("Memory", 0), "memory_swap": host.get("MemorySwap", 0),
         "memory_reservation": host.get("MemoryReservation", 0),
         "nano_cpus": host.get("NanoCpus", 0) or int(host.get("CpuQuota", 0) * 1e9
@@ -787,6 +790,7 @@ def op_facts(s, req):
         facts["container"] = None
     facts["unit_text"] = read_text(paths["unit"])
     facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
+    facts["linger"] = os.path.exists(os.path.join(paths["linger_dir"], a["owner"]))
     facts["markers_text"] = read_text(paths["markers"])
     app_dir = a["app_dir"]
     try:
@@ -1169,7 +1173,22 @@ def op_install_unit(s, req):
         code, _, err = sh(["systemctl", *user, "enable", "--quiet", s.args["unit"]])
         if code != 0:
             raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
+    if user:
+        ensure_linger(s)
     return {"changed": changed}
+
+
+def ensure_linger(s):
+    """A user's units (and Podman's health timers) die with the last login session unless
+    systemd lingers for the user: enable it, or say the one command that does."""
+    owner = s.args["owner"]
+    if os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        return
+    code, _, err = sh(["loginctl", "enable-linger", owner])
+    if code != 0 or not os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        raise OpError(f"rootless mode needs systemd to linger for {owner} (else the agent "
+                      f"stops at logout and after a reboot): run `sudo loginctl enable-linger "
+                      f"{owner}` on the host once ({err.strip()[-120:] or 'not allowed'})")
 
 
 def op_dirs(s, req):
@@ -1214,6 +1233,8 @@ def op_gate(s, req):
         return {"healthy": False, "reason": "container is not running",
                 "container": container, "logs": logs_tail(a, started)}
     result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
+    # at most half the deadline: an agent that never beats still gets its checks (and logs)
+    wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone)
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
@@ -1233,6 +1254,24 @@ def op_gate(s, req):
                   container=container_state(p, a["container"], want_health=True),
                   logs=logs_tail(a, started))
     return result
+
+
+def wait_first_beat(paths, container, until, gone):
+    """Wait until the new agent wrote its first heartbeat (read through the container's own
+    root, /proc/PID/root), so the first `podman healthcheck run` - a second of CPU on a
+    small VM - is not spent on an agent still starting."""
+    name = container.get("heartbeat_file") or "/tmp/nightguard/heartbeat"
+    path = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root",
+                        name.lstrip("/"))
+    while time.monotonic() < until and not gone.is_set():
+        try:
+            if os.stat(path).st_size > 0:
+                return True
+        except OSError:
+            if not pid_alive(container["pid"]):
+                return False
+        time.sleep(0.2)
+    return False
 
 
 def logs_tail(a, since, lines=20):

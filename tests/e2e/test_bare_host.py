@@ -65,6 +65,7 @@ def gcp_env(bare, tmp_path_factory):
         "NIGHTGUARD_SOURCE_DIR": str(base / "src"),
         # the sandbox cannot pull python:3.x-slim from a registry; it preloads this base
         "NIGHTGUARD_BASE_IMAGE": "localhost/nightguard-base:latest",
+        "NIGHTGUARD_BASE_IMAGE_ARCHIVE": "/var/lib/nightguard-sandbox/base.tar",
         "PYTHONUNBUFFERED": "1",
     }
     yield fake, env, base
@@ -103,6 +104,36 @@ def test_vm_create_then_one_deploy_provisions_a_bare_host(bare, gcp_env, ssh_run
     assert audit(ssh_run, bare)[-1]["outcome"] == "no changes"
 
 
+ROOTLESS = "ng-rootless"
+
+
+def test_a_rootless_deploy_has_its_limits_secrets_and_linger(bare, gcp_env, ssh_run):
+    fake, env, base = gcp_env
+    compose = (base / "src/deployment/podman-compose.nightguard.yml").read_text()
+    compose = compose.replace("97layer-nightguard", ROOTLESS).replace(
+        "/home/ubuntu/97layerOS", f"/home/ubuntu/{ROOTLESS}")
+    (base / "rootless-compose.yml").write_text(compose)
+    rootless = dict(env, NIGHTGUARD_ROOTLESS="true", NIGHTGUARD_CONTAINER_NAME=ROOTLESS,
+                    NIGHTGUARD_APP_DIR=f"/home/ubuntu/{ROOTLESS}",
+                    NIGHTGUARD_DATA_DIR=f"/home/ubuntu/{ROOTLESS}-data",
+                    NIGHTGUARD_COMPOSE_FILE=str(base / "rootless-compose.yml"))
+    done = inv(["deploy"], rootless, timeout=1800)
+    assert done.returncode == 0, output(done)
+    limits = checked(ssh_run, bare, f"podman exec {ROOTLESS} cat /sys/fs/cgroup/memory.max "
+                                    "/sys/fs/cgroup/memory.swap.max").split()
+    assert limits == [str(700 * MiB), str(2000 * MiB)]  # cgroup v2 delegation works
+    mounted = checked(ssh_run, bare, f"podman exec {ROOTLESS} sh -c "
+                                     "'test -s /run/secrets/telegram_bot_token && echo ok'")
+    assert mounted.strip() == "ok"
+    checked(ssh_run, bare, "test -e /var/lib/systemd/linger/ubuntu")
+    enabled = checked(ssh_run, bare, f"systemctl --user is-enabled container-{ROOTLESS}.service")
+    assert enabled.strip() == "enabled"
+    store = checked(ssh_run, bare, "ls ~/.local/share/containers/storage/secrets")
+    assert "secrets.json" in store  # the user's own store, not root's
+    again = inv(["deploy"], rootless)
+    assert again.returncode == 0 and "no changes" in again.stdout, output(again)
+
+
 def journal_time(ssh_run, target, args: str) -> datetime | None:
     line = checked(ssh_run, target, f"sudo -n journalctl -b -o short-iso-precise --no-pager "
                                     f"{args} | head -1").strip()
@@ -120,6 +151,9 @@ def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(bare, ssh_run):
     assert agent < login, (agent, login)
     assert wait_until(lambda: healthy_now(ssh_run, bare), timeout=300, interval=5)
     assert markers(ssh_run, bare) == before
+    # the rootless agent too: systemd lingers for its user, so nobody had to log in
+    rootless = journal_time(ssh_run, bare, "_UID=1000 -g 'night_guard: running'")
+    assert rootless is not None and rootless < login, (rootless, login)
     swap = checked(ssh_run, bare, "sudo -n swapon --show=NAME --noheadings").split()
     assert swap == ["/swapfile"]
 

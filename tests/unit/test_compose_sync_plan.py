@@ -115,10 +115,11 @@ def test_restart_unless_stopped(compose_settings, shipped):
     assert "services.nightguard.restart: 'unless-stopped': use 'always'" in message
 
 
-def test_volume_without_z_label(compose_settings, shipped):
-    _service(shipped)["volumes"] = ["/home/ubuntu/97layerOS:/app"]
+def test_code_volume_that_the_agent_could_write(compose_settings, shipped):
+    _service(shipped)["volumes"] = ["/home/ubuntu/97layerOS:/app:Z",
+                                    "/home/ubuntu/97layerOS-data:/data:Z,U"]
     message = compose_error(compose_settings, shipped)
-    assert "services.nightguard.volumes: expected '/home/ubuntu/97layerOS:/app:Z'" in message
+    assert "services.nightguard.volumes: expected '/home/ubuntu/97layerOS:/app:ro,Z'" in message
 
 
 def test_secret_not_external(compose_settings, shipped):

@@ -367,8 +367,9 @@ def test_images_and_code_of_releases_no_longer_kept_are_dropped(deploy, host):
 def tasks_on_fake_host(deploy, host, monkeypatch):
     """`inv deploy` / `inv unlock` / `inv secrets.*` reach the fake host."""
     compose = deploy.project / "deployment" / "podman-compose.nightguard.yml"
-    compose.write_text(compose.read_text().replace("/home/ubuntu/97layerOS:",
-                                                   f"{host.app_dir}:"))
+    compose.write_text(compose.read_text()
+                       .replace("/home/ubuntu/97layerOS-data:", f"{host.data_dir}:")
+                       .replace("/home/ubuntu/97layerOS:", f"{host.app_dir}:"))
     for module in (deploy_tasks, secrets_tasks):
         monkeypatch.setattr(module, "settings_for", lambda *a, **k: deploy.settings())
         monkeypatch.setattr(module, "open_remote",

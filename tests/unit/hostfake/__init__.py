@@ -69,6 +69,7 @@ class FakeHost:
             "sysctl_conf": root / "etc/sysctl.d/99-nightguard.conf",
             "swappiness": root / "proc/sys/vm/swappiness", "os_release": root / "etc/os-release",
             "systemd_run": root / "run/systemd/system", "apt_sources": root / "etc/apt",
+            "linger_dir": root / "var/lib/systemd/linger",
             "cgroup_controllers": root / "sys/fs/cgroup/cgroup.controllers",
             "proc": root / "proc", "cgroup": root / "sys/fs/cgroup",
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman

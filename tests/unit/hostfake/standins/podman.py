@@ -311,6 +311,11 @@ def start(cid: str, resources: dict) -> None:
     with open(f"{run_dir(cid)}/userdata/pidfile", "w") as handle:
         handle.write(str(pid))
     os.makedirs(f"{CONFIG['proc']}/{pid}", exist_ok=True)
+    if not control("no_heartbeat", False):  # the agent's first beat, seen through its root
+        beat = f"{CONFIG['proc']}/{pid}/root/tmp/nightguard/heartbeat"
+        os.makedirs(os.path.dirname(beat), exist_ok=True)
+        with open(beat, "w") as handle:
+            handle.write(f"{time.time()}\n")
     memory = resources["memory"]
     if control("cgroup_v1", False):  # a host still on cgroup v1: memory controller apart
         line = f"4:memory:{cgroup_path(cid)}\n1:cpu,cpuacct:{cgroup_path(cid)}\n"
