@@ -17,9 +17,7 @@ import pytest
 from tests.e2e.deploy_helpers import (
     APP_DIR,
     CONTAINER,
-    GEMINI,
     STATE,
-    TOKEN,
     checked,
     copy_source,
     inv,
@@ -29,6 +27,10 @@ from tests.e2e.deploy_helpers import (
 )
 
 DATA_DIR = "/home/ubuntu/97layerOS-data"
+# values of this file alone: the agent here prints its token into the journal on purpose,
+# which other files' searches (for their own values) must not find
+TOKEN = "tg-leaky-agent-5a1e07"
+GEMINI = "gem-leaky-agent-c0ffee"
 PROBES = ("/etc/agent-escape-probe", "/etc/agent-escape-dir", "/root/agent-escape-probe")
 # The agent prints its own token at start: what a compromised or careless agent would do.
 LEAKY = ("echo \"my token is $(cat /run/secrets/telegram_bot_token)\"\n"
@@ -41,7 +43,7 @@ def env(sandbox_bookworm, tmp_path_factory):
     copy_source(base / "src")
     (base / "src/execution/drill").mkdir()
     (base / "src/execution/drill/leaky_agent.sh").write_text(LEAKY)
-    env = inv_env(sandbox_bookworm, make_env_file(base), base / "src",
+    env = inv_env(sandbox_bookworm, make_env_file(base, TOKEN, GEMINI), base / "src",
                   NIGHTGUARD_AGENT_COMMAND="sh /app/execution/drill/leaky_agent.sh")
     done = inv(["deploy"], env)
     assert done.returncode == 0, output(done)
