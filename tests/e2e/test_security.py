@@ -58,6 +58,10 @@ def probes_absent(ssh_run, target) -> None:
     listing = ssh_run(target, "sudo -n ls -d " + " ".join(PROBES))
     assert listing.returncode == 2, listing.stdout  # ls: every probe is absent
     assert not listing.stdout.strip()
+    # Podman hands the data dir to the agent's user at every start (`:U`): through the
+    # agent's link to /etc it must not have handed over /etc too
+    owners = checked(ssh_run, target, "stat -c %u /etc /root /var/lib/nightguard").split()
+    assert owners == ["0", "0", "0"], owners
 
 
 def test_the_compromised_agent_cannot_make_root_write_anywhere(sandbox_bookworm, env,
