@@ -626,6 +626,28 @@ def test_install_unit_reloads_systemd_only_when_the_unit_changed(fake_host):
     assert stat.S_IMODE(fake_host.paths["unit"].stat().st_mode) == 0o644
 
 
+def test_a_rootless_unit_makes_systemd_linger_for_its_user(fake_host):
+    linger = fake_host.paths["linger_dir"] / fake_host.owner
+    assert not linger.exists()
+    with fake_host.helper(rootless=True) as helper:
+        assert helper.call("facts")["linger"] is False
+        helper.call("install_unit", text=unit_text(fake_host))
+        assert helper.call("facts")["linger"] is True
+    assert linger.exists()
+    assert ["enable-linger", fake_host.owner] in fake_host.calls("loginctl")
+    assert fake_host.calls("systemctl")[0] == ["--user", "daemon-reload"]
+
+
+def test_a_user_who_may_not_linger_is_told_the_one_command(fake_host):
+    fake_host.fail("loginctl", times=-1, message="Access denied")
+    with fake_host.helper(rootless=True) as helper:
+        with pytest.raises(HostStepFailed) as info:
+            helper.call("install_unit", text=unit_text(fake_host))
+    message = str(info.value)
+    assert f"run `sudo loginctl enable-linger {fake_host.owner}` on the host once" in message
+    assert "\n" not in message
+
+
 def test_gate_passes_a_healthy_container_with_the_limits_in_force(fake_host):
     with fake_host.helper() as helper:
         bring_up(helper, fake_host)

@@ -37,8 +37,9 @@ TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "apt-get": "apt_get
          "dpkg": "dpkg.py", "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
          "swapon": "swap.py", "crun": "tool.py", "conmon": "tool.py", "netavark": "tool.py",
          "aardvark-dns": "tool.py", "iptables": "tool.py", "slirp4netns": "tool.py",
-         "pasta": "tool.py"}
-RUNS = ("podman", "systemctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap", "swapon")
+         "pasta": "tool.py", "loginctl": "loginctl.py"}
+RUNS = ("podman", "systemctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap", "swapon",
+        "loginctl")
 CONTAINER = "97layer-nightguard"
 IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)
@@ -106,6 +107,7 @@ class FakeHost:
             "wants_dir": str(self.paths["unit_wants"].parent),
             "systemd_state": str(root / "systemd.json"),
             "proc_swaps": str(self.paths["proc_swaps"]), "swap_names": {},
+            "linger_dir": str(self.paths["linger_dir"]),
             "path_map": {cmd.STATE_DIR: str(state),
                          "/var/lib/nightguard-sandbox": str(archive.parent)},
             "control": str(self.control_dir),
