@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from fabric import Config, Connection
 
 from tasks.deploy.hostlink import PipeClosed
 from tasks.errors import StepFailed
+from tasks.progress import Step
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class Remote:
         self.redact = redact
         self.out = out or sys.stdout
         self.stats = Stats()
-        self._last_line = ""
+        self._step: Step | None = None
         # what callers learned about this host during the run (e.g. the helper is cached)
         self.facts_cache: dict[str, object] = {}
         self._connection: Connection | None = None
@@ -214,44 +214,14 @@ class Remote:
     # -- progress ---------------------------------------------------------------------
     def progress(self, line: str) -> None:
         """The last thing a running step said (a build line); shown live on a terminal."""
-        self._last_line = line
+        if self._step is not None:
+            self._step.say(line)
 
     @contextmanager
     def step(self, name: str, detail: str = "") -> Iterator[None]:
-        """A line per step with its duration. While it runs: a live line with the elapsed
-        time on a terminal; elsewhere a plain line every few seconds, never silence."""
-        started = time.monotonic()
-        label = f"{name}: {detail}" if detail else name
-        self._last_line = ""
-        tty = hasattr(self.out, "isatty") and self.out.isatty()
-        stop = threading.Event()
-
-        def ticker() -> None:
-            shown = 0.0
-            while not stop.wait(0.25 if tty else 1.0):
-                elapsed = time.monotonic() - started
-                if tty:
-                    tail = self._last_line.strip()[:60]
-                    self.out.write(f"\r\033[K  ~ {label} ({elapsed:.0f}s) {tail}")
-                    self.out.flush()
-                elif elapsed - shown >= 5:
-                    shown = elapsed
-                    print(f"  ~ {label}: running ({elapsed:.0f}s)", file=self.out, flush=True)
-
-        thread = threading.Thread(target=ticker, daemon=True)
-        thread.start()
-        try:
-            yield
-        except BaseException:
-            stop.set()
-            thread.join()
-            self._end_line(tty, f"  x {label} ({time.monotonic() - started:.1f}s)")
-            raise
-        stop.set()
-        thread.join()
-        self._end_line(tty, f"  - {label} ({time.monotonic() - started:.1f}s)")
-
-    def _end_line(self, tty: bool, text: str) -> None:
-        if tty:
-            self.out.write("\r\033[K")
-        print(text, file=self.out, flush=True)
+        """A line per step with its duration, never silence while it runs (see Step)."""
+        with Step(name, detail, self.out) as self._step:
+            try:
+                yield
+            finally:
+                self._step = None

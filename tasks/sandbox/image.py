@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tasks.progress import Step
 from tasks.sandbox import support
 
 RECIPE_VERSION = 5  # bump to rebuild every image; 4: the laptop's CAs; 5: base tar apart
@@ -228,7 +229,8 @@ def _build_atomically(final: Path, build, label: str) -> Path:
             flush=True,
         )
         try:
-            with open(tmp / "build.log", "w") as log:
+            with open(tmp / "build.log", "w") as log, \
+                    Step("sandbox", f"building {label}", every=15):
                 build(tmp, log)
             os.rename(tmp, final)
         except BaseException:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.progress import Step
 from tasks.sandbox import image, qemu, support
 from tasks.sandbox.qemu import HOST, state_dir
 
@@ -232,7 +233,9 @@ def ensure_up(
                 subprocess.run(overlay_argv(img / "disk.img", d / "disk.qcow2"), check=True)
                 (d / "os").write_text(os_flavour + "\n")
                 (d / "image").write_text(f"{img}\n")
-            _boot(name, img, started + timeout)
+            with Step(f"sandbox {name}", "booting (about a minute under emulation)", every=15):
+                _boot(name, img, started + timeout)
+                _wait_ssh(name, started + timeout)
         elif qemu.read(d / "os") != os_flavour:
             raise RuntimeError(
                 f"sandbox {name} runs {qemu.read(d / 'os')}, not {os_flavour}: "
