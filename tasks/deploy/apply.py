@@ -89,12 +89,22 @@ def restart(host: HostSession, settings: Settings) -> None:
         host.call("run", step="restart", argv=argv, timeout=360, on_interrupt="finish")
 
 
-def wait_healthy(host: HostSession, settings: Settings) -> dict:
-    """Verify the limits in force, then wait for healthy; returns the gate's answer."""
+def reload_agent(host: HostSession, settings: Settings, markers_text: str) -> dict:
+    """A code-only change: the markers, then the agent restarted inside its container;
+    then the gate, which waits for a heartbeat of the new process."""
+    write_markers(host, markers_text)
+    with host.remote.step("agent", "restart in place"):
+        at = host.call("reload", step="reload").get("at", 0)
+    return wait_healthy(host, settings, since=at)
+
+
+def wait_healthy(host: HostSession, settings: Settings, since: float = 0) -> dict:
+    """Verify the limits in force, then wait for healthy; returns the gate's answer.
+    `since`: the agent must have beaten after this moment (a restart in place)."""
     deadline = settings["health.deadline"]
     with host.remote.step("health", f"deadline {deadline}s"):
         answer = host.call("gate", step="health", changes=False, record=True,
-                           deadline=deadline, timeout=deadline + 60)
+                           deadline=deadline, timeout=deadline + 60, since=since)
     if answer.get("container") and answer.get("cgroup") is not None:
         drift = limit_drift(settings, answer["container"], answer.get("cgroup") or {})
         if drift:

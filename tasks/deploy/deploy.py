@@ -126,10 +126,14 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
                 apply.install_unit(host, desired.unit_text)
             if plan.restart:
                 apply.restart(host, settings)
+            elif plan.reload:
+                host.call("reload", step="reload")
             print("dry run: nothing was changed", file=remote.out)
             return {"changed": False, "dry_run": True}
         outcome, error = "ok", None
-        if plan.restart:
+        if plan.reload:
+            answer = apply.reload_agent(host, settings, desired.markers_text)
+        elif plan.restart:
             answer = apply.recreate_and_wait(host, settings, desired.unit_text,
                                              desired.markers_text, unit_changed=plan.write_unit)
         elif plan.write_markers or plan.write_unit or plan.gate:

@@ -497,13 +497,21 @@ def container_from_podman(name):
     }
 
 
-def container_state(paths, name, want_health=False):
-    _, _, containers = storage_names(paths)
+def container_state(paths, name, want_health=False, containers=None):
+    if containers is None:
+        _, _, containers = storage_names(paths)
     found = container_from_files(paths, name, containers) \
         if isinstance(containers, list) else None
     if found is None or (want_health and found.get("running") and found.get("health") is None):
         found = container_from_podman(name)
-    return None if found.get("absent") else found
+    if found.get("absent"):
+        return None
+    reload = read_json(os.path.join(paths["state"], "reload.json"), {})
+    if reload.get("cid") == found.get("id") and reload.get("markers"):
+        # restarted in place (SIGHUP) since it was created: it runs what the reload said
+        found["markers"] = dict(reload["markers"])
+        found["reloaded_at"] = reload.get("at")
+    return found
 
 
 def cgroup_limits(paths, pid):
@@ -780,14 +788,8 @@ def op_facts(s, req):
     if s.changing and not os.path.exists(salt_path):
         write_private(salt_path, os.urandom(32).hex())
     facts["secret_salt"] = read_text(salt_path)
-    if tools["podman"]:
-        found = container_from_files(paths, a["container"], containers) \
-            if isinstance(containers, list) else None
-        if found is None:
-            found = container_from_podman(a["container"])
-        facts["container"] = None if found.get("absent") else found
-    else:
-        facts["container"] = None
+    facts["container"] = container_state(paths, a["container"], containers=containers) \
+        if tools["podman"] else None
     facts["unit_text"] = read_text(paths["unit"])
     facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
     facts["linger"] = os.path.exists(os.path.join(paths["linger_dir"], a["owner"]))
@@ -1200,6 +1202,29 @@ def op_dirs(s, req):
     return {"ok": True}
 
 
+def op_reload(s, req):
+    """Restart the agent inside its running container (SIGHUP to ng-supervise, its PID 1):
+    a code change without a new container. Recorded against the container's id, with the
+    markers it now runs with; a container made later (a crash, a reboot) reads the markers
+    file itself."""
+    a, p = s.args, s.paths
+    container = container_state(p, a["container"])
+    if not container or not container.get("running"):
+        raise OpError("the container is not running: nothing to restart in place")
+    markers = dict(line.split("=", 1) for line in (read_text(p["markers"]) or "").splitlines()
+                   if "=" in line)
+    at = time.time()
+    if a.get("rootless"):  # the container's PID 1 is another uid's: ask Podman
+        code, _, err = sh(["podman", "kill", "--signal", "HUP", a["container"]])
+        if code != 0:
+            raise OpError(f"podman kill --signal HUP failed: {err.strip()[-200:]}")
+    else:
+        os.kill(int(container["pid"]), signal.SIGHUP)
+    write_json(os.path.join(p["state"], "reload.json"),
+               {"cid": container["id"], "markers": markers, "at": at})
+    return {"at": at}
+
+
 def op_write_file(s, req):
     """A root-only file the unit reads (e.g. the release markers); the path is one of the
     session's own, never one the client names."""
@@ -1234,7 +1259,8 @@ def op_gate(s, req):
                 "container": container, "logs": logs_tail(a, started)}
     result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
     # at most half the deadline: an agent that never beats still gets its checks (and logs)
-    wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone)
+    wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone,
+                    newer_than=req.get("since") or 0)
     last = ""
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
@@ -1256,7 +1282,7 @@ def op_gate(s, req):
     return result
 
 
-def wait_first_beat(paths, container, until, gone):
+def wait_first_beat(paths, container, until, gone, newer_than=0):
     """Wait until the new agent wrote its first heartbeat (read through the container's own
     root, /proc/PID/root), so the first `podman healthcheck run` - a second of CPU on a
     small VM - is not spent on an agent still starting."""
@@ -1265,7 +1291,8 @@ def wait_first_beat(paths, container, until, gone):
                         name.lstrip("/"))
     while time.monotonic() < until and not gone.is_set():
         try:
-            if os.stat(path).st_size > 0:
+            st = os.stat(path)
+            if st.st_size > 0 and st.st_mtime > newer_than:
                 return True
         except OSError:
             if not pid_alive(container["pid"]):
@@ -1365,8 +1392,9 @@ OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": 
        "sync": op_sync, "release": op_release, "restore_code": op_restore_code,
        "secret_put": op_secret_put, "secret_restore": op_secret_restore,
        "secret_forget": op_secret_forget, "run": op_run, "install_unit": op_install_unit,
-       "write_file": op_write_file, "dirs": op_dirs, "gate": op_gate, "health": op_health,
-       "logs": op_logs, "history": op_history, "finish": op_finish, "unlock": op_unlock}
+       "write_file": op_write_file, "dirs": op_dirs, "reload": op_reload, "gate": op_gate,
+       "health": op_health, "logs": op_logs, "history": op_history, "finish": op_finish,
+       "unlock": op_unlock}
 # ops a read-only session may run
 READ_ONLY = {"facts", "health", "logs", "history", "unlock"}
 

@@ -27,7 +27,8 @@ from tasks.deploy.commands import (
 from tasks.deploy.compose import health_command, load_compose
 from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
 
-IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt")
+IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt",
+                "deployment/ng-supervise")
 MIN_PODMAN = (4, 3)  # --health-on-failure; Quadlet is not needed
 SWAPFILE = "/swapfile"
 # Podman as each release ships it, where it decides whether provisioning can help.
@@ -293,6 +294,7 @@ class Plan:
     build_image: bool = False
     write_unit: bool = False
     write_markers: bool = False
+    reload: bool = False  # only the code changed: restart the agent in its container
     restart: bool = False
     gate: bool = False
     reasons: list[str] = field(default_factory=list)
@@ -300,7 +302,7 @@ class Plan:
     def __bool__(self) -> bool:
         return any((self.install, self.swap, self.remove_env_file, bool(self.delta),
                     self.links, self.secrets, self.build_image, self.write_unit,
-                    self.write_markers, self.restart, self.gate))
+                    self.write_markers, self.reload, self.restart, self.gate))
 
     def lines(self, settings: Settings | None = None) -> list[str]:
         size = settings["limits.swap_size"] if settings else "swap"
@@ -323,6 +325,8 @@ class Plan:
             out.append("unit: write the systemd unit and enable it")
         if self.restart:
             out.append("container: (re)start and wait until healthy")
+        elif self.reload:
+            out.append("agent: restart in its container (code only) and wait until healthy")
         elif self.gate:
             out.append("health: the last deploy did not finish its health gate; check it")
         return out
@@ -352,8 +356,12 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
         if key != "NG_RELEASE_VERSION" and running.get(key) != desired.markers[key]:
             plan.reasons.append(why)
     plan.restart = bool(plan.reasons) or plan.write_unit or bool(plan.secrets)
+    if plan.restart and plan.reasons == ["code changed"] and not plan.write_unit \
+            and not plan.secrets and container.get("running"):
+        # the code is a read-only bind mount: a new agent process will do, in seconds
+        plan.restart, plan.reload = False, True
     verified = (facts.get("state") or {}).get("verified")
-    plan.gate = plan.restart or verified != desired.version
+    plan.gate = plan.restart or plan.reload or verified != desired.version
     return plan
 
 

@@ -9,20 +9,39 @@ it, and every path the helper knows points into the temp folder.
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from tests.unit.hostfake import FakeHost, Isolation, check_isolated
 
+# The container's PID 1 stand-in: sleeps; on SIGHUP (an agent restarted in place) it
+# touches the heartbeat file named in HUP_TARGET, as the restarted agent would beat.
+PID1 = """import os, signal, sys, time
+def hup(signum, frame):
+    try:
+        target = open(sys.argv[1]).read().strip()
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as handle:
+            handle.write(str(time.time()))
+    except OSError:
+        pass
+signal.signal(signal.SIGHUP, hup)
+while True:
+    time.sleep(3600)
+"""
+
 
 @pytest.fixture(scope="session")
-def container_pids():
+def container_pids(tmp_path_factory):
     """(live, dead): a long-sleeping process that stands for the container's, and the pid
     of one that has ended (a stopped container's pid file)."""
-    live = subprocess.Popen([shutil.which("sleep") or "/bin/sleep", "86400"])
+    target = tmp_path_factory.mktemp("pid1") / "hup-target"
+    target.write_text("")
+    live = subprocess.Popen([sys.executable, "-S", "-c", PID1, str(target)])
     ended = subprocess.Popen([shutil.which("true") or "/bin/true"])
     ended.wait()
-    yield live.pid, ended.pid
+    yield live.pid, ended.pid, target
     live.kill()
     live.wait()
 
@@ -33,7 +52,10 @@ def make_fake_host(tmp_path, container_pids):
     made = []
 
     def make(podman: str = "4.9.3") -> FakeHost:
-        host = FakeHost(tmp_path / f"host{len(made)}", *container_pids, podman=podman)
+        live, dead, hup_target = container_pids
+        host = FakeHost(tmp_path / f"host{len(made)}", live, dead, podman=podman)
+        beat = host.paths["proc"] / str(live) / "root/tmp/nightguard/heartbeat"
+        hup_target.write_text(str(beat))
         try:
             check_isolated(host)
         except Isolation as exc:

@@ -468,15 +468,17 @@ def test_unverified_release_gets_a_health_gate(deployed):
     assert plan.lines() == ["health: the last deploy did not finish its health gate; check it"]
 
 
-def test_one_changed_file_is_a_delta_of_one_and_a_restart(deployed):
+def test_one_changed_file_is_a_delta_of_one_and_a_restart_in_place(deployed):
     settings, _, digests, facts, source = deployed
     (source / "execution/system/night_guard.py").write_text("print('guard v2')\n")
     desired = desired_for(settings, digests)
     plan = make_plan(settings, desired, facts, digests)
     assert plan.delta.changed == ("execution/system/night_guard.py",)
     assert plan.delta.deleted == ()
-    assert plan.restart and plan.write_markers
+    assert plan.reload and plan.gate and plan.write_markers and not plan.restart
     assert plan.reasons == ["code changed"]
+    assert plan.lines()[-1] == "agent: restart in its container (code only) and wait until " \
+        "healthy"
     assert not plan.write_unit  # the code hash travels in the markers file, not the unit
     assert not (plan.swap or plan.secrets or plan.build_image or plan.remove_env_file)
 
@@ -485,7 +487,10 @@ def test_a_container_started_before_the_markers_changed_is_restarted(deployed):
     settings, desired, digests, facts, _ = deployed
     facts["container"]["markers"]["NG_RELEASE_CODE"] = "0" * 12  # cut after the markers
     plan = make_plan(settings, desired, facts, digests)
-    assert plan.restart and not plan.write_markers and plan.reasons == ["code changed"]
+    assert plan.reload and not plan.write_markers and plan.reasons == ["code changed"]
+    facts["container"]["running"] = False
+    plan = make_plan(settings, desired, facts, digests)
+    assert plan.restart and not plan.reload  # nothing to restart in place
 
 
 def test_a_file_removed_locally_is_removed_on_the_host_but_agent_files_stay(deployed):

@@ -4,6 +4,7 @@ and a LocalRemote whose one pipe is the helper process instead of an SSH channel
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -152,21 +153,28 @@ def test_a_second_deploy_with_nothing_changed_is_one_facts_call(deploy, host):
     assert [a["outcome"] for a in host.audit()] == ["ok", "no changes"]
 
 
-def test_a_one_file_change_syncs_that_file_and_restarts(deploy, host):
+def test_a_one_file_change_syncs_that_file_and_restarts_the_agent_in_place(deploy, host):
     first = deploy()
     builds = [c for c in host.calls("podman") if c[0] == "build"]
+    created = host.container()["id"]
     (deploy.project / AGENT).write_text("print('changed')\n")
+    calls = len(host.calls())
     second = deploy()
     assert second["changed"] and second["version"] != first["version"]
     assert "plan: sync: 1 file(s) to send, 0 to remove" in deploy.last.text
     assert "why: code changed" in deploy.last.text
-    assert deploy.last.ops == ["facts", "sync", "dirs", "write_file", "run", "gate",
-                               "release", "finish"]  # same unit: kept
+    assert deploy.last.ops == ["facts", "sync", "write_file", "reload", "gate", "release",
+                               "finish"]  # no new container, no unit, no systemctl
+    assert not [c for c in host.calls()[calls:] if c[0] in ("run", "restart")]
+    assert host.container()["id"] == created  # the same container
     assert [c for c in host.calls("podman") if c[0] == "build"] == builds  # no rebuild
     assert (host.app_dir / AGENT).read_text() == "print('changed')\n"
-    assert host.container()["env"]["NG_RELEASE_VERSION"] == second["version"]
+    reload = json.loads((host.paths["state"] / "reload.json").read_text())
+    assert reload["markers"]["NG_RELEASE_VERSION"] == second["version"]
     assert [r["version"] for r in host.state()["history"]] == [second["version"],
                                                                first["version"]]
+    third = deploy()
+    assert third == {"changed": False, "version": second["version"]}  # it knows the reload
 
 
 def test_a_deleted_file_is_removed_from_the_host(deploy, host):
