@@ -1,5 +1,10 @@
 """`inv config`: print the effective configuration, with where each value came from.
 
+Each value's source is one of: ``defaults``, a config file as Invoke found it
+(``invoke.yaml``, ``~/.invoke.yaml (user)``, ``/etc/invoke.yaml (system)``,
+``FILE (-f)``), ``environment (INVOKE_NIGHTGUARD_...)`` or its alias
+``environment (NIGHTGUARD_...)``, ``command line``, or ``sandbox default``.
+
 Secret values are never part of the configuration; this task shows only whether each
 required .env key is present, never its value.
 """
@@ -21,7 +26,7 @@ from tasks.errors import ConfigError
 @one_line_errors
 def config(c, target=None, host=None, json_=False):
     """Print the effective configuration (secrets redacted) and each value's source."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     tree = redacted_tree(settings)
     try:
         load_secret_values(settings)
@@ -29,9 +34,10 @@ def config(c, target=None, host=None, json_=False):
     except ConfigError as exc:
         env_status = str(exc)
     if json_:
-        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status},
-                         indent=2, sort_keys=True))
+        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status,
+                          "files": list(settings.files)}, indent=2, sort_keys=True))
         return
+    print(f"config files (lowest first): {', '.join(settings.files) or 'none'}")
     for dotted, value in _leaves(tree):
         print(f"{dotted} = {value!r}  [{settings.source(dotted)}]")
     for name, env_key in settings["secrets"].items():
