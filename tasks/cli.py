@@ -24,7 +24,8 @@ from tasks.invoke_config import config_files
 
 TARGET_HELP = {
     "target": "sandbox, ssh or gcp (default: nightguard.target, see `inv config`)",
-    "host": "SSH host (implies --target ssh unless --target is given)",
+    "host": "SSH host or ~/.ssh/config Host alias (implies --target ssh unless --target "
+            "is given)",
     "dry_run": "print the plan (the commands that would run) and change nothing",
 }
 

@@ -77,6 +77,8 @@ class SshTarget:
 
 
 class UnknownHostKey(paramiko.SSHException):
+    """No known_hosts file names the host (or only with a revoked key); carries the key."""
+
     def __init__(self, name: str, key: paramiko.PKey, revoked: bool):
         super().__init__(f"{name}: host key {'revoked' if revoked else 'unknown'}")
         self.key = key

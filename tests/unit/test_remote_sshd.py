@@ -568,9 +568,15 @@ def host_line(sshd, key: str | None = None) -> str:
     return f"[127.0.0.1]:{sshd.port} {key or (sshd.dir / 'host_ed25519.pub').read_text()}"
 
 
-def test_the_users_known_hosts_serve_when_the_project_has_no_pin(sshd, tmp_path, own_home):
+@pytest.mark.parametrize("hashed", [False, True])  # Debian's ssh_config: HashKnownHosts yes
+def test_the_users_known_hosts_serve_when_the_project_has_no_pin(sshd, tmp_path, own_home,
+                                                                 hashed):
     user_file = own_home / ".ssh" / "known_hosts"
     user_file.write_text(host_line(sshd))
+    if hashed:
+        subprocess.run(["ssh-keygen", "-H", "-f", str(user_file)], check=True,
+                       capture_output=True)
+        assert user_file.read_text().startswith("|1|")
     target = resolve_target(ssh_settings(tmp_path, sshd, **{
         "ssh.host": "127.0.0.1", "ssh.port": sshd.port, "ssh.user": "root",
         "ssh.key_filename": str(sshd.client_key),
