@@ -4,18 +4,26 @@
   tasks/sandbox/   the local e2-micro look-alike (QEMU)
   tasks/gcp/       the Compute Engine VM
   tasks/kube/      the same service as Kubernetes manifests (`inv kube.export`)
-  config, cli, errors, targets, show_config: shared by all of them
+  config, invoke_config, cli, errors, targets, show_config: shared by all of them
+
+The root collection carries every setting's default as Invoke configuration
+(``c.config.nightguard``), so Invoke layers its config files and INVOKE_NIGHTGUARD_*
+variables over them; tasks read them typed and checked through ``tasks.cli.settings_for``.
 """
+
+import copy
 
 from invoke import Collection
 
 from tasks import show_config
+from tasks.config import DEFAULTS
 from tasks.deploy import deploy, health, history, secrets, steps
 from tasks.gcp import tasks as vm
 from tasks.kube import tasks as kube
 from tasks.sandbox import tasks as sandbox
 
 ns = Collection()
+ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, history.rollback, history.history):
     ns.add_task(module_task)

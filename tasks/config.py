@@ -1,15 +1,23 @@
 """Typed settings for every task, with the source of each value kept for error messages.
 
-Layers, in rising precedence:
-  1. defaults (``DEFAULTS`` below)
-  2. ``invoke.yaml`` in the project root, under the ``nightguard:`` key (checked in, no secrets)
-  3. environment variables ``NIGHTGUARD_<PATH>``, e.g. ``NIGHTGUARD_SSH_HOST``,
-     ``NIGHTGUARD_LIMITS_MEMORY`` (the key path joined by ``_``, upper case)
-  4. command-line flags of the task being run
+Layers, in rising precedence (Invoke's own order; ``tasks.invoke_config`` finds the files):
+  1. defaults (``DEFAULTS`` below; also the root collection's Invoke configuration, so
+     ``c.config.nightguard`` has every key)
+  2. the ``nightguard:`` section of Invoke's config files: system ``/etc/invoke.yaml``,
+     user ``~/.invoke.yaml``, then the project's ``invoke.yaml`` (checked in, no secrets)
+  3. environment variables ``INVOKE_NIGHTGUARD_<PATH>`` (Invoke's names) or the shorter
+     alias ``NIGHTGUARD_<PATH>``, e.g. ``NIGHTGUARD_SSH_HOST``, ``NIGHTGUARD_LIMITS_MEMORY``
+     (the key path joined by ``_``, upper case; both set and different is an error). Read
+     with the rules below, not Invoke's casts: ``false`` is false, a list is comma-separated,
+     a mapping is a JSON object.
+  4. the runtime file ``inv -f FILE`` (or ``INVOKE_RUNTIME_CONFIG``)
+  5. command-line flags of the task being run
 
-Secret values never live here: they come from ``.env`` (see ``tasks.dotenv_secrets``).
-Every bad value raises ``ConfigError`` with one line naming the key and where it came from,
-before anything connects to a host.
+A mapping setting (``secrets``, ``agent_env``) given in a layer replaces the one below it
+(Invoke would merge the two). Secret values never live here: they come from ``.env`` (see
+``tasks.deploy.envfile``). Every bad value, and every unknown key in any layer, raises
+``ConfigError`` with one line naming the key and where it came from, before anything
+connects to a host.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from tasks.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE_NAME = "invoke.yaml"
 ENV_PREFIX = "NIGHTGUARD_"
+INVOKE_ENV_PREFIX = "INVOKE_"  # Invoke's prefix: INVOKE_NIGHTGUARD_SSH_HOST
+FILE_LEVELS = ("system", "user", "project", "runtime")  # Invoke's config files, lowest first
 
 DEFAULTS: dict[str, Any] = {
     "target": "sandbox",  # sandbox | ssh | gcp
@@ -122,6 +132,7 @@ _IMAGE_REF = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_CO
 _HOST_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+/?$")  # no spaces, ':' or ',' (volume syntax)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a directory name
 _UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -162,6 +173,7 @@ def env_var_name(path: tuple[str, ...]) -> str:
 
 KNOWN_KEYS = _flatten(DEFAULTS)
 ENV_NAMES = {env_var_name(path): path for path in KNOWN_KEYS}
+SECTIONS = {path[:i] for path in KNOWN_KEYS for i in range(1, len(path))}  # ("limits",), ...
 
 
 def _coerce(raw: Any, default: Any, where: str, key: str) -> Any:
@@ -208,6 +220,7 @@ class Settings:
     values: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
     root: Path = PROJECT_ROOT
+    files: tuple[str, ...] = ()  # the config files read, lowest first (as sources name them)
 
     def __getitem__(self, dotted: str) -> Any:
         node: Any = self.values
@@ -243,50 +256,112 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ConfigFile:
+    """One config file's part in the settings: its Invoke level (``FILE_LEVELS``), the name
+    sources and errors give it, and what it holds under ``nightguard:``."""
+
+    level: str
+    label: str
+    section: Any
+
+
+def nightguard_section(document: Any, label: str) -> dict[str, Any]:
+    """The ``nightguard:`` mapping of a parsed config file ({} if it has none)."""
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{label}: expected a mapping at the top level")
+    section = document.get("nightguard", {}) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{label}: nightguard: expected a mapping")
+    return dict(section)
+
+
+def read_config_file(path: Path, label: str | None = None) -> dict[str, Any]:
     """The ``nightguard:`` section of a YAML config file ({} if the file is absent)."""
+    label = label or path.name
     if not path.exists():
         return {}
     try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        document = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path.name}:{line} is not valid YAML") from None
-    if not isinstance(document, Mapping):
-        raise ConfigError(f"{path.name}: expected a mapping at the top level")
-    section = document.get("nightguard", {}) or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{path.name}: nightguard: expected a mapping")
-    return dict(section)
+        raise ConfigError(f"{label}:{line} is not valid YAML") from None
+    return nightguard_section(document, label)
+
+
+def project_file(root: Path) -> ConfigFile:
+    """The project's invoke.yaml, read directly (when no Invoke config says what it read)."""
+    path = root / CONFIG_FILE_NAME
+    return ConfigFile("project", CONFIG_FILE_NAME, read_config_file(path))
+
+
+def environment_values(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    """key path -> (variable, raw value) from INVOKE_NIGHTGUARD_* and NIGHTGUARD_*; an
+    unknown name, or both names of a key with different values, is an error."""
+    found: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name in sorted(environ):  # INVOKE_... sorts first: it names the source if both agree
+        short = name[len(INVOKE_ENV_PREFIX):] if name.startswith(INVOKE_ENV_PREFIX + ENV_PREFIX) \
+            else name
+        if not short.startswith(ENV_PREFIX):
+            continue
+        if short not in ENV_NAMES:
+            whole = next((p for p in MAPPING_KEYS if short.startswith(env_var_name(p) + "_")),
+                         None)
+            hint = f" (nightguard.{'.'.join(whole)} is one setting: a JSON object in " \
+                f"{name[:len(name) - len(short)]}{env_var_name(whole)})" if whole else ""
+            raise ConfigError(f"environment: unknown variable {name}{hint}")
+        path = ENV_NAMES[short]
+        if path in found and found[path][1] != environ[name]:
+            raise ConfigError(f"environment: {found[path][0]} and {name} differ; set one of "
+                              "them")
+        found.setdefault(path, (name, environ[name]))
+    return found
 
 
 def load_settings(
     root: Path = PROJECT_ROOT,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    files: list[ConfigFile] | None = None,
 ) -> Settings:
-    """Merge defaults, invoke.yaml, NIGHTGUARD_* variables and flags; validate."""
+    """Merge defaults, config files, INVOKE_NIGHTGUARD_* / NIGHTGUARD_* variables and flags;
+    validate. ``files``: the config files Invoke read (``tasks.invoke_config``); without
+    it, the project's invoke.yaml under ``root``."""
     environ = os.environ if environ is None else environ
+    files = [project_file(root)] if files is None else files
+    files = sorted(files, key=lambda f: FILE_LEVELS.index(f.level))
     values = copy.deepcopy(DEFAULTS)
     sources: dict[str, str] = {}
 
     def apply(path: tuple[str, ...], raw: Any, where: str) -> None:
         dotted = ".".join(path)
+        if path in SECTIONS:
+            raise ConfigError(f"{where}: nightguard.{dotted}: expected a mapping")
         if path not in KNOWN_KEYS:
             raise ConfigError(f"{where}: unknown key nightguard.{dotted}")
         _set(values, path, _coerce(raw, KNOWN_KEYS[path], where, dotted))
         sources[dotted] = where
 
-    config_file = root / CONFIG_FILE_NAME
-    for path, raw in _flatten(read_config_file(config_file)).items():
-        apply(path, raw, CONFIG_FILE_NAME)
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        if name not in ENV_NAMES:
-            raise ConfigError(f"environment: unknown variable {name}")
-        apply(ENV_NAMES[name], raw, f"environment ({name})")
+    def apply_file(config_file: ConfigFile) -> None:
+        section = config_file.section
+        if section is None:
+            return
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{config_file.label}: nightguard: expected a mapping")
+        for path, raw in _flatten(section).items():
+            apply(path, raw, config_file.label)
+
+    for config_file in files:
+        if config_file.level != "runtime":
+            apply_file(config_file)
+    for path, (name, raw) in environment_values(environ).items():
+        apply(path, raw, f"environment ({name})")
+    for config_file in files:
+        if config_file.level == "runtime":
+            apply_file(config_file)
     for dotted, raw in (overrides or {}).items():
         if raw is None:
             continue
@@ -299,7 +374,8 @@ def load_settings(
         if "base_image_archive" not in sources:
             values["base_image_archive"] = SANDBOX_BASE_ARCHIVE
             sources["base_image_archive"] = "sandbox default"
-    settings = Settings(values=values, sources=sources, root=root)
+    settings = Settings(values=values, sources=sources, root=root,
+                        files=tuple(f.label for f in files))
     validate(settings)
     return settings
 
@@ -316,6 +392,9 @@ def validate(settings: Settings) -> None:
         fail("network", f"{settings['network']!r} is not one of {', '.join(NETWORKS)}")
     if settings["sandbox.os"] not in SANDBOX_OS:
         fail("sandbox.os", f"{settings['sandbox.os']!r} is not one of {', '.join(SANDBOX_OS)}")
+    if not _SANDBOX_NAME.match(settings["sandbox.name"]):
+        fail("sandbox.name", f"{settings['sandbox.name']!r} is not a valid name (letters, "
+             "digits, _ . -; starting with a letter or digit)")
     sizes = {}
     for key in ("limits.memory", "limits.memory_reservation", "limits.memory_swap",
                 "limits.swap_size"):

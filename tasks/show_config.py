@@ -1,5 +1,13 @@
 """`inv config`: print the effective configuration, with where each value came from.
 
+Each value's source is one of: ``defaults``, a config file as Invoke found it
+(``invoke.yaml``, ``~/.invoke.yaml (user)``, ``/etc/invoke.yaml (system)``,
+``FILE (-f)``), ``environment (INVOKE_NIGHTGUARD_...)`` or its alias
+``environment (NIGHTGUARD_...)``, ``command line``, or ``sandbox default``.
+
+With target ssh, the address ssh_config makes of ``nightguard.ssh.*`` is shown too
+(``tasks.deploy.sshconfig``): a default port or user gives way to what it says.
+
 Secret values are never part of the configuration; this task shows only whether each
 required .env key is present, never its value.
 """
@@ -11,7 +19,8 @@ import json
 from invoke import Collection, task
 
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import redacted_tree
+from tasks.config import Settings, redacted_tree
+from tasks.deploy import sshconfig
 from tasks.deploy.envfile import load_secret_values
 from tasks.errors import ConfigError
 
@@ -21,22 +30,41 @@ from tasks.errors import ConfigError
 @one_line_errors
 def config(c, target=None, host=None, json_=False):
     """Print the effective configuration (secrets redacted) and each value's source."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     tree = redacted_tree(settings)
     try:
         load_secret_values(settings)
         env_status = "ok"
     except ConfigError as exc:
         env_status = str(exc)
+    address = ssh_address(settings)
     if json_:
-        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status},
+        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status,
+                          "files": list(settings.files), "ssh": address},
                          indent=2, sort_keys=True))
         return
+    print(f"config files (lowest first): {', '.join(settings.files) or 'none'}")
     for dotted, value in _leaves(tree):
         print(f"{dotted} = {value!r}  [{settings.source(dotted)}]")
     for name, env_key in settings["secrets"].items():
         print(f"secret {name} <- .env {env_key}: [REDACTED]")
     print(f".env check: {env_status}")
+    if address:
+        print(f"ssh: {address}")
+
+
+def ssh_address(settings: Settings) -> str:
+    """Where target ssh connects and with which keys, after ssh_config ("" otherwise)."""
+    if settings["target"] != "ssh":
+        return ""
+    try:
+        target = sshconfig.ssh_target(settings)
+    except ConfigError as exc:
+        return str(exc)
+    keys = [target.key_filename] if target.key_filename else \
+        [*([] if target.identities_only else ["ssh-agent"]),
+         *(target.identity_files or ["~/.ssh/id_*"])]
+    return f"{target.describe()}, keys: {', '.join(keys)}"
 
 
 def _leaves(tree, prefix=""):

@@ -1,6 +1,10 @@
 """Where the tasks run: turns the configured target into an SSH address and opens
 the one ``Remote`` a task uses.
 
+The sandbox and the GCP VM are addressed by what the project knows (their own keys and
+pinned host keys); a host the user names (target ssh, ``--host``) is resolved through their
+ssh_config (``tasks.deploy.sshconfig``), where an explicit ``nightguard.ssh.*`` wins.
+
 Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*``,
 ``nightguard.ssh.*``, ``nightguard.gcp.*``.
 """
@@ -8,6 +12,7 @@ Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*
 from __future__ import annotations
 
 from tasks.config import Settings
+from tasks.deploy import sshconfig
 from tasks.deploy.remote import Remote, SshTarget
 from tasks.errors import ConfigError
 
@@ -30,11 +35,7 @@ def resolve_target(settings: Settings) -> SshTarget:
         from tasks.gcp import ssh as gcp
 
         return gcp.ssh_target(settings)
-    key = settings["ssh.key_filename"]
-    return SshTarget(host=settings["ssh.host"], port=settings["ssh.port"],
-                     user=settings["ssh.user"],
-                     key_filename=str(settings.path("ssh.key_filename")) if key else "",
-                     known_hosts=str(settings.path("ssh.known_hosts")))
+    return sshconfig.ssh_target(settings)
 
 
 def open_remote(settings: Settings, *, dry_run: bool = False, redact=None) -> Remote:

@@ -42,9 +42,9 @@ class HostUnfit(StepFailed):
     """The host cannot take this deploy; raised before anything on it changed."""
 
 
-def preflight(target, host) -> tuple[Settings, SecretValues, dict[str, str]]:
+def preflight(c, target, host) -> tuple[Settings, SecretValues, dict[str, str]]:
     """Everything that can be checked without the host; raises before any SSH."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     values = load_secret_values(settings)
     for name, value in settings["agent_env"].items():
         if any(secret and secret in value for secret in values.values.values()):
@@ -168,7 +168,7 @@ def print_stats(remote: Remote) -> None:
 @one_line_errors
 def deploy(c, target=None, host=None, dry_run=False):
     """Deploy Night Guard: sync code, swap, secrets, image, container; wait until healthy."""
-    settings, values, manifest = preflight(target, host)
+    settings, values, manifest = preflight(c, target, host)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
         print(f"deploy to {remote.target.describe()}" + (" (dry run)" if dry_run else ""),
               file=remote.out)
@@ -184,7 +184,7 @@ def deploy(c, target=None, host=None, dry_run=False):
 @one_line_errors
 def unlock(c, target=None, host=None, force=False):
     """Say who holds the deploy lock; --force stops that deploy and frees the lock."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     with open_remote(settings) as remote, \
             HostSession(remote, settings, command="unlock", changing=False) as session:
         answer = session.call("unlock", step="unlock", changes=False, force=force)

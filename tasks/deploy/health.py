@@ -122,7 +122,7 @@ def render(settings: Settings, report: dict) -> str:
 @one_line_errors
 def health(c, target=None, host=None, json_=False, watch=0):
     """Show the agent's health, restarts, memory against limits, drift and host state."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     values = redaction(settings)
     with open_remote(settings, redact=values.redact) as remote, \
             HostSession(remote, settings, command="health", changing=False) as session:
@@ -148,7 +148,7 @@ def health(c, target=None, host=None, json_=False, watch=0):
 @one_line_errors
 def logs(c, target=None, host=None, follow=False, since=None, tail=100):
     """Print the agent's logs (.env values redacted); -f follows."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     values = redaction(settings)
     with open_remote(settings, redact=values.redact) as remote:
         if follow:

@@ -43,7 +43,7 @@ def pick_release(history: list[dict], wanted: str | None) -> dict:
 @one_line_errors
 def rollback(c, target=None, host=None, dry_run=False, to=None):
     """Go back to an earlier release: its image, container spec, code and secret values."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     with open_remote(settings, dry_run=dry_run) as remote:
         try:
             with HostSession(remote, settings, command="rollback") as session:
@@ -81,7 +81,7 @@ def rollback(c, target=None, host=None, dry_run=False, to=None):
 @one_line_errors
 def history(c, target=None, host=None, json_=False, limit=20):
     """What was done to the host (its audit log, newest first) and the releases it keeps."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     with open_remote(settings) as remote, \
             HostSession(remote, settings, command="history", changing=False) as session:
         answer = session.call("history", step="history", changes=False, limit=limit)

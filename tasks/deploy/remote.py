@@ -2,17 +2,29 @@
 
 A task opens one pipe (``open_pipe``: one command, the host helper's bootstrap, see
 ``tasks.deploy.session``) and sends every step through it; ``stream`` serves `logs -f`.
-This module decides how bytes travel and how progress shows: one SSH connection, connect
-timeouts and keepalives, host keys checked against the project's known_hosts (never added
-blindly), ``sudo -n`` (never a password prompt), secrets only inside the pipe (never in an
-argv, ``env=`` or a pty), a line per step with its duration - live on a terminal, plain
-lines every few seconds elsewhere - and failures turned into ``StepFailed``: one line.
+This module decides how bytes travel and how progress shows: one SSH connection (through
+the ProxyJump hops or the ProxyCommand of ``tasks.deploy.sshconfig``, if any), connect
+timeouts and keepalives, ``sudo -n`` (never a password prompt), secrets only inside the
+pipe (never in an argv, ``env=`` or a pty), a line per step with its duration - live on a
+terminal, plain lines every few seconds elsewhere - and failures turned into
+``StepFailed``: one line.
+
+Host keys (every hop's too) are checked strictly and never added: against the project's
+known_hosts when it names the host (then it alone decides: a pin there is not overruled by
+a stale line elsewhere), else against the user's and the system's known_hosts (what ssh(1)
+already verified); a key marked ``@revoked`` in any of them is refused. An unknown key
+stops the connection with its fingerprint and the command that pins it.
+
+Logging in: with a key file (``nightguard.ssh.key_filename``, the sandbox's, the GCP
+project key) that key only; without one, a running ssh-agent's keys, then ssh_config's
+IdentityFile, else ~/.ssh/id_* (IdentitiesOnly: no agent).
 
 Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_timeout``.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -31,15 +43,126 @@ from tasks.progress import Step
 
 @dataclass(frozen=True)
 class SshTarget:
+    """Where and how to log in; see the module's docstring for keys and host keys."""
+
     host: str
     port: int
     user: str
-    key_filename: str = ""
-    known_hosts: str = ""
+    key_filename: str = ""  # the one key to log in with (no agent, no other key)
+    known_hosts: str = ""  # the project's pins: when they name the host, they alone decide
     label: str = ""
+    identity_files: tuple[str, ...] = ()  # ssh_config IdentityFile: with the agent's keys
+    identities_only: bool = False  # ssh_config IdentitiesOnly: no agent
+    other_known_hosts: tuple[str, ...] = ()  # read when known_hosts does not name the host
+    jump: SshTarget | None = None  # ProxyJump: the hop this host is reached through
+    proxy_command: str = ""  # ProxyCommand: its stdin/stdout is the connection
+    alias: str = ""  # the name the user gave (an ssh_config Host), when it is not host
+
+    @property
+    def host_key_name(self) -> str:
+        """The host as known_hosts names it."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
     def describe(self) -> str:
-        return self.label or f"{self.user}@{self.host}:{self.port}"
+        if self.label:
+            return self.label
+        text = f"{self.user}@{self.host}:{self.port}"
+        if self.alias and self.alias != self.host:
+            text += f" ({self.alias})"
+        if self.jump is not None:
+            text += f" via {self.jump.describe()}"
+        elif self.proxy_command:
+            text += " via ProxyCommand"
+        return text
+
+
+class UnknownHostKey(paramiko.SSHException):
+    """No known_hosts file names the host (or only with a revoked key); carries the key."""
+
+    def __init__(self, name: str, key: paramiko.PKey, revoked: bool):
+        super().__init__(f"{name}: host key {'revoked' if revoked else 'unknown'}")
+        self.key = key
+        self.revoked = revoked
+
+
+class RefuseUnknownHostKeys(paramiko.MissingHostKeyPolicy):
+    """paramiko's RejectPolicy, keeping the key it saw for the error message."""
+
+    def __init__(self, revoked: set[str]):
+        self.revoked = revoked
+
+    def missing_host_key(self, client, hostname, key):
+        raise UnknownHostKey(hostname, key, key.get_base64() in self.revoked)
+
+
+def read_known_hosts(path: str) -> tuple[paramiko.HostKeys, set[str]]:
+    """(the file's host keys, the keys its ``@revoked`` lines name). Lines paramiko cannot
+    use are skipped, as ssh(1) does: ``@cert-authority`` (no host certificates here) and
+    keys of unknown types; paramiko's own loader would stop at the first marker line."""
+    keys, revoked = paramiko.HostKeys(), set()
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            fields = line.split()
+            if fields[0] == "@revoked" and len(fields) >= 4:
+                revoked.add(fields[3])
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+        except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError):
+            continue
+        for name in entry.hostnames if entry is not None else ():
+            keys.add(name, entry.key.get_name(), entry.key)
+    return keys, revoked
+
+
+def pin_host_keys(client: paramiko.SSHClient, target: SshTarget) -> str:
+    """Give ``client`` the host's known keys and a policy that refuses any other; returns
+    the file they came from ("" when none names the host)."""
+    revoked: set[str] = set()
+    chosen, source = None, ""
+    for path in (target.known_hosts, *target.other_known_hosts):
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            keys, marked = read_known_hosts(path)
+        except OSError:
+            continue  # unreadable: as ssh(1), as if absent
+        revoked |= marked
+        found = keys.lookup(target.host_key_name)
+        if chosen is None and found:
+            chosen, source = found, path
+    for kind, key in (chosen or {}).items():
+        if key.get_base64() not in revoked:
+            client.get_host_keys().add(target.host_key_name, kind, key)
+    client.set_missing_host_key_policy(RefuseUnknownHostKeys(revoked))
+    return source
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as a command to paste should say it: relative to the current directory if
+    under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(path)
+
+
+def pin_command(target: SshTarget, key: paramiko.PKey) -> str:
+    """The command that adds ``key`` to the project's known_hosts: ssh-keyscan for a host
+    this machine reaches itself, the exact line for one behind a jump or a ProxyCommand."""
+    known_hosts = shlex.quote(shown_path(target.known_hosts))
+    parent = Path(target.known_hosts).parent
+    mkdir = "" if parent.is_dir() else f"mkdir -p {shlex.quote(shown_path(parent))} && "
+    if target.jump is not None or target.proxy_command:
+        line = f"{target.host_key_name} {key.get_name()} {key.get_base64()}"
+        return f"{mkdir}echo {shlex.quote(line)} >> {known_hosts}"
+    kind = key.get_name()
+    kind = "ecdsa" if kind.startswith("ecdsa-") else kind.removeprefix("ssh-")
+    return (f"{mkdir}ssh-keyscan -t {kind} -p {target.port} {shlex.quote(target.host)} "
+            f">> {known_hosts}")
 
 
 @dataclass
@@ -145,50 +268,80 @@ class Remote:
         # what callers learned about this host during the run (e.g. the helper is cached)
         self.facts_cache: dict[str, object] = {}
         self._connection: Connection | None = None
+        self._opened: list[Connection] = []  # hops first, the host last
 
     # -- connection -------------------------------------------------------------------
     def _connect(self) -> Connection:
         if self._connection is not None:
             return self._connection
-        target = self.target
-        connect_kwargs = {"allow_agent": False, "look_for_keys": not target.key_filename,
-                          "banner_timeout": self.connect_timeout,
-                          "auth_timeout": self.connect_timeout}
-        if target.key_filename:
-            connect_kwargs["key_filename"] = [target.key_filename]
-        config = Config(overrides={"load_ssh_configs": False})
-        connection = Connection(host=target.host, user=target.user, port=target.port,
-                                connect_timeout=self.connect_timeout,
-                                connect_kwargs=connect_kwargs, config=config)
-        # Host keys are verified against the project's known_hosts, never added blindly.
-        connection.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        if target.known_hosts and Path(target.known_hosts).exists():
-            connection.client.load_host_keys(target.known_hosts)
         try:
-            connection.open()
-        except paramiko.BadHostKeyException:
-            raise StepFailed("connect", f"{target.describe()}: host key does not match "
-                             f"{target.known_hosts}") from None
-        except paramiko.SSHException as exc:
-            if "not found in known_hosts" in str(exc):
-                raise StepFailed("connect", f"{target.describe()}: host key unknown "
-                                 f"(not in {target.known_hosts})") from None
-            raise StepFailed("connect", f"{target.describe()}: {exc}") from None
-        except (OSError, EOFError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise StepFailed("connect", f"{target.describe()} unreachable within "
-                             f"{self.connect_timeout}s: {reason}") from None
-        transport = connection.client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(15)
+            connection = self._open(self.target, "")
+        except BaseException:
+            self.close()
+            raise
         self._connection = connection
         self.stats.connections += 1
         return connection
 
+    def _auth(self, target: SshTarget) -> dict:
+        kwargs = {"banner_timeout": self.connect_timeout, "auth_timeout": self.connect_timeout}
+        if target.key_filename:
+            return {**kwargs, "key_filename": [target.key_filename], "allow_agent": False,
+                    "look_for_keys": False}
+        return {**kwargs, "key_filename": list(target.identity_files),
+                "allow_agent": not target.identities_only,
+                "look_for_keys": not target.identity_files}
+
+    def _open(self, target: SshTarget, role: str) -> Connection:
+        """Connect to ``target`` (through its hops first), host keys checked on each."""
+        gateway = self._open(target.jump, " (jump host)") if target.jump is not None else None
+        who = target.describe() + role
+        kwargs = self._auth(target)
+        if target.proxy_command and gateway is None:
+            try:
+                kwargs["sock"] = paramiko.ProxyCommand(target.proxy_command)
+            except (OSError, ValueError, paramiko.SSHException) as exc:
+                raise StepFailed("connect", f"{who}: ProxyCommand did not start: "
+                                 f"{exc}") from None
+        connection = Connection(host=target.host, user=target.user, port=target.port,
+                                connect_timeout=self.connect_timeout, connect_kwargs=kwargs,
+                                config=Config(overrides={"load_ssh_configs": False}),
+                                gateway=gateway)
+        source = pin_host_keys(connection.client, target)
+        self._opened.append(connection)
+        try:
+            connection.open()
+        except UnknownHostKey as exc:
+            key = f"{exc.key.get_name()} {exc.key.fingerprint}"
+            if exc.revoked:
+                raise StepFailed("connect", f"{who}: host key {key} is marked @revoked in a "
+                                 "known_hosts file: refusing it") from None
+            tried = ", ".join(shown_path(p) for p in (target.known_hosts,
+                                                      *target.other_known_hosts)
+                              if p and (p == target.known_hosts or os.path.isfile(p)))
+            raise StepFailed("connect", f"{who}: host key unknown (not in {tried}); it "
+                             f"offered {key}: if that is the host's, pin it with "
+                             f"`{pin_command(target, exc.key)}`") from None
+        except paramiko.BadHostKeyException as exc:
+            raise StepFailed("connect", f"{who}: host key does not match {shown_path(source)} "
+                             f"(it offered {exc.key.get_name()} {exc.key.fingerprint}): "
+                             "replace that line only if you know the host was rebuilt"
+                             ) from None
+        except paramiko.SSHException as exc:
+            raise StepFailed("connect", f"{who}: {exc}") from None
+        except (OSError, EOFError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise StepFailed("connect", f"{who} unreachable within "
+                             f"{self.connect_timeout}s: {reason}") from None
+        transport = connection.client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        return connection
+
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        while self._opened:  # the host first, then the hops it went through
+            self._opened.pop().close()
+        self._connection = None
 
     def __enter__(self) -> Remote:
         return self
@@ -205,7 +358,7 @@ class Remote:
                 timeout=self.connect_timeout)
             channel.exec_command(shell_join(argv))
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            self._connection = None
+            self.close()
             raise StepFailed(step, f"could not start a command on "
                              f"{self.target.describe()}: {exc}") from None
         self.stats.commands += 1

@@ -60,7 +60,7 @@ def prompt_values(settings: Settings, names: list[str]) -> SecretValues:
 @one_line_errors
 def push(c, target=None, host=None, dry_run=False, name=None):
     """Create the secrets that are missing on the host or differ from .env (no restart)."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     values = load_secret_values(settings, pick_names(settings, name))
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote, \
             HostSession(remote, settings, command="secrets.push") as session:
@@ -83,7 +83,7 @@ def push(c, target=None, host=None, dry_run=False, name=None):
 @one_line_errors
 def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
     """Replace secret values, recreate the container, keep them only if it gets healthy."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     names = pick_names(settings, name)
     values = prompt_values(settings, names) if prompt else load_secret_values(settings, names)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote, \
@@ -134,7 +134,7 @@ def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
 @one_line_errors
 def list_(c, target=None, host=None):
     """List the host's secrets: created, used by the container, matches .env (no values)."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     try:
         values = load_secret_values(settings)
     except ConfigError as exc:
@@ -168,7 +168,7 @@ def list_(c, target=None, host=None):
 @one_line_errors
 def check(c, target=None, host=None):
     """Fail (exit 1) when a required secret is missing on the host."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     with open_remote(settings) as remote, \
             HostSession(remote, settings, command="secrets.check", changing=False) as session:
         facts = session.facts()

@@ -26,7 +26,7 @@ FLAGS = {**TARGET_HELP}
 @one_line_errors
 def sync(c, target=None, host=None, dry_run=False):
     """Send the files that differ to the host's app dir (only what nightguard.sync declares)."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     manifest = local_manifest(settings.path("source_dir"), rules_for(settings))
     with open_remote(settings, dry_run=dry_run) as remote, \
             HostSession(remote, settings, command="sync") as session:
@@ -48,7 +48,7 @@ def sync(c, target=None, host=None, dry_run=False):
 @one_line_errors
 def host_swap(c, target=None, host=None, dry_run=False):
     """Set up the swapfile (size: nightguard.limits.swap_size; mode 600, fstab, swappiness)."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     with open_remote(settings, dry_run=dry_run) as remote, \
             HostSession(remote, settings, command="host.swap") as session:
         if not swap_needed(settings, session.facts()):
@@ -63,7 +63,7 @@ def host_swap(c, target=None, host=None, dry_run=False):
 @one_line_errors
 def compose_check(c, target=None):
     """Check the compose file against the configuration (local, no SSH)."""
-    settings = settings_for(target)
+    settings = settings_for(c, target)
     check_compose(settings)
     print(f"{settings.path('compose_file').name}: ok")
 
@@ -72,7 +72,7 @@ def compose_check(c, target=None):
 @one_line_errors
 def compose_up(c, target=None, host=None, dry_run=False):
     """Bring the service up as the compose file says (the full, idempotent deploy)."""
-    settings, values, manifest = preflight(target, host)
+    settings, values, manifest = preflight(c, target, host)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
         try:
             run_deploy(settings, values, manifest, remote, command="compose.up")

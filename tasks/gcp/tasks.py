@@ -1,7 +1,7 @@
 """`inv vm.*`: the Compute Engine VM the agent runs on (create, status, start, stop, reset,
 ip, authorize-key).
 
-Config keys (``invoke.yaml`` under ``nightguard:``, or ``NIGHTGUARD_<KEY>``):
+Config keys (``nightguard:`` in Invoke's config files, or ``NIGHTGUARD_<KEY>``):
   gcp.project (required), gcp.zone, gcp.instance, gcp.machine_type, gcp.image_project,
   gcp.image_family, gcp.disk_gb, gcp.disk_type, gcp.network_tag,
   gcp.credentials_file (service-account key; default: Application Default Credentials),
@@ -32,9 +32,9 @@ VM_HELP = {
 TIMEOUT_HELP = "seconds to wait for the operation to finish (default 300)"
 
 
-def _settings(project: str | None, zone: str | None, instance: str | None,
+def _settings(c, project: str | None, zone: str | None, instance: str | None,
               **more) -> Settings:
-    return settings_for("gcp", gcp__project=project, gcp__zone=zone, gcp__instance=instance,
+    return settings_for(c, "gcp", gcp__project=project, gcp__zone=zone, gcp__instance=instance,
                         **more)
 
 
@@ -73,7 +73,7 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
 
     e2-micro, 30 GB pd-standard boot disk, network tag, external IP; warns when the
     settings leave the free tier."""
-    settings = _settings(project, zone, instance, gcp__machine_type=machine_type,
+    settings = _settings(c, project, zone, instance, gcp__machine_type=machine_type,
                          gcp__disk_gb=disk_gb)
     for warning in gcp.free_tier_warnings(settings):
         _warn(f"{warning}: this VM will be billed")
@@ -96,15 +96,15 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
 @one_line_errors
 def status(c, project=None, zone=None, instance=None):
     """Print the VM's state, zone, machine type, external IP and uptime."""
-    settings = _settings(project, zone, instance)
+    settings = _settings(c, project, zone, instance)
     gce = gcp.connect(settings)
     print(f"VM {gce.name} in project {gce.project}")
     for line in describe(gcp.get_instance(gce, "vm status"), gce.zone):
         print(f"  {line}")
 
 
-def _power(action: str, project, zone, instance, timeout) -> None:
-    gce = gcp.connect(_settings(project, zone, instance))
+def _power(c, action: str, project, zone, instance, timeout) -> None:
+    gce = gcp.connect(_settings(c, project, zone, instance))
     vm = gcp.power(gce, action, timeout)
     print(f"VM {gce.name}: {action} done, now {vm.status} "
           f"({gcp.external_ip(vm) or 'no external IP'})")
@@ -114,28 +114,28 @@ def _power(action: str, project, zone, instance, timeout) -> None:
 @one_line_errors
 def start(c, project=None, zone=None, instance=None, timeout=300):
     """Start the stopped VM (an ephemeral external IP may change)."""
-    _power("start", project, zone, instance, timeout)
+    _power(c, "start", project, zone, instance, timeout)
 
 
 @task(help={**VM_HELP, "timeout": TIMEOUT_HELP})
 @one_line_errors
 def stop(c, project=None, zone=None, instance=None, timeout=300):
     """Stop the VM (the disk stays and is still billed beyond the free tier)."""
-    _power("stop", project, zone, instance, timeout)
+    _power(c, "stop", project, zone, instance, timeout)
 
 
 @task(help={**VM_HELP, "timeout": TIMEOUT_HELP})
 @one_line_errors
 def reset(c, project=None, zone=None, instance=None, timeout=300):
     """Hard-reset the running VM, like pressing the reset button."""
-    _power("reset", project, zone, instance, timeout)
+    _power(c, "reset", project, zone, instance, timeout)
 
 
 @task(help=VM_HELP)
 @one_line_errors
 def ip(c, project=None, zone=None, instance=None):
     """Print only the VM's external IP (for scripts)."""
-    gce = gcp.connect(_settings(project, zone, instance))
+    gce = gcp.connect(_settings(c, project, zone, instance))
     vm = gcp.get_instance(gce, "vm ip")
     address = gcp.external_ip(vm)
     if not address:
@@ -151,7 +151,7 @@ def ip(c, project=None, zone=None, instance=None):
 def authorize_key(c, project=None, zone=None, instance=None, user=None, key=None,
                   timeout=300):
     """Add an SSH public key to the VM's ssh-keys metadata, keeping the other keys."""
-    settings = _settings(project, zone, instance, ssh__user=user)
+    settings = _settings(c, project, zone, instance, ssh__user=user)
     if key:
         path = Path(key).expanduser()
         parts = path.read_text().split() if path.is_file() else []

@@ -125,7 +125,7 @@ def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, st
 @one_line_errors
 def export(c, out=DEFAULT_OUT, image=None, cpu_request=CPU_REQUEST, target=None):
     """Write Kubernetes manifests, a Containerfile with the agent's code, NOTES (no values)."""
-    settings, values, manifest = preflight(target, None)
+    settings, values, manifest = preflight(c, target, None)
     desired = desired_state(settings, {}, manifest)
     out_dir = Path(os.path.expanduser(out))
     out_dir = out_dir if out_dir.is_absolute() else settings.root / out_dir

@@ -1,7 +1,8 @@
 """`inv sandbox.*`: boot, stop, reboot and enter the local sandbox VMs (see
 ``tasks.sandbox.machine``).
 
-Config keys: ``nightguard.sandbox.name``, ``nightguard.sandbox.os``.
+Config keys: ``nightguard.sandbox.name``, ``nightguard.sandbox.os``: what `--name` and
+`--os` default to (a flag given wins), read like every task's settings (``inv config``).
 Where the sandbox cannot run (no QEMU; no Linux, root or mmdebstrap for the first image
 build) `sandbox.up` prints one line on what it needs and exits 2 (``tasks.sandbox.support``).
 """
@@ -12,24 +13,34 @@ import subprocess
 
 from invoke import Collection, Exit, task
 
+from tasks.cli import one_line_errors, settings_for
 from tasks.errors import EXIT_CONFIG
 from tasks.sandbox.machine import down, ensure_up, reboot, ssh_argv, status, target
 from tasks.sandbox.support import SandboxUnavailable
 
-NAME_HELP = "sandbox name (default: default); several can run at once"
+NAME_HELP = "sandbox name (default: nightguard.sandbox.name); several can run at once"
 TIMEOUT_HELP = "seconds to wait for ssh (default 300; an image build comes on top)"
+
+
+def sandbox_settings(c, name: str | None = None, os: str | None = None) -> tuple[str, str]:
+    """(name, os) of the sandbox a task acts on: the flags, else the configuration."""
+    settings = settings_for(c, "sandbox", sandbox__name=name, sandbox__os=os)
+    return settings["sandbox.name"], settings["sandbox.os"]
 
 
 @task(
     help={
         "name": NAME_HELP,
-        "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4)",
+        "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4) "
+              "(default: nightguard.sandbox.os)",
         "fresh": "throw the sandbox's disk away first",
         "timeout": TIMEOUT_HELP,
     }
 )
-def up(c, name="default", os="bookworm", fresh=False, timeout=300):
+@one_line_errors
+def up(c, name=None, os=None, fresh=False, timeout=300):
     """Boot a sandbox VM (1 GB, 2 vCPUs, Podman), building its image once; wait for ssh."""
+    name, os = sandbox_settings(c, name, os)
     if not fresh and status(name) == "up":
         print(f"sandbox {name}: already up (ssh port {target(name)['port']})")
         return
@@ -43,20 +54,26 @@ def up(c, name="default", os="bookworm", fresh=False, timeout=300):
 
 
 @task(name="down", help={"name": NAME_HELP, "destroy": "also remove the sandbox's disk and state"})
-def down_task(c, name="default", destroy=False):
+@one_line_errors
+def down_task(c, name=None, destroy=False):
     """Shut a sandbox VM down (clean poweroff, killed after a timeout)."""
+    name, _ = sandbox_settings(c, name)
     down(name, destroy=destroy)
 
 
 @task(name="status", help={"name": NAME_HELP})
-def status_task(c, name="default"):
+@one_line_errors
+def status_task(c, name=None):
     """Print one of: absent, down, booting, up (up: ssh answers)."""
+    name, _ = sandbox_settings(c, name)
     print(status(name))
 
 
 @task(help={"name": NAME_HELP, "command": "run this one command and exit with its exit code"})
-def ssh(c, name="default", command=None):
+@one_line_errors
+def ssh(c, name=None, command=None):
     """Open a shell as ubuntu on a sandbox VM, or run one command."""
+    name, _ = sandbox_settings(c, name)
     try:
         argv = ssh_argv(name, command)
     except RuntimeError as err:
@@ -67,8 +84,10 @@ def ssh(c, name="default", command=None):
 
 
 @task(name="reboot", help={"name": NAME_HELP, "timeout": TIMEOUT_HELP})
-def reboot_task(c, name="default", timeout=300):
+@one_line_errors
+def reboot_task(c, name=None, timeout=300):
     """Reboot a sandbox VM and wait until ssh is back."""
+    name, _ = sandbox_settings(c, name)
     try:
         reboot(name, timeout=float(timeout))
     except (RuntimeError, TimeoutError) as err:

@@ -380,3 +380,54 @@ def test_lists_from_yaml_and_the_environment(tmp_path):
     assert "not a list" not in str(settings.sources)
     write_yaml(tmp_path, "nightguard:\n  sync:\n    include: 5\n")
     assert "expected a list of strings" in config_error(tmp_path)
+
+
+# -- Invoke's layers: files at their level, INVOKE_NIGHTGUARD_* with the alias -----------------
+def test_file_layers_in_invokes_order_around_the_environment(tmp_path):
+    from tasks.config import ConfigFile
+
+    files = [ConfigFile("runtime", "run.yaml (-f)", {"ssh": {"port": 2203}}),
+             ConfigFile("user", "~/.invoke.yaml (user)", {"ssh": {"port": 2201, "user": "u"},
+                                                           "keep_images": 4}),
+             ConfigFile("project", "invoke.yaml", {"ssh": {"user": "p"}}),
+             ConfigFile("system", "/etc/invoke.yaml (system)", {"keep_images": 5})]
+    settings = load_settings(root=tmp_path, environ={"INVOKE_NIGHTGUARD_SSH_PORT": "2202",
+                                                     "NIGHTGUARD_SSH_USER": "e"}, files=files)
+    assert settings["ssh.port"] == 2203 and settings.source("ssh.port") == "run.yaml (-f)"
+    assert settings["ssh.user"] == "e"
+    assert settings.source("ssh.user") == "environment (NIGHTGUARD_SSH_USER)"
+    assert settings["keep_images"] == 4  # user above system
+    assert settings.files == ("/etc/invoke.yaml (system)", "~/.invoke.yaml (user)",
+                              "invoke.yaml", "run.yaml (-f)")
+    without_f = load_settings(root=tmp_path, environ={"INVOKE_NIGHTGUARD_SSH_PORT": "2202"},
+                              files=files[1:])
+    assert without_f.source("ssh.port") == "environment (INVOKE_NIGHTGUARD_SSH_PORT)"
+
+
+def test_both_environment_names_agreeing_is_fine(tmp_path):
+    settings = load(tmp_path, {"INVOKE_NIGHTGUARD_KEEP_IMAGES": "4",
+                               "NIGHTGUARD_KEEP_IMAGES": "4"})
+    assert settings.source("keep_images") == "environment (INVOKE_NIGHTGUARD_KEEP_IMAGES)"
+    message = config_error(tmp_path, {"INVOKE_NIGHTGUARD_KEEP_IMAGES": "4",
+                                      "NIGHTGUARD_KEEP_IMAGES": "5"})
+    assert message == ("environment: INVOKE_NIGHTGUARD_KEEP_IMAGES and NIGHTGUARD_KEEP_IMAGES "
+                       "differ; set one of them")
+
+
+def test_a_mapping_setting_is_one_variable(tmp_path):
+    settings = load(tmp_path, {"INVOKE_NIGHTGUARD_AGENT_ENV": '{"MODE": "quiet"}'})
+    assert settings["agent_env"] == {"MODE": "quiet"}
+    message = config_error(tmp_path, {"INVOKE_NIGHTGUARD_SECRETS_TELEGRAM_BOT_TOKEN": "X"})
+    assert message == ("environment: unknown variable INVOKE_NIGHTGUARD_SECRETS_TELEGRAM_BOT_TOKEN"
+                       " (nightguard.secrets is one setting: a JSON object in "
+                       "INVOKE_NIGHTGUARD_SECRETS)")
+
+
+def test_a_value_where_a_section_belongs(tmp_path):
+    write_yaml(tmp_path, "nightguard:\n  limits: 5\n")
+    assert config_error(tmp_path) == "invoke.yaml: nightguard.limits: expected a mapping"
+
+
+def test_sandbox_name_must_be_a_plain_name(tmp_path):
+    message = config_error(tmp_path, overrides={"sandbox.name": "../x"})
+    assert message.startswith("command line: nightguard.sandbox.name: '../x' is not a valid")

@@ -4,7 +4,9 @@ A throw-away sshd runs with its own host key, config and authorized key on a fre
 port; the project's known_hosts handling, the one command's pipe, secrets that travel only
 inside it, timeouts, progress lines and one-line failures are checked end to end, and so is
 the real host helper behind that pipe: its lock, and the audit line it writes itself when
-the connection is cut from the host's side.
+the connection is cut from the host's side. SSH as users configure it is checked against the
+same server: an ~/.ssh/config Host alias, ProxyJump and ProxyCommand hops, an ssh-agent's
+key, and the user's known_hosts next to the project's.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from tasks.config import load_settings
+from tasks.deploy import sshconfig
 from tasks.deploy.hostlink import PipeClosed, helper_source
 from tasks.deploy.remote import Remote, SshTarget
 from tasks.deploy.session import HostSession, LockHeld
 from tasks.errors import StepFailed
+from tasks.targets import resolve_target
 
 SSHD = "/usr/sbin/sshd"
 SECRET = "tg-7fd1c2a9-secret-only-on-stdin"
@@ -122,6 +128,18 @@ LogLevel ERROR
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path, monkeypatch):
+    """No ~/.ssh, agent or system ssh_config of the machine running the tests."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", str(tmp_path / "no-ssh_config"))
+    monkeypatch.setattr(sshconfig, "GLOBAL_KNOWN_HOSTS", "")
+    return home
 
 
 @pytest.fixture
@@ -349,3 +367,270 @@ def test_a_connection_cut_on_the_host_side_is_audited_as_interrupted(sshd, tmp_p
     with Remote(sshd.target(), connect_timeout=5, out=io.StringIO()) as handle, \
             HostSession(handle, settings, command="deploy", paths=host_paths(tmp_path)) as again:
         again.finish("no changes")  # the lock went with the process
+
+
+# -- SSH as the user configures it -------------------------------------------------------------
+def ssh_settings(tmp_path, sshd, **more):
+    return load_settings(root=tmp_path, environ={}, overrides={
+        "target": "ssh", "ssh.known_hosts": str(sshd.known_hosts), **more})
+
+
+def whoami(remote: Remote) -> str:
+    lines, code = run(remote, ["sh", "-c", 'echo "$(id -un) ${SSH_CONNECTION##* }"'])
+    assert code == 0
+    return lines[0].strip()
+
+
+def write_ssh_config(home: Path, text: str) -> None:
+    (home / ".ssh" / "config").write_text(text)
+
+
+def test_an_ssh_config_host_alias_is_followed(sshd, tmp_path, own_home):
+    write_ssh_config(own_home, f"""\
+Host ng-box
+    HostName 127.0.0.1
+    Port {sshd.port}
+    User root
+    IdentityFile {sshd.client_key}
+""")
+    target = resolve_target(ssh_settings(tmp_path, sshd, **{"ssh.host": "ng-box"}))
+    assert (target.host, target.port, target.user) == ("127.0.0.1", sshd.port, "root")
+    assert target.identity_files == (str(sshd.client_key),) and not target.key_filename
+    assert target.describe() == f"root@127.0.0.1:{sshd.port} (ng-box)"
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+
+
+def test_explicit_settings_win_over_ssh_config(sshd, tmp_path, own_home):
+    write_ssh_config(own_home, f"""\
+Host ng-box
+    HostName 127.0.0.1
+    Port 1
+    User nobody
+    IdentityFile {own_home}/.ssh/nowhere
+""")
+    (own_home / ".ssh" / "nowhere").write_text("")
+    settings = ssh_settings(tmp_path, sshd, **{"ssh.host": "ng-box", "ssh.port": sshd.port,
+                                               "ssh.user": "root",
+                                               "ssh.key_filename": str(sshd.client_key)})
+    target = resolve_target(settings)
+    assert (target.port, target.user) == (sshd.port, "root")
+    assert target.key_filename == str(sshd.client_key) and target.identity_files == ()
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+    # a default (port 22, user ubuntu) gives way to ssh_config
+    defaults = resolve_target(ssh_settings(tmp_path, sshd, **{"ssh.host": "ng-box"}))
+    assert (defaults.port, defaults.user) == (1, "nobody")
+
+
+JUMP_CONFIG = """\
+Host 127.0.0.1
+    IdentityFile {key}
+Host jumpbox
+    HostName 127.0.0.1
+    Port {port}
+    User root
+    IdentityFile {key}
+Host inner
+    HostName {inner}
+    Port {port}
+    User root
+    IdentityFile {key}
+    ProxyJump {jump}
+"""
+
+
+@pytest.mark.parametrize("jump", ["jumpbox", "root@127.0.0.1:{port},jumpbox"])
+def test_proxyjump_goes_through_the_jump_host(sshd, tmp_path, own_home, jump):
+    write_ssh_config(own_home, JUMP_CONFIG.format(port=sshd.port, key=sshd.client_key,
+                                                  inner="127.0.0.1",
+                                                  jump=jump.format(port=sshd.port)))
+    target = resolve_target(ssh_settings(tmp_path, sshd, **{"ssh.host": "inner"}))
+    assert target.jump is not None and target.jump.host == "127.0.0.1"
+    assert (target.jump.jump is not None) == ("," in jump)
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+        # the connection's socket is a channel of the jump host's connection, not a socket
+        sock = handle._connection.client.get_transport().sock
+        assert isinstance(sock, paramiko.Channel)
+        assert handle.stats.connections == 1
+    assert f" via root@127.0.0.1:{sshd.port} (jumpbox)" in target.describe()
+
+
+def test_an_unknown_host_behind_a_jump_names_that_host_and_the_line_to_pin(sshd, tmp_path,
+                                                                          own_home):
+    # the jump host is pinned ([127.0.0.1]:PORT); the inner name ([localhost]:PORT) is not
+    write_ssh_config(own_home, JUMP_CONFIG.format(port=sshd.port, key=sshd.client_key,
+                                                  inner="localhost", jump="jumpbox"))
+    known_hosts = tmp_path / "pins" / "known_hosts"
+    known_hosts.parent.mkdir()
+    known_hosts.write_text(sshd.known_hosts.read_text())
+    settings = ssh_settings(tmp_path, sshd, **{"ssh.host": "inner",
+                                               "ssh.known_hosts": str(known_hosts)})
+    with Remote(resolve_target(settings), connect_timeout=5, out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed) as info:
+            handle.open_pipe(["true"], step="facts")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"root@localhost:{sshd.port} (inner) via root@127.0.0.1:{sshd.port} (jumpbox): " \
+           "host key unknown" in message
+    command = message.split("pin it with `")[1].rstrip("`")
+    assert command.startswith(f"echo '[localhost]:{sshd.port} ssh-ed25519 ")
+    subprocess.run(command, shell=True, check=True)
+    with Remote(resolve_target(settings), connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+
+
+RELAY = """\
+import os, pathlib, socket, sys, threading
+pathlib.Path(sys.argv[3]).touch()
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def upstream():
+    while data := os.read(0, 65536):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+threading.Thread(target=upstream, daemon=True).start()
+while data := conn.recv(65536):
+    os.write(1, data)
+"""
+
+
+def test_a_proxycommand_carries_the_connection(sshd, tmp_path, own_home):
+    """The shape of an IAP tunnel: `gcloud compute start-iap-tunnel %h %p --listen-on-stdin`."""
+    relay = tmp_path / "relay.py"
+    relay.write_text(RELAY)
+    used = tmp_path / "relay-was-used"
+    write_ssh_config(own_home, f"""\
+Host tunnelled
+    HostName 127.0.0.1
+    Port {sshd.port}
+    User root
+    IdentityFile {sshd.client_key}
+    ProxyCommand {sys.executable} {relay} %h %p {used}
+""")
+    target = resolve_target(ssh_settings(tmp_path, sshd, **{"ssh.host": "tunnelled"}))
+    assert target.describe().endswith(" via ProxyCommand")
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+    assert used.exists()
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    """A running ssh-agent of the test's own; SSH_AUTH_SOCK points at it."""
+    if shutil.which("ssh-agent") is None or shutil.which("ssh-add") is None:
+        pytest.skip("ssh-agent / ssh-add are absent (install openssh-client)")
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+    yield sock
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+def ssh_add(*args: str) -> None:
+    subprocess.run(["ssh-add", "-q", *args], check=True, capture_output=True)
+
+
+def test_the_agents_key_logs_in_when_no_key_file_is_set(sshd, tmp_path, agent):
+    target = sshd.target(key_filename="")
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:  # no key anywhere
+        with pytest.raises(StepFailed) as info:
+            handle.open_pipe(["true"], step="facts")
+    assert info.value.step == "connect"
+    ssh_add(str(sshd.client_key))
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+    # a key file set in the settings is the only key tried: the agent's is not
+    keygen(tmp_path / "stranger")
+    with Remote(sshd.target(key_filename=str(tmp_path / "stranger")), connect_timeout=5,
+                out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed):
+            handle.open_pipe(["true"], step="facts")
+
+
+def test_identities_only_keeps_the_agent_out(sshd, tmp_path, own_home, agent):
+    ssh_add(str(sshd.client_key))
+    write_ssh_config(own_home, f"Host box\n    HostName 127.0.0.1\n    Port {sshd.port}\n"
+                               "    User root\n    IdentitiesOnly yes\n")
+    target = resolve_target(ssh_settings(tmp_path, sshd, **{"ssh.host": "box"}))
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed):
+            handle.open_pipe(["true"], step="facts")
+
+
+# -- host keys: the project's pins first, then what the user's ssh already knows ----------------
+def host_line(sshd, key: str | None = None) -> str:
+    return f"[127.0.0.1]:{sshd.port} {key or (sshd.dir / 'host_ed25519.pub').read_text()}"
+
+
+@pytest.mark.parametrize("hashed", [False, True])  # Debian's ssh_config: HashKnownHosts yes
+def test_the_users_known_hosts_serve_when_the_project_has_no_pin(sshd, tmp_path, own_home,
+                                                                 hashed):
+    user_file = own_home / ".ssh" / "known_hosts"
+    user_file.write_text(host_line(sshd))
+    if hashed:
+        subprocess.run(["ssh-keygen", "-H", "-f", str(user_file)], check=True,
+                       capture_output=True)
+        assert user_file.read_text().startswith("|1|")
+    target = resolve_target(ssh_settings(tmp_path, sshd, **{
+        "ssh.host": "127.0.0.1", "ssh.port": sshd.port, "ssh.user": "root",
+        "ssh.key_filename": str(sshd.client_key),
+        "ssh.known_hosts": str(tmp_path / "empty_known_hosts")}))
+    assert target.other_known_hosts[0] == str(user_file)
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
+
+
+def test_a_project_pin_decides_over_the_users_file(sshd, tmp_path, own_home):
+    stale = keygen(tmp_path / "stale_ed25519")
+    user_file = own_home / ".ssh" / "known_hosts"
+    user_file.write_text(host_line(sshd, stale) + "\n")
+    with Remote(sshd.target(other_known_hosts=(str(user_file),)), connect_timeout=5,
+                out=io.StringIO()) as handle:  # the project's file has the right key
+        assert whoami(handle) == f"root {sshd.port}"
+    project = tmp_path / "project_known_hosts"
+    project.write_text(host_line(sshd, stale) + "\n")
+    user_file.write_text(host_line(sshd))
+    with Remote(sshd.target(known_hosts=str(project), other_known_hosts=(str(user_file),)),
+                connect_timeout=5, out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed) as info:
+            handle.open_pipe(["true"], step="facts")
+    assert f"host key does not match {project}" in str(info.value)
+
+
+def test_a_revoked_key_is_refused_even_where_it_is_listed(sshd, tmp_path):
+    key = (sshd.dir / "host_ed25519.pub").read_text().strip()
+    user_file = tmp_path / "user_known_hosts"
+    user_file.write_text(f"{host_line(sshd)}@revoked * {key}\n")
+    with Remote(sshd.target(known_hosts="", other_known_hosts=(str(user_file),)),
+                connect_timeout=5, out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed) as info:
+            handle.open_pipe(["true"], step="facts")
+    assert "is marked @revoked" in str(info.value)
+
+
+def test_the_unknown_key_error_shows_its_fingerprint_and_the_command_that_pins_it(sshd,
+                                                                                  tmp_path):
+    if shutil.which("ssh-keyscan") is None:
+        pytest.skip("ssh-keyscan is absent (install openssh-client)")
+    known_hosts = tmp_path / "pins" / "known_hosts"  # its directory does not exist yet
+    with Remote(sshd.target(known_hosts=str(known_hosts)), connect_timeout=5,
+                out=io.StringIO()) as handle:
+        with pytest.raises(StepFailed) as info:
+            handle.open_pipe(["true"], step="facts")
+    message = str(info.value)
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(sshd.dir / "host_ed25519.pub")],
+                                 capture_output=True, text=True, check=True).stdout.split()[1]
+    assert f"it offered ssh-ed25519 {fingerprint}:" in message
+    command = message.split("pin it with `")[1].rstrip("`")
+    assert command == (f"mkdir -p {known_hosts.parent} && ssh-keyscan -t ed25519 "
+                       f"-p {sshd.port} 127.0.0.1 >> {known_hosts}")
+    subprocess.run(command, shell=True, check=True, capture_output=True)
+    with Remote(sshd.target(known_hosts=str(known_hosts)), connect_timeout=5,
+                out=io.StringIO()) as handle:
+        assert whoami(handle) == f"root {sshd.port}"
