@@ -86,7 +86,8 @@ def restart(host: HostSession, settings: Settings) -> None:
                          rootful=not settings["rootless"])
     with host.remote.step("container", "restart"):
         # left to finish when the client goes away: systemd completes it anyway
-        host.call("run", step="restart", argv=argv, timeout=360, on_interrupt="finish")
+        host.call("run", step="restart", argv=argv, timeout=360, on_interrupt="finish",
+                  unit_journal=True)
 
 
 def reload_agent(host: HostSession, settings: Settings, markers_text: str) -> dict:

@@ -121,11 +121,15 @@ def changed_secrets(facts: dict, digests: dict[str, str], names: list[str]) -> l
 
 
 def network_mode(settings: Settings, podman: str | None) -> str:
-    """The container's network: user-mode (no iptables work per start, no way to the
-    host's loopback) unless configured otherwise; pasta where Podman 5 prefers it."""
+    """The container's network: a user-mode stack (no iptables work per start, no way to
+    the host's loopback) unless configured otherwise. Podman 5 prefers pasta but allows it
+    only rootless; rootful keeps slirp4netns, which Podman 6 drops (then: bridge)."""
     if settings["network"] != "auto":
         return settings["network"]
-    return "pasta" if version_tuple(podman) >= (5, 0) else "slirp4netns"
+    version = version_tuple(podman)
+    if settings["rootless"] and version >= (5, 0):
+        return "pasta"
+    return "slirp4netns" if version < (6, 0) else "bridge"
 
 
 def build_needs_network(settings: Settings) -> bool:

@@ -432,7 +432,9 @@ def test_desired_state_reads_the_project_files(project):
     assert desired.spec.memory_swap == "2700m"
     assert "--memory-swap 2700m" in desired.unit_text
     assert "--network slirp4netns" in desired.unit_text
-    assert "--network pasta" in desired_for(settings, {}, podman="5.4.2").unit_text
+    # Podman 5 allows pasta only rootless: rootful stays on slirp4netns until Podman 6
+    assert "--network slirp4netns" in desired_for(settings, {}, podman="5.4.2").unit_text
+    assert "--network bridge" in desired_for(settings, {}, podman="6.0.0").unit_text
 
 
 def test_fresh_host_plans_every_step(project):
@@ -634,11 +636,15 @@ def test_a_host_without_podman_gets_it_installed(deployed):
     assert plan.lines()[0] == "host: install podman (apt-get)"
 
 
-def test_trixie_gets_nftables_and_passt(deployed):
+def test_trixie_gets_nftables_and_the_user_mode_network_of_its_mode(project, deployed):
+    root, source = project
     settings, _, _, facts, _ = deployed
-    trixie = bare(facts, "podman", "iptables", "slirp4netns",
+    trixie = bare(facts, "podman", "iptables", "slirp4netns", "pasta", "newuidmap",
                   os={"id": "debian", "version_id": "13", "like": [], "name": "Debian 13"})
-    assert host_needs(settings, trixie).install == ["podman", "nftables", "passt"]
+    assert host_needs(settings, trixie).install == ["podman", "nftables", "slirp4netns"]
+    rootless = plan_settings(root, source, rootless=True)
+    assert host_needs(rootless, trixie).problems[0].endswith(
+        "run `sudo apt-get install podman nftables passt uidmap` on the host once")
 
 
 @pytest.mark.parametrize(("changes", "expected"), [

@@ -296,8 +296,8 @@ def test_a_fresh_debian_13_host_gets_the_network_its_podman_uses(make_fake_host,
     deploy = Deployer(project, host)
     with mirror(host):
         result = deploy()
-    assert "plan: host: install podman, passt (apt-get)" in deploy.last.text
-    assert "--network pasta" in host.paths["unit"].read_text()
+    assert "plan: host: install podman, slirp4netns (apt-get)" in deploy.last.text
+    assert "--network slirp4netns" in host.paths["unit"].read_text()  # rootful
     assert host.audit()[-1]["outcome"] == "ok"
     assert deploy() == {"changed": False, "version": result["version"]}  # Podman 5 now
 
