@@ -123,10 +123,16 @@ def vm(request):
 @pytest.fixture(scope="module")
 def played(vm, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"kube-{vm['name']}")
-    # a quick probe (the export carries the settings): a frozen agent is seen in ~30 s
+    # a quick probe (the export carries the settings): a frozen agent is seen in ~30 s;
+    # the compose file must agree with the settings, so a copy says the same
+    compose = (ROOT / "deployment/podman-compose.nightguard.yml").read_text()
+    compose = compose.replace("interval: 30s", "interval: 5s").replace(
+        "retries: 3", "retries: 2").replace("start_period: 60s", "start_period: 10s")
+    (work / "compose.yml").write_text(compose)
     env = inv_env(vm, make_env_file(work), ROOT, NIGHTGUARD_HEALTH_INTERVAL="5s",
                   NIGHTGUARD_HEALTH_RETRIES="2", NIGHTGUARD_HEALTH_START_PERIOD="10s",
-                  NIGHTGUARD_HEALTH_HEARTBEAT_MAX_AGE="15")
+                  NIGHTGUARD_HEALTH_HEARTBEAT_MAX_AGE="15",
+                  NIGHTGUARD_COMPOSE_FILE=str(work / "compose.yml"))
     done = inv(["deploy"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     export = work / "export"
