@@ -66,9 +66,9 @@ def _require_sandbox(flavour="bookworm"):
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
     """Runs `cmd` on the sandbox `target` (a dict from sandbox.target()) with OpenSSH."""
     argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"], cmd)
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs
-    )
+    if "input" not in kwargs:  # a value to search for travels on stdin, never in an argv
+        kwargs["stdin"] = subprocess.DEVNULL
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -58,14 +58,15 @@ def write_env(env, token):
 def host_search(ssh_run, target, value) -> str:
     """Every place on the host a value must never be, searched in one go: podman inspect,
     the whole journal, our state, the unit files, the app and data dirs, /tmp. Each part
-    must run (exit 0 or grep's 1 for "not found"), or the search proves nothing."""
+    must run (exit 0 or grep's 1 for "not found"), or the search proves nothing. The value
+    travels on stdin (`grep -f -`): a search must not log what it looks for (sudo would)."""
     script = (
         f"sudo -n podman inspect {CONTAINER} || exit 90; "
         "sudo -n journalctl --no-pager -o cat || exit 91; "
-        "sudo -n grep -rF -- " + value + " /home/ubuntu /var/lib/nightguard "
-        "/etc/systemd/system /tmp; test $? -le 1 || exit 92"
+        "sudo -n grep -rF -f - /home/ubuntu /var/lib/nightguard /etc/systemd/system /tmp; "
+        "test $? -le 1 || exit 92"
     )
-    done = ssh_run(target, script)
+    done = ssh_run(target, script, input=value + "\n")
     assert done.returncode == 0, (done.returncode, done.stderr)
     return done.stdout
 

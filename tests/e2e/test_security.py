@@ -133,7 +133,7 @@ def test_whatever_the_agent_prints_is_redacted_on_the_laptop(sandbox_bookworm, e
                  ["history", "--json"], ["secrets.list"], ["config"]):
         done = inv(task, env)
         assert TOKEN not in output(done) and GEMINI not in output(done), task
-    host = checked(ssh_run, sandbox_bookworm,
-                   f"sudo -n grep -rlF -- {TOKEN} {STATE} /tmp /home/ubuntu "
-                   f"/etc/systemd/system; echo searched",)
-    assert host.strip() == "searched", host
+    # the value on stdin (grep -f -): a search must not log what it looks for (sudo would)
+    host = ssh_run(sandbox_bookworm, f"sudo -n grep -rlF -f - {STATE} /tmp /home/ubuntu "
+                                     "/etc/systemd/system; echo searched $?", input=TOKEN)
+    assert host.stdout.strip() == "searched 1", host.stdout  # grep ran and found nothing
