@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from tasks.sandbox import image, support
+from tasks.sandbox import image, qemu, support
 from tasks.sandbox import machine as sb
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
@@ -48,9 +48,53 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = os.path.basename(str(item.fspath))
         inside = str(item.fspath).startswith(here)
-        return (inside, FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER))
+        # every file's tests on the Debian 12 VM, then on the Debian 13 one, then the tests
+        # that make VMs of their own: each shared VM busy in one stretch (see _wanted)
+        wanted = _wanted(item)
+        flavour = 0 if SHARED["bookworm"] in wanted else 1 if wanted else 2
+        return (inside, flavour,
+                FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER))
 
     items.sort(key=rank)  # stable: the order inside each file stays
+
+
+# A shared VM that the running test does not use is paused (QEMU's `stop`): an idle guest
+# under emulation still costs a core's worth of CPU now and then (its timers, Podman's
+# health checks), which the 2-core machine needs for the VM under test.
+SHARED = {"bookworm": "e2e-bookworm", "trixie": "e2e-trixie"}
+_paused: set[str] = set()
+
+
+def _wanted(item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    wanted = {vm for flavour, vm in SHARED.items() if f"sandbox_{flavour}" in names}
+    for value in getattr(getattr(item, "callspec", None), "params", {}).values():
+        if value in SHARED:
+            wanted.add(SHARED[value])
+    return wanted
+
+
+def _resume(vm: str) -> None:
+    qemu.monitor(vm, "cont")
+    _paused.discard(vm)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if not str(item.fspath).startswith(os.path.dirname(__file__)):
+        return
+    wanted = _wanted(item)
+    for vm in SHARED.values():
+        if vm in wanted and vm in _paused:
+            _resume(vm)
+        elif vm not in wanted and vm not in _paused and qemu.pid(vm) is not None:
+            qemu.monitor(vm, "stop")
+            _paused.add(vm)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for vm in list(_paused):  # kept VMs (NG_E2E_KEEP=1) must answer the next run
+        _resume(vm)
 
 
 def _require_sandbox(flavour="bookworm"):
@@ -78,6 +122,8 @@ def ssh_run():
 
 def _shared(name, flavour):
     _require_sandbox(flavour)
+    if qemu.pid(name) is not None:
+        _resume(name)  # left paused by an earlier run
     target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
     target["name"] = name
     yield target
