@@ -17,6 +17,8 @@ from invoke.exceptions import Exit
 from tasks.config import load_settings
 from tasks.deploy import apply
 from tasks.deploy import deploy as deploy_tasks
+from tasks.deploy import health as health_tasks
+from tasks.deploy import history as history_tasks
 from tasks.deploy import secrets as secrets_tasks
 from tasks.deploy.deploy import HostUnfit, run_deploy
 from tasks.deploy.envfile import load_secret_values
@@ -378,7 +380,7 @@ def tasks_on_fake_host(deploy, host, monkeypatch):
     compose.write_text(compose.read_text()
                        .replace("/home/ubuntu/97layerOS-data:", f"{host.data_dir}:")
                        .replace("/home/ubuntu/97layerOS:", f"{host.app_dir}:"))
-    for module in (deploy_tasks, secrets_tasks):
+    for module in (deploy_tasks, secrets_tasks, history_tasks, health_tasks):
         monkeypatch.setattr(module, "settings_for", lambda *a, **k: deploy.settings())
         monkeypatch.setattr(module, "open_remote",
                             lambda settings, **kwargs: deploy.remote(**kwargs))
@@ -457,3 +459,72 @@ def test_rotate_refuses_a_host_that_was_never_deployed(host, rotate):
         rotate()
     assert not [argv for argv in host.calls("podman") if argv[:2] == ["secret", "create"]]
     assert host.audit()[-1]["outcome"].startswith("failed: step 'rotate' failed")
+
+
+# -- history, rollback, health, the other secrets tasks ----------------------------------------
+def test_history_lists_releases_newest_first_and_rollback_goes_back_whole(
+        tasks_on_fake_host, host, capsys):
+    deploy = tasks_on_fake_host
+    first = deploy()
+    (deploy.project / AGENT).write_text("print('second')\n")
+    second = deploy()
+    capsys.readouterr()
+    history_tasks.history(Context(), json_=True)
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in shown["releases"]] == [second["version"], first["version"]]
+    assert shown["verified"] == second["version"]
+    assert "unit_text" not in shown["releases"][0]  # long texts stay on the host
+    assert [a["command"] for a in shown["audit"]][:2] == ["deploy", "deploy"]
+    history_tasks.history(Context())
+    screen = capsys.readouterr().out
+    assert screen.splitlines()[0] == "releases kept (newest first):"
+    assert f" * {second['version']}" in screen
+    history_tasks.rollback(Context())
+    assert (host.app_dir / AGENT).read_text() != "print('second')\n"  # the code came back
+    assert host.state()["verified"] == first["version"]
+    assert host.audit()[-1]["command"] == "rollback" and host.audit()[-1]["outcome"] == "ok"
+    history_tasks.rollback(Context(), to=second["version"][:5])
+    assert (host.app_dir / AGENT).read_text() == "print('second')\n"
+    with pytest.raises(Exit) as info:
+        history_tasks.rollback(Context(), to="zzzz")
+    assert "no such release" in str(info.value) and info.value.code == 2
+
+
+def test_health_is_healthy_after_a_deploy_and_says_why_not_otherwise(tasks_on_fake_host, host,
+                                                                    capsys):
+    deploy = tasks_on_fake_host
+    deploy()
+    capsys.readouterr()
+    health_tasks.health(Context(), json_=True)
+    report = json.loads(capsys.readouterr().out)
+    assert report["healthy"] and report["problems"] == []
+    assert report["last_audit"]["outcome"] == "ok"
+    host.control("health", {"fail": True})
+    with host.helper() as helper:  # one failed check, as Podman's timer would run it
+        helper.call("run", argv=["podman", "healthcheck", "run", "97layer-nightguard"],
+                    check=False)
+    with pytest.raises(Exit) as info:
+        health_tasks.health(Context())
+    assert info.value.code == health_tasks.EXIT_UNHEALTHY
+    screen = capsys.readouterr().out
+    assert screen.splitlines()[0] == "Night Guard: UNHEALTHY" and "! " in screen
+
+
+def test_push_list_and_check_tell_the_truth_about_each_secret(tasks_on_fake_host, host,
+                                                             capsys):
+    deploy = tasks_on_fake_host
+    deploy()
+    capsys.readouterr()
+    secrets_tasks.push(Context())
+    assert "secrets: all up to date" in capsys.readouterr().out
+    env_file = deploy.settings().path("env_file")
+    env_file.write_text(env_file.read_text().replace(TOKEN, "tg-pushed-value-42"))
+    secrets_tasks.push(Context())
+    assert "pushed" in capsys.readouterr().out
+    assert host.secret_values()["telegram_bot_token"] == "tg-pushed-value-42"
+    secrets_tasks.list_(Context())
+    listed = capsys.readouterr().out
+    assert "telegram_bot_token" in listed and "not in the running container" in listed
+    assert "tg-pushed-value-42" not in listed
+    secrets_tasks.check(Context())
+    assert "secrets: all 2 present" in capsys.readouterr().out
