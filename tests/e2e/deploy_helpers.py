@@ -86,10 +86,22 @@ def inspect(ssh_run, target) -> dict | None:
 
 
 def markers(ssh_run, target) -> dict:
-    """The NG_RELEASE_* values the running container was started with."""
+    """The NG_RELEASE_* values of what the container runs: those it was started with, or,
+    when the agent was restarted in place since (a code-only change), those the host
+    recorded for that restart against this container."""
     data = inspect(ssh_run, target) or {}
     env = dict(e.split("=", 1) for e in (data.get("Config") or {}).get("Env") or [] if "=" in e)
-    return {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")}
+    found = {k: v for k, v in env.items() if k.startswith("NG_RELEASE_")}
+    done = ssh_run(target, f"sudo -n cat {STATE}/reload.json")
+    assert done.returncode in (0, 1), done.stderr  # 1: no restart in place yet
+    reload = json.loads(done.stdout) if done.returncode == 0 else {}
+    return dict(reload["markers"]) if reload.get("cid") == data.get("Id") else found
+
+
+def agent_starts(ssh_run, target) -> int:
+    """How many times the agent process started in the current container."""
+    logs = checked(ssh_run, target, f"sudo -n podman logs {CONTAINER} 2>&1")
+    return logs.count("night_guard: starting")
 
 
 def audit(ssh_run, target) -> list[dict]:

@@ -18,6 +18,7 @@ from tests.e2e.deploy_helpers import (
     GEMINI,
     STATE,
     TOKEN,
+    agent_starts,
     audit,
     checked,
     copy_source,
@@ -145,17 +146,23 @@ def test_dry_run_changes_nothing_on_the_host(sandbox, env, ssh_run):
     assert fingerprint(ssh_run, sandbox) == before
 
 
-def test_one_line_change_sends_about_that_file_and_restarts(sandbox, env, ssh_run):
-    before = inspect(ssh_run, sandbox)["State"]["StartedAt"]
+def test_one_line_change_sends_about_that_file_and_restarts_the_agent(sandbox, env, ssh_run):
+    container = inspect(ssh_run, sandbox)["Id"]
+    starts = agent_starts(ssh_run, sandbox)
     done = inv(["deploy"], env)  # the change made by the dry-run test above
     assert done.returncode == 0, output(done)
     assert "sync: 1 file(s) to send, 0 to remove" in done.stdout
     steps = [line.split(":")[0].strip(" -") for line in done.stdout.splitlines()
              if line.startswith("  - ")]
     assert "image" not in steps and "unit" not in steps  # code only: no rebuild, no reload
+    assert "agent" in steps and "container" not in steps  # restarted in its container
     sent = int(done.stdout.rsplit("bytes sent: ", 1)[1].split()[0])
     assert sent < 6_000, done.stdout  # the file and small requests, not the tree or the helper
-    assert inspect(ssh_run, sandbox)["State"]["StartedAt"] != before
+    assert inspect(ssh_run, sandbox)["Id"] == container  # the same container...
+    assert agent_starts(ssh_run, sandbox) == starts + 1  # ...with a new agent process
+    assert markers(ssh_run, sandbox)["NG_RELEASE_VERSION"] == \
+        audit(ssh_run, sandbox)[-1]["version"]
+    assert "no changes" in inv(["deploy"], env).stdout
     remote = checked(ssh_run, sandbox, f"tail -1 {APP_DIR}/knowledge/README.md")
     assert remote.startswith("dry run")
 
