@@ -12,7 +12,8 @@ Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is 
 no way to build one: tasks/sandbox/support.py says why); in CI (the CI environment
 variable is set) that fails the run instead of turning it green with skips. The first run
 on a machine builds the images (a few minutes per flavour), later runs only boot.
-Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns).
+Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns);
+NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
 """
 
 import itertools
@@ -81,7 +82,8 @@ def _resume(vm: str) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    if not str(item.fspath).startswith(os.path.dirname(__file__)):
+    if not str(item.fspath).startswith(os.path.dirname(__file__)) or \
+            os.environ.get("NG_E2E_PAUSE") == "0":  # two runs at once share the VMs
         return
     wanted = _wanted(item)
     for vm in SHARED.values():
