@@ -384,8 +384,14 @@ def storage_names(paths):
     images = read_json(os.path.join(paths["graphroot"], "overlay-images", "images.json"),
                        None)
     secrets = read_json(os.path.join(paths["graphroot"], "secrets", "secrets.json"), None)
-    containers = read_json(os.path.join(paths["graphroot"], "overlay-containers",
-                                        "containers.json"), None)
+    folder = os.path.join(paths["graphroot"], "overlay-containers")
+    # Podman 5 keeps --rm ("volatile") containers apart, in volatile-containers.json
+    found = [read_json(os.path.join(folder, name), None)
+             for name in ("containers.json", "volatile-containers.json")]
+    if any(isinstance(part, list) for part in found):
+        containers = [c for part in found if isinstance(part, list) for c in part]
+    else:  # none yet: an empty store (its lock exists), or one this helper cannot read
+        containers = [] if os.path.exists(os.path.join(folder, "containers.lock")) else None
     return images, secrets, containers
 
 

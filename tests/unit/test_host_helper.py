@@ -304,6 +304,24 @@ def test_facts_from_podmans_files_match_what_the_podman_cli_reports(fake_host):
     assert volumes <= {(m["destination"], m["source"]) for m in fast["container"]["mounts"]}
 
 
+def test_podman_5_keeps_removed_on_exit_containers_apart_and_facts_still_read_files(
+        fake_host):
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+    folder = fake_host.paths["graphroot"] / "overlay-containers"
+    (folder / "containers.json").rename(folder / "volatile-containers.json")  # as 5.x does
+    (folder / "containers.lock").write_text("")
+    calls_before = len(fake_host.calls("podman"))
+    with fake_host.helper(mode="read") as reader:
+        facts = reader.call("facts")
+    assert facts["container"]["source"] == "files" and facts["container"]["running"]
+    assert fake_host.calls("podman")[calls_before:] == []
+    (folder / "volatile-containers.json").unlink()  # an empty store: no container, no CLI
+    with fake_host.helper(mode="read") as reader:
+        assert reader.call("facts")["container"] is None
+    assert fake_host.calls("podman")[calls_before:] == []
+
+
 def test_facts_of_a_fresh_host(fake_host):
     with fake_host.helper() as helper:
         facts = helper.call("facts")
