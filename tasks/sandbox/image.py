@@ -6,7 +6,8 @@ kernel and initrd that QEMU boots directly. It is built once per machine and rec
 
     ${XDG_CACHE_HOME:-~/.cache}/nightguard-deploy/
         ssh/id_ed25519[.pub]      key that logs in as `ubuntu` (made once per machine)
-        base/<key>/base.tar       Debian bookworm + python3, the app's base image
+        base/<key>/base.tar       Debian bookworm with python3, pip and venv: the app's base
+                                  image, as python:3.x-slim gives an agent (wheels, no compiler)
         images/<os>-<key>/        disk.img, vmlinuz, initrd.img, recipe.json
         locks/                    one lock per build: concurrent builds never overlap
 
@@ -19,6 +20,12 @@ renamed into place at the end, so an interrupted build never counts as done.
 The SSH public key is baked into the image as ubuntu's authorized_keys (the cache is per
 machine anyway). Host keys are not: the guest makes them on first boot and prints the
 ed25519 one to the serial console between HOSTKEY_BEGIN and HOSTKEY_END.
+
+The guest and the base image trust the laptop's own extra certificate authorities
+(/usr/local/share/ca-certificates): they reach Debian's mirror and the package index the
+way the laptop does, through QEMU's user network (and whatever proxy the laptop's DNS and
+CAs imply). Inside, the base tar is /var/lib/nightguard-sandbox/base.tar (root imports it
+at boot; a rootless user's deploy imports it through nightguard.base_image_archive).
 
 Environment: XDG_CACHE_HOME, NG_SANDBOX_MIRROR (default http://deb.debian.org/debian).
 Needs Linux and root (mmdebstrap root mode and chroot); elsewhere ensure_image stops with one
