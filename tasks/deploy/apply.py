@@ -158,9 +158,7 @@ def record_release(host: HostSession, settings: Settings, release: dict, outcome
     are there), keeps its code, secret values and image for rollbacks, lets go of what no
     kept release needs; then the audit line."""
     entry = {k: v for k, v in release.items() if k not in ("unit_text", "markers_text")}
-    host.call("release", step="release", record=False, entry=entry,
-              keep=settings["keep_images"])
-    host.finish(outcome, **audit)
+    host.finish(outcome, release=entry, keep=settings["keep_images"], **audit)
 
 
 def forget_unused_secrets(host: HostSession) -> None:

@@ -154,12 +154,14 @@ class HostSession:
         self.facts_seen = facts
         return facts
 
-    def finish(self, outcome: str | None, *, state: dict | None = None, **audit) -> None:
-        """The outcome of a changing task: its audit line (and new release history).
-        ``outcome=None`` ends the session without a line (nothing was changed)."""
+    def finish(self, outcome: str | None, *, release: dict | None = None, keep: int = 3,
+               **audit) -> None:
+        """The outcome of a changing task: its audit line, and the release that passed its
+        gate, recorded by the host in the same request. ``outcome=None`` ends the session
+        without a line (nothing was changed)."""
         if not self.changing:
             return
         entry = None if outcome is None else dict(audit, outcome=outcome)
         self.link.call("finish", step="record", timeout=READ_TIMEOUT, audit=entry,
-                       state=state)
+                       release=release, keep=keep)
         self.finished = True

@@ -57,7 +57,11 @@ exit 1
 def env(sandbox_bookworm, tmp_path_factory):
     base = tmp_path_factory.mktemp("interrupts")
     copy_source(base / "src")
-    env = inv_env(sandbox_bookworm, make_env_file(base), base / "src")
+    # an agent that takes a few seconds to beat: the health gate lasts long enough for a
+    # cut to land inside it, not after the release was recorded
+    env = inv_env(sandbox_bookworm, make_env_file(base), base / "src",
+                  NIGHTGUARD_AGENT_COMMAND="sh -c 'sleep 8; exec python3 "
+                                           "/app/execution/system/night_guard.py'")
     done = inv(["deploy"], env)
     assert done.returncode == 0, output(done)
     return env

@@ -165,7 +165,7 @@ def test_a_one_file_change_syncs_that_file_and_restarts_the_agent_in_place(deplo
     assert second["changed"] and second["version"] != first["version"]
     assert "plan: sync: 1 file(s) to send, 0 to remove" in deploy.last.text
     assert "why: code changed" in deploy.last.text
-    assert deploy.last.ops == ["facts", "sync", "write_file", "reload", "gate", "release",
+    assert deploy.last.ops == ["facts", "sync", "write_file", "reload", "gate",
                                "finish"]  # no new container, no unit, no systemctl
     assert not [c for c in host.calls()[calls:] if c[0] in ("run", "restart")]
     assert host.container()["id"] == created  # the same container
@@ -344,7 +344,7 @@ def test_ctrl_c_during_the_gate_then_the_next_run_only_checks_health(deploy, hos
     result = deploy()
     assert "health: the last deploy did not finish its health gate; check it" in \
         deploy.last.text
-    assert deploy.last.ops == ["facts", "gate", "release", "finish"]
+    assert deploy.last.ops == ["facts", "gate", "finish"]
     assert host.state()["verified"] == result["version"]
 
 
@@ -391,7 +391,7 @@ def test_the_deploy_task_checks_locally_then_deploys(tasks_on_fake_host, host, c
     deploy_tasks.deploy(Context())
     out = tasks_on_fake_host.last.text
     assert out.startswith("deploy to the fake host\n")
-    assert "ssh connections: 1, remote commands: 1, steps: 13" in out
+    assert "ssh connections: 1, remote commands: 1, steps: 12" in out
     assert host.audit()[-1]["outcome"] == "ok"
 
 

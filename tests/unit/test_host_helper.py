@@ -202,15 +202,16 @@ def test_finish_writes_the_clients_outcome_and_the_release_history(fake_host):
         helper.call("dirs", step="dirs")
         answer = helper.call("finish", step="record",
                              audit={"outcome": "ok", "version": "v1"},
-                             state={"history": [{"version": "v1"}], "verified": "v1"})
-        assert answer == {"recorded": True}
+                             release={"version": "v1", "image_tag": "t1", "secrets": {}})
+        assert answer["recorded"] and answer["kept"] == ["v1"]
         assert helper.pipe.wait(10) == 0
     audit = fake_host.audit()
     assert len(audit) == 1
     assert {k: audit[0][k] for k in ("outcome", "version", "steps", "who", "command")} == \
         {"outcome": "ok", "version": "v1", "steps": ["dirs"], "who": "ana@laptop",
          "command": "deploy"}
-    assert fake_host.state() == {"history": [{"version": "v1"}], "verified": "v1"}
+    state = fake_host.state()
+    assert state["verified"] == "v1" and [h["version"] for h in state["history"]] == ["v1"]
     assert not (fake_host.paths["state"] / "lock.json").exists()
     assert stat.S_IMODE((fake_host.paths["state"] / "audit.log").stat().st_mode) == 0o600
     assert stat.S_IMODE(fake_host.paths["state"].stat().st_mode) == 0o700
@@ -252,7 +253,7 @@ def test_a_restart_in_progress_is_left_to_finish_when_the_client_goes(fake_host)
 def test_a_read_only_session_refuses_changing_ops_and_writes_nothing(fake_host):
     with fake_host.helper() as helper:
         bring_up(helper, fake_host)
-        helper.call("finish", audit={"outcome": "ok"}, state={"history": []})
+        helper.call("finish", audit={"outcome": "ok"})
     assert [a["outcome"] for a in fake_host.audit()] == ["ok"]
     assert fake_host.app_dir.is_dir() and fake_host.paths["unit"].exists()
     watched = (fake_host.paths["state"], fake_host.app_dir, fake_host.paths["graphroot"],
@@ -462,6 +463,17 @@ def release(helper, version, keep, secrets=None):
     entry = {"version": version, "image": f"localhost/nightguard:{version}",
              "image_tag": version, "code": version, "secrets": secrets or {}}
     return helper.call("release", entry=entry, keep=keep)
+
+
+def test_finish_records_the_release_and_the_audit_line_together(fake_host):
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+        entry = {"version": "v9", "image": f"{IMAGE}:v9", "image_tag": "v9", "code": "c9",
+                 "secrets": {}}
+        answer = helper.call("finish", audit={"outcome": "ok", "version": "v9"},
+                             release=entry, keep=3)
+    assert answer["recorded"] and answer["kept"] == ["v9"]
+    assert fake_host.state()["verified"] == "v9" and fake_host.audit()[-1]["version"] == "v9"
 
 
 def test_a_release_keeps_its_code_and_restore_code_brings_its_whole_tree_back(fake_host):
@@ -728,7 +740,7 @@ def test_health_logs_and_history_for_the_read_only_tasks(fake_host):
         helper.call("gate", deadline=10)
         helper.call("swap", size=8 * MiB, swappiness=10)
         helper.call("finish", audit={"outcome": "ok", "version": "v1"},
-                    state={"history": [{"version": "v1"}], "verified": "v1"})
+                    release={"version": "v1", "image_tag": "t1", "secrets": {}})
     with fake_host.helper(mode="read") as reader:
         health = reader.call("health")
         logs = reader.call("logs", tail=1)
@@ -737,7 +749,8 @@ def test_health_logs_and_history_for_the_read_only_tasks(fake_host):
     assert health["unit"]["ActiveState"] == "active"
     assert health["cgroup"]["memory"] == str(700 * MiB)
     assert health["swaps"] == [str(fake_host.paths["swapfile"])]
-    assert (health["lock"], health["deployed"]) == (None, {"version": "v1"})
+    assert health["lock"] is None
+    assert health["deployed"] == {"version": "v1", "image_tag": "t1", "secrets": {}}
     assert health["last_audit"]["outcome"] == "ok"
     assert logs["exit"] == 0 and logs["text"].strip().endswith("agent: heartbeat ok")
     assert len(logs["text"].strip().splitlines()) == 1
