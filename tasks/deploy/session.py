@@ -19,7 +19,9 @@ silence allowed from the host during a step), ``nightguard.app_dir``,
 from __future__ import annotations
 
 import getpass
+import signal
 import socket
+import threading
 from datetime import UTC, datetime
 
 from tasks.config import Settings
@@ -72,6 +74,8 @@ class HostSession:
         self.finished = False
         self.timeout = settings["ssh.command_timeout"]
         self.podman = ""  # the host's Podman version, once facts were read
+        self.interrupted = False  # Ctrl-C was pressed; raised at the next safe point
+        self._previous_sigint = None
         self.facts_seen: dict = {}  # the last facts read in this session
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -100,9 +104,34 @@ class HostSession:
         if self.changing and not (hello.get("lock") or {}).get("acquired"):
             self._close_link()
             raise LockHeld((hello.get("lock") or {}).get("held_by") or {})
+        self._catch_ctrl_c()
         return self
 
+    def _catch_ctrl_c(self) -> None:
+        """Ctrl-C ends the host side's input at once (the helper finishes its step and records
+        "interrupted") and is raised here at the next safe point. Python's own
+        KeyboardInterrupt can land inside a garbage-collector callback, where it is only
+        printed and lost: the task would go on as if nothing happened. A second Ctrl-C is
+        Python's default again."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_ctrl_c(signum, frame) -> None:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.link is not None:
+                self.link.pipe.shutdown_write()
+
+        self._previous_sigint = signal.signal(signal.SIGINT, on_ctrl_c)
+
+    def _release_ctrl_c(self) -> None:
+        previous = getattr(self, "_previous_sigint", None)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            self._previous_sigint = None
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._release_ctrl_c()
         try:
             if exc_type is KeyboardInterrupt and self.link is not None:
                 print("  ! interrupted: the host finishes its current step and records the "
@@ -135,16 +164,26 @@ class HostSession:
         if changes and not self.changing:
             print(f"    would: {self.remote.redact(describe(op, args))}", file=self.remote.out)
             return {}
+        if self.interrupted:
+            raise KeyboardInterrupt
         try:
             answer = self.link.call(op, step=step, timeout=timeout or self.timeout, data=data,
                                     **args)
         except HostStepFailed as exc:
             for line in exc.tail[-12:]:  # the command's own last words: the real reason
                 print(f"    | {line}", file=self.remote.out)
+            if self.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        except StepFailed:
+            if self.interrupted:  # the host ended its side as asked
+                raise KeyboardInterrupt from None
             raise
         self.remote.stats.steps += 1
         if changes:
             self.done.append(step)
+        if self.interrupted:
+            raise KeyboardInterrupt
         return answer.result
 
     def facts(self, **args) -> dict:

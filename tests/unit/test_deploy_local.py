@@ -5,8 +5,10 @@ and a LocalRemote whose one pipe is the helper process instead of an SSH channel
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -325,6 +327,26 @@ def test_limits_not_in_force_fail_the_gate(deploy, host, v1):
                                                    "no earlier release to roll back to")):
         deploy()
     assert host.audit()[-1]["outcome"] == "failed"
+
+
+def test_a_real_sigint_anywhere_stops_the_task_and_the_host_records_it(deploy, host):
+    """SIGINT, not an exception raised by the test: whatever the main thread is doing when
+    it lands (Python may swallow a KeyboardInterrupt raised in a garbage-collector callback),
+    the host side is told at once and the task stops at its next step."""
+    host.control("build", {"lines": 60, "sleep": 0.05})
+    signals = []
+
+    def on_progress(line):
+        if line.startswith("STEP 3/") and not signals:
+            signals.append(line)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        deploy(on_progress=on_progress)
+    assert signals, "the build never reached its third step"
+    last = host.audit()[-1]
+    assert (last["outcome"], last["during"]) == ("interrupted", "image")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_ctrl_c_during_the_gate_then_the_next_run_only_checks_health(deploy, host,
