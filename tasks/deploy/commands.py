@@ -169,12 +169,20 @@ def image_build(tag: str, dockerfile: str, context: str, base_image: str,
     """Runs as the helper's user (root, or the SSH user when rootless): no sudo here.
     --format docker: the OCI format silently drops HEALTHCHECK. --layers=false: one
     commit for the whole image, not one per instruction (seconds on a small VM).
+    --pull=never: the deploy has pulled (or imported) the base first and put its id in the
+    tag, so the build uses exactly that base (a `--pull=missing` build would keep an old
+    base for ever, and a pull here could bring one the tag does not name).
     --network=none when nothing is to be downloaded: faster, and nothing can leak."""
-    pull = "--pull=never" if base_image.startswith("localhost/") else "--pull=missing"
     network = [] if needs_network else ["--network=none"]
-    return ["podman", "build", "--format", "docker", "--layers=false", pull, *network,
+    return ["podman", "build", "--format", "docker", "--layers=false", "--pull=never",
+            *network,
             "--file", dockerfile, "--build-arg", f"BASE_IMAGE={base_image}", "--tag", tag,
             context]
+
+
+def image_pull(name: str) -> list[str]:
+    """The base image from its registry (a deploy whose host lacks it, or --refresh)."""
+    return ["podman", "pull", name]
 
 
 def image_import(archive: str, name: str) -> list[str]:
@@ -193,3 +201,4 @@ def logs(name: str, *, tail: int | None = None, since: str | None = None,
     if follow:
         argv.append("--follow")
     return podman(*argv, name, rootful=rootful)
+

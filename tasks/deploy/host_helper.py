@@ -25,7 +25,8 @@ container's OCI config, its pid file and health log, systemd's unit files) and t
 CLI is the fallback where a file is not where this Podman keeps it.
 
 Ops: facts provision swap rm_env sync release restore_code secret_put secret_restore
-secret_forget run install_unit write_file dirs gate health logs history finish unlock.
+secret_forget run install_unit write_file dirs gate health logs history finish unlock
+base (pull the base image).
 """
 
 import base64
@@ -138,7 +139,8 @@ def default_paths(a):
              "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
              "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
-             "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
+             "proc": "/proc", "cgroup": "/sys/fs/cgroup",
+             "meminfo": "/proc/meminfo", "disk": "/"}
     paths.update(a.get("paths") or {})
     return paths
 
@@ -400,6 +402,32 @@ def list_images(paths, name, images=None):
     return names, tags
 
 
+def image_info(paths, name, images=None):
+    """Id, digest and creation time of image NAME (the base image): from Podman's
+    images.json, else `podman image inspect`. None when the storage lacks it. "created" is
+    when the image was built (its config's date), so it tells how old a base image is."""
+    if not name:
+        return None
+    if images is None:
+        images, _, _ = storage_names(paths)
+    wanted = {name} if ":" in name.rsplit("/", 1)[-1] or "@" in name else {name,
+                                                                          f"{name}:latest"}
+    if isinstance(images, list):
+        image = next((i for i in images if wanted & set(i.get("names") or [])), None)
+        return None if image is None else {
+            "name": name, "id": image.get("id"), "digest": image.get("digest"),
+            "created": image.get("created")}
+    code, out, _ = sh(["podman", "image", "inspect", name])
+    if code != 0:
+        return None
+    try:
+        data = json.loads(out)[0]
+    except (ValueError, IndexError):
+        return None
+    return {"name": name, "id": data.get("Id"), "digest": data.get("Digest"),
+            "created": data.get("Created")}
+
+
 def list_secrets(paths, secrets=None):
     """Name -> creation time."""
     if secrets is None:
@@ -459,6 +487,7 @@ def container_from_files(paths, name, containers):
         "nano_cpus": int(quota * 1e9 // period) if period else 0,
         "mounts": mounts,
         "health": (health or {}).get("Status", "") if health is not None else None,
+        "failing_streak": int((health or {}).get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in ((health or {}).get("Log") or [])[-3:]],
         "source": "files",
@@ -487,6 +516,7 @@ def container_from_podman(name):
                     "options": m.get("Options") or []} for m in data.get("Mounts") or []
                    if (m.get("Destination") or "").startswith(OUR_MOUNTS)],
         "health": health.get("Status", ""),
+        "failing_streak": int(health.get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in (health.get("Log") or [])[-3:]],
         "started_at": state.get("StartedAt"),
@@ -528,12 +558,12 @@ def cgroup_limits(paths, pid):
     return limits
 
 
-def host_memory():
+def host_memory(paths):
     info = {}
-    for line in (read_text("/proc/meminfo") or "").splitlines():
+    for line in (read_text(paths["meminfo"]) or "").splitlines():
         key, _, rest = line.partition(":")
         info[key] = int(rest.split()[0]) * 1024 if rest.split() else 0
-    disk = shutil.disk_usage("/")
+    disk = shutil.disk_usage(paths["disk"])
     return {"mem_total": info.get("MemTotal"), "mem_available": info.get("MemAvailable"),
             "swap_total": info.get("SwapTotal"), "swap_free": info.get("SwapFree"),
             "disk_free": disk.free, "disk_total": disk.total}
@@ -772,6 +802,8 @@ def op_facts(s, req):
     facts["image_names"], facts["image_tags"] = list_images(paths, a["image_name"], images) \
         if tools["podman"] else ([], [])
     facts["secrets"] = list_secrets(paths, secrets) if tools["podman"] else {}
+    facts["base_image"] = image_info(paths, a.get("base_image"), images) \
+        if tools["podman"] else None
     facts["secret_hashes"] = read_json(os.path.join(paths["state"], "secrets.json"), {})
     salt_path = os.path.join(paths["state"], "secret.salt")
     if s.changing and not os.path.exists(salt_path):
@@ -805,7 +837,7 @@ def op_facts(s, req):
     facts["releases"] = sorted(n[:-7] for n in _listdir(os.path.join(paths["state"],
                                                                      "releases"))
                                if n.endswith(".tar.gz"))
-    facts["host"] = host_memory()
+    facts["host"] = host_memory(paths)
     facts["last_audit"] = last_audit(paths)
     basics = ("podman", "conmon", "aardvark-dns")
     if any(not tools[name] for name in basics) or not (tools["crun"] or tools["runc"]):
@@ -981,6 +1013,8 @@ def op_release(s, req):
     stale = [f"{a['image_name']}:{t}" for t in present if t not in tags]
     if stale:
         sh(["podman", "rmi", "--ignore", *stale], 300)
+    if stale or req.get("prune"):  # base images no kept image is built on any more
+        sh(["podman", "image", "prune", "--force"], 300)
     return {"kept": [h["version"] for h in history], "pruned": stale}
 
 
@@ -1265,13 +1299,14 @@ def op_health(s, req):
         "container": container,
         "cgroup": cgroup_limits(p, container["pid"]) if container and container.get("pid")
         else {},
-        "host": host_memory(),
+        "host": host_memory(p),
         "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
         "lock": None if lock_is_free(p) else lock_holder(p),
         "unit": unit_status(a),
         "last_audit": last_audit(p),
         "deployed": (read_json(os.path.join(p["state"], "state.json"), {})
                      .get("history") or [{}])[0],
+        "base_image": image_info(p, a.get("base_image")),
     }
 
 
@@ -1322,12 +1357,31 @@ def op_unlock(s, req):
     return {"released": holder, "killed": True}
 
 
+# -- the base image ------------------------------------------------------------------------
+def op_base(s, req):
+    """Pull (or import) the base image; answer its id before and after, so the client
+    tags and builds from the base it has really got (`inv deploy --refresh`)."""
+    name = req["name"]
+    before = image_info(s.paths, name)
+    code, tail, killed = run_streaming(s, req["id"], req["argv"], req.get("timeout", 1800),
+                                       on_interrupt="kill")
+    if code != 0:
+        raise OpError(f"`{' '.join(req['argv'][:2])} {name}` {killed or f'exited {code}'}",
+                      tail[-15:])
+    after = image_info(s.paths, name)
+    if after is None:
+        raise OpError(f"{name} is not in Podman's storage after `{' '.join(req['argv'][:2])}`")
+    return {"before": before, "after": after,
+            "changed": (before or {}).get("id") != after.get("id")}
+
+
 OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": op_rm_env,
        "sync": op_sync, "release": op_release, "restore_code": op_restore_code,
        "secret_put": op_secret_put, "secret_restore": op_secret_restore,
        "secret_forget": op_secret_forget, "run": op_run, "install_unit": op_install_unit,
        "write_file": op_write_file, "dirs": op_dirs, "gate": op_gate, "health": op_health,
-       "logs": op_logs, "history": op_history, "finish": op_finish, "unlock": op_unlock}
+       "logs": op_logs, "history": op_history, "finish": op_finish, "unlock": op_unlock,
+       "base": op_base}
 # ops a read-only session may run
 READ_ONLY = {"facts", "health", "logs", "history", "unlock"}
 

@@ -3,8 +3,9 @@
 Pure: everything here works on settings, local files and a facts document (JSON from the
 host helper's ``facts``), so planning is unit-tested from recorded facts, without a host.
 Each comparison sits here once: what the host lacks (packages, Podman's version), whether
-the swap is right, which secrets changed, whether the limits in force drift, and what the
-running container differs in.
+the swap is right, which secrets changed, whether the limits in force drift, what the
+running container differs in, and whether the base image is to be pulled (absent, or
+``--refresh``).
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ def markers_path(settings: Settings) -> str:
     return f"{state}/{settings['container_name']}.release.env"
 
 
-def image_tag(settings: Settings) -> str:
-    """A hash of what the image is built from: the base, and the Dockerfile and agent
-    requirements as they travel in source_dir (the host builds from those)."""
+def image_tag(settings: Settings, base_id: str | None = None) -> str:
+    """A hash of what the image is built from: the base (its name and, on a host, the id
+    of the base image there: a new build of python:3.11-slim is a new tag), and the
+    Dockerfile and agent requirements as they travel in source_dir (the host builds from
+    those). Without a host (``inv kube.export``) the base's name stands for it."""
     source = settings.path("source_dir")
-    parts = [settings["base_image"]]
+    parts = [settings["base_image"]] + ([base_id] if base_id else [])
     for rel in IMAGE_INPUTS:
         parts.append((source / rel).read_bytes().decode())
     return content_hash(*parts)
@@ -135,15 +138,17 @@ def build_needs_network(settings: Settings) -> bool:
 
 
 def desired_state(settings: Settings, digests: dict[str, str],
-                  manifest: dict[str, str] | None = None, podman: str | None = None) -> Desired:
+                  manifest: dict[str, str] | None = None, podman: str | None = None,
+                  base_id: str | None = None) -> Desired:
     """``manifest``: the local tree's hashes when already computed in this run; ``podman``:
-    the host's version (it picks the network stack)."""
+    the host's version (it picks the network stack); ``base_id``: the id of the base image
+    on the host (it is part of the image's tag)."""
     if manifest is None:
         from tasks.deploy.sync import declared_roots
 
         manifest = local_manifest(Path(settings.path("source_dir")), declared_roots(settings))
     code = tree_hash(manifest)
-    tag = image_tag(settings)
+    tag = image_tag(settings, base_id)
     ref = f"{settings['image_name']}:{tag}"
     compose = load_compose(settings.path("compose_file"))
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
@@ -290,6 +295,8 @@ class Plan:
     links: list[str] = field(default_factory=list)
     synced: list[str] = field(default_factory=list)  # what the host lists as synced now
     secrets: list[str] = field(default_factory=list)
+    base: str | None = None  # "pull" or "import" the base image first
+    refresh: bool = False  # `inv deploy --refresh`: a newer base is looked for
     build_image: bool = False
     write_unit: bool = False
     write_markers: bool = False
@@ -299,7 +306,7 @@ class Plan:
 
     def __bool__(self) -> bool:
         return any((self.install, self.swap, self.remove_env_file, bool(self.delta),
-                    self.links, self.secrets, self.build_image, self.write_unit,
+                    self.links, self.secrets, self.base, self.build_image, self.write_unit,
                     self.write_markers, self.restart, self.gate))
 
     def lines(self, settings: Settings | None = None) -> list[str]:
@@ -317,6 +324,13 @@ class Plan:
             out.append(f"sync: remove {len(self.links)} symbolic link(s) from the app dir")
         if self.secrets:
             out.append(f"secrets: create or update {', '.join(self.secrets)}")
+        base = settings["base_image"] if settings else "the base image"
+        if self.base == "import":
+            archive = settings["base_image_archive"] if settings else "its archive"
+            out.append(f"base: import {base} from {archive}")
+        elif self.base:
+            out.append(f"base: pull {base} " + ("(refresh: a new one means a rebuild)"
+                                                if self.refresh else "(not on the host)"))
         if self.build_image:
             out.append("image: build")
         if self.write_unit:
@@ -328,8 +342,24 @@ class Plan:
         return out
 
 
+def base_action(settings: Settings, facts: dict, refresh: bool = False) -> str | None:
+    """"pull" when the host lacks the base image or a refresh looks for a newer one,
+    "import" for a local base the host lacks and has an archive of; None otherwise (a
+    localhost/ image has no registry to be refreshed from)."""
+    base = settings["base_image"]
+    present = bool(facts.get("base_image")) or base in (facts.get("image_names") or [])
+    if base.startswith("localhost/"):
+        return "import" if not present and settings["base_image_archive"] else None
+    return "pull" if refresh or not present else None
+
+
+def base_id(facts: dict) -> str | None:
+    return (facts.get("base_image") or {}).get("id")
+
+
 def make_plan(settings: Settings, desired: Desired, facts: dict,
-              digests: dict[str, str]) -> Plan:
+              digests: dict[str, str], *, refresh: bool = False) -> Plan:
+    """``refresh``: look for a newer base image (`inv deploy --refresh`)."""
     plan = Plan()
     plan.install = host_needs(settings, facts).install
     plan.swap = swap_needed(settings, facts)
@@ -339,12 +369,21 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
     plan.links = list(facts.get("links") or [])
     plan.synced = sorted(facts.get("synced") or [])
     plan.secrets = changed_secrets(facts, digests, settings.secret_names)
+    plan.refresh = refresh
+    plan.base = base_action(settings, facts, refresh)
+    return plan_container(plan, desired, facts)
+
+
+def plan_container(plan: Plan, desired: Desired, facts: dict) -> Plan:
+    """The image, unit, markers and container part of the plan: from the facts, and again
+    once a pulled base image's id has given the image its tag."""
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
         or not facts.get("unit_enabled")
     plan.write_markers = (facts.get("markers_text") or "").strip() \
         != desired.markers_text.strip()
     container = facts.get("container") or {}
+    plan.reasons = []
     if not container.get("running"):
         plan.reasons.append("container is not running")
     running = container.get("markers") or {}

@@ -87,6 +87,7 @@ class HostSession:
             "holder": holder(self.command),
             "app_dir": settings["app_dir"], "data_dir": settings["data_dir"],
             "container": settings["container_name"], "image_name": settings["image_name"],
+            "base_image": settings["base_image"],
             "unit": cmd.unit_name(settings["container_name"]), "rootless": not rootful,
             "owner": self.remote.target.user, "paths": self.paths,
             "helper_path": f"{state}/helper/{helper_source()[1]}.py",

@@ -220,10 +220,12 @@ def test_podman_and_systemctl_variants():
 
 
 # -- images -----------------------------------------------------------------------------------
-def test_image_build_from_a_registry_base():
+def test_image_build_from_a_registry_base_never_pulls_it():
+    # the deploy pulled the base first and put its id in the tag: a pull here could build
+    # from another base than the one the tag names
     assert commands.image_build("localhost/nightguard:abc", "/app/deployment/Dockerfile",
                                 "/app", "docker.io/library/python:3.11-slim") == [
-        "podman", "build", "--format", "docker", "--layers=false", "--pull=missing",
+        "podman", "build", "--format", "docker", "--layers=false", "--pull=never",
         "--file", "/app/deployment/Dockerfile",
         "--build-arg", "BASE_IMAGE=docker.io/library/python:3.11-slim",
         "--tag", "localhost/nightguard:abc", "/app"]

@@ -71,6 +71,7 @@ class FakeHost:
             "systemd_run": root / "run/systemd/system", "apt_sources": root / "etc/apt",
             "cgroup_controllers": root / "sys/fs/cgroup/cgroup.controllers",
             "proc": root / "proc", "cgroup": root / "sys/fs/cgroup",
+            "meminfo": root / "proc/meminfo", "disk": root,
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman
         }
         for key in ("graphroot", "runroot", "systemd_run", "apt_sources", "cgroup"):
@@ -82,6 +83,7 @@ class FakeHost:
         self.paths["swappiness"].write_text("60\n")
         self.paths["fstab"].write_text("# /etc/fstab\nUUID=1234 / ext4 defaults 0 1\n")
         self.paths["cgroup_controllers"].write_text("cpuset cpu io memory pids\n")
+        self.meminfo()
         (self.paths["apt_sources"] / "sources.list").write_text("")
         archive = root / "var/lib/nightguard-sandbox/base.tar"  # the sandbox's preloaded base
         archive.parent.mkdir(parents=True)
@@ -111,6 +113,13 @@ class FakeHost:
             "bin": str(self.bin), "live_pid": live_pid, "dead_pid": dead_pid,
             "version": podman}
         self.configure()
+
+    def meminfo(self, *, swap_total_mb: int = 2048, swap_free_mb: int = 2048) -> None:
+        """The host's /proc/meminfo as a 1 GB VM with its swapfile shows it."""
+        self.paths["meminfo"].write_text(
+            f"MemTotal:        1004584 kB\nMemFree:          123456 kB\n"
+            f"MemAvailable:     512000 kB\nSwapTotal:       {swap_total_mb * 1024} kB\n"
+            f"SwapFree:        {swap_free_mb * 1024} kB\n")
 
     def configure(self, **changes) -> None:
         """Change what the stand-ins are told (e.g. swap_names, version)."""

@@ -4,7 +4,7 @@
 
     deploy = Deployer(project, host)
     deploy()                                   # the project's settings
-    deploy(deploy.settings(keep_images=1))     # others; dry_run=True
+    deploy(deploy.settings(keep_images=1))     # others; refresh=True, dry_run=True
     deploy.last.text, deploy.last.ops          # what the last run printed and asked for
 """
 
@@ -57,11 +57,11 @@ class Deployer:
         self.remotes.append(remote)
         return remote
 
-    def __call__(self, settings=None, **kwargs) -> dict:
+    def __call__(self, settings=None, refresh: bool = False, **kwargs) -> dict:
         settings = settings or self.settings()
         values = load_secret_values(settings)
         manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
-        return run_deploy(settings, values, manifest, self.remote(**kwargs))
+        return run_deploy(settings, values, manifest, self.remote(**kwargs), refresh=refresh)
 
     @property
     def last(self) -> LocalRemote:
