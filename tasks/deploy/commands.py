@@ -202,3 +202,52 @@ def logs(name: str, *, tail: int | None = None, since: str | None = None,
         argv.append("--follow")
     return podman(*argv, name, rootful=rootful)
 
+
+# -- the alert watcher ----------------------------------------------------------------------
+WATCH_UNIT = "nightguard-watch"  # as the host helper names it
+
+
+def watcher_paths(rootful: bool = True) -> tuple[str, str]:
+    """(the watcher's copy of the helper, its arguments file) as a unit file names them."""
+    state = STATE_DIR if rootful else ROOTLESS_STATE_DIR
+    return f"{state}/watcher.py", f"{state}/alerts.json"
+
+
+def watcher_service(*, rootful: bool = True) -> str:
+    """One watch pass (the host helper run as a script): Type=oneshot, started by the
+    timer. No secret in it: the watcher reads the bot's token from Podman when it sends.
+    -I -S: the standard library only, nothing from the environment or site-packages."""
+    script, args = watcher_paths(rootful)
+    return "\n".join([
+        "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
+        "[Unit]",
+        "Description=Night Guard alerts: one watch pass (health, restarts, swap, disk)",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart=/usr/bin/python3 -I -S {script} {args}",
+        "TimeoutStartSec=120",
+        "Nice=10",
+        "",
+    ])
+
+
+def watcher_timer(interval_seconds: int) -> str:
+    """A pass every ``interval_seconds``: the first one shortly after the timer starts (at
+    boot, or when a deploy installs it), then relative to the last pass. AccuracySec: the
+    default of one minute would blur a 30 s interval."""
+    return "\n".join([
+        "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
+        "[Unit]",
+        f"Description=Night Guard alerts: a watch pass every {interval_seconds}s",
+        "",
+        "[Timer]",
+        "OnActiveSec=15s",
+        f"OnUnitActiveSec={interval_seconds}s",
+        "AccuracySec=1s",
+        f"Unit={WATCH_UNIT}.service",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+        "",
+    ])

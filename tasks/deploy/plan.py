@@ -4,8 +4,8 @@ Pure: everything here works on settings, local files and a facts document (JSON 
 host helper's ``facts``), so planning is unit-tested from recorded facts, without a host.
 Each comparison sits here once: what the host lacks (packages, Podman's version), whether
 the swap is right, which secrets changed, whether the limits in force drift, what the
-running container differs in, and whether the base image is to be pulled (absent, or
-``--refresh``).
+running container differs in, whether the base image is to be pulled (absent, or
+``--refresh``) and whether the alert watcher is to be installed, updated or removed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import Settings
+from tasks.config import Settings, parse_duration
 from tasks.deploy.commands import (
     ROOTLESS_STATE_DIR,
     STATE_DIR,
@@ -24,6 +24,8 @@ from tasks.deploy.commands import (
     content_hash,
     markers_text,
     systemd_unit,
+    watcher_service,
+    watcher_timer,
 )
 from tasks.deploy.compose import health_command, load_compose
 from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
@@ -302,12 +304,13 @@ class Plan:
     write_markers: bool = False
     restart: bool = False
     gate: bool = False
+    watcher: str | None = None  # "install", "update" or "remove" the alert watcher
     reasons: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any((self.install, self.swap, self.remove_env_file, bool(self.delta),
                     self.links, self.secrets, self.base, self.build_image, self.write_unit,
-                    self.write_markers, self.restart, self.gate))
+                    self.write_markers, self.restart, self.gate, self.watcher))
 
     def lines(self, settings: Settings | None = None) -> list[str]:
         size = settings["limits.swap_size"] if settings else "swap"
@@ -339,6 +342,10 @@ class Plan:
             out.append("container: (re)start and wait until healthy")
         elif self.gate:
             out.append("health: the last deploy did not finish its health gate; check it")
+        if self.watcher:
+            out.append({"install": "alerts: install the watcher",
+                        "update": "alerts: update the watcher",
+                        "remove": "alerts: remove the watcher (alerts are off)"}[self.watcher])
         return out
 
 
@@ -357,9 +364,56 @@ def base_id(facts: dict) -> str | None:
     return (facts.get("base_image") or {}).get("id")
 
 
+def watcher_config(settings: Settings) -> dict:
+    """The watcher's arguments, written root-only on the host: settings and addresses,
+    never the token (the watcher reads it from Podman's secret when it sends)."""
+    return {
+        "chat_id": settings["alerts.chat_id"],
+        "api_base": settings["alerts.api_base"].rstrip("/"),
+        "secret": settings["alerts.token_secret"],
+        "interval": int(parse_duration(settings["alerts.interval"])),
+        "ping_url": settings["alerts.ping_url"],
+        "ping_every": int(parse_duration(settings["alerts.ping_every"])),
+        "crash_loop": {"restarts": settings["alerts.crash_loop.restarts"],
+                       "minutes": settings["alerts.crash_loop.minutes"]},
+        "swap_percent": settings["alerts.swap_percent"],
+        "disk_free_mb": settings["alerts.disk_free_mb"],
+        "rate_limit": {"messages": settings["alerts.rate_limit.messages"],
+                       "minutes": settings["alerts.rate_limit.minutes"]},
+    }
+
+
+def desired_watcher(settings: Settings, helper_version: str) -> dict | None:
+    """The watcher as it should be on the host (None: alerts are off): this version of
+    the host helper, its arguments, its service and timer."""
+    if not settings["alerts.enabled"]:
+        return None
+    config = watcher_config(settings)
+    rootful = not settings["rootless"]
+    return {"version": helper_version, "config": config,
+            "service": watcher_service(rootful=rootful),
+            "timer": watcher_timer(config["interval"])}
+
+
+def watcher_action(wanted: dict | None, facts: dict) -> str | None:
+    """install / update / remove, or None when the host has the watcher wanted."""
+    installed = facts.get("watcher") or {}
+    if wanted is None:
+        return "remove" if installed.get("present") else None
+    if not installed.get("present"):
+        return "install"
+    same = (installed.get("version") == wanted["version"]
+            and installed.get("config") == wanted["config"]
+            and (installed.get("service") or "").strip() == wanted["service"].strip()
+            and (installed.get("timer") or "").strip() == wanted["timer"].strip()
+            and installed.get("enabled"))
+    return None if same else "update"
+
+
 def make_plan(settings: Settings, desired: Desired, facts: dict,
-              digests: dict[str, str], *, refresh: bool = False) -> Plan:
-    """``refresh``: look for a newer base image (`inv deploy --refresh`)."""
+              digests: dict[str, str], *, refresh: bool = False,
+              watcher: dict | None = None) -> Plan:
+    """``watcher``: desired_watcher's answer (None: alerts off)."""
     plan = Plan()
     plan.install = host_needs(settings, facts).install
     plan.swap = swap_needed(settings, facts)
@@ -371,6 +425,7 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
     plan.secrets = changed_secrets(facts, digests, settings.secret_names)
     plan.refresh = refresh
     plan.base = base_action(settings, facts, refresh)
+    plan.watcher = watcher_action(watcher, facts)
     return plan_container(plan, desired, facts)
 
 

@@ -1,6 +1,7 @@
 """The unit tier's host: the real host helper (tasks/deploy/host_helper.py) as a local child
 process, with its state dir, the app dir and Podman's storage in a temp folder, and the
-stand-ins in ./standins for podman, systemctl, apt-get, dpkg and the swap tools.
+stand-ins in ./standins for podman, systemctl, journalctl, apt-get, dpkg and the swap
+tools.
 
     host = FakeHost(tmp_path, live_pid, dead_pid)  # the `fake_host` fixture (conftest.py)
     with host.helper() as helper:                  # one helper process, a changing session
@@ -8,6 +9,7 @@ stand-ins in ./standins for podman, systemctl, apt-get, dpkg and the swap tools.
     host.calls("podman")                           # the argv of every podman call so far
     host.fail("secret-create", match="NAME")       # the next `secret create NAME` fails
     host.control("health", {"fail": True})         # the container's health check fails
+    host.watch()                                   # one pass of the installed alert watcher
     remote = LocalRemote(host)                     # a Remote whose pipe is that helper
 
 Safety: the tests run as root on CI, where the machine's own systemctl or swapon would
@@ -24,6 +26,7 @@ import os
 import pwd
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,12 +36,14 @@ from tasks.deploy.hostlink import BOOTSTRAP, HELPER_FILE, HostLink, local_pipe
 from tasks.deploy.remote import Remote, SshTarget
 
 STANDINS = Path(__file__).resolve().with_name("standins")
-TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "apt-get": "apt_get.py",
+TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "journalctl": "journalctl.py",
+         "apt-get": "apt_get.py",
          "dpkg": "dpkg.py", "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
          "swapon": "swap.py", "crun": "tool.py", "conmon": "tool.py", "netavark": "tool.py",
          "aardvark-dns": "tool.py", "iptables": "tool.py", "slirp4netns": "tool.py",
          "pasta": "tool.py"}
-RUNS = ("podman", "systemctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap", "swapon")
+RUNS = ("podman", "systemctl", "journalctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap",
+        "swapon")
 CONTAINER = "97layer-nightguard"
 IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)
@@ -72,6 +77,11 @@ class FakeHost:
             "cgroup_controllers": root / "sys/fs/cgroup/cgroup.controllers",
             "proc": root / "proc", "cgroup": root / "sys/fs/cgroup",
             "meminfo": root / "proc/meminfo", "disk": root,
+            "watcher": state / "watcher.py", "alerts_args": state / "alerts.json",
+            "alerts_state": state / "alerts-state.json",
+            "watch_service": units / "nightguard-watch.service",
+            "watch_timer": units / "nightguard-watch.timer",
+            "watch_timer_wants": units / "timers.target.wants" / "nightguard-watch.timer",
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman
         }
         for key in ("graphroot", "runroot", "systemd_run", "apt_sources", "cgroup"):
@@ -95,6 +105,7 @@ class FakeHost:
         python = getattr(sys, "_base_executable", sys.executable)
         (self.pybin / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(python)} -S "$@"\n')
         (self.pybin / "python3").chmod(0o755)
+        self.watch_argvs: list[list[str]] = []
         self.control_dir = root / "control"
         self.control_dir.mkdir()
         self.log = root / "calls.jsonl"
@@ -170,6 +181,29 @@ class FakeHost:
 
     def remove_tool(self, name: str) -> None:
         (self.bin / name).unlink()
+
+    # -- the alert watcher ----------------------------------------------------------------
+    def watch(self, timeout: float = 30) -> subprocess.CompletedProcess:
+        """One pass of the installed watcher, as its systemd service runs it: the copy of
+        the helper with its arguments file (both where the deploy put them)."""
+        argv = [getattr(sys, "_base_executable", sys.executable), "-I", "-S",
+                str(self.paths["watcher"]), str(self.paths["alerts_args"])]
+        self.watch_argvs.append(argv)
+        return subprocess.run(argv, env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def alerts_state(self) -> dict:
+        return self.read("alerts_state", default={}) or {}
+
+    def health_log(self, status: str, streak: int = 0, output: str = "") -> None:
+        """The running container's health as Podman records it (healthcheck.log)."""
+        entry = self.container()
+        log = {"Status": status, "FailingStreak": streak,
+               "Log": [{"Start": "", "End": "", "ExitCode": 1 if streak else 0,
+                        "Output": output}]}
+        folder = self.paths["runroot"] / "overlay-containers" / entry["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "healthcheck.log").write_text(json.dumps(log))
 
     # -- reading the fake host ----------------------------------------------------------
     def read(self, key: str, *parts: str, default=None):
