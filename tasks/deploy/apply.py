@@ -78,6 +78,16 @@ def build_image(host: HostSession, settings: Settings, desired: Desired) -> None
         host.call("run", step="image", argv=argv, timeout=BUILD_TIMEOUT, on_interrupt="kill")
 
 
+def set_up_watcher(host: HostSession, action: str, wanted: dict | None) -> None:
+    """Install, update or remove the alert watcher (its files, service and timer)."""
+    with host.remote.step("alerts", f"{action} the watcher"):
+        if action == "remove" or wanted is None:
+            host.call("watcher", step="alerts", action="remove")
+        else:
+            host.call("watcher", step="alerts", action=action, config=wanted["config"],
+                      service=wanted["service"], timer=wanted["timer"])
+
+
 def install_unit(host: HostSession, unit_text: str) -> None:
     with host.remote.step("unit"):
         host.call("install_unit", step="unit", text=unit_text)

@@ -2,8 +2,8 @@
 
 Order: preflight (local, no SSH: settings, .env, compose file, what travels) -> one session
 on the host (lock) -> facts -> plan -> install what the host lacks -> swap -> sync ->
-secrets -> base image (pulled when absent, or with --refresh) -> image -> unit ->
-restart -> health gate (on failure: the last healthy release back, secrets
+secrets -> base image (pulled when absent, or with --refresh) -> image -> alert watcher ->
+unit -> restart -> health gate (on failure: the last healthy release back, secrets
 included) -> release record and audit line.
 A second run with nothing changed is one SSH connection, one remote command, "no changes".
 
@@ -13,7 +13,7 @@ goes through the same gate and rollback as any change.
 
 Config keys: everything under ``nightguard.*`` (``inv config``); ``nightguard.keep_images``
 releases (image, code, secret values) stay on the host for rollbacks;
-``nightguard.base_image``.
+``nightguard.base_image``; ``nightguard.alerts.*`` (the watcher, tasks/deploy/alerts.py).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from tasks.config import Settings
 from tasks.deploy import apply
 from tasks.deploy.compose import check_compose
 from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.hostlink import helper_source
 from tasks.deploy.plan import (
     Desired,
     Plan,
     base_id,
     desired_state,
+    desired_watcher,
     expected_podman,
     host_needs,
     make_plan,
@@ -119,7 +121,8 @@ def new_base(host: HostSession, settings: Settings, desired: Desired, plan: Plan
 
 
 def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
-               desired: Desired, plan: Plan, facts: dict) -> tuple[Desired, bool]:
+               desired: Desired, plan: Plan, facts: dict,
+               watcher: dict | None = None) -> tuple[Desired, bool]:
     """Everything before the restart; returns the desired state (a pulled base gives the
     image another tag) and whether a base image was replaced."""
     if plan.swap:  # first: dpkg on a 1 GB host without swap can run out of memory
@@ -137,6 +140,8 @@ def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
         desired, replaced = new_base(host, settings, desired, plan, facts)
     if plan.build_image:
         apply.build_image(host, settings, desired)
+    if plan.watcher:
+        apply.set_up_watcher(host, plan.watcher, watcher)
     return desired, replaced
 
 
@@ -155,7 +160,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         digests = secret_digests(facts, values.values)
         desired = desired_state(settings, digests, manifest, expected_podman(facts),
                                 base_id(facts))
-        plan = make_plan(settings, desired, facts, digests, refresh=refresh)
+        watcher = desired_watcher(settings, helper_source()[1])
+        plan = make_plan(settings, desired, facts, digests, refresh=refresh, watcher=watcher)
         if refresh and not plan.base:
             print(f"refresh: {settings['base_image']} is a local image: there is nothing to "
                   "pull", file=remote.out)
@@ -167,7 +173,7 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         print_plan(remote, settings, plan)
         audit = {"version": desired.version, "changes": plan.lines(settings),
                  "previous": (facts.get("state") or {}).get("verified")}
-        desired, replaced = apply_plan(host, settings, values, desired, plan, facts)
+        desired, replaced = apply_plan(host, settings, values, desired, plan, facts, watcher)
         audit.update(version=desired.version, changes=plan.lines(settings))
         if remote.dry_run:
             apply.write_markers(host, desired.markers_text)

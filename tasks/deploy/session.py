@@ -53,7 +53,8 @@ def describe(op: str, args: dict) -> str:
     """What a changing call would do, for dry runs (never a value: data is not shown)."""
     if op == "run":
         return shell_join(args["argv"])
-    shown = {k: v for k, v in args.items() if k not in ("text", "state", "audit")}
+    shown = {k: v for k, v in args.items()
+             if k not in ("text", "state", "audit", "config", "service", "timer")}
     return f"{op} {shown}" if shown else op
 
 
