@@ -1570,6 +1570,9 @@ def transitions(state, obs, conf, now_t):
     prev, cur = state.get("status"), obs["status"]
     if cur != prev:
         state["since"] = now_t
+    # a health check was failing, and no check has passed since: a kill then is its doing
+    # (a pass may fall between the kill and the restart, and see "starting")
+    failing = prev == "unhealthy" or bool(state.get("failing"))
     # restarts: systemd's counter of automatic restarts (a deploy's restart resets it)
     count, last_count = obs.get("nrestarts"), state.get("nrestarts")
     new = count - last_count if count is not None and last_count is not None \
@@ -1583,7 +1586,7 @@ def transitions(state, obs, conf, now_t):
     looping = len(restarts) >= loop["restarts"]
     if new:
         exits = (obs.get("exits") or [])[-new:]
-        reasons = [describe_exit(*e, was_unhealthy=prev == "unhealthy")[1] for e in exits]
+        reasons = [describe_exit(*e, was_unhealthy=failing)[1] for e in exits]
         why = "; ".join(reasons) or "the exit reason is not in the journal"
         if looping and not state.get("crash_loop"):
             say("crash loop", f"CRASH LOOP: {len(restarts)} restarts in the last "
@@ -1614,6 +1617,8 @@ def transitions(state, obs, conf, now_t):
         state["problem"] = False
         state.pop("problem_since", None)
     state["status"] = cur
+    if cur in ("unhealthy", "healthy"):
+        state["failing"] = cur == "unhealthy"
     # the host
     threshold, used = conf["swap_percent"], obs.get("swap_pct")
     if threshold and used is not None:
@@ -1744,7 +1749,7 @@ def restart_exits(args, since):
         argv = ["journalctl", "--user", "-u", unit]
     else:
         argv = ["journalctl", "_PID=1", f"UNIT={unit}"]
-    code, out, _ = sh(argv + ["--since", f"@{int(since) - 5}", "-o", "cat", "--no-pager",
+    code, out, _ = sh(argv + ["--since", f"@{int(since)}", "-o", "cat", "--no-pager",
                               "-q", "-n", "200"], 30)
     return [list(m.groups()) for m in EXIT_LINE.finditer(out)] if code == 0 else []
 
@@ -1761,7 +1766,9 @@ def observe(args, paths, state, now_t):
         count = None
     exits = []
     if count is not None and state.get("nrestarts") is not None and count > state["nrestarts"]:
-        exits = restart_exits(args, state.get("last_pass_t") or now_t - 600)
+        # a wide window: systemd's stop and restart can outlast a pass, and the newest
+        # `new` exits are the ones taken
+        exits = restart_exits(args, (state.get("last_pass_t") or now_t) - 300)
     memory = host_memory(paths)
     swap_total, swap_free = memory.get("swap_total") or 0, memory.get("swap_free") or 0
     return {"status": status, "detail": detail, "nrestarts": count, "exits": exits,

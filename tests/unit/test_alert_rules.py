@@ -69,6 +69,10 @@ TABLE = {
         [seen(), seen("unhealthy"), seen("unhealthy"), seen("starting", 1, [KILL]),
          seen("starting", 1), seen("healthy", 1)],
         [[], ["unhealthy"], [], ["restart"], [], ["recovered"]]),
+    "a hang whose kill a pass sees between the kill and the restart": (
+        [seen(), seen("unhealthy"), seen("starting"), seen("starting", 1, [KILL]),
+         seen("healthy", 1)],
+        [[], ["unhealthy"], [], ["restart"], ["recovered"]]),
     "down and back": (
         [seen(), seen("down"), seen("down"), seen("starting"), seen()],
         [[], ["down"], [], [], ["recovered"]]),
@@ -111,6 +115,11 @@ def test_a_restart_says_why_it_exited():
     assert texts == ["Night Guard on vm1: UNHEALTHY: 1 failed check(s) in a row: stale.",
                      "Night Guard on vm1: RESTARTED: killed after failing its health check "
                      "(SIGKILL, exit 137)."]
+    _, texts, _ = run([seen(), seen("unhealthy"), seen("starting"),
+                       seen("starting", 1, [KILL])])  # a pass between the kill and restart
+    assert texts[-1].endswith("killed after failing its health check (SIGKILL, exit 137).")
+    _, texts, _ = run([seen(), seen("unhealthy"), seen(), seen("starting", 1, [KILL])])
+    assert "killed by SIGKILL (exit 137: out of memory" in texts[-1]  # a check passed since
     _, texts, _ = run([seen(), seen("starting", 1, [KILL])])  # no failing check before
     assert "killed by SIGKILL (exit 137: out of memory, or a kill)" in texts[0]
     _, texts, _ = run([seen(), seen("starting", 1, [])])
