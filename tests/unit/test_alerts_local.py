@@ -336,3 +336,22 @@ def test_health_shows_the_last_alert_and_the_last_ping(watched, deploy, telegram
     line = next(li for li in screen.splitlines() if li.startswith("  alerts"))
     assert line == (f"  alerts      last alert {alerts['last_alert']['at']} (restart); "
                     f"last ping {alerts['last_ping']['at']} (ok, delivered)")
+
+
+def test_the_bench_wrapper_measures_one_real_pass(watched):
+    """bench/watcher_bench.py's wrapper, on the fake host: it runs the pass as the service
+    does and reports the process's CPU time and peak RSS."""
+    import subprocess
+    import sys
+
+    from bench.watcher_bench import WRAPPER
+
+    host = watched
+    done = subprocess.run([getattr(sys, "_base_executable", sys.executable), "-I", "-S", "-c",
+                           WRAPPER, str(host.paths["watcher"]), str(host.paths["alerts_args"])],
+                          env=host.env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("watch: healthy")  # a real pass ran
+    figures = json.loads(done.stderr.strip().splitlines()[-1])
+    assert 0 < figures["cpu_s"] < 10 and figures["children_cpu_s"] > 0  # systemctl show
+    assert 4 * 1024 < figures["rss_kib"] < 200 * 1024
