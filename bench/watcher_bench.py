@@ -3,13 +3,14 @@
     .venv/bin/python bench/watcher_bench.py [--sandbox NAME] [--runs 10]
 
 Runs the watcher the deploy installed (``/var/lib/nightguard/watcher.py`` with its
-``alerts.json``, as nightguard-watch.service does: ``python3 -I -S``) N times over SSH on a
+``alerts.json``, as nightguard-watch.service does: ``python3 -I -S``, the watcher imported
+so that its compiled bytecode is kept) N times over SSH on a
 sandbox VM where `inv deploy` ran with ``nightguard.alerts.enabled``, and prints the
 medians, beside ``python3 -I -S -c pass`` as the floor of any Python process. Each run is a
 real pass (on a steady healthy host it sends nothing; it may ping).
 
-The pass runs inside a small wrapper in the same process (``exec`` of the file, as
-``python3 FILE`` would): at the end the wrapper reads the process's own CPU time from
+The pass runs inside a small wrapper in the same process: at the end it reads the
+process's own CPU time from
 os.times() - its children (systemctl, and journalctl after a restart) included - and its
 peak RSS from /proc/self/status (VmHWM). A child's ru_maxrss would count the forking
 parent's size instead (see bench/health_check_bench.py). The interpreter's start is
@@ -33,13 +34,10 @@ WATCHER = "/var/lib/nightguard/watcher.py"
 ARGS = "/var/lib/nightguard/alerts.json"
 WRAPPER = """
 import json, os, sys
-if len(sys.argv) > 1:
-    path = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    try:
-        exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__", "__file__": path})
-    except SystemExit:
-        pass
+if len(sys.argv) > 1:  # as the service does it (tasks/deploy/commands.py: watcher_code)
+    folder, name = os.path.split(sys.argv[1])
+    sys.path.append(folder)
+    __import__(name[:-3]).watch_main(sys.argv[2:])
 t = os.times()
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
 sys.stderr.write(json.dumps({"cpu_s": t.user + t.system + t.children_user + t.children_system,

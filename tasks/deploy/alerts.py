@@ -5,8 +5,9 @@ The watcher is the host helper itself (``tasks/deploy/host_helper.py``, one file
 the host, with the readers it needs): ``inv deploy`` keeps a copy at
 ``/var/lib/nightguard/watcher.py`` with its arguments in ``alerts.json`` (root only, 0600:
 chat id, URLs, thresholds; never the token) and installs ``nightguard-watch.service``
-(Type=oneshot: ``python3 -I -S watcher.py alerts.json``, one watch pass) and
-``nightguard-watch.timer`` (a pass every ``alerts.interval``). It is updated only where it
+(Type=oneshot: ``python3 -I -S`` importing the watcher, so its bytecode is kept; one watch
+pass, as ``python3 watcher.py alerts.json`` does by hand) and ``nightguard-watch.timer`` (a
+pass every ``alerts.interval``). It is updated only where it
 differs, in the deploy's own session, and removed when alerts are off.
 
 A timer, not the agent unit's own hooks (ExecStopPost=, OnFailure=): a hang never stops the

@@ -1390,13 +1390,14 @@ def op_base(s, req):
 
 
 # -- alerts: the watcher -------------------------------------------------------------------
-# The same file, run by a systemd timer as `python3 watcher.py alerts.json`, does one watch
-# pass (see watch_main). Why a timer and not the agent unit's own hooks (ExecStopPost=,
-# OnFailure=): a hang never stops the unit, so no hook runs for it, only the health check
-# notices; OnFailure= does not fire while Restart=always restarts; swap, disk and the dead-man
-# ping need a clock anyway; and a hook runs in the agent's stop path, where a slow Telegram
-# would hold up its restart. systemd resets ExecMainStatus when the new main process starts,
-# so a pass finds a restart's exit reason in systemd's own journal lines about the unit.
+# The same file, run by a systemd timer (imported as the module `watcher`, or run as
+# `python3 watcher.py alerts.json`), does one watch pass (see watch_main). Why a timer and
+# not the agent unit's own hooks (ExecStopPost=, OnFailure=): a hang never stops the unit,
+# so no hook runs for it, only the health check notices; OnFailure= does not fire while
+# Restart=always restarts; swap, disk and the dead-man ping need a clock anyway; and a hook
+# runs in the agent's stop path, where a slow Telegram would hold up its restart. systemd
+# resets ExecMainStatus when the new main process starts, so a pass finds a restart's exit
+# reason in systemd's own journal lines about the unit.
 WATCH_FILES = ("watch_timer", "watch_service", "watcher", "alerts_args")
 STARTING_GRACE = 600  # "starting" for this long (no healthy check) counts as down
 SWAP_HYSTERESIS = 5  # percentage points below the threshold before "swap back to normal"
@@ -1435,6 +1436,7 @@ def op_watcher(s, req):
             sh(["systemctl", *user, "disable", "--now", "--quiet", timer])
         removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
         _unlink(p["alerts_state"] + ".lock")
+        _drop_bytecode(p["watcher"])
         code, _, err = sh(["systemctl", *user, "daemon-reload"])
         if code != 0:
             raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
@@ -1445,6 +1447,7 @@ def op_watcher(s, req):
     os.makedirs(p["state"], mode=0o700, exist_ok=True)
     changed = []
     if read_text_bytes(p["watcher"]) != source:
+        _drop_bytecode(p["watcher"])  # Python checks a source's mtime in seconds and size
         write_private(p["watcher"], source, 0o600)
         changed.append("watcher")
     args = {"config": req["config"], "unit": a["unit"], "container": a["container"],
@@ -1473,6 +1476,15 @@ def op_watcher(s, req):
         if code != 0:
             raise OpError(f"`{' '.join(argv[:3])} {timer}` failed: {err.strip()[-200:]}")
     return {"changed": changed + units}
+
+
+def _drop_bytecode(script):
+    """The watcher's compiled bytecode (the service imports it: __pycache__ beside it)."""
+    folder = os.path.join(os.path.dirname(script), "__pycache__")
+    stem = os.path.basename(script)[:-3] + "."
+    for name in _listdir(folder):
+        if name.startswith(stem) and name.endswith(".pyc"):
+            _unlink(os.path.join(folder, name))
 
 
 def _unlink(path):
@@ -1831,7 +1843,9 @@ def watch_pass(args, now_t=None):
 
 
 def watch_main(argv):
-    """`python3 watcher.py ARGS_FILE`: one watch pass, as nightguard-watch.service runs it.
+    """One watch pass: `python3 watcher.py ARGS_FILE`, or `import watcher;
+    watcher.watch_main([ARGS_FILE])` as nightguard-watch.service runs it (the import keeps
+    the compiled bytecode).
     One line to the journal; exit 0 even when Telegram is unreachable (the messages wait
     in the state file), 2 when the arguments cannot be read."""
     args = read_json(argv[0], None) if len(argv) == 1 else None

@@ -102,8 +102,9 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert args["unit"] == UNIT and args["container"] == "97layer-nightguard"
     service = host.paths["watch_service"].read_text()
     assert "Type=oneshot" in service
-    assert "ExecStart=/usr/bin/python3 -I -S /var/lib/nightguard/watcher.py " \
-           "/var/lib/nightguard/alerts.json" in service
+    assert "ExecStart=/usr/bin/python3 -I -S -c \"import sys; sys.path.append(" \
+           "'/var/lib/nightguard'); import watcher; sys.exit(watcher.watch_main(sys.argv[1:]))" \
+           "\" /var/lib/nightguard/alerts.json" in service
     assert "OnUnitActiveSec=30s" in host.paths["watch_timer"].read_text()
     assert host.paths["watch_timer_wants"].is_symlink()
     assert ["enable", "--now", "--quiet", "nightguard-watch.timer"] in host.calls("systemctl")

@@ -185,9 +185,10 @@ class FakeHost:
     # -- the alert watcher ----------------------------------------------------------------
     def watch(self, timeout: float = 30) -> subprocess.CompletedProcess:
         """One pass of the installed watcher, as its systemd service runs it: the copy of
-        the helper with its arguments file (both where the deploy put them)."""
-        argv = [getattr(sys, "_base_executable", sys.executable), "-I", "-S",
-                str(self.paths["watcher"]), str(self.paths["alerts_args"])]
+        the helper imported from where the deploy put it, with its arguments file."""
+        argv = [getattr(sys, "_base_executable", sys.executable), "-I", "-S", "-c",
+                cmd.watcher_code(str(self.paths["watcher"].parent)),
+                str(self.paths["alerts_args"])]
         self.watch_argvs.append(argv)
         return subprocess.run(argv, env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
