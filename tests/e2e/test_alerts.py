@@ -8,6 +8,7 @@ process list, journal or file outside Podman's storage; the cost of one pass is 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -126,6 +127,7 @@ def test_a_crash_is_one_restart_message_then_healthy_again(sandbox_bookworm, env
     sampler = ProcessSampler(ssh_run, sandbox_bookworm, 60)
     control(ssh_run, sandbox_bookworm, "crash")
     new = wait_for_messages(telegram, before, 2, timeout=240)
+    print("crash:", *new, sep="\n  ")
     assert len(new) == 2, new
     assert new[0].endswith(": RESTARTED: crashed: exited with status 3."), new
     assert ": healthy again (the trouble lasted " in new[1], new
@@ -140,6 +142,7 @@ def test_a_hang_is_unhealthy_then_killed_by_its_check_then_healthy(sandbox_bookw
     before, pings = len(telegram.replies()), len(ping.pings)
     control(ssh_run, sandbox_bookworm, "hang")
     new = wait_for_messages(telegram, before, 3, timeout=480)
+    print("hang:", *new, sep="\n  ")
     assert len(new) == 3, new
     assert re.search(r": UNHEALTHY: [12] failed check\(s\) in a row", new[0]), new
     assert new[1].endswith(": RESTARTED: killed after failing its health check (SIGKILL, "
@@ -158,12 +161,18 @@ def test_health_shows_the_last_alert_and_the_last_ping(env):
     assert "  base image  localhost/nightguard-base:latest " in done.stdout
 
 
+# The token must not reach the guest in a command of ours either: sudo logs the command line
+# it runs (its message, and the _CMDLINE of its entries), so a `sudo grep TOKEN` would put it
+# in the journal this test searches. It travels base64-encoded and is decoded into a pipe.
+TOKEN_ON_STDOUT = f"printf %s {base64.b64encode(BOT_TOKEN.encode()).decode()} | base64 -d"
+
+
 def search(ssh_run, target, folders: str, *options: str) -> list[str]:
-    """Files under `folders` that hold the token (grep, as root). A file that vanished
-    while grep walked (a temp file, a rotated journal) is no failure of the search; any
-    other error is."""
-    done = ssh_run(target, f"sudo -n grep -rlF -D skip {' '.join(options)} -- {BOT_TOKEN} "
-                           f"{folders}", timeout=900)
+    """Files under `folders` that hold the token (grep as root, the token on its stdin). A
+    file that vanished while grep walked (a temp file, a rotated journal) is no failure of
+    the search; any other error is."""
+    done = ssh_run(target, f"{TOKEN_ON_STDOUT} | sudo -n grep -rlF -D skip {' '.join(options)}"
+                           f" -f - {folders}", timeout=900)
     errors = [line for line in done.stderr.splitlines()
               if not line.endswith("No such file or directory")]
     assert done.returncode in (0, 1, 2) and not errors, (done.returncode, done.stderr[-500:])
@@ -172,16 +181,16 @@ def search(ssh_run, target, folders: str, *options: str) -> list[str]:
 
 def test_the_token_is_in_no_process_journal_or_file_outside_podmans_storage(
         sandbox_bookworm, ssh_run):
-    # the search can find it: the copy Podman mounts into the container holds it
-    found = search(ssh_run, sandbox_bookworm, "/var/lib/containers/storage/overlay-containers")
-    assert any(f.endswith("/userdata/secrets/telegram_bot_token") for f in found), found
     passes = checked(ssh_run, sandbox_bookworm,
                      f"sudo -n journalctl -u {WATCH_UNIT}.service -o cat --no-pager")
     assert "; sent restart" in passes and "; sent unhealthy" in passes  # the passes logged
     # every field of every entry (_CMDLINE: the argv of whatever logged)
-    journal = ssh_run(sandbox_bookworm, "sudo -n journalctl --no-pager -o verbose | grep -cF -- "
-                      + BOT_TOKEN, timeout=600)
+    journal = ssh_run(sandbox_bookworm, f"token=$({TOKEN_ON_STDOUT}); sudo -n journalctl "
+                      '--no-pager -o verbose | grep -cF -- "$token"', timeout=600)
     assert journal.returncode == 1 and journal.stdout.strip() == "0", journal
+    # the search can find it: the copy Podman mounts into the container holds it
+    found = search(ssh_run, sandbox_bookworm, "/var/lib/containers/storage/overlay-containers")
+    assert any(f.endswith("/userdata/secrets/telegram_bot_token") for f in found), found
     # everywhere but Podman's storage (its secret store, the copies it mounts), /proc, /sys
     assert search(ssh_run, sandbox_bookworm, "/etc /home /root /tmp /var /run /usr/local",
                   "--exclude-dir=containers") == []
