@@ -1,6 +1,6 @@
 """The root collection of Night Guard Deploy: every namespace a user types after `inv`.
 
-  tasks/deploy/    the product: deploy, health, logs, secrets, rollback, single steps
+  tasks/deploy/    the product: deploy, health, logs, secrets, rollback, alerts, single steps
   tasks/sandbox/   the local e2-micro look-alike (QEMU)
   tasks/gcp/       the Compute Engine VM
   tasks/kube/      the same service as Kubernetes manifests (`inv kube.export`)
@@ -17,7 +17,7 @@ from invoke import Collection
 
 from tasks import show_config
 from tasks.config import DEFAULTS
-from tasks.deploy import deploy, health, history, secrets, steps
+from tasks.deploy import alerts, deploy, health, history, secrets, steps
 from tasks.gcp import tasks as vm
 from tasks.kube import tasks as kube
 from tasks.sandbox import tasks as sandbox
@@ -27,5 +27,6 @@ ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, history.rollback, history.history):
     ns.add_task(module_task)
-for collection in (secrets.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns, kube.ns):
+for collection in (secrets.ns, alerts.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns,
+                   kube.ns):
     ns.add_collection(collection)

@@ -108,6 +108,22 @@ DEFAULTS: dict[str, Any] = {
         "heartbeat_max_age": 30,
         "deadline": 240,
     },
+    # messages to the owner from a watcher on the host (see tasks/deploy/alerts.py); off
+    # until enabled with a chat id. The bot's token is the one the agent uses (token_secret,
+    # read on the host when a message goes out), so it is never configured here.
+    "alerts": {
+        "enabled": False,
+        "chat_id": "",  # the owner's chat: a number (negative for groups) or @channel
+        "api_base": "https://api.telegram.org",
+        "token_secret": "telegram_bot_token",
+        "interval": "30s",  # one watch pass this often (a systemd timer)
+        "ping_url": "",  # a dead-man switch (healthchecks.io style), optional
+        "ping_every": "5m",
+        "crash_loop": {"restarts": 3, "minutes": 10},
+        "swap_percent": 80,  # host swap used above this: an alert (0: never)
+        "disk_free_mb": 1024,  # host disk free below this: an alert (0: never)
+        "rate_limit": {"messages": 10, "minutes": 60},
+    },
     # Podman secret name -> key in .env
     "secrets": {
         "telegram_bot_token": "TELEGRAM_BOT_TOKEN",
@@ -133,6 +149,10 @@ _HOST_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+/?$")  # no spaces, ':' or ',' (
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a directory name
+_CHAT_ID = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,62})$")
+# http(s), a host (and port), a path: no credentials, query or fragment (the bot token is
+# added to the path when a message is sent)
+_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$")
 _UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -473,6 +493,45 @@ def validate(settings: Settings) -> None:
             fail("secrets", f"{name!r} is not a valid secret name (lower case, digits, _)")
         if not _ENV_KEY.match(env_key):
             fail("secrets", f"{env_key!r} is not a valid .env key")
+    _validate_alerts(settings, fail)
+
+
+def _validate_alerts(settings: Settings, fail) -> None:
+    """``alerts.*``: checked whether enabled or not (a typo should not wait for the day
+    alerts are switched on); the chat id only matters once they are."""
+    durations = {}
+    for key in ("alerts.interval", "alerts.ping_every"):
+        try:
+            durations[key] = parse_duration(settings[key])
+        except ValueError as exc:
+            fail(key, str(exc))
+    if not 10 <= durations["alerts.interval"] <= 3600:
+        fail("alerts.interval", "must be between 10s and 1h")
+    if durations["alerts.ping_every"] < durations["alerts.interval"]:
+        fail("alerts.ping_every", f"{settings['alerts.ping_every']} is shorter than "
+             f"alerts.interval {settings['alerts.interval']}")
+    for key in ("alerts.api_base", "alerts.ping_url"):
+        value = settings[key]
+        if (value or key == "alerts.api_base") and not _URL.match(value):
+            fail(key, f"{value!r} is not an http(s) URL without credentials, query or "
+                 "fragment")
+    if settings["alerts.enabled"] and settings["alerts.token_secret"] not in settings["secrets"]:
+        fail("alerts.token_secret", f"{settings['alerts.token_secret']!r} is not one of "
+             f"nightguard.secrets ({', '.join(settings['secrets'])})")
+    for key in ("alerts.crash_loop.restarts", "alerts.crash_loop.minutes",
+                "alerts.rate_limit.messages", "alerts.rate_limit.minutes"):
+        if settings[key] < 1:
+            fail(key, "must be at least 1")
+    if not 0 <= settings["alerts.swap_percent"] <= 100:
+        fail("alerts.swap_percent", "must be between 0 and 100 (0: no swap alert)")
+    if settings["alerts.disk_free_mb"] < 0:
+        fail("alerts.disk_free_mb", "must be 0 or more (0: no disk alert)")
+    chat = settings["alerts.chat_id"]
+    if chat and not _CHAT_ID.match(chat):
+        fail("alerts.chat_id", f"{chat!r} is not a Telegram chat id (a number, or @channel)")
+    if settings["alerts.enabled"] and not chat:
+        fail("alerts.chat_id", "is required when alerts.enabled is true (the owner's chat "
+             "id: send the bot a message, then read it from getUpdates)")
 
 
 def _string_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:

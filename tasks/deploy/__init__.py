@@ -1,7 +1,8 @@
 """The product: what users type every day (deploy, health, logs, secrets, rollback).
 
 Layers, each importing only those below it:
-  deploy · secrets · steps · health      tasks (siblings; none imports another)
+  deploy · secrets · steps · health · alerts
+                                         tasks (siblings; none imports another)
   session                                lock -> work -> record, once, for every changing task
   apply · facts                          change the host one step at a time; read it in one go
   plan                                   pure rules: desired state versus facts

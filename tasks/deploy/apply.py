@@ -60,16 +60,32 @@ def push_secrets(host: HostSession, names: list[str], values: dict[str, str]) ->
     return recorded
 
 
+def get_base(host: HostSession, settings: Settings, how: str) -> dict:
+    """Pull (or import) the base image; the host answers its id before and after
+    ({} in a dry run)."""
+    base, archive = settings["base_image"], settings["base_image_archive"]
+    argv = cmd.image_import(archive, base) if how == "import" else cmd.image_pull(base)
+    with host.remote.step("base", f"{how} {base}"):
+        return host.call("base", step="base image", argv=argv, name=base,
+                         timeout=BUILD_TIMEOUT)
+
+
 def build_image(host: HostSession, settings: Settings, desired: Desired) -> None:
     context = f"{settings['app_dir']}/deployment"
     argv = cmd.image_build(desired.image_ref, f"{context}/Dockerfile.nightguard", context,
                            settings["base_image"], build_needs_network(settings))
     with host.remote.step("image", desired.image_ref):
-        base, archive = settings["base_image"], settings["base_image_archive"]
-        if archive and base not in (host.facts_seen.get("image_names") or []):
-            host.call("run", step="base image", argv=cmd.image_import(archive, base),
-                      timeout=BUILD_TIMEOUT, on_interrupt="kill")
         host.call("run", step="image", argv=argv, timeout=BUILD_TIMEOUT, on_interrupt="kill")
+
+
+def set_up_watcher(host: HostSession, action: str, wanted: dict | None) -> None:
+    """Install, update or remove the alert watcher (its files, service and timer)."""
+    with host.remote.step("alerts", f"{action} the watcher"):
+        if action == "remove" or wanted is None:
+            host.call("watcher", step="alerts", action="remove")
+        else:
+            host.call("watcher", step="alerts", action=action, config=wanted["config"],
+                      service=wanted["service"], timer=wanted["timer"])
 
 
 def install_unit(host: HostSession, unit_text: str) -> None:
@@ -153,12 +169,13 @@ def report_unhealthy(remote, values: SecretValues, answer: dict) -> None:
 
 
 def record_release(host: HostSession, settings: Settings, release: dict, outcome: str,
-                   audit: dict) -> None:
+                   audit: dict, *, prune: bool = False) -> None:
     """A release passed its gate: the host records it (with its unit and markers as they
     are there), keeps its code, secret values and image for rollbacks, lets go of what no
-    kept release needs; then the audit line."""
+    kept release needs; then the audit line. ``prune``: a new base image was pulled, so
+    an old one may now be unused (Podman keeps a base while an image built on it is)."""
     entry = {k: v for k, v in release.items() if k not in ("unit_text", "markers_text")}
-    host.finish(outcome, release=entry, keep=settings["keep_images"], **audit)
+    host.finish(outcome, release=entry, keep=settings["keep_images"], prune=prune, **audit)
 
 
 def forget_unused_secrets(host: HostSession) -> None:

@@ -169,12 +169,20 @@ def image_build(tag: str, dockerfile: str, context: str, base_image: str,
     """Runs as the helper's user (root, or the SSH user when rootless): no sudo here.
     --format docker: the OCI format silently drops HEALTHCHECK. --layers=false: one
     commit for the whole image, not one per instruction (seconds on a small VM).
+    --pull=never: the deploy has pulled (or imported) the base first and put its id in the
+    tag, so the build uses exactly that base (a `--pull=missing` build would keep an old
+    base for ever, and a pull here could bring one the tag does not name).
     --network=none when nothing is to be downloaded: faster, and nothing can leak."""
-    pull = "--pull=never" if base_image.startswith("localhost/") else "--pull=missing"
     network = [] if needs_network else ["--network=none"]
-    return ["podman", "build", "--format", "docker", "--layers=false", pull, *network,
+    return ["podman", "build", "--format", "docker", "--layers=false", "--pull=never",
+            *network,
             "--file", dockerfile, "--build-arg", f"BASE_IMAGE={base_image}", "--tag", tag,
             context]
+
+
+def image_pull(name: str) -> list[str]:
+    """The base image from its registry (a deploy whose host lacks it, or --refresh)."""
+    return ["podman", "pull", name]
 
 
 def image_import(archive: str, name: str) -> list[str]:
@@ -193,3 +201,63 @@ def logs(name: str, *, tail: int | None = None, since: str | None = None,
     if follow:
         argv.append("--follow")
     return podman(*argv, name, rootful=rootful)
+
+
+# -- the alert watcher ----------------------------------------------------------------------
+WATCH_UNIT = "nightguard-watch"  # as the host helper names it
+
+
+def watcher_paths(rootful: bool = True) -> tuple[str, str]:
+    """(the watcher's copy of the helper, its arguments file) as a unit file names them."""
+    state = STATE_DIR if rootful else ROOTLESS_STATE_DIR
+    return f"{state}/watcher.py", f"{state}/alerts.json"
+
+
+def watcher_code(folder: str) -> str:
+    """`python3 -c` code for one pass: the watcher imported as a module from `folder`
+    (appended to the path: the standard library comes first), so Python keeps its compiled
+    bytecode in `folder`/__pycache__ - run as a script, its 2000 lines would be compiled
+    again every pass (about twice the CPU)."""
+    return (f"import sys; sys.path.append('{folder}'); import watcher; "
+            "sys.exit(watcher.watch_main(sys.argv[1:]))")
+
+
+def watcher_service(*, rootful: bool = True) -> str:
+    """One watch pass (the host helper's watcher mode): Type=oneshot, started by the
+    timer. No secret in it: the watcher reads the bot's token from Podman when it sends.
+    -I -S: the standard library only, nothing from the environment or site-packages."""
+    script, args = watcher_paths(rootful)
+    return "\n".join([
+        "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
+        "[Unit]",
+        "Description=Night Guard alerts: one watch pass (health, restarts, swap, disk)",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f'ExecStart=/usr/bin/python3 -I -S -c "{watcher_code(script.rsplit("/", 1)[0])}" '
+        f"{args}",
+        "TimeoutStartSec=120",
+        "Nice=10",
+        "",
+    ])
+
+
+def watcher_timer(interval_seconds: int) -> str:
+    """A pass every ``interval_seconds``: the first one shortly after the timer starts (at
+    boot, or when a deploy installs it), then relative to the last pass. AccuracySec: the
+    default of one minute would blur a 30 s interval."""
+    return "\n".join([
+        "# Written by nightguard-deploy; changes here are overwritten by the next deploy.",
+        "[Unit]",
+        f"Description=Night Guard alerts: a watch pass every {interval_seconds}s",
+        "",
+        "[Timer]",
+        "OnActiveSec=15s",
+        f"OnUnitActiveSec={interval_seconds}s",
+        "AccuracySec=1s",
+        f"Unit={WATCH_UNIT}.service",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+        "",
+    ])

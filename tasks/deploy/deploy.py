@@ -2,12 +2,18 @@
 
 Order: preflight (local, no SSH: settings, .env, compose file, what travels) -> one session
 on the host (lock) -> facts -> plan -> install what the host lacks -> swap -> sync ->
-secrets -> image -> unit -> restart -> health gate (on failure: the last healthy release
-back, secrets included) -> release record and audit line.
+secrets -> base image (pulled when absent, or with --refresh) -> image -> alert watcher ->
+unit -> restart -> health gate (on failure: the last healthy release back, secrets
+included) -> release record and audit line.
 A second run with nothing changed is one SSH connection, one remote command, "no changes".
 
+The image's tag holds the base image's id on the host, so ``--refresh`` (pull the base;
+weekly from CI, see the README) rebuilds exactly when the base changed, and the new image
+goes through the same gate and rollback as any change.
+
 Config keys: everything under ``nightguard.*`` (``inv config``); ``nightguard.keep_images``
-releases (image, code, secret values) stay on the host for rollbacks.
+releases (image, code, secret values) stay on the host for rollbacks;
+``nightguard.base_image``; ``nightguard.alerts.*`` (the watcher, tasks/deploy/alerts.py).
 """
 
 from __future__ import annotations
@@ -21,13 +27,17 @@ from tasks.config import Settings
 from tasks.deploy import apply
 from tasks.deploy.compose import check_compose
 from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.hostlink import helper_source
 from tasks.deploy.plan import (
     Desired,
     Plan,
+    base_id,
     desired_state,
+    desired_watcher,
     expected_podman,
     host_needs,
     make_plan,
+    plan_container,
     previous_release,
     secret_digests,
 )
@@ -82,8 +92,39 @@ def gate_or_roll_back(host: HostSession, settings: Settings, values: SecretValue
                                 "but it is not healthy either")
 
 
+def new_base(host: HostSession, settings: Settings, desired: Desired, plan: Plan,
+             facts: dict) -> tuple[Desired, bool]:
+    """Pull (or import) the base image; when its id is not the one planned with, the image
+    has another tag: plan the image and container again. Returns (desired, changed)."""
+    answer = apply.get_base(host, settings, plan.base)
+    after = (answer.get("after") or {}).get("id")
+    if not after:  # a dry run
+        return desired, False
+    short = (after.split(":")[-1])[:12]
+    if after == base_id(facts):
+        print(f"    base: {settings['base_image']} is unchanged ({short})", file=host.remote.out)
+        return desired, False
+    before = plan.lines(settings) + plan.reasons
+    desired = desired_state(settings, desired.secret_digests, desired.manifest,
+                            expected_podman(facts), after)
+    plan_container(plan, desired, facts)
+    print(f"    base: {settings['base_image']} is {short}"
+          + (f" (was {(base_id(facts) or '').split(':')[-1][:12]})" if base_id(facts) else ""),
+          file=host.remote.out)
+    for line in plan.lines(settings):
+        if line not in before:
+            print(f"    plan: {line}", file=host.remote.out)
+    for reason in plan.reasons:
+        if reason not in before:
+            print(f"    why: {reason}", file=host.remote.out)
+    return desired, bool(base_id(facts))
+
+
 def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
-               desired: Desired, plan: Plan) -> None:
+               desired: Desired, plan: Plan, facts: dict,
+               watcher: dict | None = None) -> tuple[Desired, bool]:
+    """Everything before the restart; returns the desired state (a pulled base gives the
+    image another tag) and whether a base image was replaced."""
     if plan.swap:  # first: dpkg on a 1 GB host without swap can run out of memory
         apply.setup_swap(host, settings)
     if plan.install:
@@ -94,12 +135,20 @@ def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
         apply.sync_code(host, settings, desired, plan)
     if plan.secrets:
         apply.push_secrets(host, plan.secrets, values.values)
+    replaced = False
+    if plan.base:
+        desired, replaced = new_base(host, settings, desired, plan, facts)
     if plan.build_image:
         apply.build_image(host, settings, desired)
+    if plan.watcher:
+        apply.set_up_watcher(host, plan.watcher, watcher)
+    return desired, replaced
 
 
 def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str],
-               remote: Remote, command: str = "deploy") -> dict:
+               remote: Remote, command: str = "deploy", refresh: bool = False) -> dict:
+    """``refresh``: pull the base image even when the host has one (`inv deploy
+    --refresh`)."""
     started = time.monotonic()
     with HostSession(remote, settings, command=command) as host:
         with remote.step("facts"):
@@ -109,8 +158,13 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
             host.finish(None)
             raise HostUnfit("host", needs.problems[0])
         digests = secret_digests(facts, values.values)
-        desired = desired_state(settings, digests, manifest, expected_podman(facts))
-        plan = make_plan(settings, desired, facts, digests)
+        desired = desired_state(settings, digests, manifest, expected_podman(facts),
+                                base_id(facts))
+        watcher = desired_watcher(settings, helper_source()[1])
+        plan = make_plan(settings, desired, facts, digests, refresh=refresh, watcher=watcher)
+        if refresh and not plan.base:
+            print(f"refresh: {settings['base_image']} is a local image: there is nothing to "
+                  "pull", file=remote.out)
         if not plan:
             host.finish("no changes", version=desired.version)
             print(f"no changes: {remote.target.describe()} runs {desired.version}",
@@ -119,7 +173,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         print_plan(remote, settings, plan)
         audit = {"version": desired.version, "changes": plan.lines(settings),
                  "previous": (facts.get("state") or {}).get("verified")}
-        apply_plan(host, settings, values, desired, plan)
+        desired, replaced = apply_plan(host, settings, values, desired, plan, facts, watcher)
+        audit.update(version=desired.version, changes=plan.lines(settings))
         if remote.dry_run:
             apply.write_markers(host, desired.markers_text)
             if plan.write_unit:
@@ -148,7 +203,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
             outcome, error = gate_or_roll_back(host, settings, values, facts, plan, answer)
         audit["seconds"] = round(time.monotonic() - started, 1)
         if error is None:
-            apply.record_release(host, settings, desired.release(now()), outcome, audit)
+            apply.record_release(host, settings, desired.release(now()), outcome, audit,
+                                 prune=replaced)
         else:
             host.finish(outcome, error=str(error), **audit)
     if error:
@@ -164,16 +220,18 @@ def print_stats(remote: Remote) -> None:
           f"steps: {stats.steps}, bytes sent: {stats.bytes_sent}", file=remote.out)
 
 
-@task(help={**TARGET_HELP}, auto_shortflags=False)
+@task(help={**TARGET_HELP, "refresh": "pull the base image; if it changed, rebuild and "
+            "restart through the same health gate and rollback (weekly from CI: README)"},
+      auto_shortflags=False)
 @one_line_errors
-def deploy(c, target=None, host=None, dry_run=False):
+def deploy(c, target=None, host=None, dry_run=False, refresh=False):
     """Deploy Night Guard: sync code, swap, secrets, image, container; wait until healthy."""
     settings, values, manifest = preflight(c, target, host)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
-        print(f"deploy to {remote.target.describe()}" + (" (dry run)" if dry_run else ""),
-              file=remote.out)
+        print(f"deploy to {remote.target.describe()}" + (" (dry run)" if dry_run else "")
+              + (" with a fresh base image" if refresh else ""), file=remote.out)
         try:
-            run_deploy(settings, values, manifest, remote)
+            run_deploy(settings, values, manifest, remote, refresh=refresh)
         finally:
             print_stats(remote)
 

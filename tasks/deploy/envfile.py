@@ -94,3 +94,12 @@ def load_secret_values(settings: Settings, names: list[str] | None = None) -> Se
             raise ConfigError(f"{shown}: {env_key} spans several lines; secrets must be one line")
         values[secret_name] = value
     return SecretValues(values)
+
+
+def redaction(settings: Settings) -> SecretValues:
+    """The .env values to hide from anything a read-only task prints; none if .env cannot
+    be read (health and logs work without it)."""
+    try:
+        return load_secret_values(settings)
+    except ConfigError:
+        return SecretValues({})

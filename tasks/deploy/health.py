@@ -1,7 +1,9 @@
 """`inv health` and `inv logs`: what the agent is doing, read-only, from the laptop.
 
 `inv health` prints one screen (or ``--json``) and exits 0 only when the container runs,
-is healthy and its limits match the configuration, so cron or CI can alert on it. The
+is healthy and its limits match the configuration, so cron or CI can alert on it. It also
+shows how old the base image is (its build date, from Podman's images.json: `inv deploy
+--refresh` replaces it) and when the alert watcher last sent a message and pinged. The
 restart count is systemd's (NRestarts of the unit), with the last exit reason: Podman's
 own RestartCount is 0 for every fresh container the unit makes. It never changes anything
 on the host. Everything printed passes through the .env values' redaction: an agent that
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -22,11 +25,10 @@ from invoke.exceptions import Exit
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.config import Settings
 from tasks.deploy import commands as cmd
-from tasks.deploy.envfile import SecretValues, load_secret_values
+from tasks.deploy.envfile import redaction
 from tasks.deploy.hostlink import PipeClosed
 from tasks.deploy.plan import SWAPFILE, limit_drift
 from tasks.deploy.session import HostSession
-from tasks.errors import ConfigError
 from tasks.targets import open_remote
 
 EXIT_UNHEALTHY = 3
@@ -42,20 +44,58 @@ def mb(value) -> str:
     return f"{number / 1024**2:.0f}M"
 
 
-def redaction(settings: Settings) -> SecretValues:
-    """The .env values to hide from anything printed; none if .env cannot be read."""
-    try:
-        return load_secret_values(settings)
-    except ConfigError:
-        return SecretValues({})
-
-
 def exit_reason(unit: dict) -> str:
     code, status = unit.get("ExecMainCode", ""), unit.get("ExecMainStatus", "")
     if not code and not status:
         return "-"
     kind = {"1": "exited", "2": "killed", "3": "dumped"}.get(code, code)
     return f"{kind} {status}".strip()
+
+
+def age_days(stamp: str | None, now: datetime | None = None) -> int | None:
+    """Whole days since an RFC 3339 time as Podman writes it (nanoseconds, Z or an offset);
+    None when there is none or it cannot be read."""
+    if not stamp:
+        return None
+    text = str(stamp).strip().replace("Z", "+00:00")
+    head, _, rest = text.partition(".")
+    offset = rest[next((i for i, ch in enumerate(rest) if ch in "+-"), len(rest)):] \
+        if rest else ""
+    try:
+        when = datetime.fromisoformat(head + offset)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0, ((now or datetime.now(UTC)) - when).days)
+
+
+def base_line(base: dict | None, days: int | None) -> str:
+    if not base:
+        return "not on the host"
+    image_id = (base.get("id") or "?").split(":")[-1][:12]
+    built = str(base.get("created") or "?")[:10]
+    age = f"{days} days old" if days is not None else "age unknown"
+    return f"{base.get('name')} {image_id}, built {built} ({age})"
+
+
+def alerts_line(alerts: dict | None) -> str:
+    if not alerts or not alerts.get("installed"):
+        return "off (nightguard.alerts.enabled)"
+    alert = alerts.get("last_alert") or {}
+    ping = alerts.get("last_ping") or {}
+    parts = [f"last alert {alert['at']} ({alert.get('kind', '?')})" if alert.get("at")
+             else "no alert sent yet",
+             f"last ping {ping['at']} ({ping.get('kind')}, "
+             f"{'delivered' if ping.get('ok') else 'failed'})" if ping.get("at")
+             else "no ping"]
+    if not alerts.get("enabled"):
+        parts.append("the timer is NOT enabled")
+    if alerts.get("outbox"):
+        parts.append(f"{alerts['outbox']} message(s) waiting: {alerts.get('last_error')}")
+    if alerts.get("held"):
+        parts.append(f"{alerts['held']} held back by the rate limit")
+    return "; ".join(parts)
 
 
 def summarize(settings: Settings, answer: dict) -> dict:
@@ -75,6 +115,7 @@ def summarize(settings: Settings, answer: dict) -> dict:
     unit = answer.get("unit") or {}
     return {"healthy": not problems, "problems": problems,
             "restarts": int(unit.get("NRestarts") or 0), "last_exit": exit_reason(unit),
+            "base_age_days": age_days((answer.get("base_image") or {}).get("created")),
             **answer}
 
 
@@ -106,6 +147,8 @@ def render(settings: Settings, report: dict) -> str:
                              f"{lock.get('since', '?')}" if lock else "free"),
         f"  last task   {last.get('command', '-')} {last.get('outcome', '-')} at "
         f"{last.get('when', '-')}",
+        f"  base image  {base_line(report.get('base_image'), report.get('base_age_days'))}",
+        f"  alerts      {alerts_line(report.get('alerts'))}",
     ]
     for entry in container.get("health_log", []):
         output = entry.get("output", "").strip()[:160]

@@ -25,7 +25,12 @@ container's OCI config, its pid file and health log, systemd's unit files) and t
 CLI is the fallback where a file is not where this Podman keeps it.
 
 Ops: facts provision swap rm_env sync release restore_code secret_put secret_restore
-secret_forget run install_unit write_file dirs gate health logs history finish unlock.
+secret_forget run install_unit write_file dirs gate health logs history finish unlock
+base (pull the base image) watcher (install / remove it) alert_test.
+
+The same file is also the alert watcher: run as `python3 watcher.py alerts.json` (a copy the
+deploy keeps at <state>/watcher.py, run by the nightguard-watch timer) it does one watch
+pass and exits; see watch_main and the "alerts" section below.
 """
 
 import base64
@@ -38,6 +43,7 @@ import json
 import os
 import pwd
 import queue
+import re
 import secrets as random
 import shutil
 import signal
@@ -51,6 +57,7 @@ import time
 
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
 KEEP_RELEASES = 10
+WATCH_UNIT = "nightguard-watch"  # .service (one watch pass) and .timer (its schedule)
 COPY_SEP = "__"  # NAME__<digest12>: a kept value of secret NAME
 OUR_MOUNTS = ("/app", "/data", "/run/secrets")  # the mounts facts report
 
@@ -139,7 +146,14 @@ def default_paths(a):
              "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
              "linger_dir": "/var/lib/systemd/linger",
              "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
-             "proc": "/proc", "cgroup": "/sys/fs/cgroup"}
+             "proc": "/proc", "cgroup": "/sys/fs/cgroup",
+             "meminfo": "/proc/meminfo", "disk": "/",
+             # the alert watcher: a copy of this file, its arguments, its state, its units
+             "watcher": f"{state}/watcher.py", "alerts_args": f"{state}/alerts.json",
+             "alerts_state": f"{state}/alerts-state.json",
+             "watch_service": f"{units}/{WATCH_UNIT}.service",
+             "watch_timer": f"{units}/{WATCH_UNIT}.timer",
+             "watch_timer_wants": f"{units}/timers.target.wants/{WATCH_UNIT}.timer"}
     paths.update(a.get("paths") or {})
     return paths
 
@@ -407,6 +421,32 @@ def list_images(paths, name, images=None):
     return names, tags
 
 
+def image_info(paths, name, images=None):
+    """Id, digest and creation time of image NAME (the base image): from Podman's
+    images.json, else `podman image inspect`. None when the storage lacks it. "created" is
+    when the image was built (its config's date), so it tells how old a base image is."""
+    if not name:
+        return None
+    if images is None:
+        images, _, _ = storage_names(paths)
+    wanted = {name} if ":" in name.rsplit("/", 1)[-1] or "@" in name else {name,
+                                                                          f"{name}:latest"}
+    if isinstance(images, list):
+        image = next((i for i in images if wanted & set(i.get("names") or [])), None)
+        return None if image is None else {
+            "name": name, "id": image.get("id"), "digest": image.get("digest"),
+            "created": image.get("created")}
+    code, out, _ = sh(["podman", "image", "inspect", name])
+    if code != 0:
+        return None
+    try:
+        data = json.loads(out)[0]
+    except (ValueError, IndexError):
+        return None
+    return {"name": name, "id": data.get("Id"), "digest": data.get("Digest"),
+            "created": data.get("Created")}
+
+
 def list_secrets(paths, secrets=None):
     """Name -> creation time."""
     if secrets is None:
@@ -467,6 +507,7 @@ def container_from_files(paths, name, containers):
         "nano_cpus": int(quota * 1e9 // period) if period else 0,
         "mounts": mounts,
         "health": (health or {}).get("Status", "") if health is not None else None,
+        "failing_streak": int((health or {}).get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in ((health or {}).get("Log") or [])[-3:]],
         "source": "files",
@@ -496,6 +537,7 @@ def container_from_podman(name):
                     "options": m.get("Options") or []} for m in data.get("Mounts") or []
                    if (m.get("Destination") or "").startswith(OUR_MOUNTS)],
         "health": health.get("Status", ""),
+        "failing_streak": int(health.get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in (health.get("Log") or [])[-3:]],
         "started_at": state.get("StartedAt"),
@@ -545,12 +587,12 @@ def cgroup_limits(paths, pid):
     return limits
 
 
-def host_memory():
+def host_memory(paths):
     info = {}
-    for line in (read_text("/proc/meminfo") or "").splitlines():
+    for line in (read_text(paths["meminfo"]) or "").splitlines():
         key, _, rest = line.partition(":")
         info[key] = int(rest.split()[0]) * 1024 if rest.split() else 0
-    disk = shutil.disk_usage("/")
+    disk = shutil.disk_usage(paths["disk"])
     return {"mem_total": info.get("MemTotal"), "mem_available": info.get("MemAvailable"),
             "swap_total": info.get("SwapTotal"), "swap_free": info.get("SwapFree"),
             "disk_free": disk.free, "disk_total": disk.total}
@@ -789,6 +831,8 @@ def op_facts(s, req):
     facts["image_names"], facts["image_tags"] = list_images(paths, a["image_name"], images) \
         if tools["podman"] else ([], [])
     facts["secrets"] = list_secrets(paths, secrets) if tools["podman"] else {}
+    facts["base_image"] = image_info(paths, a.get("base_image"), images) \
+        if tools["podman"] else None
     facts["secret_hashes"] = read_json(os.path.join(paths["state"], "secrets.json"), {})
     salt_path = os.path.join(paths["state"], "secret.salt")
     if s.changing and not os.path.exists(salt_path):
@@ -800,6 +844,7 @@ def op_facts(s, req):
     facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
     facts["linger"] = os.path.exists(os.path.join(paths["linger_dir"], a["owner"]))
     facts["markers_text"] = read_text(paths["markers"])
+    facts["watcher"] = watcher_facts(paths)
     app_dir = a["app_dir"]
     try:
         root_fd = open_dir_nofollow(app_dir)
@@ -817,7 +862,7 @@ def op_facts(s, req):
     facts["releases"] = sorted(n[:-7] for n in _listdir(os.path.join(paths["state"],
                                                                      "releases"))
                                if n.endswith(".tar.gz"))
-    facts["host"] = host_memory()
+    facts["host"] = host_memory(paths)
     facts["last_audit"] = last_audit(paths)
     basics = ("podman", "conmon", "aardvark-dns")
     if any(not tools[name] for name in basics) or not (tools["crun"] or tools["runc"]):
@@ -993,6 +1038,8 @@ def op_release(s, req):
     stale = [f"{a['image_name']}:{t}" for t in present if t not in tags]
     if stale:
         sh(["podman", "rmi", "--ignore", *stale], 300)
+    if stale or req.get("prune"):  # base images no kept image is built on any more
+        sh(["podman", "image", "prune", "--force"], 300)
     return {"kept": [h["version"] for h in history], "pruned": stale}
 
 
@@ -1340,7 +1387,7 @@ def op_health(s, req):
         "container": container,
         "cgroup": cgroup_limits(p, container["pid"]) if container and container.get("pid")
         else {},
-        "host": host_memory(),
+        "host": host_memory(p),
         "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
         "lock": None if lock_is_free(p) else lock_holder(p),
         "unit": unit_status(a),
@@ -1348,6 +1395,8 @@ def op_health(s, req):
         "deployed": {k: v for k, v in (read_json(os.path.join(p["state"], "state.json"), {})
                                         .get("history") or [{}])[0].items()
                      if k not in ("unit_text", "markers_text")},
+        "alerts": alerts_summary(p),
+        "base_image": image_info(p, a.get("base_image")),
     }
 
 
@@ -1371,7 +1420,8 @@ def op_finish(s, req):
     says the task was cut short, or the other way round - then unlock."""
     result = {"recorded": req.get("audit") is not None}
     if req.get("release") is not None:
-        result.update(op_release(s, {"entry": req["release"], "keep": req.get("keep", 3)}))
+        result.update(op_release(s, {"entry": req["release"], "keep": req.get("keep", 3),
+                                     "prune": req.get("prune")}))
     if req.get("audit") is not None:
         s.audit(req["audit"])
     s.finished = True
@@ -1400,15 +1450,512 @@ def op_unlock(s, req):
     return {"released": holder, "killed": True}
 
 
+# -- the base image ------------------------------------------------------------------------
+def op_base(s, req):
+    """Pull (or import) the base image; answer its id before and after, so the client
+    tags and builds from the base it has really got (`inv deploy --refresh`)."""
+    name = req["name"]
+    before = image_info(s.paths, name)
+    code, tail, killed = run_streaming(s, req["id"], req["argv"], req.get("timeout", 1800),
+                                       on_interrupt="kill")
+    if code != 0:
+        raise OpError(f"`{' '.join(req['argv'][:2])} {name}` {killed or f'exited {code}'}",
+                      tail[-15:])
+    after = image_info(s.paths, name)
+    if after is None:
+        raise OpError(f"{name} is not in Podman's storage after `{' '.join(req['argv'][:2])}`")
+    return {"before": before, "after": after,
+            "changed": (before or {}).get("id") != after.get("id")}
+
+
+# -- alerts: the watcher -------------------------------------------------------------------
+# The same file, run by a systemd timer (imported as the module `watcher`, or run as
+# `python3 watcher.py alerts.json`), does one watch pass (see watch_main). Why a timer and
+# not the agent unit's own hooks (ExecStopPost=, OnFailure=): a hang never stops the unit,
+# so no hook runs for it, only the health check notices; OnFailure= does not fire while
+# Restart=always restarts; swap, disk and the dead-man ping need a clock anyway; and a hook
+# runs in the agent's stop path, where a slow Telegram would hold up its restart. systemd
+# resets ExecMainStatus when the new main process starts, so a pass finds a restart's exit
+# reason in systemd's own journal lines about the unit.
+WATCH_FILES = ("watch_timer", "watch_service", "watcher", "alerts_args")
+STARTING_GRACE = 600  # "starting" for this long (no healthy check) counts as down
+SWAP_HYSTERESIS = 5  # percentage points below the threshold before "swap back to normal"
+OUTBOX_MAX = 20  # messages kept for the next pass when Telegram cannot be reached
+EXIT_LINE = re.compile(r"Main process exited, code=(\w+), status=(\d+)/(\S+)")
+
+
+def watcher_facts(paths):
+    """What of the watcher is installed: its version (a hash of the copy, as hostlink
+    names helpers), its settings (never a token: there is none in them), its units."""
+    source = read_text_bytes(paths["watcher"])
+    return {"present": any(os.path.lexists(paths[k]) for k in WATCH_FILES),
+            "version": sha256_bytes(source)[:16] if source is not None else None,
+            "config": (read_json(paths["alerts_args"], {}) or {}).get("config"),
+            "service": read_text(paths["watch_service"]),
+            "timer": read_text(paths["watch_timer"]),
+            "enabled": os.path.lexists(paths["watch_timer_wants"])}
+
+
+def read_text_bytes(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def op_watcher(s, req):
+    """Install, update or remove the watcher: this helper's own file copied to a stable
+    path, its arguments (0600, no token), a oneshot service and its timer."""
+    a, p = s.args, s.paths
+    user = ["--user"] if a.get("rootless") else []
+    timer = f"{WATCH_UNIT}.timer"
+    if req["action"] == "remove":
+        if os.path.lexists(p["watch_timer_wants"]) or os.path.exists(p["watch_timer"]):
+            sh(["systemctl", *user, "disable", "--now", "--quiet", timer])
+        removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
+        _unlink(p["alerts_state"] + ".lock")
+        _drop_bytecode(p["watcher"])
+        code, _, err = sh(["systemctl", *user, "daemon-reload"])
+        if code != 0:
+            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+        return {"removed": removed}
+    source = read_text_bytes(os.path.expanduser(a["helper_path"]))
+    if source is None or sha256_bytes(source)[:16] != a.get("helper_version"):
+        raise OpError("this helper's own file is not at hand to copy as the watcher")
+    os.makedirs(p["state"], mode=0o700, exist_ok=True)
+    changed = []
+    if read_text_bytes(p["watcher"]) != source:
+        _drop_bytecode(p["watcher"])  # Python checks a source's mtime in seconds and size
+        write_private(p["watcher"], source, 0o600)
+        changed.append("watcher")
+    args = {"config": req["config"], "unit": a["unit"], "container": a["container"],
+            "rootless": bool(a.get("rootless")), "paths": a.get("paths") or {}}
+    if read_json(p["alerts_args"], None) != args:
+        write_json(p["alerts_args"], args)
+        changed.append("args")
+    units = [key for key, text in (("watch_service", req["service"]),
+                                   ("watch_timer", req["timer"]))
+             if read_text(p[key]) != text.strip()]
+    for key in units:
+        os.makedirs(os.path.dirname(p[key]), exist_ok=True)
+        write_private(p[key], req["service" if key == "watch_service" else "timer"], 0o644)
+    if units:
+        code, _, err = sh(["systemctl", *user, "daemon-reload"])
+        if code != 0:
+            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    if not os.path.lexists(p["watch_timer_wants"]):
+        argv = ["systemctl", *user, "enable", "--now", "--quiet", timer]
+    elif "watch_timer" in units:  # a new schedule takes effect when the timer restarts
+        argv = ["systemctl", *user, "restart", timer]
+    else:
+        argv = None
+    if argv:
+        code, _, err = sh(argv)
+        if code != 0:
+            raise OpError(f"`{' '.join(argv[:3])} {timer}` failed: {err.strip()[-200:]}")
+    return {"changed": changed + units}
+
+
+def _drop_bytecode(script):
+    """The watcher's compiled bytecode (the service imports it: __pycache__ beside it)."""
+    folder = os.path.join(os.path.dirname(script), "__pycache__")
+    stem = os.path.basename(script)[:-3] + "."
+    for name in _listdir(folder):
+        if name.startswith(stem) and name.endswith(".pyc"):
+            _unlink(os.path.join(folder, name))
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def op_alert_test(s, req):
+    """`inv alerts.test`: one message through the watcher's own path (its arguments, the
+    bot's token read here, sendMessage); the answer says whether Telegram took it."""
+    args = read_json(s.paths["alerts_args"], None)
+    if not isinstance(args, dict) or not args.get("config"):
+        raise OpError("no alert watcher on this host: set nightguard.alerts.enabled and "
+                      "nightguard.alerts.chat_id, then `inv deploy`")
+    conf = args["config"]
+    token = bot_token(s.paths, conf)
+    if token is None:
+        raise OpError(f"the bot's token (secret {conf['secret']}) cannot be read on the host")
+    text = (f"Night Guard on {socket.gethostname()}: a test message (`inv alerts.test`, "
+            f"{now()}). Alerts reach you here.")
+    answer = telegram_send(conf, token, text)
+    return dict(answer, chat_id=conf["chat_id"], api_base=conf["api_base"])
+
+
+def alerts_summary(paths):
+    """For `inv health`: whether the watcher runs, and when it last said or pinged."""
+    if not os.path.exists(paths["alerts_args"]):
+        return {"installed": False}
+    state = read_json(paths["alerts_state"], {}) or {}
+    return {"installed": True, "enabled": os.path.lexists(paths["watch_timer_wants"]),
+            **{k: state.get(k) for k in ("last_pass", "last_alert", "last_ping", "status",
+                                          "held", "last_error")},
+            "outbox": len(state.get("outbox") or [])}
+
+
+# the watcher's pure rules: a state, what one pass saw, and the settings in; the new state
+# and the messages out (unit-tested table by table) -------------------------------------------
+def agent_status(container, unit):
+    """(status, detail): healthy, unhealthy (a health check failing: Podman's failing
+    streak, which checks in the start period do not raise), starting (no passed check
+    yet, or systemd (re)starting it), down (the unit stopped or failed)."""
+    active = unit.get("ActiveState") or ""
+    if not container or not container.get("running"):
+        if active in ("inactive", "failed"):
+            result = unit.get("Result") or "?"
+            return "down", f"the unit is {active} (result {result}), no container runs"
+        return "starting", f"no container runs; the unit is {active or 'unknown'}"
+    streak = int(container.get("failing_streak") or 0)
+    if container.get("health") == "unhealthy" or streak > 0:
+        log = container.get("health_log") or []
+        output = (log[-1].get("output") or "").strip() if log else ""
+        return "unhealthy", (f"{streak} failed check(s) in a row"
+                             + (f": {output[-200:]}" if output else ""))
+    if container.get("health") == "healthy":
+        return "healthy", ""
+    return "starting", "its health check has not passed yet"
+
+
+def describe_exit(code, status, name, was_unhealthy):
+    """(kind, text) of one exit of the unit's main process, from systemd's line
+    "Main process exited, code=exited, status=3/NOTIMPLEMENTED"."""
+    if (code == "exited" and status == "137") or (code == "killed" and name == "KILL"):
+        if was_unhealthy:
+            return "health kill", "killed after failing its health check (SIGKILL, exit 137)"
+        return "crash", "killed by SIGKILL (exit 137: out of memory, or a kill)"
+    if code == "exited":
+        return "crash", f"crashed: exited with status {status}"
+    if code == "dumped":
+        return "crash", f"crashed with a core dump (signal {name})"
+    if code == "killed":
+        return "crash", f"killed by signal {name}"
+    return "crash", f"ended ({code} {status})"
+
+
+def minutes_text(seconds):
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
+
+
+def transitions(state, obs, conf, now_t):
+    """One pass: (new state, [(kind, text)]). One message per transition: healthy ->
+    unhealthy / down, a restart (with its exit reason), a crash loop (N restarts in M
+    minutes; restarts inside a loop say nothing more), swap or disk over a threshold and
+    back, and back to healthy once the owner was told of a problem (not inside a loop)."""
+    state = dict(state)
+    out = []
+    host = obs.get("host") or "the host"
+
+    def say(kind, text):
+        out.append([kind, f"Night Guard on {host}: {text}"])
+
+    prev, cur = state.get("status"), obs["status"]
+    if cur != prev:
+        state["since"] = now_t
+    # a health check was failing, and no check has passed since: a kill then is its doing
+    # (a pass may fall between the kill and the restart, and see "starting")
+    failing = prev == "unhealthy" or bool(state.get("failing"))
+    # restarts: systemd's counter of automatic restarts (a deploy's restart resets it)
+    count, last_count = obs.get("nrestarts"), state.get("nrestarts")
+    new = count - last_count if count is not None and last_count is not None \
+        and count > last_count else 0
+    if count is not None:
+        state["nrestarts"] = count
+    loop = conf["crash_loop"]
+    restarts = [t for t in state.get("restarts") or [] if now_t - t < loop["minutes"] * 60]
+    restarts += [now_t] * new
+    state["restarts"] = restarts
+    looping = len(restarts) >= loop["restarts"]
+    if new:
+        exits = (obs.get("exits") or [])[-new:]
+        reasons = [describe_exit(*e, was_unhealthy=failing)[1] for e in exits]
+        why = "; ".join(reasons) or "the exit reason is not in the journal"
+        if looping and not state.get("crash_loop"):
+            say("crash loop", f"CRASH LOOP: {len(restarts)} restarts in the last "
+                f"{loop['minutes']} min, systemd keeps restarting it (last: "
+                f"{reasons[-1] if reasons else why}).")
+        elif not state.get("crash_loop"):
+            say("restart", f"RESTARTED: {why}.")
+        state["problem"] = True
+        state.setdefault("problem_since", now_t)
+    state["crash_loop"] = looping
+    # the agent's health
+    detail = obs.get("detail") or ""
+    if cur == "unhealthy" and prev != "unhealthy":
+        say("unhealthy", f"UNHEALTHY: {detail}.")
+    elif cur == "down" and prev != "down":
+        say("down", f"DOWN: {detail}.")
+    stuck = cur == "starting" and now_t - state.get("since", now_t) >= STARTING_GRACE
+    if stuck and not state.get("stuck"):
+        say("down", f"DOWN: not healthy for {minutes_text(now_t - state['since'])} "
+            f"({detail}).")
+    state["stuck"] = stuck
+    if cur in ("unhealthy", "down") or stuck:
+        state["problem"] = True
+        state.setdefault("problem_since", now_t)
+    if cur == "healthy" and state.get("problem") and not looping:
+        since = state.get("problem_since", now_t)
+        say("recovered", f"healthy again (the trouble lasted {minutes_text(now_t - since)}).")
+        state["problem"] = False
+        state.pop("problem_since", None)
+    state["status"] = cur
+    if cur in ("unhealthy", "healthy"):
+        state["failing"] = cur == "unhealthy"
+    # the host
+    threshold, used = conf["swap_percent"], obs.get("swap_pct")
+    if threshold and used is not None:
+        if not state.get("swap_high") and used >= threshold:
+            say("swap", f"SWAP {used:.0f}% used (alert at {threshold}%): memory is short.")
+            state["swap_high"] = True
+        elif state.get("swap_high") and used < threshold - SWAP_HYSTERESIS:
+            say("swap ok", f"swap back to {used:.0f}% used.")
+            state["swap_high"] = False
+    floor, free = conf["disk_free_mb"], obs.get("disk_free_mb")
+    if floor and free is not None:
+        if not state.get("disk_low") and free < floor:
+            say("disk", f"DISK {free} MB free (alert below {floor} MB).")
+            state["disk_low"] = True
+        elif state.get("disk_low") and free >= floor * 1.1:
+            say("disk ok", f"disk back to {free} MB free.")
+            state["disk_low"] = False
+    return state, out
+
+
+def rate_limit(state, messages, conf, now_t, summary):
+    """(state, messages to send): at most N delivered per M minutes. What is over is held
+    back and counted; the next message says how many were, and once there is room again
+    with nothing new to say, one message tells the count and how things are now."""
+    state = dict(state)
+    window = conf["rate_limit"]["minutes"] * 60
+    sent = [t for t in state.get("sent") or [] if now_t - t < window]
+    room = max(conf["rate_limit"]["messages"] - len(sent), 0)
+    held_before = int(state.get("held") or 0)
+    go = [list(m) for m in messages[:room]]
+    held_now = len(messages[room:])
+    if held_before and go:
+        go[0][1] += f" ({held_before} alert(s) before this one were held back by the rate limit)"
+        held_before = 0
+    elif held_before and room:
+        go = [["held", f"{held_before} alert(s) were held back by the rate limit; now: "
+                       f"{summary}."]]
+        held_before = 0
+    state["sent"] = sent
+    state["held"] = held_before + held_now
+    return state, go
+
+
+def ping_due(state, obs_status, conf, now_t):
+    """The dead-man switch: "ok" every ping_every while healthy, "fail" when it is not
+    (at once on the change, then at the same pace); None while starting or unset."""
+    if not conf.get("ping_url"):
+        return None
+    if state.get("crash_loop") or state.get("stuck") or obs_status in ("unhealthy", "down"):
+        kind = "fail"
+    elif obs_status == "healthy":
+        kind = "ok"
+    else:
+        return None
+    last = state.get("last_ping") or {}
+    if last.get("kind") == kind and last.get("ok") and \
+            now_t - float(last.get("t") or 0) < conf["ping_every"]:
+        return None
+    return kind
+
+
+# the watcher's side effects ----------------------------------------------------------------
+def bot_token(paths, conf):
+    """The bot's token, read when a message goes out: Podman's secret, never a file of
+    ours, an argv or the journal."""
+    version = podman_version(paths, find_tools(paths), may_cache=False) or ""
+    value = secret_value(paths, conf["secret"], version)
+    return value.decode().strip() if value else None
+
+
+def redact(text, token):
+    return text.replace(token, "[REDACTED]") if token else text
+
+
+def telegram_send(conf, token, text, timeout=10):
+    """sendMessage (POST, JSON) to the owner's chat; arrived = ok true with a message_id."""
+    import urllib.error
+    import urllib.request
+
+    chat = conf["chat_id"]
+    body = json.dumps({"chat_id": int(chat) if re.fullmatch(r"-?\d+", chat) else chat,
+                       "text": redact(text, token)[:4000],
+                       "disable_web_page_preview": True}).encode()
+    request = urllib.request.Request(f"{conf['api_base'].rstrip('/')}/bot{token}/sendMessage",
+                                     data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, data = response.status, response.read(65536)
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read(65536)
+        exc.close()
+    except (OSError, ValueError) as exc:  # unreachable, refused, timed out
+        return {"ok": False, "status": None,
+                "error": redact(f"{type(exc).__name__}: {exc}", token)[:200]}
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = {}
+    result = answer.get("result") if isinstance(answer, dict) else None
+    message_id = result.get("message_id") if isinstance(result, dict) else None
+    return {"ok": bool(answer.get("ok")) and message_id is not None, "status": status,
+            "message_id": message_id,
+            "description": redact(str(answer.get("description") or ""), token)[:200]}
+
+
+def send_ping(url, timeout=10):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method="GET",
+                                     headers={"User-Agent": "nightguard-watch"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return {"ok": 200 <= response.status < 300, "status": response.status}
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return {"ok": False, "status": exc.code}
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "status": None, "error": type(exc).__name__}
+
+
+def restart_exits(args, since):
+    """(code, status, name) of each exit of the unit's main process since `since`, from
+    the journal lines systemd itself wrote about the unit."""
+    unit = args["unit"]
+    if args.get("rootless"):
+        argv = ["journalctl", "--user", "-u", unit]
+    else:
+        argv = ["journalctl", "_PID=1", f"UNIT={unit}"]
+    code, out, _ = sh(argv + ["--since", f"@{int(since)}", "-o", "cat", "--no-pager",
+                              "-q", "-n", "200"], 30)
+    return [list(m.groups()) for m in EXIT_LINE.finditer(out)] if code == 0 else []
+
+
+def observe(args, paths, state, now_t):
+    """What one pass sees, from files and one `systemctl show` (the journal only after a
+    restart; podman only where Podman's files lack the health log)."""
+    unit = unit_status(args)
+    container = container_state(paths, args["container"], want_health=True)
+    status, detail = agent_status(container, unit)
+    try:
+        count = int(unit["NRestarts"])
+    except (KeyError, ValueError):
+        count = None
+    exits = []
+    if count is not None and state.get("nrestarts") is not None and count > state["nrestarts"]:
+        # a wide window: systemd's stop and restart can outlast a pass, and the newest
+        # `new` exits are the ones taken
+        exits = restart_exits(args, (state.get("last_pass_t") or now_t) - 300)
+    memory = host_memory(paths)
+    swap_total, swap_free = memory.get("swap_total") or 0, memory.get("swap_free") or 0
+    return {"status": status, "detail": detail, "nrestarts": count, "exits": exits,
+            "swap_pct": 100.0 * (swap_total - swap_free) / swap_total if swap_total else None,
+            "disk_free_mb": int(memory["disk_free"] // (1024 * 1024)),
+            "host": socket.gethostname()}
+
+
+def watch_pass(args, now_t=None):
+    """One pass: observe, decide, send, ping, remember. Returns the line it prints."""
+    paths = default_paths(args)
+    conf = args["config"]
+    now_t = time.time() if now_t is None else now_t
+    state = read_json(paths["alerts_state"], {}) or {}
+    if not lock_is_free(paths):  # a deploy restarts the agent on purpose: not news
+        state.update(last_pass=now(), last_pass_t=now_t, skipped="a deploy holds the lock")
+        write_json(paths["alerts_state"], state)
+        return "watch: a deploy holds the lock; skipped"
+    obs = observe(args, paths, state, now_t)
+    state, messages = transitions(state, obs, conf, now_t)
+    outbox = [m for m in state.pop("outbox", None) or []]
+    state, messages = rate_limit(state, outbox + messages, conf, now_t,
+                                 obs["status"] + (" (crash loop)" if state.get("crash_loop")
+                                                  else ""))
+    sent, error = [], None
+    if messages:
+        token = bot_token(paths, conf)
+        for index, (kind, text) in enumerate(messages):
+            answer = telegram_send(conf, token, text) if token else \
+                {"ok": False, "error": f"the bot's token (secret {conf['secret']}) "
+                                       "cannot be read"}
+            if not answer["ok"]:
+                error = answer.get("error") or answer.get("description") or \
+                    f"HTTP {answer.get('status')}"
+                state["outbox"] = messages[index:][-OUTBOX_MAX:]
+                break
+            sent.append(kind)
+            state["sent"].append(now_t)
+            state["last_alert"] = {"at": now(), "kind": kind, "text": text[:300],
+                                   "message_id": answer.get("message_id")}
+    ping = ping_due(state, obs["status"], conf, now_t)
+    if ping:
+        url = conf["ping_url"].rstrip("/") + ("/fail" if ping == "fail" else "")
+        answer = send_ping(url)
+        state["last_ping"] = {"at": now(), "t": now_t, "kind": ping, "ok": answer["ok"],
+                              "status": answer.get("status")}
+    state.update(last_pass=now(), last_pass_t=now_t, last_error=error)
+    state.pop("skipped", None)
+    write_json(paths["alerts_state"], state)
+    line = f"watch: {obs['status']}"
+    if sent:
+        line += f"; sent {', '.join(sent)}"
+    if error:
+        line += f"; not sent ({error}), {len(state.get('outbox') or [])} kept for the next pass"
+    if state.get("held"):
+        line += f"; {state['held']} held back by the rate limit"
+    if ping:
+        line += f"; ping {ping} {'delivered' if state['last_ping']['ok'] else 'failed'}"
+    return line
+
+
+def watch_main(argv):
+    """One watch pass: `python3 watcher.py ARGS_FILE`, or `import watcher;
+    watcher.watch_main([ARGS_FILE])` as nightguard-watch.service runs it (the import keeps
+    the compiled bytecode).
+    One line to the journal; exit 0 even when Telegram is unreachable (the messages wait
+    in the state file), 2 when the arguments cannot be read."""
+    args = read_json(argv[0], None) if len(argv) == 1 else None
+    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
+        sys.stderr.write("usage: watcher.py ARGS_FILE (a JSON file the deploy writes)\n")
+        return 2
+    paths = default_paths(args)
+    fd = os.open(paths["alerts_state"] + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print("watch: another pass is running; skipped")
+        return 0
+    try:
+        print(watch_pass(args), flush=True)
+    finally:
+        os.close(fd)
+    return 0
+
+
 OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": op_rm_env,
        "sync": op_sync, "release": op_release, "restore_code": op_restore_code,
        "secret_put": op_secret_put, "secret_restore": op_secret_restore,
        "secret_forget": op_secret_forget, "run": op_run, "install_unit": op_install_unit,
        "write_file": op_write_file, "dirs": op_dirs, "reload": op_reload, "gate": op_gate,
        "health": op_health, "logs": op_logs, "history": op_history, "finish": op_finish,
-       "unlock": op_unlock}
-# ops a read-only session may run
-READ_ONLY = {"facts", "health", "logs", "history", "unlock"}
+       "unlock": op_unlock, "base": op_base, "watcher": op_watcher,
+       "alert_test": op_alert_test}
+# ops a read-only session may run (alert_test sends a message and changes nothing here)
+READ_ONLY = {"facts", "health", "logs", "history", "unlock", "alert_test"}
 
 
 def handle(s, request):
@@ -1473,7 +2020,10 @@ def main(args):
         s.close()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "ARGS" not in globals():
+    # the watcher: this file run as a script with an arguments file (nightguard-watch)
+    sys.exit(watch_main(sys.argv[1:]))
+elif __name__ == "__main__":
     main(ARGS)  # noqa: F821 - ARGS is set by the bootstrap line that runs this text
     # The reader thread may still wait on stdin (the client keeps it open after `finish`;
     # a SIGTERM comes at any time): the interpreter's shutdown would abort on it ("Fatal

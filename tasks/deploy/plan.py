@@ -3,8 +3,9 @@
 Pure: everything here works on settings, local files and a facts document (JSON from the
 host helper's ``facts``), so planning is unit-tested from recorded facts, without a host.
 Each comparison sits here once: what the host lacks (packages, Podman's version), whether
-the swap is right, which secrets changed, whether the limits in force drift, and what the
-running container differs in.
+the swap is right, which secrets changed, whether the limits in force drift, what the
+running container differs in, whether the base image is to be pulled (absent, or
+``--refresh``) and whether the alert watcher is to be installed, updated or removed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import Settings
+from tasks.config import Settings, parse_duration
 from tasks.deploy.commands import (
     ROOTLESS_STATE_DIR,
     STATE_DIR,
@@ -23,6 +24,8 @@ from tasks.deploy.commands import (
     content_hash,
     markers_text,
     systemd_unit,
+    watcher_service,
+    watcher_timer,
 )
 from tasks.deploy.compose import health_command, load_compose
 from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
@@ -85,11 +88,13 @@ def markers_path(settings: Settings) -> str:
     return f"{state}/{settings['container_name']}.release.env"
 
 
-def image_tag(settings: Settings) -> str:
-    """A hash of what the image is built from: the base, and the Dockerfile and agent
-    requirements as they travel in source_dir (the host builds from those)."""
+def image_tag(settings: Settings, base_id: str | None = None) -> str:
+    """A hash of what the image is built from: the base (its name and, on a host, the id
+    of the base image there: a new build of python:3.11-slim is a new tag), and the
+    Dockerfile and agent requirements as they travel in source_dir (the host builds from
+    those). Without a host (``inv kube.export``) the base's name stands for it."""
     source = settings.path("source_dir")
-    parts = [settings["base_image"]]
+    parts = [settings["base_image"]] + ([base_id] if base_id else [])
     for rel in IMAGE_INPUTS:
         parts.append((source / rel).read_bytes().decode())
     return content_hash(*parts)
@@ -140,15 +145,17 @@ def build_needs_network(settings: Settings) -> bool:
 
 
 def desired_state(settings: Settings, digests: dict[str, str],
-                  manifest: dict[str, str] | None = None, podman: str | None = None) -> Desired:
+                  manifest: dict[str, str] | None = None, podman: str | None = None,
+                  base_id: str | None = None) -> Desired:
     """``manifest``: the local tree's hashes when already computed in this run; ``podman``:
-    the host's version (it picks the network stack)."""
+    the host's version (it picks the network stack); ``base_id``: the id of the base image
+    on the host (it is part of the image's tag)."""
     if manifest is None:
         from tasks.deploy.sync import declared_roots
 
         manifest = local_manifest(Path(settings.path("source_dir")), declared_roots(settings))
     code = tree_hash(manifest)
-    tag = image_tag(settings)
+    tag = image_tag(settings, base_id)
     ref = f"{settings['image_name']}:{tag}"
     compose = load_compose(settings.path("compose_file"))
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
@@ -295,18 +302,21 @@ class Plan:
     links: list[str] = field(default_factory=list)
     synced: list[str] = field(default_factory=list)  # what the host lists as synced now
     secrets: list[str] = field(default_factory=list)
+    base: str | None = None  # "pull" or "import" the base image first
+    refresh: bool = False  # `inv deploy --refresh`: a newer base is looked for
     build_image: bool = False
     write_unit: bool = False
     write_markers: bool = False
     reload: bool = False  # only the code changed: restart the agent in its container
     restart: bool = False
     gate: bool = False
+    watcher: str | None = None  # "install", "update" or "remove" the alert watcher
     reasons: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any((self.install, self.swap, self.remove_env_file, bool(self.delta),
-                    self.links, self.secrets, self.build_image, self.write_unit,
-                    self.write_markers, self.reload, self.restart, self.gate))
+                    self.links, self.secrets, self.base, self.build_image, self.write_unit,
+                    self.write_markers, self.reload, self.restart, self.gate, self.watcher))
 
     def lines(self, settings: Settings | None = None) -> list[str]:
         size = settings["limits.swap_size"] if settings else "swap"
@@ -323,6 +333,13 @@ class Plan:
             out.append(f"sync: remove {len(self.links)} symbolic link(s) from the app dir")
         if self.secrets:
             out.append(f"secrets: create or update {', '.join(self.secrets)}")
+        base = settings["base_image"] if settings else "the base image"
+        if self.base == "import":
+            archive = settings["base_image_archive"] if settings else "its archive"
+            out.append(f"base: import {base} from {archive}")
+        elif self.base:
+            out.append(f"base: pull {base} " + ("(refresh: a new one means a rebuild)"
+                                                if self.refresh else "(not on the host)"))
         if self.build_image:
             out.append("image: build")
         if self.write_unit:
@@ -333,11 +350,78 @@ class Plan:
             out.append("agent: restart in its container (code only) and wait until healthy")
         elif self.gate:
             out.append("health: the last deploy did not finish its health gate; check it")
+        if self.watcher:
+            out.append({"install": "alerts: install the watcher",
+                        "update": "alerts: update the watcher",
+                        "remove": "alerts: remove the watcher (alerts are off)"}[self.watcher])
         return out
 
 
+def base_action(settings: Settings, facts: dict, refresh: bool = False) -> str | None:
+    """"pull" when the host lacks the base image or a refresh looks for a newer one,
+    "import" for a local base the host lacks and has an archive of; None otherwise (a
+    localhost/ image has no registry to be refreshed from)."""
+    base = settings["base_image"]
+    present = bool(facts.get("base_image")) or base in (facts.get("image_names") or [])
+    if base.startswith("localhost/"):
+        return "import" if not present and settings["base_image_archive"] else None
+    return "pull" if refresh or not present else None
+
+
+def base_id(facts: dict) -> str | None:
+    return (facts.get("base_image") or {}).get("id")
+
+
+def watcher_config(settings: Settings) -> dict:
+    """The watcher's arguments, written root-only on the host: settings and addresses,
+    never the token (the watcher reads it from Podman's secret when it sends)."""
+    return {
+        "chat_id": settings["alerts.chat_id"],
+        "api_base": settings["alerts.api_base"].rstrip("/"),
+        "secret": settings["alerts.token_secret"],
+        "interval": int(parse_duration(settings["alerts.interval"])),
+        "ping_url": settings["alerts.ping_url"],
+        "ping_every": int(parse_duration(settings["alerts.ping_every"])),
+        "crash_loop": {"restarts": settings["alerts.crash_loop.restarts"],
+                       "minutes": settings["alerts.crash_loop.minutes"]},
+        "swap_percent": settings["alerts.swap_percent"],
+        "disk_free_mb": settings["alerts.disk_free_mb"],
+        "rate_limit": {"messages": settings["alerts.rate_limit.messages"],
+                       "minutes": settings["alerts.rate_limit.minutes"]},
+    }
+
+
+def desired_watcher(settings: Settings, helper_version: str) -> dict | None:
+    """The watcher as it should be on the host (None: alerts are off): this version of
+    the host helper, its arguments, its service and timer."""
+    if not settings["alerts.enabled"]:
+        return None
+    config = watcher_config(settings)
+    rootful = not settings["rootless"]
+    return {"version": helper_version, "config": config,
+            "service": watcher_service(rootful=rootful),
+            "timer": watcher_timer(config["interval"])}
+
+
+def watcher_action(wanted: dict | None, facts: dict) -> str | None:
+    """install / update / remove, or None when the host has the watcher wanted."""
+    installed = facts.get("watcher") or {}
+    if wanted is None:
+        return "remove" if installed.get("present") else None
+    if not installed.get("present"):
+        return "install"
+    same = (installed.get("version") == wanted["version"]
+            and installed.get("config") == wanted["config"]
+            and (installed.get("service") or "").strip() == wanted["service"].strip()
+            and (installed.get("timer") or "").strip() == wanted["timer"].strip()
+            and installed.get("enabled"))
+    return None if same else "update"
+
+
 def make_plan(settings: Settings, desired: Desired, facts: dict,
-              digests: dict[str, str]) -> Plan:
+              digests: dict[str, str], *, refresh: bool = False,
+              watcher: dict | None = None) -> Plan:
+    """``watcher``: desired_watcher's answer (None: alerts off)."""
     plan = Plan()
     plan.install = host_needs(settings, facts).install
     plan.swap = swap_needed(settings, facts)
@@ -347,12 +431,22 @@ def make_plan(settings: Settings, desired: Desired, facts: dict,
     plan.links = list(facts.get("links") or [])
     plan.synced = sorted(facts.get("synced") or [])
     plan.secrets = changed_secrets(facts, digests, settings.secret_names)
+    plan.refresh = refresh
+    plan.base = base_action(settings, facts, refresh)
+    plan.watcher = watcher_action(watcher, facts)
+    return plan_container(plan, desired, facts)
+
+
+def plan_container(plan: Plan, desired: Desired, facts: dict) -> Plan:
+    """The image, unit, markers and container part of the plan: from the facts, and again
+    once a pulled base image's id has given the image its tag."""
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
         or not facts.get("unit_enabled")
     plan.write_markers = (facts.get("markers_text") or "").strip() \
         != desired.markers_text.strip()
     container = facts.get("container") or {}
+    plan.reasons = []
     if not container.get("running"):
         plan.reasons.append("container is not running")
     running = container.get("markers") or {}

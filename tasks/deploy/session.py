@@ -55,7 +55,8 @@ def describe(op: str, args: dict) -> str:
     """What a changing call would do, for dry runs (never a value: data is not shown)."""
     if op == "run":
         return shell_join(args["argv"])
-    shown = {k: v for k, v in args.items() if k not in ("text", "state", "audit")}
+    shown = {k: v for k, v in args.items()
+             if k not in ("text", "state", "audit", "config", "service", "timer")}
     return f"{op} {shown}" if shown else op
 
 
@@ -91,6 +92,7 @@ class HostSession:
             "holder": holder(self.command),
             "app_dir": settings["app_dir"], "data_dir": settings["data_dir"],
             "container": settings["container_name"], "image_name": settings["image_name"],
+            "base_image": settings["base_image"],
             "unit": cmd.unit_name(settings["container_name"]), "rootless": not rootful,
             "owner": self.remote.target.user, "paths": self.paths,
             "helper_path": f"{state}/helper/{helper_source()[1]}.py",
@@ -194,7 +196,7 @@ class HostSession:
         return facts
 
     def finish(self, outcome: str | None, *, release: dict | None = None, keep: int = 3,
-               **audit) -> None:
+               prune: bool = False, **audit) -> None:
         """The outcome of a changing task: its audit line, and the release that passed its
         gate, recorded by the host in the same request. ``outcome=None`` ends the session
         without a line (nothing was changed)."""
@@ -202,5 +204,5 @@ class HostSession:
             return
         entry = None if outcome is None else dict(audit, outcome=outcome)
         self.link.call("finish", step="record", timeout=READ_TIMEOUT, audit=entry,
-                       release=release, keep=keep)
+                       release=release, keep=keep, prune=prune)
         self.finished = True

@@ -1,5 +1,5 @@
 """Fixtures of the host tier (tests/unit/hostfake): the real host helper against a fake
-host in a temp folder.
+host in a temp folder; `project`, `host` and `deploy` for run_deploy against it.
 
 These tests run as root on CI, where the machine's real systemctl, swapon or apt-get would
 change the machine. `fake_host` therefore fails the test loudly, before any helper starts,
@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from tests.unit.hostfake import FakeHost, Isolation, check_isolated
+from tests.unit.hostfake.deployer import Deployer, copy_project
 
 # The container's PID 1 stand-in: sleeps; on SIGHUP (an agent restarted in place) it
 # touches the heartbeat file named in HUP_TARGET, as the restarted agent would beat.
@@ -71,3 +72,21 @@ def make_fake_host(tmp_path, container_pids):
 @pytest.fixture
 def fake_host(make_fake_host):
     return make_fake_host()
+
+
+@pytest.fixture
+def project(tmp_path):
+    """The project's syncable files, in a tree a test may edit, with a .env."""
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture
+def host(fake_host) -> FakeHost:
+    # the host's /swapfile lives in the temp folder; its kernel shows it as /swapfile
+    fake_host.configure(swap_names={str(fake_host.paths["swapfile"]): "/swapfile"})
+    return fake_host
+
+
+@pytest.fixture
+def deploy(project, host) -> Deployer:
+    return Deployer(project, host)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,10 +221,12 @@ def test_podman_and_systemctl_variants():
 
 
 # -- images -----------------------------------------------------------------------------------
-def test_image_build_from_a_registry_base():
+def test_image_build_from_a_registry_base_never_pulls_it():
+    # the deploy pulled the base first and put its id in the tag: a pull here could build
+    # from another base than the one the tag names
     assert commands.image_build("localhost/nightguard:abc", "/app/deployment/Dockerfile",
                                 "/app", "docker.io/library/python:3.11-slim") == [
-        "podman", "build", "--format", "docker", "--layers=false", "--pull=missing",
+        "podman", "build", "--format", "docker", "--layers=false", "--pull=never",
         "--file", "/app/deployment/Dockerfile",
         "--build-arg", "BASE_IMAGE=docker.io/library/python:3.11-slim",
         "--tag", "localhost/nightguard:abc", "/app"]
@@ -258,3 +261,32 @@ def test_content_hash_separates_parts():
     assert commands.content_hash("ab", "c") != commands.content_hash("a", "bc")
     assert commands.content_hash("x", b"y") == commands.content_hash(b"x", "y")
     assert len(commands.content_hash("x", length=20)) == 20
+
+
+# -- the alert watcher's units ---------------------------------------------------------------
+def test_watcher_units_hold_no_secret_and_import_the_watcher():
+    service = commands.watcher_service()
+    [line] = [li for li in service.splitlines() if li.startswith("ExecStart=")]
+    assert shlex.split(line[len("ExecStart="):]) == [
+        "/usr/bin/python3", "-I", "-S", "-c",
+        "import sys; sys.path.append('/var/lib/nightguard'); import watcher; "
+        "sys.exit(watcher.watch_main(sys.argv[1:]))", "/var/lib/nightguard/alerts.json"]
+    assert "Type=oneshot" in service and "Environment" not in service
+    assert "%h/.local/state/nightguard/alerts.json" in commands.watcher_service(rootful=False)
+    timer = commands.watcher_timer(30)
+    assert "OnUnitActiveSec=30s" in timer and "AccuracySec=1s" in timer
+    assert "Unit=nightguard-watch.service" in timer and "WantedBy=timers.target" in timer
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is absent")
+def test_systemd_accepts_the_watcher_units(tmp_path):
+    (tmp_path / "nightguard-watch.service").write_text(commands.watcher_service())
+    (tmp_path / "nightguard-watch.timer").write_text(commands.watcher_timer(30))
+    (tmp_path / "broken.service").write_text('[Service]\nExecStart=/bin/true "x\n')
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", "nightguard-watch.timer",
+                           "nightguard-watch.service"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    broken = subprocess.run(["systemd-analyze", "verify", "--man=no", "./broken.service"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert broken.returncode != 0  # the check itself can fail

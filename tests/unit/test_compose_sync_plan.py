@@ -379,8 +379,11 @@ def digests_for(salt: str, token: str = TOKEN, gemini: str = GEMINI) -> dict[str
             "gemini_api_key": secret_digest(salt, gemini)}
 
 
-def desired_for(settings, digests, podman="4.3.1"):
-    return desired_state(settings, digests, podman=podman)
+BASE_ID = "5b2e0f6a" * 8  # the base image's id on the recorded host (as images.json has it)
+
+
+def desired_for(settings, digests, podman="4.3.1", base_id=BASE_ID):
+    return desired_state(settings, digests, podman=podman, base_id=base_id)
 
 
 def deployed_facts(desired, digests) -> dict:
@@ -389,6 +392,9 @@ def deployed_facts(desired, digests) -> dict:
     facts["manifest"] = dict(desired.manifest, **{"data/agent_state.db": "f" * 64})
     facts["synced"] = sorted(desired.manifest)
     facts["image_tags"] = sorted({*facts["image_tags"], desired.image_tag})
+    facts["base_image"] = {"name": "docker.io/library/python:3.11-slim", "id": BASE_ID,
+                           "digest": "sha256:" + "9" * 64,
+                           "created": "2026-11-20T04:11:02.123456789Z"}
     facts["unit_text"] = desired.unit_text
     facts["markers_text"] = desired.markers_text
     facts["secret_hashes"] = dict(digests)
@@ -441,8 +447,11 @@ def test_fresh_host_plans_every_step(project):
     root, source = project
     settings = plan_settings(root, source)
     digests = digests_for("00" * 32)
-    desired = desired_for(settings, digests)
+    desired = desired_for(settings, digests, base_id=None)  # no base on the host yet
     plan = make_plan(settings, desired, load_fixture("fresh_host.json"), digests)
+    assert plan.base == "pull" and not plan.refresh
+    assert "base: pull docker.io/library/python:3.11-slim (not on the host)" in \
+        plan.lines(settings)
     assert plan.swap
     assert not plan.remove_env_file and not plan.install
     assert sorted(plan.delta.changed) == sorted(desired.manifest)
@@ -450,7 +459,7 @@ def test_fresh_host_plans_every_step(project):
     assert plan.secrets == ["telegram_bot_token", "gemini_api_key"]
     assert plan.build_image and plan.write_unit and plan.write_markers and plan.restart
     assert "container is not running" in plan.reasons
-    assert len(plan.lines()) == 6
+    assert len(plan.lines()) == 7
     assert plan
 
 

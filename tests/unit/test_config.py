@@ -431,3 +431,52 @@ def test_a_value_where_a_section_belongs(tmp_path):
 def test_sandbox_name_must_be_a_plain_name(tmp_path):
     message = config_error(tmp_path, overrides={"sandbox.name": "../x"})
     assert message.startswith("command line: nightguard.sandbox.name: '../x' is not a valid")
+
+
+# -- alerts ------------------------------------------------------------------------------------
+def test_alerts_are_off_by_default_and_need_a_chat_id_once_enabled(tmp_path):
+    settings = load(tmp_path)
+    assert settings["alerts.enabled"] is False and settings["alerts.chat_id"] == ""
+    assert "nightguard.alerts.chat_id: is required when alerts.enabled is true" in \
+        config_error(tmp_path, {"NIGHTGUARD_ALERTS_ENABLED": "true"})
+    write_yaml(tmp_path, """\
+        nightguard:
+          alerts:
+            enabled: true
+            chat_id: -1001234567890
+            crash_loop: {restarts: 4}
+    """)
+    settings = load(tmp_path)
+    assert settings["alerts.chat_id"] == "-1001234567890"  # YAML's number, kept as text
+    assert settings["alerts.crash_loop.restarts"] == 4
+    assert settings["alerts.crash_loop.minutes"] == 10
+    assert settings.source("alerts.chat_id") == "invoke.yaml"
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"NIGHTGUARD_ALERTS_CHAT_ID": "owner"}, "alerts.chat_id: 'owner' is not a Telegram chat"),
+    ({"NIGHTGUARD_ALERTS_INTERVAL": "30"}, "alerts.interval: '30' is not a duration"),
+    ({"NIGHTGUARD_ALERTS_INTERVAL": "5s"}, "alerts.interval: must be between 10s and 1h"),
+    ({"NIGHTGUARD_ALERTS_PING_EVERY": "10s"}, "alerts.ping_every: 10s is shorter than"),
+    ({"NIGHTGUARD_ALERTS_API_BASE": "ftp://api.telegram.org"}, "alerts.api_base: 'ftp://"),
+    ({"NIGHTGUARD_ALERTS_API_BASE": "https://user:pw@api.telegram.org"}, "without credentials"),
+    ({"NIGHTGUARD_ALERTS_PING_URL": "https://hc-ping.com/x?y=1"}, "alerts.ping_url: "),
+    ({"NIGHTGUARD_ALERTS_TOKEN_SECRET": "gemini", "NIGHTGUARD_ALERTS_ENABLED": "1",
+      "NIGHTGUARD_ALERTS_CHAT_ID": "42"}, "alerts.token_secret: 'gemini' is not one"),
+    ({"NIGHTGUARD_ALERTS_CRASH_LOOP_RESTARTS": "0"}, "crash_loop.restarts: must be at least"),
+    ({"NIGHTGUARD_ALERTS_RATE_LIMIT_MESSAGES": "0"}, "rate_limit.messages: must be at least"),
+    ({"NIGHTGUARD_ALERTS_SWAP_PERCENT": "101"}, "alerts.swap_percent: must be between 0"),
+    ({"NIGHTGUARD_ALERTS_DISK_FREE_MB": "-1"}, "alerts.disk_free_mb: must be 0 or more"),
+    ({"NIGHTGUARD_ALERTS_ENABLED": "sometimes"}, "alerts.enabled: 'sometimes' is not true"),
+])
+def test_bad_alert_settings_are_one_line_naming_the_key(tmp_path, env, expected):
+    message = config_error(tmp_path, env)
+    assert expected in message
+    assert message.startswith("environment (NIGHTGUARD_ALERTS_")
+
+
+def test_alert_urls_that_are_fine(tmp_path):
+    settings = load(tmp_path, {"NIGHTGUARD_ALERTS_PING_URL":
+                               "https://hc-ping.com/0f6b5b2e-8a1c-4b7e-9d1e-2f0c6a7b8c9d",
+                               "NIGHTGUARD_ALERTS_API_BASE": "http://10.0.2.2:8081"})
+    assert settings["alerts.ping_url"].endswith("8c9d")

@@ -1,6 +1,7 @@
 """The tasks' orchestration (tasks.deploy.deploy.run_deploy, secrets.rotate) against the
 real host helper on a fake host (tests/unit/hostfake): a copy of the project tree, a .env,
-and a LocalRemote whose one pipe is the helper process instead of an SSH channel."""
+and a LocalRemote whose one pipe is the helper process instead of an SSH channel (the
+fixtures `project`, `host` and `deploy`: conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,84 +17,20 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from tasks.config import load_settings
 from tasks.deploy import apply
 from tasks.deploy import deploy as deploy_tasks
 from tasks.deploy import health as health_tasks
 from tasks.deploy import history as history_tasks
 from tasks.deploy import secrets as secrets_tasks
-from tasks.deploy.deploy import HostUnfit, run_deploy
-from tasks.deploy.envfile import load_secret_values
+from tasks.deploy.deploy import HostUnfit
 from tasks.deploy.session import LockHeld
-from tasks.deploy.sync import local_manifest, rules_for
 from tasks.errors import StepFailed
-from tests.unit.hostfake import FakeHost, LocalRemote
+from tests.unit.hostfake import FakeHost
+from tests.unit.hostfake.deployer import GEMINI, TOKEN, Deployer, write_env
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN, GEMINI = "tg-local-9f3c1a7b55d2", "gem-local-4be0c2d97a61"
 AGENT = "execution/system/health_check.py"  # a file of the synced tree
-
-
-def write_env(project: Path, token: str = TOKEN, gemini: str = GEMINI) -> None:
-    path = project / ".env"
-    path.write_text(f"TELEGRAM_BOT_TOKEN={token}\nGEMINI_API_KEY={gemini}\n")
-    path.chmod(0o600)
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """The project's syncable files, in a tree a test may edit, with a .env."""
-    root = tmp_path / "project"
-    for rel in local_manifest(ROOT, rules_for(load_settings(environ={}))):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, root / rel)
-    shutil.copy2(ROOT / "invoke.yaml", root / "invoke.yaml")
-    write_env(root)
-    return root
-
-
-@pytest.fixture
-def host(fake_host) -> FakeHost:
-    # the host's /swapfile lives in the temp folder; its kernel shows it as /swapfile
-    fake_host.configure(swap_names={str(fake_host.paths["swapfile"]): "/swapfile"})
-    return fake_host
-
-
 BASE = "localhost/nightguard-base:latest"
-
-
-class Deployer:
-    """`inv deploy` without preflight's SSH target: settings from the copied tree."""
-
-    def __init__(self, project: Path, host: FakeHost):
-        self.project, self.host = project, host
-        self.remotes: list[LocalRemote] = []
-
-    def settings(self, **overrides):
-        return load_settings(root=self.project, environ={}, overrides={
-            "app_dir": str(self.host.app_dir), "data_dir": str(self.host.data_dir),
-            "limits.swap_size": "16m", "health.deadline": 5, **overrides})
-
-    def remote(self, **kwargs) -> LocalRemote:
-        kwargs.setdefault("redact", load_secret_values(self.settings()).redact)
-        remote = LocalRemote(self.host, **kwargs)
-        self.remotes.append(remote)
-        return remote
-
-    def __call__(self, settings=None, **kwargs) -> dict:
-        settings = settings or self.settings()
-        values = load_secret_values(settings)
-        manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
-        return run_deploy(settings, values, manifest, self.remote(**kwargs))
-
-    @property
-    def last(self) -> LocalRemote:
-        return self.remotes[-1]
-
-
-@pytest.fixture
-def deploy(project, host) -> Deployer:
-    return Deployer(project, host)
 
 
 def mirror(host: FakeHost):

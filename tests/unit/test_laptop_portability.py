@@ -108,7 +108,8 @@ def _origin(module: str) -> str | None:
 
 def _third_party(paths) -> dict[str, set[str]]:
     """{distribution: modules} for the non-stdlib, non-project imports of these files."""
-    local = {p.stem for p in ROOT.rglob("*.py") if ".venv" not in p.parts} | {"tasks", "tests"}
+    local = {p.stem for p in ROOT.rglob("*.py") if ".venv" not in p.parts} | {"tasks", "tests",
+                                                                            "bench"}
     found = {}
     for path in paths:
         for module, certain in _imports(path):

@@ -1,6 +1,7 @@
 """The unit tier's host: the real host helper (tasks/deploy/host_helper.py) as a local child
 process, with its state dir, the app dir and Podman's storage in a temp folder, and the
-stand-ins in ./standins for podman, systemctl, apt-get, dpkg and the swap tools.
+stand-ins in ./standins for podman, systemctl, journalctl, apt-get, dpkg and the swap
+tools.
 
     host = FakeHost(tmp_path, live_pid, dead_pid)  # the `fake_host` fixture (conftest.py)
     with host.helper() as helper:                  # one helper process, a changing session
@@ -8,6 +9,7 @@ stand-ins in ./standins for podman, systemctl, apt-get, dpkg and the swap tools.
     host.calls("podman")                           # the argv of every podman call so far
     host.fail("secret-create", match="NAME")       # the next `secret create NAME` fails
     host.control("health", {"fail": True})         # the container's health check fails
+    host.watch()                                   # one pass of the installed alert watcher
     remote = LocalRemote(host)                     # a Remote whose pipe is that helper
 
 Safety: the tests run as root on CI, where the machine's own systemctl or swapon would
@@ -24,6 +26,7 @@ import os
 import pwd
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,13 +36,14 @@ from tasks.deploy.hostlink import BOOTSTRAP, HELPER_FILE, HostLink, local_pipe
 from tasks.deploy.remote import Remote, SshTarget
 
 STANDINS = Path(__file__).resolve().with_name("standins")
-TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "apt-get": "apt_get.py",
+TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "journalctl": "journalctl.py",
+         "apt-get": "apt_get.py",
          "dpkg": "dpkg.py", "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
          "swapon": "swap.py", "crun": "tool.py", "conmon": "tool.py", "netavark": "tool.py",
          "aardvark-dns": "tool.py", "iptables": "tool.py", "slirp4netns": "tool.py",
          "pasta": "tool.py", "loginctl": "loginctl.py"}
-RUNS = ("podman", "systemctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap", "swapon",
-        "loginctl")
+RUNS = ("podman", "systemctl", "journalctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap",
+        "swapon", "loginctl")
 CONTAINER = "97layer-nightguard"
 IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)
@@ -73,6 +77,12 @@ class FakeHost:
             "linger_dir": root / "var/lib/systemd/linger",
             "cgroup_controllers": root / "sys/fs/cgroup/cgroup.controllers",
             "proc": root / "proc", "cgroup": root / "sys/fs/cgroup",
+            "meminfo": root / "proc/meminfo", "disk": root,
+            "watcher": state / "watcher.py", "alerts_args": state / "alerts.json",
+            "alerts_state": state / "alerts-state.json",
+            "watch_service": units / "nightguard-watch.service",
+            "watch_timer": units / "nightguard-watch.timer",
+            "watch_timer_wants": units / "timers.target.wants" / "nightguard-watch.timer",
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman
         }
         for key in ("graphroot", "runroot", "systemd_run", "apt_sources", "cgroup"):
@@ -84,6 +94,7 @@ class FakeHost:
         self.paths["swappiness"].write_text("60\n")
         self.paths["fstab"].write_text("# /etc/fstab\nUUID=1234 / ext4 defaults 0 1\n")
         self.paths["cgroup_controllers"].write_text("cpuset cpu io memory pids\n")
+        self.meminfo()
         (self.paths["apt_sources"] / "sources.list").write_text("")
         archive = root / "var/lib/nightguard-sandbox/base.tar"  # the sandbox's preloaded base
         archive.parent.mkdir(parents=True)
@@ -95,6 +106,7 @@ class FakeHost:
         python = getattr(sys, "_base_executable", sys.executable)
         (self.pybin / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(python)} -S "$@"\n')
         (self.pybin / "python3").chmod(0o755)
+        self.watch_argvs: list[list[str]] = []
         self.control_dir = root / "control"
         self.control_dir.mkdir()
         self.log = root / "calls.jsonl"
@@ -114,6 +126,13 @@ class FakeHost:
             "bin": str(self.bin), "live_pid": live_pid, "dead_pid": dead_pid,
             "version": podman}
         self.configure()
+
+    def meminfo(self, *, swap_total_mb: int = 2048, swap_free_mb: int = 2048) -> None:
+        """The host's /proc/meminfo as a 1 GB VM with its swapfile shows it."""
+        self.paths["meminfo"].write_text(
+            f"MemTotal:        1004584 kB\nMemFree:          123456 kB\n"
+            f"MemAvailable:     512000 kB\nSwapTotal:       {swap_total_mb * 1024} kB\n"
+            f"SwapFree:        {swap_free_mb * 1024} kB\n")
 
     def configure(self, **changes) -> None:
         """Change what the stand-ins are told (e.g. swap_names, version)."""
@@ -164,6 +183,30 @@ class FakeHost:
 
     def remove_tool(self, name: str) -> None:
         (self.bin / name).unlink()
+
+    # -- the alert watcher ----------------------------------------------------------------
+    def watch(self, timeout: float = 30) -> subprocess.CompletedProcess:
+        """One pass of the installed watcher, as its systemd service runs it: the copy of
+        the helper imported from where the deploy put it, with its arguments file."""
+        argv = [getattr(sys, "_base_executable", sys.executable), "-I", "-S", "-c",
+                cmd.watcher_code(str(self.paths["watcher"].parent)),
+                str(self.paths["alerts_args"])]
+        self.watch_argvs.append(argv)
+        return subprocess.run(argv, env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def alerts_state(self) -> dict:
+        return self.read("alerts_state", default={}) or {}
+
+    def health_log(self, status: str, streak: int = 0, output: str = "") -> None:
+        """The running container's health as Podman records it (healthcheck.log)."""
+        entry = self.container()
+        log = {"Status": status, "FailingStreak": streak,
+               "Log": [{"Start": "", "End": "", "ExitCode": 1 if streak else 0,
+                        "Output": output}]}
+        folder = self.paths["runroot"] / "overlay-containers" / entry["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "healthcheck.log").write_text(json.dumps(log))
 
     # -- reading the fake host ----------------------------------------------------------
     def read(self, key: str, *parts: str, default=None):

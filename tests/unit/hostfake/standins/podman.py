@@ -2,7 +2,7 @@
 """Stand-in for podman 4.x/5.x. It keeps its state in the files real Podman writes, so the
 host helper's file-reading fast path reads what this stand-in wrote:
 
-  <graphroot>/overlay-images/images.json              [{id, names, created}]
+  <graphroot>/overlay-images/images.json              [{id, digest, names, created}]
   <graphroot>/secrets/secrets.json                    {secrets: {id: {...}}, nameToID, idToName}
   <graphroot>/secrets/filedriver/secretsdata.json     {id: base64 value}
   <graphroot>/overlay-containers/containers.json      [{id, names, image, metadata, created}]
@@ -12,19 +12,23 @@ host helper's file-reading fast path reads what this stand-in wrote:
 and, for what the helper reads of the container's cgroup, <proc>/<pid>/cgroup and
 <cgroup>/machine.slice/libpod-<id>.scope/container/memory.max (and swap, usage).
 
-Commands: version, images, build, rmi, secret create/rm/ls/inspect, run, rm, stop,
-container inspect, healthcheck run, logs. The version (config "version", or the control
-file "version") decides what Podman < 4.7 lacks: `secret create --replace` and
-`secret inspect --showsecret` are unknown flags there, as on a real 4.3.
+Commands: version, images, build, pull, import, rmi, image prune/inspect, secret
+create/rm/ls/inspect, run, rm, stop, container inspect, healthcheck run, logs. The version
+(config "version", or the control file "version") decides what Podman < 4.7 lacks:
+`secret create --replace` and `secret inspect --showsecret` are unknown flags there, as on
+a real 4.3.
 A running container's pid is the test's long-sleeping process (config "live_pid"); a
 stopped one's pid file names a process that is gone ("dead_pid").
 
-Control files (JSON, see common.py): fail-<what> for build, run, secret-create,
-secret-rm; "health" ({"fail": true} or {"fail_if_secret": {name: value}} or
-{"fail_if_file": path under /app}, "output", "kill": the container stops, as
---health-on-failure=kill does); "build" ({"lines": n, "sleep": seconds per line});
-"logs" (the lines the agent printed); "cgroup" (values that override the limits the
-kernel would show, to fake a drift); "cgroup_v1" (true: the host's cgroup is v1).
+Control files (JSON, see common.py): fail-<what> for build, pull, run, secret-create,
+secret-rm; "registry" ({name: {"id", "created"}}: what a pull of that name brings; without
+an entry a pull brings the image already there, or a new one); "health" ({"fail": true}
+or {"fail_if_secret": {name: value}} or {"fail_if_file": path under /app} or
+{"fail_unless_image": the one image that passes}, "output",
+"kill": the container stops, as --health-on-failure=kill does); "build" ({"lines": n,
+"sleep": seconds per line}); "logs" (the lines the agent printed); "cgroup" (values that
+override the limits the kernel would show, to fake a drift); "cgroup_v1" (true: the
+host's cgroup is v1).
 """
 
 from __future__ import annotations
@@ -146,9 +150,65 @@ def cmd_build(args):
         if image["names"]:
             kept.append(image)
     image_id = os.urandom(32).hex()
-    kept.append({"id": image_id, "names": [tag], "created": iso_now()})
+    kept.append({"id": image_id, "digest": f"sha256:{os.urandom(32).hex()}", "names": [tag],
+                 "created": iso_now()})
     write_json(IMAGES, kept)
     print(f"COMMIT {tag}\n{image_id}")
+
+
+def name_image(name: str, image: dict) -> None:
+    """Give NAME to image (a new one or one already stored), taking it from any other."""
+    kept = []
+    for other in images():
+        if other["id"] == image["id"]:
+            continue
+        other["names"] = [n for n in other.get("names") or [] if n != name]
+        kept.append(other)  # a base loses its name, not its place: images built on it
+    image["names"] = sorted({*(image.get("names") or []), name})
+    write_json(IMAGES, [*kept, image])
+
+
+def cmd_pull(args):
+    """`podman pull NAME`: what the registry (control "registry") has under NAME."""
+    _, rest = options(args)
+    name = rest[0]
+    fail_if_told("pull", args)
+    if name.startswith("localhost/"):
+        die(f"Error: initializing source docker://{name}: pinging container registry "
+            "localhost: connection refused")
+    offered = control("registry", {}).get(name)
+    current = next((i for i in images() if name in (i.get("names") or [])), None)
+    if offered is None:
+        image = current or {"id": os.urandom(32).hex(), "created": iso_now()}
+    elif current is not None and current["id"] == offered["id"]:
+        image = current
+    else:
+        image = next((i for i in images() if i["id"] == offered["id"]), None) or {
+            "id": offered["id"], "created": offered.get("created", iso_now())}
+    image.setdefault("digest", f"sha256:{image['id'][::-1]}")
+    print("Trying to pull " + name + "...\nGetting image source signatures", flush=True)
+    print(f"Copying blob sha256:{image['id'][:12]} done\nWriting manifest to image "
+          f"destination\n{image['id']}")
+    name_image(name, image)
+
+
+def cmd_image(args):
+    sub, rest = args[0], args[1:]
+    if sub == "prune":  # images without a name (the stand-in keeps no layers)
+        dropped = [i for i in images() if not i.get("names")]
+        write_json(IMAGES, [i for i in images() if i.get("names")])
+        for image in dropped:
+            print(image["id"])
+    elif sub == "inspect":
+        _, names = options(rest, {"--format", "-f"})
+        image = next((i for i in images() if names[0] in (i.get("names") or [])), None)
+        if image is None:
+            die(f"Error: {names[0]}: image not known")
+        print(json.dumps([{"Id": image["id"], "Digest": image.get("digest", ""),
+                           "Created": image.get("created"),
+                           "RepoTags": image.get("names")}], indent=4))
+    else:
+        die(f"Error: unknown command image {sub} for the stand-in")
 
 
 def cmd_import(args):
@@ -157,10 +217,9 @@ def cmd_import(args):
     archive, name = rest[0], rest[1]
     if not os.path.isfile(host_path(archive)):
         die(f"Error: {archive}: no such file or directory")
-    kept = [i for i in images() if name not in (i.get("names") or [])]
     image_id = os.urandom(32).hex()
-    kept.append({"id": image_id, "names": [name], "created": iso_now()})
-    write_json(IMAGES, kept)
+    name_image(name, {"id": image_id, "digest": f"sha256:{os.urandom(32).hex()}",
+                      "created": iso_now()})
     print(image_id)
 
 
@@ -538,6 +597,8 @@ def cmd_healthcheck(args):
         failing |= secret_in_container(cid, name) == value
     if rule.get("fail_if_file"):
         failing |= os.path.exists(f"{app_source(cid)}/{rule['fail_if_file']}")
+    if rule.get("fail_unless_image"):
+        failing |= json.loads(entry["metadata"])["image-name"] != rule["fail_unless_image"]
     log = health_log(cid) or {"Status": "starting", "FailingStreak": 0, "Log": []}
     output = rule.get("output", "agent: heartbeat is stale") if failing else ""
     log["Log"] = [*log["Log"], {"Start": iso_now(), "End": iso_now(),
@@ -567,7 +628,7 @@ def cmd_logs(args):
 COMMANDS = {"version": cmd_version, "images": cmd_images, "build": cmd_build,
             "rmi": cmd_rmi, "secret": cmd_secret, "run": cmd_run, "rm": cmd_rm,
             "stop": cmd_stop, "container": cmd_container, "healthcheck": cmd_healthcheck,
-            "logs": cmd_logs, "import": cmd_import}
+            "logs": cmd_logs, "import": cmd_import, "pull": cmd_pull, "image": cmd_image}
 
 if __name__ == "__main__":
     record("podman", sys.argv[1:])

@@ -2,7 +2,9 @@
 """Stand-in for systemctl (system or --user) with units in the test's unit dir.
 
   daemon-reload      systemd reads the unit files again
-  enable UNIT        the wants link (in config "wants_dir") -> the unit file
+  enable [--now] UNIT   the wants link (in config "wants_dir"; a timer's in
+                     timers.target.wants beside it) -> the unit file; --now starts it
+  disable [--now] UNIT  removes the link; --now stops it
   restart UNIT       as systemd does with the unit *as last loaded* (a unit file changed
                      without daemon-reload is not seen): ExecStop/ExecStopPost when it is
                      active, then ExecStartPre and ExecStart; podman lines run the podman
@@ -34,6 +36,12 @@ def die(message: str, code: int = 1) -> None:
 
 def unit_file(unit: str) -> str:
     return os.path.join(CONFIG["unit_dir"], unit)
+
+
+def wants_link(unit: str) -> str:
+    if unit.endswith(".timer"):
+        return os.path.join(os.path.dirname(CONFIG["wants_dir"]), "timers.target.wants", unit)
+    return os.path.join(CONFIG["wants_dir"], unit)
 
 
 def read_unit(path: str) -> str | None:
@@ -92,6 +100,8 @@ def main(argv: list[str]) -> None:
     record("systemctl", argv)
     words = [w for w in argv if w not in ("--user", "--quiet", "-q", "--no-pager")]
     state = read_json(STATE, {"loaded": {}, "active": {}, "since": {}, "reloads": 0})
+    now = "--now" in words
+    words = [w for w in words if w != "--now"]
     command, rest = words[0], words[1:]
     if command == "daemon-reload":
         fail_if_told("daemon-reload", argv)
@@ -102,11 +112,21 @@ def main(argv: list[str]) -> None:
         unit = rest[0]
         if read_unit(unit_file(unit)) is None:
             die(f"Failed to enable unit: Unit file {unit} does not exist.")
-        link = os.path.join(CONFIG["wants_dir"], unit)
-        os.makedirs(CONFIG["wants_dir"], exist_ok=True)
+        link = wants_link(unit)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(link):
             os.symlink(unit_file(unit), link)
             sys.stderr.write(f"Created symlink {link} -> {unit_file(unit)}.\n")
+        if now:
+            restart(unit, state)
+    elif command == "disable":
+        unit = rest[0]
+        link = wants_link(unit)
+        if os.path.lexists(link):
+            os.unlink(link)
+            sys.stderr.write(f"Removed {link}.\n")
+        if now:
+            state["active"][unit] = "inactive"
     elif command == "restart":
         restart(rest[0], state)
     elif command == "show":
