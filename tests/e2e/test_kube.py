@@ -115,7 +115,11 @@ def cleanup(target, info: dict) -> None:
                 f"sudo -n podman rmi --ignore {info['image']}; rm -rf {REMOTE}")
 
 
-@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+# Podman 5.4 (Debian 13) only: 4.3 does not decode a Kubernetes Secret's data (4.4), ignores
+# defaultMode (4.8), has no `kube down --force` (4.4) and may leave a hung container stopped
+# instead of restarting it on a failing probe (4.5): NOTES.md says so. A CI run has the
+# time for one engine; 4.9+ is the version a rehearsal on the VM needs.
+@pytest.fixture(scope="module", params=["trixie"])
 def vm(request):
     return request.getfixturevalue(f"sandbox_{request.param}")
 
