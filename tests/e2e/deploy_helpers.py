@@ -141,5 +141,17 @@ def control(ssh_run, target, name: str, value: str = "1") -> None:
     assert done.returncode == 0, done.stderr
 
 
+def figure(name: str, value: float, unit: str = "s") -> None:
+    """A measured figure of this run, for the README's table: one JSON line in
+    $NG_E2E_FIGURES (default .sandbox/e2e-figures.jsonl), and on stdout."""
+    path = Path(os.environ.get("NG_E2E_FIGURES") or ROOT / ".sandbox" / "e2e-figures.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"name": name, "value": round(value, 1), "unit": unit,
+                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                     + "\n")
+    print(f"{name}: {value:.1f} {unit}")
+
+
 def output(done: subprocess.CompletedProcess) -> str:
     return done.stdout + done.stderr

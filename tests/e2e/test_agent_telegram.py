@@ -22,6 +22,7 @@ from tests.e2e.deploy_helpers import (
     audit,
     checked,
     copy_source,
+    figure,
     healthy_now,
     inv,
     inv_env,
@@ -116,7 +117,7 @@ def through(step, telegram, env, ssh_run, target, *args) -> float:
     assert telegram.conflicts == 0, f"two pollers overlapped during {step}"
     assert healthy_now(ssh_run, target)
     gap = polling_gap(telegram, started)
-    print(f"{step}: polling gap {gap:.1f} s")
+    figure(f"telegram polling gap, {step}", gap)
     return gap
 
 

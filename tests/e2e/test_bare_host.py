@@ -21,6 +21,7 @@ from tests.e2e.deploy_helpers import (
     audit,
     checked,
     copy_source,
+    figure,
     healthy_now,
     inspect,
     inv,
@@ -88,7 +89,7 @@ def test_vm_create_then_one_deploy_provisions_a_bare_host(bare, gcp_env, ssh_run
     assert "pinned host key of [127.0.0.1]" in text
     assert "plan: host: install podman" in text
     assert "plan: host: set up the 2g swapfile" in text
-    print(f"cold deploy from a bare host: {seconds:.1f} s")
+    figure("cold deploy from a bare host (Podman installed)", seconds)
     (base / "bare-cold-seconds").write_text(f"{seconds:.1f}\n")
     version = checked(ssh_run, bare, "podman --version").split()[-1]
     assert tuple(int(x) for x in version.split(".")[:2]) >= (4, 3)

@@ -22,6 +22,7 @@ from tests.e2e.deploy_helpers import (
     audit,
     checked,
     copy_source,
+    figure,
     healthy_now,
     inspect,
     inv,
@@ -79,8 +80,15 @@ def fingerprint(ssh_run, target) -> str:
         "cat /proc/swaps; podman ps -q --no-trunc'"))
 
 
-def test_cold_deploy_is_healthy_with_swap_limits_and_secrets(sandbox, env, ssh_run):
+def timed_deploy(env, name: str):
+    started = time.monotonic()
     done = inv(["deploy"], env)
+    figure(name, time.monotonic() - started)
+    return done
+
+
+def test_cold_deploy_is_healthy_with_swap_limits_and_secrets(sandbox, env, ssh_run):
+    done = timed_deploy(env, f"{sandbox['name']}: cold deploy (image build included)")
     assert done.returncode == 0, output(done)
     assert TOKEN not in output(done) and GEMINI not in output(done)
     assert "ssh connections: 1, remote commands: 1," in done.stdout
@@ -125,7 +133,7 @@ def test_the_agent_reads_its_code_and_writes_only_its_data_dir(sandbox, env, ssh
 def test_second_deploy_changes_nothing(sandbox, env, ssh_run):
     before = inspect(ssh_run, sandbox)["State"]["StartedAt"]
     lines = len(audit(ssh_run, sandbox))
-    done = inv(["deploy"], env)
+    done = timed_deploy(env, f"{sandbox['name']}: no-op deploy")
     assert done.returncode == 0, output(done)
     assert "no changes" in done.stdout
     assert "ssh connections: 1, remote commands: 1," in done.stdout
@@ -149,7 +157,7 @@ def test_dry_run_changes_nothing_on_the_host(sandbox, env, ssh_run):
 def test_one_line_change_sends_about_that_file_and_restarts_the_agent(sandbox, env, ssh_run):
     container = inspect(ssh_run, sandbox)["Id"]
     starts = agent_starts(ssh_run, sandbox)
-    done = inv(["deploy"], env)  # the change made by the dry-run test above
+    done = timed_deploy(env, f"{sandbox['name']}: one-file change deploy")  # from the dry run
     assert done.returncode == 0, output(done)
     assert "sync: 1 file(s) to send, 0 to remove" in done.stdout
     steps = [line.split(":")[0].strip(" -") for line in done.stdout.splitlines()

@@ -20,6 +20,7 @@ from tests.e2e.deploy_helpers import (
     checked,
     control,
     copy_source,
+    figure,
     health_status,
     inspect,
     inv,
@@ -67,7 +68,7 @@ def test_crash_is_back_within_60_seconds(deployed, ssh_run):
     since = time.monotonic()  # the agent exits at its next loop turn (within 5 s)
     seconds = back_healthy(ssh_run, deployed, before, since, 60)
     assert seconds is not None, "not back and healthy within 60 s after a crash"
-    print(f"{deployed['name']}: crash -> healthy in {seconds:.0f} s")
+    figure(f"{deployed['name']}: crash -> healthy", seconds)
 
 
 def test_hang_is_restarted_within_5_minutes(deployed, ssh_run):
@@ -79,7 +80,7 @@ def test_hang_is_restarted_within_5_minutes(deployed, ssh_run):
                       or started_at(ssh_run, deployed) != before, 240, 5)
     seconds = back_healthy(ssh_run, deployed, before, since, 300)
     assert seconds is not None, "hung agent not restarted and healthy within 5 minutes"
-    print(f"{deployed['name']}: hang -> healthy in {seconds:.0f} s")
+    figure(f"{deployed['name']}: hang -> healthy", seconds)
 
 
 def kernel_oom_lines(ssh_run, target, since_epoch: int) -> str:
@@ -108,4 +109,4 @@ def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed
     killed = kernel_oom_lines(ssh_run, deployed, window)
     # the kernel's OOM killer acted in this container's cgroup, during this test
     assert "oom-kill" in killed and cid in killed, killed
-    print(f"{deployed['name']}: OOM -> healthy in {seconds:.0f} s")
+    figure(f"{deployed['name']}: OOM kill -> healthy", seconds)
