@@ -37,7 +37,7 @@ def pytest_configure(config):
 FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_single_steps.py", "test_security.py",
               "test_secrets.py", "test_interrupts.py", "test_agent_telegram.py",
               "test_alerts.py", "test_rootless.py",
-              "test_kube.py", "test_recovery.py", "test_bare_host.py")
+              "test_kube_play.py", "test_recovery.py", "test_bare_host.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,7 +70,7 @@ def _wanted(item) -> set[str]:
     names = set(getattr(item, "fixturenames", ()))
     wanted = {vm for flavour, vm in SHARED.items() if f"sandbox_{flavour}" in names}
     for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-        if value in SHARED:
+        if isinstance(value, str) and value in SHARED:
             wanted.add(SHARED[value])
     return wanted
 
