@@ -2,6 +2,10 @@
 
 Each exposure test searches for a known value where it must not be; each would fail if the
 value got there (the positive control checks that the search itself finds a planted value).
+Shell history is not searched: the tool never runs an interactive shell on the host, and a
+non-interactive ssh command writes no history, so such a search could never fail; what a
+history would have held - the command lines - is covered by the process-list samples and
+by sudo's log in the journal, both searched.
 """
 
 from __future__ import annotations
