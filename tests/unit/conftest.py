@@ -17,7 +17,8 @@ from tests.unit.hostfake import FakeHost, Isolation, check_isolated
 from tests.unit.hostfake.deployer import Deployer, copy_project
 
 # The container's PID 1 stand-in: sleeps; on SIGHUP (an agent restarted in place) it
-# touches the heartbeat file named in HUP_TARGET, as the restarted agent would beat.
+# touches the heartbeat file named in HUP_TARGET, as the restarted agent would beat. It ends
+# with pytest, even a killed one, so an aborted run leaves no process behind.
 PID1 = """import os, signal, sys, time
 def hup(signum, frame):
     try:
@@ -28,8 +29,9 @@ def hup(signum, frame):
     except OSError:
         pass
 signal.signal(signal.SIGHUP, hup)
-while True:
-    time.sleep(3600)
+parent = os.getppid()
+while os.getppid() == parent:
+    time.sleep(1)
 """
 
 

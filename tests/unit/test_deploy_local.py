@@ -270,7 +270,7 @@ def test_a_real_sigint_anywhere_stops_the_task_and_the_host_records_it(deploy, h
     """SIGINT, not an exception raised by the test: whatever the main thread is doing when
     it lands (Python may swallow a KeyboardInterrupt raised in a garbage-collector callback),
     the host side is told at once and the task stops at its next step."""
-    host.control("build", {"lines": 60, "sleep": 0.05})
+    host.control("build", {"lines": 200, "sleep": 0.05})
     signals = []
 
     def on_progress(line):
