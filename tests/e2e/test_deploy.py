@@ -8,6 +8,8 @@ a secret) rolled back.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -31,7 +33,6 @@ from tests.e2e.deploy_helpers import (
     markers,
     output,
     start_inv,
-    wait_until,
 )
 
 MiB = 1024 * 1024
@@ -243,18 +244,26 @@ def test_concurrent_deploy_names_the_lock_holder(sandbox_bookworm, bookworm_env,
     with open(env["NIGHTGUARD_SOURCE_DIR"] + "/directives/README.md", "a") as handle:
         handle.write(f"lock test {time.time()}\n")
     first = start_inv(["deploy"], env)
-    # The first run holds the lock through its restart and health gate (seconds).
-    assert wait_until(lambda: ssh_run(sandbox, f"sudo -n test -s {STATE}/lock.json")
-                      .returncode == 0, timeout=120, interval=0.5)
-    second = inv(["deploy"], env)
-    shown = inv(["unlock"], env)
+    # A code-only deploy is over in seconds: the first is frozen on the laptop once its
+    # first step is done (its host helper, and so the lock, waits for it), then thawed.
+    seen = []
+    while not any(line.startswith("  - ") for line in seen):
+        line = first.stdout.readline()
+        assert line, "".join(seen)  # the first deploy ended before any step
+        seen.append(line)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        checked(ssh_run, sandbox, f"sudo -n test -s {STATE}/lock.json")
+        second = inv(["deploy"], env)
+        shown = inv(["unlock"], env)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     out, _ = first.communicate(timeout=900)
-    assert first.returncode == 0, out
+    assert first.returncode == 0, "".join(seen) + out
     assert second.returncode == 1, output(second)
     assert "another deploy holds the lock" in second.stderr
     assert "(deploy) since" in second.stderr
-    if "no lock is held" not in shown.stdout:  # the first may have finished meanwhile
-        assert "the lock is held by" in shown.stdout and "(deploy)" in shown.stdout
+    assert "the lock is held by" in shown.stdout and "(deploy)" in shown.stdout, output(shown)
     assert healthy_now(ssh_run, sandbox)
     assert "no lock is held" in inv(["unlock"], env).stdout
 
