@@ -12,6 +12,12 @@ Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is 
 no way to build one: tasks/sandbox/support.py says why); in CI (the CI environment
 variable is set) that fails the run instead of turning it green with skips. The first run
 on a machine builds the images (a few minutes per flavour), later runs only boot.
+
+The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml): every
+test of one VM is in one xdist group - the Debian 12 VM's, the Debian 13 VM's, the fresh
+VMs' - so each VM is driven by one worker in one stretch, in FILE_ORDER, while the other
+worker drives another VM (most of a drill is waiting on the guest's clocks: health checks,
+restart delays, timers). `-n 0` runs everything in one process, in the same order.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns);
 NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
 """
@@ -40,11 +46,13 @@ FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_single_steps.py", "test
               "test_kube_play.py", "test_recovery.py", "test_bare_host.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
 
     def rank(item):
         name = os.path.basename(str(item.fspath))
@@ -64,6 +72,7 @@ def pytest_collection_modifyitems(config, items):
 # health checks), which the 2-core machine needs for the VM under test.
 SHARED = {"bookworm": "e2e-bookworm", "trixie": "e2e-trixie"}
 _paused: set[str] = set()
+_mine: set[str] = set()  # the shared VMs this process booted
 
 
 def _wanted(item) -> set[str]:
@@ -73,6 +82,15 @@ def _wanted(item) -> set[str]:
         if isinstance(value, str) and value in SHARED:
             wanted.add(SHARED[value])
     return wanted
+
+
+def _group(item) -> str:
+    """The VM a test drives: one xdist group each, so one worker drives it."""
+    wanted = _wanted(item)
+    for flavour, vm in SHARED.items():
+        if vm in wanted:
+            return f"vm-{flavour}"
+    return "vm-fresh"
 
 
 def _resume(vm: str) -> None:
@@ -86,7 +104,7 @@ def pytest_runtest_setup(item):
             os.environ.get("NG_E2E_PAUSE") == "0":  # two runs at once share the VMs
         return
     wanted = _wanted(item)
-    for vm in SHARED.values():
+    for vm in _mine:  # another worker's VM is that worker's business
         if vm in wanted and vm in _paused:
             _resume(vm)
         elif vm not in wanted and vm not in _paused and qemu.pid(vm) is not None:
@@ -128,6 +146,7 @@ def _shared(name, flavour):
         _resume(name)  # left paused by an earlier run
     target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
     target["name"] = name
+    _mine.add(name)
     yield target
     if os.environ.get("NG_E2E_KEEP") != "1":
         sb.down(name, destroy=True)

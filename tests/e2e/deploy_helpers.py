@@ -133,6 +133,23 @@ def health_status(ssh_run, target) -> str:
     return (state.get("Health") or state.get("Healthcheck") or {}).get("Status", "")
 
 
+def started_at(ssh_run, target) -> str | None:
+    data = inspect(ssh_run, target)
+    return data["State"]["StartedAt"] if data and data["State"]["Running"] else None
+
+
+def back_healthy(ssh_run, target, before: str, since: float, bound: float) -> float | None:
+    """Seconds from `since` (the fault) until a new container is healthy, as Podman's own
+    timer recorded it; None if not within `bound`."""
+    def recovered():
+        now = started_at(ssh_run, target)
+        return now and now != before and health_status(ssh_run, target) == "healthy"
+
+    if wait_until(recovered, bound - (time.monotonic() - since), 2):
+        return time.monotonic() - since
+    return None
+
+
 def control(ssh_run, target, name: str, value: str = "1") -> None:
     done = ssh_run(target, f"sudo -n podman exec {CONTAINER} sh -c "
                            f"'mkdir -p /tmp/nightguard/control && echo {value} > "

@@ -21,13 +21,18 @@ from bench.watcher_bench import measure, report
 from tests.e2e.deploy_helpers import (
     GEMINI,
     STATE,
+    back_healthy,
     checked,
     control,
     copy_source,
+    figure,
+    health_status,
     inv,
     inv_env,
     make_env_file,
     output,
+    started_at,
+    wait_until,
 )
 from tests.e2e.test_agent_telegram import laptop_address
 from tests.fakes.ping import FakePing
@@ -123,9 +128,15 @@ def test_alerts_test_arrives(env, telegram):
 
 def test_a_crash_is_one_restart_message_then_healthy_again(sandbox_bookworm, env, telegram,
                                                            ping, ssh_run):
+    assert wait_until(lambda: health_status(ssh_run, sandbox_bookworm) == "healthy", 120, 2)
     before, pings = len(telegram.replies()), len(ping.pings)
+    started = started_at(ssh_run, sandbox_bookworm)
     sampler = ProcessSampler(ssh_run, sandbox_bookworm, 60)
     control(ssh_run, sandbox_bookworm, "crash")
+    since = time.monotonic()  # the recovery bound (tests/e2e/test_recovery.py), watched passively
+    seconds = back_healthy(ssh_run, sandbox_bookworm, started, since, 60)
+    assert seconds is not None, "not back and healthy within 60 s after a crash"
+    figure(f"{sandbox_bookworm['name']}: crash -> healthy", seconds)
     new = wait_for_messages(telegram, before, 2, timeout=240)
     print("crash:", *new, sep="\n  ")
     assert len(new) == 2, new
@@ -139,8 +150,14 @@ def test_a_crash_is_one_restart_message_then_healthy_again(sandbox_bookworm, env
 
 def test_a_hang_is_unhealthy_then_killed_by_its_check_then_healthy(sandbox_bookworm, env,
                                                                    telegram, ping, ssh_run):
+    assert wait_until(lambda: health_status(ssh_run, sandbox_bookworm) == "healthy", 120, 2)
     before, pings = len(telegram.replies()), len(ping.pings)
+    started = started_at(ssh_run, sandbox_bookworm)
     control(ssh_run, sandbox_bookworm, "hang")
+    since = time.monotonic()
+    seconds = back_healthy(ssh_run, sandbox_bookworm, started, since, 300)
+    assert seconds is not None, "hung agent not restarted and healthy within 5 minutes"
+    figure(f"{sandbox_bookworm['name']}: hang -> healthy", seconds)
     new = wait_for_messages(telegram, before, 3, timeout=480)
     print("hang:", *new, sep="\n  ")
     assert len(new) == 3, new

@@ -1,8 +1,13 @@
-"""Automatic recovery on both sandbox flavours (Debian 12 / Podman 4.3, Debian 13 / Podman
-5.4), with the production settings (check every 30 s, 3 retries, heartbeat older than 30 s
-= hung): crash -> back within 60 s; hang -> back within 5 minutes; RAM limit crossed ->
-alive on swap; RAM+swap limit crossed -> OOM-killed by the kernel in the container's own
-cgroup, and back. (A host reboot is drilled on a fresh VM: tests/e2e/test_bare_host.py.)
+"""Automatic recovery with the production settings (check every 30 s, 3 retries, heartbeat
+older than 30 s = hung): crash -> back within 60 s; hang -> back within 5 minutes; RAM limit
+crossed -> alive on swap; RAM+swap limit crossed -> OOM-killed by the kernel in the
+container's own cgroup, and back.
+
+Each fault once per flavour, on the VM that is already busy with it: crash and hang here on
+Debian 13 / Podman 5.4 and, with the same bounds, in tests/e2e/test_alerts.py on Debian 12 /
+Podman 4.3 (where the watcher's messages about them are checked too); the memory drill here
+on Debian 12 (swap and OOM are the kernel's and the cgroup's, not Podman's). A host reboot
+is drilled on a fresh VM: tests/e2e/test_bare_host.py.
 
 Every clock starts at the moment the fault is made, and the agent is only watched
 passively (Podman's recorded health, the container's start time): a `podman healthcheck
@@ -17,6 +22,7 @@ import pytest
 
 from tests.e2e.deploy_helpers import (
     CONTAINER,
+    back_healthy,
     checked,
     control,
     copy_source,
@@ -27,13 +33,14 @@ from tests.e2e.deploy_helpers import (
     inv_env,
     make_env_file,
     output,
+    started_at,
     wait_until,
 )
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+@pytest.fixture(scope="module")
 def deployed(request, tmp_path_factory):
     sandbox = request.getfixturevalue(f"sandbox_{request.param}")
     base = tmp_path_factory.mktemp(f"recovery-{sandbox['name']}")
@@ -44,23 +51,7 @@ def deployed(request, tmp_path_factory):
     return sandbox
 
 
-def started_at(ssh_run, target) -> str | None:
-    data = inspect(ssh_run, target)
-    return data["State"]["StartedAt"] if data and data["State"]["Running"] else None
-
-
-def back_healthy(ssh_run, target, before: str, since: float, bound: float) -> float | None:
-    """Seconds from `since` (the fault) until a new container is healthy, as Podman's own
-    timer recorded it; None if not within `bound`."""
-    def recovered():
-        now = started_at(ssh_run, target)
-        return now and now != before and health_status(ssh_run, target) == "healthy"
-
-    if wait_until(recovered, bound - (time.monotonic() - since), 2):
-        return time.monotonic() - since
-    return None
-
-
+@pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
 def test_crash_is_back_within_60_seconds(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
     before = started_at(ssh_run, deployed)
@@ -71,6 +62,7 @@ def test_crash_is_back_within_60_seconds(deployed, ssh_run):
     figure(f"{deployed['name']}: crash -> healthy", seconds)
 
 
+@pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
 def test_hang_is_restarted_within_5_minutes(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
     before = started_at(ssh_run, deployed)
@@ -88,6 +80,7 @@ def kernel_oom_lines(ssh_run, target, since_epoch: int) -> str:
                                     "-o cat | grep -i 'oom' || true")
 
 
+@pytest.mark.parametrize("deployed", ["bookworm"], indirect=True)
 def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
     data = inspect(ssh_run, deployed)
