@@ -36,6 +36,7 @@ BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 mi
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a sandbox VM (QEMU, slow)")
+    config.addinivalue_line("markers", "reboots: reboots its shared VM, so runs last on it")
 
 
 # The shared VMs carry state from file to file: the checks of a pristine sandbox come
@@ -54,6 +55,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.xdist_group(_group(item)))
 
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their fixtures' params
+def pytest_collection_modifyitems(session, config, items):  # noqa: F811 (a second hookimpl)
+    here = os.path.dirname(__file__)
+
     def rank(item):
         name = os.path.basename(str(item.fspath))
         inside = str(item.fspath).startswith(here)
@@ -62,7 +68,8 @@ def pytest_collection_modifyitems(config, items):
         wanted = _wanted(item)
         flavour = 0 if SHARED["bookworm"] in wanted else 1 if wanted else 2
         return (inside, flavour,
-                FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER))
+                FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER),
+                item.get_closest_marker("reboots") is not None)  # the VM's last test
 
     items.sort(key=rank)  # stable: the order inside each file stays
 

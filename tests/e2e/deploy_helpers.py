@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tasks.config import load_settings
@@ -148,6 +149,13 @@ def back_healthy(ssh_run, target, before: str, since: float, bound: float) -> fl
     if wait_until(recovered, bound - (time.monotonic() - since), 2):
         return time.monotonic() - since
     return None
+
+
+def journal_time(ssh_run, target, args: str) -> datetime | None:
+    """The time of the first journal entry of this boot that matches `args`."""
+    line = checked(ssh_run, target, f"sudo -n journalctl -b -o short-iso-precise --no-pager "
+                                    f"{args} | head -1").strip()
+    return datetime.fromisoformat(line.split()[0]) if line else None
 
 
 def control(ssh_run, target, name: str, value: str = "1") -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.e2e.deploy_helpers import (
     healthy_now,
     inspect,
     inv,
+    journal_time,
     make_env_file,
     markers,
     output,
@@ -133,12 +133,6 @@ def test_a_rootless_deploy_has_its_limits_secrets_and_linger(bare, gcp_env, ssh_
     assert "secrets.json" in store  # the user's own store, not root's
     again = inv(["deploy"], rootless)
     assert again.returncode == 0 and "no changes" in again.stdout, output(again)
-
-
-def journal_time(ssh_run, target, args: str) -> datetime | None:
-    line = checked(ssh_run, target, f"sudo -n journalctl -b -o short-iso-precise --no-pager "
-                                    f"{args} | head -1").strip()
-    return datetime.fromisoformat(line.split()[0]) if line else None
 
 
 def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(bare, ssh_run):

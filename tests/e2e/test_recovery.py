@@ -3,11 +3,11 @@ older than 30 s = hung): crash -> back within 60 s; hang -> back within 5 minute
 crossed -> alive on swap; RAM+swap limit crossed -> OOM-killed by the kernel in the
 container's own cgroup, and back.
 
-Each fault once per flavour, on the VM that is already busy with it: crash and hang here on
-Debian 13 / Podman 5.4 and, with the same bounds, in tests/e2e/test_alerts.py on Debian 12 /
-Podman 4.3 (where the watcher's messages about them are checked too); the memory drill here
-on Debian 12 (swap and OOM are the kernel's and the cgroup's, not Podman's). A host reboot
-is drilled on a fresh VM: tests/e2e/test_bare_host.py.
+Each fault once per flavour: crash and hang here on Debian 13 / Podman 5.4 and, with the
+same bounds, in tests/e2e/test_alerts.py on Debian 12 / Podman 4.3 (where the watcher's
+messages about them are checked too); the memory drill here on both. A host reboot is the
+Debian 13 VM's last test here (nothing runs on that VM after it), and on Debian 12 the fresh
+VM's of tests/e2e/test_bare_host.py (with a rootless agent beside the rootful one).
 
 Every clock starts at the moment the fault is made, and the agent is only watched
 passively (Podman's recorded health, the container's start time): a `podman healthcheck
@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tasks.sandbox import machine as sb
 from tests.e2e.deploy_helpers import (
     CONTAINER,
     back_healthy,
@@ -28,10 +29,13 @@ from tests.e2e.deploy_helpers import (
     copy_source,
     figure,
     health_status,
+    healthy_now,
     inspect,
     inv,
     inv_env,
+    journal_time,
     make_env_file,
+    markers,
     output,
     started_at,
     wait_until,
@@ -80,7 +84,7 @@ def kernel_oom_lines(ssh_run, target, since_epoch: int) -> str:
                                     "-o cat | grep -i 'oom' || true")
 
 
-@pytest.mark.parametrize("deployed", ["bookworm"], indirect=True)
+@pytest.mark.parametrize("deployed", ["bookworm", "trixie"], indirect=True)
 def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
     data = inspect(ssh_run, deployed)
@@ -103,3 +107,20 @@ def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed
     # the kernel's OOM killer acted in this container's cgroup, during this test
     assert "oom-kill" in killed and cid in killed, killed
     figure(f"{deployed['name']}: OOM kill -> healthy", seconds)
+
+
+@pytest.mark.reboots
+@pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
+def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(deployed, ssh_run):
+    before = markers(ssh_run, deployed)
+    sb.reboot(deployed["name"], timeout=900)
+    # what the journal says, not what a login sees: the agent's start, then the first login
+    agent = journal_time(ssh_run, deployed, f"-u container-{CONTAINER}.service "
+                                            "-g 'night_guard: running'")
+    login = journal_time(ssh_run, deployed, "-u ssh -g 'Accepted publickey'")
+    assert agent is not None and login is not None
+    assert agent < login, (agent, login)
+    assert wait_until(lambda: healthy_now(ssh_run, deployed), timeout=300, interval=5)
+    assert markers(ssh_run, deployed) == before
+    swap = checked(ssh_run, deployed, "sudo -n swapon --show=NAME --noheadings").split()
+    assert swap == ["/swapfile"]
