@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tasks.config import load_settings
 from tasks.deploy.sync import local_manifest, rules_for
+from tasks.sandbox import machine as sb
 
 ROOT = Path(__file__).resolve().parents[2]
 INV = str(Path(sys.executable).parent / "inv")
@@ -156,6 +157,36 @@ def journal_time(ssh_run, target, args: str) -> datetime | None:
     line = checked(ssh_run, target, f"sudo -n journalctl -b -o short-iso-precise --no-pager "
                                     f"{args} | head -1").strip()
     return datetime.fromisoformat(line.split()[0]) if line else None
+
+
+def fault_then_back(ssh_run, target, fault: str, bound: float) -> float:
+    """Makes the agent `fault` ("crash", "hang"); the seconds until a new container is
+    healthy, which must be within `bound`, watched passively, recorded as a figure."""
+    before = started_at(ssh_run, target)
+    control(ssh_run, target, fault)
+    since = time.monotonic()  # the agent acts on it at its next loop turn (within 5 s)
+    seconds = back_healthy(ssh_run, target, before, since, bound)
+    assert seconds is not None, f"not back and healthy within {bound:.0f} s after a {fault}"
+    figure(f"{target['name']}: {fault} -> healthy", seconds)
+    return seconds
+
+
+def reboot_and_check_back(ssh_run, target) -> datetime:
+    """Reboots the sandbox VM `target`; checks the agent came back on its own - started (the
+    journal says, not what a login sees) before the boot's first SSH login - healthy, on the
+    same release, with the swapfile on. Returns the first login's time."""
+    before = markers(ssh_run, target)
+    sb.reboot(target["name"], timeout=900)
+    agent = journal_time(ssh_run, target, f"-u container-{CONTAINER}.service "
+                                          "-g 'night_guard: running'")
+    login = journal_time(ssh_run, target, "-u ssh -g 'Accepted publickey'")
+    assert agent is not None and login is not None
+    assert agent < login, (agent, login)
+    assert wait_until(lambda: healthy_now(ssh_run, target), timeout=300, interval=5)
+    assert markers(ssh_run, target) == before
+    swap = checked(ssh_run, target, "sudo -n swapon --show=NAME --noheadings").split()
+    assert swap == ["/swapfile"]
+    return login
 
 
 def control(ssh_run, target, name: str, value: str = "1") -> None:

@@ -21,17 +21,14 @@ from bench.watcher_bench import measure, report
 from tests.e2e.deploy_helpers import (
     GEMINI,
     STATE,
-    back_healthy,
     checked,
-    control,
     copy_source,
-    figure,
+    fault_then_back,
     health_status,
     inv,
     inv_env,
     make_env_file,
     output,
-    started_at,
     wait_until,
 )
 from tests.e2e.test_agent_telegram import laptop_address
@@ -130,13 +127,8 @@ def test_a_crash_is_one_restart_message_then_healthy_again(sandbox_bookworm, env
                                                            ping, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, sandbox_bookworm) == "healthy", 120, 2)
     before, pings = len(telegram.replies()), len(ping.pings)
-    started = started_at(ssh_run, sandbox_bookworm)
     sampler = ProcessSampler(ssh_run, sandbox_bookworm, 60)
-    control(ssh_run, sandbox_bookworm, "crash")
-    since = time.monotonic()  # the recovery bound (tests/e2e/test_recovery.py), watched passively
-    seconds = back_healthy(ssh_run, sandbox_bookworm, started, since, 60)
-    assert seconds is not None, "not back and healthy within 60 s after a crash"
-    figure(f"{sandbox_bookworm['name']}: crash -> healthy", seconds)
+    fault_then_back(ssh_run, sandbox_bookworm, "crash", 60)  # tests/e2e/test_recovery.py
     new = wait_for_messages(telegram, before, 2, timeout=240)
     print("crash:", *new, sep="\n  ")
     assert len(new) == 2, new
@@ -152,12 +144,7 @@ def test_a_hang_is_unhealthy_then_killed_by_its_check_then_healthy(sandbox_bookw
                                                                    telegram, ping, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, sandbox_bookworm) == "healthy", 120, 2)
     before, pings = len(telegram.replies()), len(ping.pings)
-    started = started_at(ssh_run, sandbox_bookworm)
-    control(ssh_run, sandbox_bookworm, "hang")
-    since = time.monotonic()
-    seconds = back_healthy(ssh_run, sandbox_bookworm, started, since, 300)
-    assert seconds is not None, "hung agent not restarted and healthy within 5 minutes"
-    figure(f"{sandbox_bookworm['name']}: hang -> healthy", seconds)
+    fault_then_back(ssh_run, sandbox_bookworm, "hang", 300)
     new = wait_for_messages(telegram, before, 3, timeout=480)
     print("hang:", *new, sep="\n  ")
     assert len(new) == 3, new

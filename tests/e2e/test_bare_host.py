@@ -26,9 +26,8 @@ from tests.e2e.deploy_helpers import (
     inv,
     journal_time,
     make_env_file,
-    markers,
     output,
-    wait_until,
+    reboot_and_check_back,
 )
 from tests.fake_gce import FakeGce
 
@@ -136,21 +135,10 @@ def test_a_rootless_deploy_has_its_limits_secrets_and_linger(bare, gcp_env, ssh_
 
 
 def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(bare, ssh_run):
-    before = markers(ssh_run, bare)
-    sb.reboot(NAME, timeout=900)
-    # what the journal says, not what a login sees: the agent's start, then the first login
-    agent = journal_time(ssh_run, bare, f"-u container-{CONTAINER}.service "
-                                        "-g 'night_guard: running'")
-    login = journal_time(ssh_run, bare, "-u ssh -g 'Accepted publickey'")
-    assert agent is not None and login is not None
-    assert agent < login, (agent, login)
-    assert wait_until(lambda: healthy_now(ssh_run, bare), timeout=300, interval=5)
-    assert markers(ssh_run, bare) == before
+    login = reboot_and_check_back(ssh_run, bare)
     # the rootless agent too: systemd lingers for its user, so nobody had to log in
     rootless = journal_time(ssh_run, bare, "_UID=1000 -g 'night_guard: running'")
     assert rootless is not None and rootless < login, (rootless, login)
-    swap = checked(ssh_run, bare, "sudo -n swapon --show=NAME --noheadings").split()
-    assert swap == ["/swapfile"]
 
 
 def test_a_stopped_and_started_sandbox_keeps_its_disk(bare, ssh_run):

@@ -20,23 +20,21 @@ import time
 
 import pytest
 
-from tasks.sandbox import machine as sb
 from tests.e2e.deploy_helpers import (
     CONTAINER,
     back_healthy,
     checked,
     control,
     copy_source,
+    fault_then_back,
     figure,
     health_status,
-    healthy_now,
     inspect,
     inv,
     inv_env,
-    journal_time,
     make_env_file,
-    markers,
     output,
+    reboot_and_check_back,
     started_at,
     wait_until,
 )
@@ -58,12 +56,7 @@ def deployed(request, tmp_path_factory):
 @pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
 def test_crash_is_back_within_60_seconds(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
-    before = started_at(ssh_run, deployed)
-    control(ssh_run, deployed, "crash")
-    since = time.monotonic()  # the agent exits at its next loop turn (within 5 s)
-    seconds = back_healthy(ssh_run, deployed, before, since, 60)
-    assert seconds is not None, "not back and healthy within 60 s after a crash"
-    figure(f"{deployed['name']}: crash -> healthy", seconds)
+    fault_then_back(ssh_run, deployed, "crash", 60)
 
 
 @pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
@@ -112,15 +105,4 @@ def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed
 @pytest.mark.reboots
 @pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
 def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(deployed, ssh_run):
-    before = markers(ssh_run, deployed)
-    sb.reboot(deployed["name"], timeout=900)
-    # what the journal says, not what a login sees: the agent's start, then the first login
-    agent = journal_time(ssh_run, deployed, f"-u container-{CONTAINER}.service "
-                                            "-g 'night_guard: running'")
-    login = journal_time(ssh_run, deployed, "-u ssh -g 'Accepted publickey'")
-    assert agent is not None and login is not None
-    assert agent < login, (agent, login)
-    assert wait_until(lambda: healthy_now(ssh_run, deployed), timeout=300, interval=5)
-    assert markers(ssh_run, deployed) == before
-    swap = checked(ssh_run, deployed, "sudo -n swapon --show=NAME --noheadings").split()
-    assert swap == ["/swapfile"]
+    reboot_and_check_back(ssh_run, deployed)
