@@ -47,17 +47,14 @@ FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_single_steps.py", "test
               "test_kube_play.py", "test_recovery.py", "test_bare_host.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    here = os.path.dirname(__file__)
-    for item in items:
-        if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.e2e)
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
+def pytest_itemcollected(item):
+    if str(item.fspath).startswith(os.path.dirname(__file__)):
+        item.add_marker(pytest.mark.e2e)
+        item.add_marker(pytest.mark.xdist_group(_group(item)))  # read by xdist's loadgroup
 
 
 @pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their fixtures' params
-def pytest_collection_modifyitems(session, config, items):  # noqa: F811 (a second hookimpl)
+def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
 
     def rank(item):
