@@ -429,7 +429,12 @@ def notes_text(settings: Settings, desired: Desired, image: str,
         "## Rehearsal on the VM with `podman kube play`",
         "",
         f"Stop the VM's service first (`sudo systemctl stop {unit}`): two pollers on one "
-        "token get 409 Conflict. Podman looks the Secret up as a Podman secret of the same "
+        "token get 409 Conflict. The Containerfile's FROM is the image of the first build "
+        "command `inv kube.export` printed; the VM already has that image from `inv deploy`, "
+        "under a tag that also holds the id of the host's base image: give it the FROM name "
+        f"(`sudo podman tag \"$(sudo podman container inspect --format "
+        f"'{{{{.ImageName}}}}' {settings['container_name']})\" {desired.image_ref}`) "
+        "instead of building it again. Podman looks the Secret up as a Podman secret of the same "
         "name whose content is a Kubernetes Secret document; create it from stdin (`sudo "
         f"podman secret create {names.secret} -`). Podman 4.4 or later reads `stringData` "
         "or base64 `data`; Podman 4.3 (Debian 12) ignores `stringData` and does not decode "

@@ -2,7 +2,9 @@
 Podman 5.4), and back to the systemd-managed service afterwards.
 
 Per sandbox, once (module-scoped): `inv deploy` (its image is the export's base), `inv
-kube.export`, the code layer built on the VM from the exported Containerfile, the unit
+kube.export`, the deployed image tagged as the Containerfile's FROM names it (the export has
+no host: its tag cannot hold the id of the host's base image, as the deploy's does), the
+code layer built on the VM from the exported Containerfile, the unit
 stopped (two pollers on one token get 409), the Podman secret the pod's Secret volume names
 created from stdin, `podman kube play`. Then, in order: healthy with the limits in the
 cgroup; secret files that only the agent reads; the security context in force; a frozen
@@ -113,6 +115,8 @@ def cleanup(target, info: dict) -> None:
                 f"sudo -n podman volume rm --force {info['secret']} {info['claim']}; "
                 f"sudo -n podman secret rm {info['secret']}; "
                 f"sudo -n podman rmi --ignore {info['image']}; rm -rf {REMOTE}")
+    if info.get("from_tag"):  # only a second name of the deployed image: rmi untags it
+        ssh(target, f"sudo -n podman rmi --ignore {info['from_tag']}")
 
 
 # Podman 5.4 (Debian 13) only: 4.3 does not decode a Kubernetes Secret's data (4.4), ignores
@@ -160,7 +164,16 @@ def played(vm, tmp_path_factory):
         "env": env,
     }
     ship(vm, export)
+    deployed = ssh(vm, f"sudo -n podman container inspect --format '{{{{.ImageName}}}}' "
+                       f"{CONTAINER}")
+    assert deployed.returncode == 0, out(deployed)
+    (base,) = [line.split()[1] for line in (export / "Containerfile").read_text().splitlines()
+               if line.startswith("FROM ")]
     try:
+        if base != deployed.stdout.decode().strip():
+            done = ssh(vm, f"sudo -n podman tag {deployed.stdout.decode().strip()} {base}")
+            assert done.returncode == 0, out(done)
+            info["from_tag"] = base
         done = ssh(vm, f"sudo -n podman build --format docker --pull=never --file "
                        f"{REMOTE}/Containerfile --tag {info['image']} {REMOTE}", timeout=900)
         assert done.returncode == 0, out(done)
