@@ -1243,6 +1243,10 @@ def ensure_linger(s):
     if os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
         return
     code, _, err = sh(["loginctl", "enable-linger", owner])
+    if code != 0 and os.geteuid() != 0:
+        # polkit lets a user linger itself only from an active local session, not over
+        # SSH; a user with passwordless sudo (a cloud VM's, the sandbox's) may still
+        code = sh(["sudo", "-n", "loginctl", "enable-linger", owner])[0]
     if code != 0 or not os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
         raise OpError(f"rootless mode needs systemd to linger for {owner} (else the agent "
                       f"stops at logout and after a reboot): run `sudo loginctl enable-linger "

@@ -28,6 +28,7 @@ from tests.e2e.deploy_helpers import (
     make_env_file,
     output,
     reboot_and_check_back,
+    wait_until,
 )
 from tests.fake_gce import FakeGce
 
@@ -136,9 +137,12 @@ def test_a_rootless_deploy_has_its_limits_secrets_and_linger(bare, gcp_env, ssh_
 
 def test_a_reboot_brings_the_agent_back_before_anyone_logs_in(bare, ssh_run):
     login = reboot_and_check_back(ssh_run, bare)
-    # the rootless agent too: systemd lingers for its user, so nobody had to log in
-    rootless = journal_time(ssh_run, bare, "_UID=1000 -g 'night_guard: running'")
-    assert rootless is not None and rootless < login, (rootless, login)
+    # the rootless agent too: systemd lingers for its user, so the user's manager (which
+    # starts the agent's user unit) was started at boot, before the first login, not by it
+    manager = journal_time(ssh_run, bare, "_SYSTEMD_UNIT=user@1000.service")
+    assert manager is not None and manager < login, (manager, login)
+    assert wait_until(lambda: journal_time(ssh_run, bare, "_UID=1000 -g 'night_guard: "
+                                                          "running'"), timeout=300, interval=5)
 
 
 def test_a_stopped_and_started_sandbox_keeps_its_disk(bare, ssh_run):
