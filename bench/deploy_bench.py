@@ -114,12 +114,12 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def main() -> None:
+    global YARDSTICK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--os", default="bookworm")
     parser.add_argument("--yardstick", type=Path, default=YARDSTICK)
     args = parser.parse_args()
-    global YARDSTICK
     YARDSTICK = args.yardstick
     name = f"bench-{args.os}"
     kinds = ("cold", "no-op", "one file")
