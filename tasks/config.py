@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "known_hosts": ".ssh/known_hosts",
         "connect_timeout": 15,
         "command_timeout": 600,
+        # a VM created minutes ago refuses logins until its guest agent has made the user
+        # and written the key: retry authentication this long (0s: never)
+        "login_wait": "5m",
     },
     "gcp": {
         "project": "",
@@ -66,6 +69,9 @@ DEFAULTS: dict[str, Any] = {
         "credentials_file": "",
         "api_endpoint": "",
     },
+    # a new VM's startup script, apt-daily or unattended-upgrades may hold apt's and dpkg's
+    # locks: wait this long for them before the deploy installs anything (never kills them)
+    "host": {"apt_wait": "15m"},
     "app_dir": "/home/ubuntu/97layerOS",  # the agent's code, mounted read-only at /app
     "data_dir": "/home/ubuntu/97layerOS-data",  # the agent's only writable dir, at /data
     "source_dir": ".",
@@ -436,7 +442,8 @@ def validate(settings: Settings) -> None:
         fail("limits.cpus", f"{settings['limits.cpus']} is not between 0 and 64")
     if not 0 <= settings["limits.swappiness"] <= 100:
         fail("limits.swappiness", "must be between 0 and 100")
-    for key in ("health.interval", "health.timeout", "health.start_period"):
+    for key in ("health.interval", "health.timeout", "health.start_period",
+                "host.apt_wait", "ssh.login_wait"):
         try:
             parse_duration(settings[key])
         except ValueError as exc:

@@ -8,7 +8,7 @@ here once and used by every task that needs them.
 
 from __future__ import annotations
 
-from tasks.config import Settings
+from tasks.config import Settings, parse_duration
 from tasks.deploy import commands as cmd
 from tasks.deploy.envfile import SecretValues
 from tasks.deploy.plan import Desired, Plan, build_needs_network, limit_drift
@@ -19,9 +19,48 @@ BUILD_TIMEOUT = 1800
 INSTALL_TIMEOUT = 1800
 
 
-def provision(host: HostSession, packages: list[str]) -> None:
+def provision(host: HostSession, settings: Settings, packages: list[str]) -> None:
+    """apt-get install on the host; it waits there (up to ``host.apt_wait``) for whoever
+    holds apt's locks and installs only what is still missing then."""
+    wait = parse_duration(settings["host.apt_wait"])
     with host.remote.step("host", f"installing {', '.join(packages)} (apt-get)"):
-        host.call("provision", step="provision", packages=packages, timeout=INSTALL_TIMEOUT)
+        answer = host.call("provision", step="provision", packages=packages, wait=wait,
+                           timeout=INSTALL_TIMEOUT + wait)
+    say_waited(host, answer.get("waited") or [])
+    if answer and not answer.get("installed"):
+        print(f"    host: nothing left to install: {', '.join(packages)} came with what held "
+              "apt", file=host.remote.out)
+
+
+def wait_for_apt(host: HostSession, settings: Settings, busy: list[dict]) -> None:
+    """Before any apt work: wait until the host's package manager is free (a new VM's
+    startup script, apt-daily, unattended-upgrades), up to ``host.apt_wait``; never kills
+    it. Raises StepFailed naming the holder when it is still busy then."""
+    wait = parse_duration(settings["host.apt_wait"])
+    with host.remote.step("host.apt", f"waiting for {holder_text(busy[0])} (up to "
+                          f"{settings['host.apt_wait']})"):
+        answer = host.call("apt_wait", step="wait for apt", changes=False, wait=wait,
+                           timeout=wait + 60)
+    say_waited(host, answer.get("holders") or [], answer.get("waited"))
+
+
+def holder_text(holder: dict) -> str:
+    """'apt-get (pid 1270, the VM's startup script)': who holds apt's locks, in words."""
+    words = (holder.get("command") or "a process").split()
+    name = words[0].rsplit("/", 1)[-1] if words else "a process"
+    if name.startswith("python") and len(words) > 1:  # unattended-upgrade is a script
+        name = words[1].rsplit("/", 1)[-1]
+    about = ", ".join(x for x in (f"pid {holder.get('pid')}", holder.get("what")
+                                  or holder.get("unit")) if x)
+    return f"{name} ({about})"
+
+
+def say_waited(host: HostSession, holders: list[dict], seconds: float | None = None) -> None:
+    if not holders:
+        return
+    took = seconds if seconds is not None else max(h.get("waited", 0) for h in holders)
+    print(f"    host: waited {took:.0f}s for apt's locks, held by "
+          f"{'; '.join(holder_text(h) for h in holders)}", file=host.remote.out)
 
 
 def setup_swap(host: HostSession, settings: Settings) -> None:

@@ -128,7 +128,7 @@ def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
     if plan.swap:  # first: dpkg on a 1 GB host without swap can run out of memory
         apply.setup_swap(host, settings)
     if plan.install:
-        apply.provision(host, plan.install)
+        apply.provision(host, settings, plan.install)
     if plan.remove_env_file:
         apply.remove_env_file(host)
     if plan.delta or plan.links:
@@ -154,6 +154,12 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         with remote.step("facts"):
             facts = host.facts()
         needs = host_needs(settings, facts)
+        if needs.install and facts.get("apt_busy") and not remote.dry_run:
+            # a new VM's startup script may be installing what we need: wait, then look again
+            apply.wait_for_apt(host, settings, facts["apt_busy"])
+            with remote.step("facts", "again, after the wait"):
+                facts = host.facts()
+            needs = host_needs(settings, facts)
         if needs.problems:
             host.finish(None)
             raise HostUnfit("host", needs.problems[0])

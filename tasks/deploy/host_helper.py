@@ -24,7 +24,7 @@ Reading the host is cheap by design: facts come from files (Podman's storage JSO
 container's OCI config, its pid file and health log, systemd's unit files) and the podman
 CLI is the fallback where a file is not where this Podman keeps it.
 
-Ops: facts provision swap rm_env sync release restore_code secret_put secret_restore
+Ops: facts apt_wait provision swap rm_env sync release restore_code secret_put secret_restore
 secret_forget run install_unit write_file dirs gate health logs history finish unlock
 base (pull the base image) watcher (install / remove it) alert_test.
 
@@ -49,6 +49,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -147,7 +148,7 @@ def default_paths(a):
              "linger_dir": "/var/lib/systemd/linger",
              "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
              "proc": "/proc", "cgroup": "/sys/fs/cgroup",
-             "meminfo": "/proc/meminfo", "disk": "/",
+             "meminfo": "/proc/meminfo", "disk": "/", "apt_locks": list(APT_LOCKS),
              # the alert watcher: a copy of this file, its arguments, its state, its units
              "watcher": f"{state}/watcher.py", "alerts_args": f"{state}/alerts.json",
              "alerts_state": f"{state}/alerts-state.json",
@@ -635,6 +636,148 @@ def apt_sources(paths):
     return sorted(hosts)
 
 
+# -- apt and dpkg: never race the host's package manager ---------------------------------
+APT_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock",
+             "/var/cache/apt/archives/lock")
+# who holds them in a new VM's first hour, named as a person knows them
+APT_USERS = {"google-startup-scripts.service": "the VM's startup script",
+             "apt-daily.service": "apt's daily update of the package lists",
+             "apt-daily-upgrade.service": "unattended-upgrades",
+             "unattended-upgrades.service": "unattended-upgrades",
+             "cloud-init.service": "cloud-init", "cloud-config.service": "cloud-init",
+             "cloud-final.service": "cloud-init", "packagekit.service": "PackageKit"}
+LOCK_BUSY = re.compile(r"Could not get lock|Unable to (acquire|lock)|lock was locked by "
+                       r"another process|frontend lock")
+FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (+ padding)
+APT_SETTLE = 2.0  # free this long before it counts: a script's next apt command follows
+
+
+def lock_holder_pid(path):
+    """The pid holding an fcntl lock on path that a writer would meet; None when free or
+    absent (-1: an open-file-description lock, whose owner the kernel does not name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, _, _, _, pid = struct.unpack(FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if kind == fcntl.F_UNLCK else pid
+
+
+def process_unit(paths, pid):
+    """The systemd unit a process runs in (its cgroup's last .service or .scope)."""
+    text = read_text(os.path.join(paths["proc"], str(pid), "cgroup")) or ""
+    lines = sorted(text.splitlines(), key=lambda line: not line.startswith("0::"))
+    for line in lines:
+        parts = line.split(":", 2)[-1].split("/")
+        units = [p for p in parts if p.endswith((".service", ".scope"))]
+        if units:
+            return units[-1]
+    return ""
+
+
+def process_age(paths, pid):
+    """Seconds since the process started (None if it is gone)."""
+    stat_text = read_text(os.path.join(paths["proc"], str(pid), "stat"))
+    uptime = read_text(os.path.join(paths["proc"], "uptime"))
+    try:
+        started = int(stat_text.rsplit(")", 1)[1].split()[19])
+        return max(0.0, float(uptime.split()[0]) - started / os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def apt_holders(paths):
+    """Who holds apt's and dpkg's locks now: [{pid, command, unit, what, running, locks}]."""
+    holders = {}
+    for path in paths["apt_locks"]:
+        pid = lock_holder_pid(path)
+        if pid is None:
+            continue
+        if pid not in holders:
+            raw = b""
+            if pid > 0:
+                try:
+                    with open(os.path.join(paths["proc"], str(pid), "cmdline"), "rb") as fh:
+                        raw = fh.read(400)
+                except OSError:
+                    pass
+            unit = process_unit(paths, pid) if pid > 0 else ""
+            what = APT_USERS.get(unit) or ("an SSH login" if unit.startswith("session-")
+                                           else "")
+            holders[pid] = {"pid": pid, "command": raw.replace(b"\0", b" ").decode(
+                "utf-8", "replace").strip()[:160], "unit": unit, "what": what,
+                "running": process_age(paths, pid) if pid > 0 else None, "locks": []}
+        holders[pid]["locks"].append(path)
+    return list(holders.values())
+
+
+def age_text(seconds):
+    seconds = max(0, int(seconds or 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def holder_text(h):
+    who = f"pid {h['pid']} ({h['command'] or 'unknown command'})" if h["pid"] > 0 \
+        else "an unnamed process"
+    if h["what"]:
+        who += f", {h['what']}" + (f" [{h['unit']}]" if h["unit"] else "")
+    elif h["unit"]:
+        who += f" [{h['unit']}]"
+    if h.get("running") is not None:
+        who += f", running {age_text(h['running'])}"
+    return who
+
+
+def apt_busy_error(busy, bound):
+    h = busy[0]
+    look = f"systemctl status {h['unit']}" if h["unit"].endswith(".service") else \
+        f"ps -o pid,etime,args -p {h['pid']}"
+    return (f"apt is still busy after {age_text(float(bound))}: {holder_text(h)} holds "
+            f"{h['locks'][0]}; look at it with `{look}`, then deploy again (nothing was "
+            "changed; nightguard.host.apt_wait sets how long to wait)")
+
+
+def wait_for_apt(s, request_id, deadline, seen):
+    """Blocks until nobody holds apt's or dpkg's locks or the deadline passes; never kills
+    them. Returns who still holds them ([] when free); ``seen`` gathers every holder met,
+    by pid. Progress names the holder every 10 s and whenever it changes."""
+    started, shown, next_line = time.monotonic(), None, 0.0
+    while True:
+        holders = apt_holders(s.paths)
+        if not holders and shown is not None:  # free long enough for a script's next command?
+            time.sleep(APT_SETTLE)
+            holders = apt_holders(s.paths)
+        if not holders:
+            return []
+        for h in holders:
+            seen[h["pid"]] = dict(h, waited=round(time.monotonic() - started, 1))
+        t = time.monotonic()
+        if t >= deadline:
+            return holders
+        if s.gone.is_set():
+            raise OpError("interrupted while waiting for apt's locks (nothing was changed)")
+        if holders[0]["pid"] != shown or t >= next_line:
+            s.progress(request_id, f"waiting for apt ({age_text(t - started)} so far, up to "
+                                   f"{age_text(deadline - started)}): {holder_text(holders[0])}")
+            shown, next_line = holders[0]["pid"], t + 10
+        time.sleep(1)
+
+
+def missing_packages(packages):
+    """The packages dpkg does not list as installed (all of them if dpkg-query fails)."""
+    code, out, _ = sh(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n",
+                       *packages], timeout=60)
+    installed = {line.split()[0] for line in out.splitlines()
+                 if line.split()[1:] == ["installed"]}
+    return [p for p in packages if p not in installed]
+
+
 def reachable(host, port, timeout=5.0):
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -869,6 +1012,7 @@ def op_facts(s, req):
         facts["apt_sources"] = apt_sources(paths) if tools.get("apt-get") else []
         facts["apt_reachable"] = {f"{h}:{p}": reachable(h, p, 5.0)
                                   for _, h, p in facts["apt_sources"][:4]}
+        facts["apt_busy"] = apt_holders(paths)
     return facts
 
 
@@ -893,21 +1037,64 @@ def last_audit(paths, count=1):
 
 def op_provision(s, req):
     """apt-get install of what the host lacks (after the swapfile is on: a 1 GB host can
-    run out of memory in dpkg). Left to finish when the client goes away: a dpkg run cut
-    half-way leaves a host that needs `dpkg --configure -a`, which this op runs first."""
+    run out of memory in dpkg). Waits first for whoever holds apt's or dpkg's locks (up
+    to req["wait"] seconds) and installs only what is still missing then: a new VM's
+    startup script may have installed it meanwhile. Left to finish when the client goes
+    away: a dpkg run cut half-way leaves a host that needs `dpkg --configure -a`, which
+    this op runs first."""
     env = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
-    steps = [["dpkg", "--configure", "-a"],
-             ["apt-get", "-q", "update"],
-             ["apt-get", "-q", "-y", "--no-install-recommends",
-              "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-              "install", *req["packages"]]]
-    for argv in steps:
-        code, tail, killed = run_streaming(s, req["id"], argv, 1800, on_interrupt="finish",
+    deadline = time.monotonic() + float(req.get("wait", 0))
+    seen = {}
+    missing = list(req["packages"])
+    for name in ("configure", "update", "install"):
+        busy = wait_for_apt(s, req["id"], deadline, seen)
+        if busy:
+            raise OpError(apt_busy_error(busy, req.get("wait", 0)))
+        missing = missing_packages(missing)
+        if not missing:  # what the deploy needed came with what it waited for
+            return {"installed": [], "waited": list(seen.values())}
+        # apt's own DPkg::Lock::Timeout covers dpkg's two locks only, not the lists and
+        # archives locks of a download (apt 2.6 / 2.7 / 3.0 alike): our wait and a
+        # retry on "Could not get lock" cover all four
+        left = str(max(1, int(deadline - time.monotonic())))
+        argv = {"configure": ["dpkg", "--configure", "-a"],
+                "update": ["apt-get", "-q", "update"],
+                "install": ["apt-get", "-q", "-y", "--no-install-recommends",
+                            "-o", f"DPkg::Lock::Timeout={left}",
+                            "-o", "Dpkg::Options::=--force-confdef",
+                            "-o", "Dpkg::Options::=--force-confold",
+                            "install", *missing]}[name]
+        run_apt_step(s, req["id"], argv, env, deadline, seen, req.get("wait", 0))
+    return {"installed": missing, "waited": list(seen.values())}
+
+
+def run_apt_step(s, request_id, argv, env, deadline, seen, bound):
+    """One apt/dpkg command once nobody else holds the locks; again when it still lost
+    the race for a lock (another command of the same script took it in between)."""
+    while True:
+        busy = wait_for_apt(s, request_id, deadline, seen)
+        if busy:
+            raise OpError(apt_busy_error(busy, bound))
+        code, tail, killed = run_streaming(s, request_id, argv, 1800, on_interrupt="finish",
                                            env=env)
-        if code != 0:
-            raise OpError(f"`{' '.join(argv[:2])} ...` exited {code}"
-                          + (f" ({killed})" if killed else ""), tail[-15:])
-    return {"installed": req["packages"]}
+        if code == 0:
+            return
+        if not killed and any(LOCK_BUSY.search(line) for line in tail) \
+                and time.monotonic() < deadline and not s.gone.is_set():
+            time.sleep(2)
+            continue
+        raise OpError(f"`{' '.join(argv[:2])} ...` exited {code}"
+                      + (f" ({killed})" if killed else ""), tail[-15:])
+
+
+def op_apt_wait(s, req):
+    """Read-only: waits until nobody holds apt's or dpkg's locks (never kills them)."""
+    started = time.monotonic()
+    seen = {}
+    busy = wait_for_apt(s, req["id"], started + float(req["wait"]), seen)
+    if busy:
+        raise OpError(apt_busy_error(busy, req["wait"]))
+    return {"waited": round(time.monotonic() - started, 1), "holders": list(seen.values())}
 
 
 def op_swap(s, req):
@@ -1957,9 +2144,9 @@ OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": 
        "write_file": op_write_file, "dirs": op_dirs, "reload": op_reload, "gate": op_gate,
        "health": op_health, "logs": op_logs, "history": op_history, "finish": op_finish,
        "unlock": op_unlock, "base": op_base, "watcher": op_watcher,
-       "alert_test": op_alert_test}
+       "alert_test": op_alert_test, "apt_wait": op_apt_wait}
 # ops a read-only session may run (alert_test sends a message and changes nothing here)
-READ_ONLY = {"facts", "health", "logs", "history", "unlock", "alert_test"}
+READ_ONLY = {"facts", "health", "logs", "history", "unlock", "alert_test", "apt_wait"}
 
 
 def handle(s, request):

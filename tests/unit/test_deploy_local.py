@@ -43,6 +43,41 @@ def mirror(host: FakeHost):
     return server
 
 
+# -- a new VM's first minutes: its startup script holds apt ----------------------------------------
+def test_a_deploy_waits_for_the_startup_script_and_installs_nothing_it_installed(deploy, host):
+    from tests.unit.test_host_helper import STARTUP_UNIT, apt_busy
+
+    host.remove_tool("crun")
+    with mirror(host), apt_busy(host, 4, installs=["crun"]) as holder:
+        result = deploy()
+    out = deploy.last.text
+    assert result["changed"] and f"deployed {result['version']}" in out
+    assert f"host.apt: waiting for apt-get (pid {holder.pid}, the VM's startup script) (up " \
+        "to 15m)" in out
+    assert re.search(rf"host: waited \d+s for apt's locks, held by apt-get \(pid {holder.pid},"
+                     r" the VM's startup script\)", out), out
+    assert "plan: host: install" not in out  # the facts were read again after the wait
+    assert host.calls("apt-get") == []
+    assert host.audit()[-1]["outcome"] == "ok"
+    assert STARTUP_UNIT not in out or "startup script" in out
+
+
+def test_apt_busy_past_the_bound_fails_in_one_line_before_any_change(deploy, host):
+    from tests.unit.test_host_helper import apt_busy
+
+    host.remove_tool("crun")
+    with mirror(host), apt_busy(host, 60) as holder, pytest.raises(StepFailed) as failed:
+        deploy(deploy.settings(**{"host.apt_wait": "2s"}))
+    line = str(failed.value)
+    assert "\n" not in line and line.startswith("step 'wait for apt' failed: apt is still busy "
+                                                 f"after 2s: pid {holder.pid}")
+    assert "systemctl status google-startup-scripts.service" in line
+    audit = host.audit()
+    assert [a["outcome"] for a in audit] == [f"failed: {line}"]
+    assert audit[0]["steps"] == ["wait for apt (failed)"]  # nothing else: no swap, no sync
+    assert not host.paths["swapfile"].exists() and host.calls("apt-get") == []
+
+
 # -- a cold host, then nothing to do ------------------------------------------------------------
 def test_a_cold_deploy_installs_sets_up_and_records_the_release(deploy, host):
     host.remove_tool("podman")

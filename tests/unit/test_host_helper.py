@@ -5,12 +5,15 @@ helper processes through hostlink's LocalPipe, as HostSession does over SSH."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from tasks.deploy import commands as cmd
 from tasks.deploy.hostlink import HostStepFailed, helper_source
 from tasks.deploy.plan import secret_digest
 from tasks.errors import StepFailed
+from tests.unit import hostfake
 from tests.unit.hostfake import (
     CONTAINER,
     IMAGE,
@@ -603,6 +607,7 @@ def test_provision_repairs_dpkg_then_installs_without_questions(fake_host):
         helper.call("provision", packages=["crun", "conmon"])
         assert helper.call("facts")["tools"]["crun"] == str(fake_host.bin / "crun")
         fake_host.fail("apt-get-install", message="E: Unable to fetch some archives")
+        fake_host.remove_tool("crun")
         with pytest.raises(HostStepFailed) as failed:
             helper.call("provision", packages=["crun"])
     assert str(failed.value) == "step 'provision' failed: `apt-get -q ...` exited 125"
@@ -610,11 +615,113 @@ def test_provision_repairs_dpkg_then_installs_without_questions(fake_host):
     calls = [e for e in fake_host.call_log() if e["tool"] in ("apt-get", "dpkg")][:3]
     assert [(e["tool"], e["argv"]) for e in calls] == [
         ("dpkg", ["--configure", "-a"]), ("apt-get", ["-q", "update"]),
-        ("apt-get", ["-q", "-y", "--no-install-recommends", "-o",
-                     "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-                     "install", "crun", "conmon"])]
+        ("apt-get", ["-q", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=1",
+                     "-o", "Dpkg::Options::=--force-confdef", "-o",
+                     "Dpkg::Options::=--force-confold", "install", "crun", "conmon"])]
     assert all(e["env"] == {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
                for e in calls)
+
+
+# -- apt's and dpkg's locks: a new VM's startup script or unattended-upgrades holds them ---------
+STARTUP_UNIT = "google-startup-scripts.service"
+
+
+@contextlib.contextmanager
+def apt_busy(host: FakeHost, seconds: float, lock: str = "lock-frontend", installs=()):
+    """A real process holding a real fcntl lock on one of apt's lock files for ``seconds``,
+    shown in the fake host's /proc as the VM's startup script running apt-get; it "installs"
+    ``installs`` (their stand-ins appear) just before it lets go, as apt would."""
+    path = next(p for p in host.paths["apt_locks"] if p.name == lock)
+    links = [(str(host.bin / name), str(Path(hostfake.STANDINS) / "tool.py")) for name in installs]
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(path)!r}, os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            f"time.sleep({seconds})\n"
+            f"for link, target in {links!r}:\n"
+            "    os.symlink(target, link)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"  # the lock is held from here on
+        proc = host.paths["proc"] / str(holder.pid)
+        proc.mkdir(parents=True)
+        (proc / "cmdline").write_bytes(b"apt-get\0-q\0-y\0install\0podman\0")
+        (proc / "cgroup").write_text(f"0::/system.slice/{STARTUP_UNIT}\n")
+        (proc / "stat").write_text(Path(f"/proc/{holder.pid}/stat").read_text())
+        (host.paths["proc"] / "uptime").write_text(Path("/proc/uptime").read_text())
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_facts_name_who_holds_apt_and_provision_waits_then_installs_only_what_is_missing(
+        fake_host):
+    fake_host.remove_tool("crun")
+    fake_host.remove_tool("conmon")
+    with apt_busy(fake_host, 4, installs=["crun"]) as holder, fake_host.helper() as helper:
+        [busy] = helper.call("facts")["apt_busy"]
+        assert busy["pid"] == holder.pid and busy["unit"] == STARTUP_UNIT
+        assert (busy["what"], busy["command"]) == ("the VM's startup script",
+                                                   "apt-get -q -y install podman")
+        assert busy["locks"] == [str(fake_host.paths["apt_locks"][0])]
+        assert 0 <= busy["running"] < 30
+        started = time.monotonic()
+        answer = helper.call("provision", packages=["crun", "conmon"], wait=60)
+        waited = time.monotonic() - started
+    assert answer["installed"] == ["conmon"]  # crun came with what it waited for
+    assert [h["pid"] for h in answer["waited"]] == [holder.pid]
+    assert waited >= 2  # it did wait: the holder kept the lock for 4 s
+    shown = [line for line in helper.progress if line.startswith("waiting for apt")]
+    assert shown and f"pid {holder.pid} (apt-get -q -y install podman), the VM's startup " \
+        f"script [{STARTUP_UNIT}], running" in shown[0]
+    installs = [c for c in fake_host.calls("apt-get") if "install" in c]
+    assert installs and installs[0][-1:] == ["conmon"]
+    assert not [c for c in installs if "crun" in c]
+
+
+def test_provision_after_the_holder_installed_everything_runs_no_apt_at_all(fake_host):
+    fake_host.remove_tool("crun")
+    with apt_busy(fake_host, 2, lock="lock", installs=["crun"]), \
+            fake_host.helper() as helper:
+        answer = helper.call("provision", packages=["crun"], wait=60)
+    assert answer["installed"] == []
+    assert fake_host.calls("apt-get") == [] and fake_host.calls("dpkg") == []
+
+
+def test_a_lock_held_past_the_bound_is_one_line_naming_it_and_nothing_runs(fake_host):
+    fake_host.remove_tool("crun")
+    with apt_busy(fake_host, 60, lock="lock") as holder, fake_host.helper() as helper:
+        with pytest.raises(HostStepFailed) as failed:
+            helper.call("provision", packages=["crun"], wait=2)
+        with pytest.raises(HostStepFailed) as waited:
+            helper.call("apt_wait", wait=1)
+        assert holder.poll() is None  # never killed
+    line = str(failed.value)
+    assert "\n" not in line and line.startswith("step 'provision' failed: apt is still busy "
+                                                 f"after 2s: pid {holder.pid} (apt-get")
+    assert f"holds {fake_host.paths['apt_locks'][1]}; look at it with `systemctl status " \
+        f"{STARTUP_UNIT}`" in line and "nothing was changed" in line
+    assert "apt is still busy after 1s" in str(waited.value)
+    assert fake_host.calls("apt-get") == [] and fake_host.calls("dpkg") == []
+
+
+def test_apt_losing_the_race_for_a_lock_is_tried_again(fake_host):
+    fake_host.remove_tool("crun")
+    fake_host.fail("apt-get-update", message="E: Could not get lock /var/lib/apt/lists/lock. "
+                                             "It is held by process 1270 (apt-get)")
+    with fake_host.helper() as helper:
+        answer = helper.call("provision", packages=["crun"], wait=60)
+    assert answer["installed"] == ["crun"]
+    assert [c for c in fake_host.calls("apt-get") if "update" in c] == [["-q", "update"]] * 2
+
+
+def test_apt_wait_on_a_quiet_host_answers_at_once(fake_host):
+    with fake_host.helper(mode="read") as helper:
+        started = time.monotonic()
+        answer = helper.call("apt_wait", wait=60)
+    assert answer == {"waited": answer["waited"], "holders": []}
+    assert time.monotonic() - started < 1.5
 
 
 def test_swap_makes_an_active_600_swapfile_in_fstab_with_swappiness(fake_host):

@@ -37,13 +37,13 @@ from tasks.deploy.remote import Remote, SshTarget
 
 STANDINS = Path(__file__).resolve().with_name("standins")
 TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "journalctl": "journalctl.py",
-         "apt-get": "apt_get.py",
-         "dpkg": "dpkg.py", "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
+         "apt-get": "apt_get.py", "dpkg": "dpkg.py", "dpkg-query": "apt_get.py",
+         "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
          "swapon": "swap.py", "crun": "tool.py", "conmon": "tool.py", "netavark": "tool.py",
          "aardvark-dns": "tool.py", "iptables": "tool.py", "slirp4netns": "tool.py",
          "pasta": "tool.py", "loginctl": "loginctl.py"}
-RUNS = ("podman", "systemctl", "journalctl", "apt-get", "dpkg", "fallocate", "dd", "mkswap",
-        "swapon", "loginctl")
+RUNS = ("podman", "systemctl", "journalctl", "apt-get", "dpkg", "dpkg-query", "fallocate", "dd",
+        "mkswap", "swapon", "loginctl")
 CONTAINER = "97layer-nightguard"
 IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)
@@ -84,11 +84,16 @@ class FakeHost:
             "watch_timer": units / "nightguard-watch.timer",
             "watch_timer_wants": units / "timers.target.wants" / "nightguard-watch.timer",
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman
+            "apt_locks": [root / "var/lib/dpkg/lock-frontend", root / "var/lib/dpkg/lock",
+                          root / "var/lib/apt/lists/lock", root / "var/cache/apt/archives/lock"],
         }
         for key in ("graphroot", "runroot", "systemd_run", "apt_sources", "cgroup"):
             self.paths[key].mkdir(parents=True, exist_ok=True)
         for key in ("sysctl_conf", "swappiness", "unit"):
             self.paths[key].parent.mkdir(parents=True, exist_ok=True)
+        for lock in self.paths["apt_locks"]:  # as on any Debian host: the files exist
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text("")
         self.paths["os_release"].write_text(OS_RELEASE)
         self.paths["proc_swaps"].write_text("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
         self.paths["swappiness"].write_text("60\n")
@@ -150,7 +155,7 @@ class FakeHost:
     def args(self, mode: str = "change", who: str = "ana@laptop", command: str = "deploy",
              paths: dict | None = None, **extra) -> dict:
         """The helper's arguments as HostSession sends them; `paths` moves some further."""
-        moved = {k: str(v) for k, v in {**self.paths, **(paths or {})}.items()}
+        moved = {k: as_arg(v) for k, v in {**self.paths, **(paths or {})}.items()}
         return {"mode": mode, "holder": {"who": who, "command": command,
                                          "since": "2026-11-29T10:00:00Z"},
                 "app_dir": str(self.app_dir), "data_dir": str(self.data_dir),
@@ -338,7 +343,7 @@ class _ArgsPipe:
             args = json.loads(data)
             self.remote.sent_args.append(dict(args))
             assert args["helper_path"].startswith(cmd.STATE_DIR + "/helper/")
-            args["paths"] = {**{k: str(v) for k, v in self.remote.host.paths.items()},
+            args["paths"] = {**{k: as_arg(v) for k, v in self.remote.host.paths.items()},
                              **args["paths"]}
             args["helper_path"], args["keep_helper"] = str(HELPER_FILE), False
             data = json.dumps(args).encode() + b"\n"
@@ -351,7 +356,14 @@ class _ArgsPipe:
 
 
 # -- the safety check -----------------------------------------------------------------------
+def as_arg(value):
+    """A path (or a list of them) as the helper's JSON arguments carry it."""
+    return [str(v) for v in value] if isinstance(value, list) else str(value)
+
+
 def inside(path, root: Path) -> bool:
+    if isinstance(path, list):
+        return all(inside(p, root) for p in path)
     return Path(os.path.abspath(path)).is_relative_to(root)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Stand-in for apt-get: `update` prints what apt prints; `install` puts stand-ins for the
 packages' programs into the fake host's tool dir (config "bin"), so facts see them.
+Run as dpkg-query (`-W -f=...`): a package counts as installed when its programs are there.
 Control files: fail-apt-get-update, fail-apt-get-install."""
 
 from __future__ import annotations
@@ -32,7 +33,22 @@ def install(packages: list[str]) -> None:
                 os.symlink(source, link)
 
 
+def query(argv: list[str]) -> None:
+    """`dpkg-query -W -f='${Package} ${db:Status-Status}\\n' PKG...`, as dpkg answers it."""
+    for package in [w for w in argv if not w.startswith("-")]:
+        programs = PROGRAMS.get(package)
+        if programs is None:
+            sys.stderr.write(f"dpkg-query: no packages found matching {package}\n")
+            continue
+        there = all(os.path.lexists(os.path.join(CONFIG["bin"], p)) for p in programs)
+        print(f"{package} {'installed' if there else 'not-installed'}")
+
+
 def main(argv: list[str]) -> None:
+    if os.path.basename(sys.argv[0]) == "dpkg-query":
+        record("dpkg-query", argv)
+        query(argv)
+        return
     record("apt-get", argv)
     words = [w for w in argv if not w.startswith("-") and "::" not in w]
     if words[:1] == ["update"]:
