@@ -23,8 +23,11 @@ fi
 
 if ! command -v podman >/dev/null; then
     echo "installing podman"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman slirp4netns >/dev/null
+    # a new VM's startup script or unattended-upgrades may hold apt's locks: apt waits for
+    # dpkg's (DPkg::Lock::Timeout) but not for the lists lock of an update, so try again
+    for _ in $(seq 60); do apt-get update -qq && break; sleep 10; done
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+        podman slirp4netns >/dev/null
 fi
 mkdir -p "$DATA_DIR"
 

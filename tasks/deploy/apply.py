@@ -48,7 +48,8 @@ def holder_text(holder: dict) -> str:
     """'apt-get (pid 1270, the VM's startup script)': who holds apt's locks, in words."""
     words = (holder.get("command") or "a process").split()
     name = words[0].rsplit("/", 1)[-1] if words else "a process"
-    if name.startswith("python") and len(words) > 1:  # unattended-upgrade is a script
+    if name.startswith("python") and len(words) > 1 and not words[1].startswith("-"):
+        # unattended-upgrade is a Python script: name the script
         name = words[1].rsplit("/", 1)[-1]
     about = ", ".join(x for x in (f"pid {holder.get('pid')}", holder.get("what")
                                   or holder.get("unit")) if x)

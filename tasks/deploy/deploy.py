@@ -1,7 +1,9 @@
 """`inv deploy` and `inv unlock`: the seed's guide as one health-gated pipeline.
 
 Order: preflight (local, no SSH: settings, .env, compose file, what travels) -> one session
-on the host (lock) -> facts -> plan -> install what the host lacks -> swap -> sync ->
+on the host (lock) -> facts (when something must be installed and apt is busy - a new
+VM's startup script, unattended-upgrades - wait for it, then read them again) -> plan ->
+swap -> install what the host lacks -> sync ->
 secrets -> base image (pulled when absent, or with --refresh) -> image -> alert watcher ->
 unit -> restart -> health gate (on failure: the last healthy release back, secrets
 included) -> release record and audit line.

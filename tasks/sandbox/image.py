@@ -50,7 +50,14 @@ from tasks.sandbox import support
 
 RECIPE_VERSION = 5  # bump to rebuild every image; 4: the laptop's CAs; 5: base tar apart
 BASE_RECIPE_VERSION = 4  # 3: without docs, man pages, locales; 4: venv, pip, laptop's CAs
-FLAVOURS = ("bookworm", "trixie")
+FLAVOURS = ("bookworm", "trixie", "bookworm-cloud")
+# Flavours that boot like a brand-new Compute Engine VM (-> their Debian suite): no Podman,
+# apt-daily and unattended-upgrades on, the login user made late by a stand-in of Google's
+# guest agent, the startup-script metadata run at boot (tasks/sandbox/guest-cloud/)
+CLOUD = {"bookworm-cloud": "bookworm"}
+PODMAN_PACKAGES = frozenset("podman crun iptables uidmap netavark aardvark-dns slirp4netns "
+                            "catatonit passt nftables".split())
+CLOUD_PACKAGES = ("unattended-upgrades",)
 BASE_IMAGE = "localhost/nightguard-base:latest"
 BASE_TAR_IN_GUEST = "/var/lib/nightguard-sandbox/base.tar"  # readable by all: rootless imports it
 HOSTKEY_BEGIN = "-----BEGIN NIGHTGUARD HOST KEY-----"
@@ -64,7 +71,7 @@ PACKAGES = tuple(
     " podman crun iptables uidmap netavark aardvark-dns slirp4netns catatonit".split()
 )
 # Debian 13: pasta is rootless Podman 5's network; netavark 1.14 drives nftables, not iptables
-EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt", "nftables")}
+EXTRA_PACKAGES = {"bookworm": (), "trixie": ("passt", "nftables"), "bookworm-cloud": ()}
 # What python:3.x-slim gives an agent: pip and venv, wheels only (no compiler)
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
 # The laptop's own extra certificate authorities: the guest and the app image reach the
@@ -75,6 +82,7 @@ GUEST_CA_DIR = "/usr/local/share/ca-certificates/nightguard-laptop"
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
 
 GUEST_FILES = Path(__file__).with_name("guest")  # copied into the guest's root
+CLOUD_FILES = Path(__file__).with_name("guest-cloud")  # and these into a cloud flavour's
 # BASE_IMAGE, BASE_TAR_IN_GUEST, HOSTKEY_* and BUILD_OK appear in those files too (a unit
 # test checks that they agree).
 BUILD_OK = "NIGHTGUARD-BUILD-OK"  # ng-build-finish prints it when the build-time boot worked
@@ -113,7 +121,8 @@ def base_recipe() -> dict:
 def guest_files(root: Path = GUEST_FILES) -> dict[str, tuple[int, str]]:
     """{guest path: (mode, text)} from the tree in tasks/sandbox/guest/."""
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*")
+                       if p.is_file() and "__pycache__" not in p.parts):
         guest = "/" + path.relative_to(root).as_posix()
         mode = 0o755 if os.access(path, os.X_OK) else 0o644
         files[guest] = (0o440 if guest.startswith("/etc/sudoers.d/") else mode, path.read_text())
@@ -124,6 +133,8 @@ def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
     """Everything that decides the image's content; its hash names the cache entry."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown os flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    if flavour in CLOUD:
+        return cloud_recipe(flavour, base_key)
     files = guest_files()
     files["/home/ubuntu/.ssh/authorized_keys"] = (0o600, pubkey.strip() + "\n")
     for name, text in local_cas().items():
@@ -149,6 +160,42 @@ def image_recipe(flavour: str, pubkey: str, base_key: str) -> dict:
             ["systemctl", "mask", "apt-daily.timer", "apt-daily-upgrade.timer"],
             ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"],
         ],
+    }
+
+
+def cloud_recipe(flavour: str, base_key: str) -> dict:
+    """A new Compute Engine VM's first boot: no Podman (Google's images have none), apt's
+    timers and unattended-upgrades on, no login user (the guest agent's stand-in makes it
+    from the ssh-keys metadata, late), the startup-script metadata run at boot. No build
+    boot: there is no Podman to import the base image into; the deploy imports the tar."""
+    files = {path: entry for path, entry in guest_files().items()
+             if path not in ("/etc/sudoers.d/ubuntu", "/usr/local/sbin/ng-import-base",
+                             "/etc/systemd/system/ng-import-base.service")
+             and "ng-build" not in path}
+    files.update(guest_files(CLOUD_FILES))
+    for name, text in local_cas().items():
+        files[f"{GUEST_CA_DIR}/{name}"] = (0o644, text)
+    suite = CLOUD[flavour]
+    packages = [p for p in PACKAGES + EXTRA_PACKAGES[flavour] if p not in PODMAN_PACKAGES]
+    return {
+        "version": RECIPE_VERSION,
+        "suite": suite,
+        "variant": "apt",
+        "disk_size": DISK_SIZE,
+        "packages": sorted(packages + list(CLOUD_PACKAGES)),
+        "base_tar": base_key,
+        "pre": [],
+        "files": {path: [mode, text] for path, (mode, text) in sorted(files.items())},
+        "post": [
+            ("systemctl enable systemd-networkd ng-hostkeys google-guest-agent "
+             "google-startup-scripts ng-memwatch apt-daily.timer "
+             "apt-daily-upgrade.timer").split(),
+            ["update-ca-certificates"],
+            ["/usr/local/sbin/ng-drill-repo"],
+            ["sh", "-c", "rm -f /etc/ssh/ssh_host_* /var/lib/systemd/random-seed "
+                         "&& : > /etc/machine-id"],
+        ],
+        "prepare": False,
     }
 
 
@@ -326,7 +373,7 @@ def ensure_image(flavour: str) -> Path:
 
     def build(tmp: Path, log) -> None:
         root = tmp / "rootfs"
-        _run(mmdebstrap_argv(flavour, recipe["packages"], str(root), mirror()), log, 2)
+        _run(mmdebstrap_argv(recipe["suite"], recipe["packages"], str(root), mirror()), log, 2)
         for argv in recipe["pre"]:
             _run(["chroot", str(root), *argv], log)
         for path, (mode, text) in recipe["files"].items():
@@ -347,13 +394,15 @@ def ensure_image(flavour: str) -> Path:
         _run(mkfs_argv(str(root), str(tmp / "disk.img"), recipe["disk_size"]), log)
         shutil.rmtree(root)
         console = tmp / "prepare-console.log"
-        for _attempt in range(3):  # a kernel panic under emulation is rare, and not fatal
+        prepare = recipe.get("prepare", True)  # a cloud flavour has no build boot
+        for _attempt in range(3 if prepare else 0):  # a kernel panic under TCG: boot again
             _run(prepare_argv(str(tmp), str(console)), log, timeout=1200)
             if BUILD_OK in console.read_text(errors="replace"):
                 break
             shutil.copyfile(console, tmp / f"prepare-console-{_attempt}.log")
         else:
-            raise RuntimeError(f"preparing the image failed; see {cache_dir() / 'failed'}")
+            if prepare:
+                raise RuntimeError(f"preparing the image failed; see {cache_dir() / 'failed'}")
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
     _build_atomically(final, build, f"the {flavour} sandbox image")

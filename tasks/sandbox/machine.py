@@ -9,6 +9,8 @@ target, ensure_up, status, down, reboot, ssh_argv. The image comes from
     console.log    serial console since QEMU started (console.log.1: the run before)
     known_hosts    [127.0.0.1]:PORT ssh-ed25519 ..., read from the console: host keys
                    are verified like for a real VM, never trusted on first use
+    metadata       a cloud flavour's metadata server, as the guest reaches it (a fake
+                   Compute API on the laptop's loopback is http://10.0.2.2:PORT inside)
     qemu.pid, port, accel, qemu.log, monitor.sock: see tasks/sandbox/qemu.py
 Environment: NG_SANDBOX_ACCEL (auto | tcg | kvm), NG_SANDBOX_DIR (moves .sandbox/),
 XDG_CACHE_HOME and NG_SANDBOX_MIRROR (image cache and Debian mirror).
@@ -127,11 +129,15 @@ def ssh_argv(name: str = "default", command: str | None = None) -> list[str]:
 
 def _check_alive(name: str) -> None:
     d = state_dir(name)
-    if qemu.pid(name) is None or "KVM internal error" in qemu.read(d / "qemu.log"):
+    kvm_failed = "KVM internal error" in qemu.read(d / "qemu.log")
+    if qemu.pid(name) is None or kvm_failed:
         time.sleep(0.5)  # QEMU's last words may land in its log just after it exits
         child = qemu._children.get(int(qemu.read(d / "qemu.pid") or 0))
+        # named in the first line: the log's tail is a register dump, and _boot falls back
+        # to TCG on this verdict
+        why = " on a KVM internal error" if kvm_failed else ""
         raise RuntimeError(
-            f"sandbox {name}: QEMU stopped (exit {child.poll() if child else '?'})\n"
+            f"sandbox {name}: QEMU stopped{why} (exit {child.poll() if child else '?'})\n"
             f"{qemu.tail(d / 'qemu.log')}\n{qemu.tail(d / 'console.log')}"
         )
 
@@ -154,6 +160,8 @@ def _wait_hostkey(name: str, deadline: float, count: int = 1) -> None:
 
 
 def _wait_ssh(name: str, deadline: float) -> None:
+    if qemu.read(state_dir(name) / "os") in image.CLOUD:
+        return _wait_banner(name, deadline)
     while time.monotonic() < deadline:
         _check_alive(name)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -169,6 +177,25 @@ def _wait_ssh(name: str, deadline: float) -> None:
     raise TimeoutError(
         f"sandbox {name}: ssh did not answer in time; see {state_dir(name) / 'console.log'}"
     )
+
+
+def _wait_banner(name: str, deadline: float) -> None:
+    """A cloud flavour's sshd answers long before anyone may log in (the guest agent's
+    stand-in makes the user from the metadata, late, as on a new VM): up means sshd speaks."""
+    port = int(qemu.read(state_dir(name) / "port"))
+    while time.monotonic() < deadline:
+        _check_alive(name)
+        if qemu.banner(port):
+            return
+        time.sleep(1)
+    raise TimeoutError(
+        f"sandbox {name}: sshd did not answer in time; see {state_dir(name) / 'console.log'}"
+    )
+
+
+def guest_url(url: str) -> str:
+    """A URL on the laptop's loopback as the guest reaches it (QEMU's user network)."""
+    return re.sub(r"^(https?://)(127\.0\.0\.1|localhost)(?=[:/]|$)", r"\g<1>10.0.2.2", url)
 
 
 def _boot(name: str, img: Path, deadline: float) -> None:
@@ -216,15 +243,25 @@ def _image_for(name: str, os_flavour: str) -> Path:
 
 
 def ensure_up(
-    name: str = "default", os_flavour: str = "bookworm", fresh: bool = False, timeout: float = 300
+    name: str = "default", os_flavour: str = "bookworm", fresh: bool = False, timeout: float = 300,
+    metadata: str | None = None,
 ) -> dict:
     """Boots the sandbox (building its image first if needed) and returns target(name).
-    Raises support.SandboxUnavailable (one line) where the sandbox cannot run."""
+    ``metadata``: the metadata server a cloud flavour's guest asks (a URL on this machine;
+    kept for later boots). Raises support.SandboxUnavailable (one line) where the sandbox
+    cannot run."""
     support.require_boot()
     with _locked(name):
         if fresh:
             down(name, destroy=True)
         d = state_dir(name)
+        if metadata is not None:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", metadata):
+                # it lands on the guest's kernel command line: nothing but a scheme and host
+                raise ValueError(f"metadata {metadata!r} is not an http URL of a host and port "
+                                 "(e.g. http://127.0.0.1:8080)")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "metadata").write_text(guest_url(metadata) + "\n")
         if qemu.pid(name) is None:
             img = _image_for(name, os_flavour)  # a build takes minutes, once: not in timeout
             started = time.monotonic()

@@ -34,15 +34,19 @@ def state_dir(name: str) -> Path:
     return Path(root) / name
 
 
-def qemu_argv(*, kernel, initrd, disk, port, console, monitor, accel="tcg") -> list[str]:
-    """An e2-micro's shape: 2 vCPUs, 1 GB, one virtio disk, one NIC with ssh on loopback."""
+def qemu_argv(*, kernel, initrd, disk, port, console, monitor, accel="tcg",
+              metadata: str = "") -> list[str]:
+    """An e2-micro's shape: 2 vCPUs, 1 GB, one virtio disk, one NIC with ssh on loopback.
+    ``metadata``: the metadata server's URL as the guest reaches it (a cloud flavour's guest
+    software reads it from the kernel command line: ng.metadata=URL)."""
     cpu = "-accel kvm -cpu host" if accel == "kvm" else "-accel tcg,thread=multi -cpu max"
     return [
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", *cpu.split(),
         "-m", "1024", "-smp", "2",
         "-kernel", str(kernel), "-initrd", str(initrd),
         # panic=-1: a kernel that panics while booting under emulation boots again
-        "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1",
+        "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1"
+                   + (f" ng.metadata={metadata}" if metadata else ""),
         # cache=unsafe: guest flushes stay in the host page cache; only a host crash loses them
         "-drive", f"file={disk},format=qcow2,if=virtio,discard=unmap,cache=unsafe",
         "-netdev", f"user,id=n0,hostfwd=tcp:{HOST}:{port}-:22",
@@ -146,7 +150,7 @@ def start(name: str, img: Path, accel: str) -> None:
         (d / "port").write_text(f"{port}\n")
         argv = qemu_argv(kernel=img / "vmlinuz", initrd=img / "initrd.img", disk=d / "disk.qcow2",
                          port=port, console=d / "console.log", monitor=d / "monitor.sock",
-                         accel=accel)  # fmt: skip
+                         accel=accel, metadata=read(d / "metadata"))  # fmt: skip
         with open(d / "qemu.log", "w") as log:  # own session: outlives `inv`, ignores its Ctrl-C
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True

@@ -31,21 +31,25 @@ def sandbox_settings(c, name: str | None = None, os: str | None = None) -> tuple
 @task(
     help={
         "name": NAME_HELP,
-        "os": "bookworm (Debian 12, Podman 4.3) or trixie (Debian 13, Podman 5.4) "
+        "os": "bookworm (Debian 12, Podman 4.3), trixie (Debian 13, Podman 5.4), or "
+              "bookworm-cloud (Debian 12 booting like a new Compute Engine VM: no Podman, "
+              "unattended-upgrades, the login user made late from the metadata) "
               "(default: nightguard.sandbox.os)",
         "fresh": "throw the sandbox's disk away first",
         "timeout": TIMEOUT_HELP,
+        "metadata": "bookworm-cloud: the metadata server its guest asks (a local fake of the "
+                    "Compute API, e.g. http://127.0.0.1:PORT)",
     }
 )
 @one_line_errors
-def up(c, name=None, os=None, fresh=False, timeout=300):
+def up(c, name=None, os=None, fresh=False, timeout=300, metadata=None):
     """Boot a sandbox VM (1 GB, 2 vCPUs, Podman), building its image once; wait for ssh."""
     name, os = sandbox_settings(c, name, os)
     if not fresh and status(name) == "up":
         print(f"sandbox {name}: already up (ssh port {target(name)['port']})")
         return
     try:
-        ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout))
+        ensure_up(name, os_flavour=os, fresh=fresh, timeout=float(timeout), metadata=metadata)
     except SandboxUnavailable as err:  # nothing was started: say what this machine lacks
         raise Exit(f"sandbox.up: {err}", code=EXIT_CONFIG) from None
     except (ValueError, RuntimeError, TimeoutError, OSError,

@@ -4,7 +4,8 @@ One shared VM per flavour per test session (booting one costs about a minute und
     sandbox_bookworm, sandbox_trixie   session-scoped, names e2e-bookworm / e2e-trixie
     sandbox                            parametrized over both (ids bookworm, trixie)
     fresh_sandbox(os_flavour)          factory for a throw-away VM a test may reboot or
-                                       break; destroyed after the test
+                                       break; destroyed after the test (keywords go to
+                                       ensure_up, e.g. metadata= for bookworm-cloud)
     fresh_sandbox_module(os_flavour)   the same, shared by the tests of one file
     ssh_run(target, cmd)               runs cmd over OpenSSH, returns CompletedProcess
 Each VM fixture yields the dict from tasks.sandbox.target(). Everything here is marked
@@ -179,11 +180,12 @@ def _fresh():
     _require_sandbox()
     made = []
 
-    def make(os_flavour="bookworm", name=None):
+    def make(os_flavour="bookworm", name=None, **boot):
         _require_sandbox(os_flavour)
         name = name or f"e2e-fresh-{os.getpid()}-{next(_fresh_ids)}"
         made.append(name)
-        target = sb.ensure_up(name, os_flavour=os_flavour, fresh=True, timeout=BOOT_TIMEOUT)
+        target = sb.ensure_up(name, os_flavour=os_flavour, fresh=True, timeout=BOOT_TIMEOUT,
+                              **boot)
         target["name"] = name
         return target
 

@@ -218,3 +218,48 @@ def test_prune_keeps_the_new_image_the_newest_other_and_other_flavours(tmp_path)
     image.prune(tmp_path / "bookworm-new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bookworm-new", "bookworm-old1", "trixie-old"]
+
+
+# -- the flavour that boots like a new Compute Engine VM ------------------------------------
+def test_the_cloud_flavour_has_no_podman_no_login_user_and_apt_timers_on():
+    recipe = image.image_recipe("bookworm-cloud", "ssh-ed25519 AAAA x", "b")
+    assert recipe["suite"] == "bookworm" and recipe["prepare"] is False
+    packages = set(recipe["packages"])
+    assert not packages & {"podman", "crun", "conmon", "netavark", "slirp4netns", "uidmap"}
+    assert {"unattended-upgrades", "openssh-server", "sudo", "python3"} <= packages
+    assert recipe["pre"] == []  # no ubuntu user: the guest agent's stand-in makes it
+    files = recipe["files"]
+    assert not [p for p in files if "authorized_keys" in p or p.startswith("/etc/sudoers.d/")]
+    assert "/usr/local/sbin/ng-import-base" not in files  # no Podman to import into
+    for unit in ("google-guest-agent", "google-startup-scripts"):
+        assert f"/etc/systemd/system/{unit}.service" in files
+    enable = next(argv for argv in recipe["post"] if argv[:2] == ["systemctl", "enable"])
+    assert {"google-guest-agent", "google-startup-scripts", "apt-daily.timer",
+            "apt-daily-upgrade.timer"} <= set(enable)
+    assert not [argv for argv in recipe["post"] if "mask" in argv]
+    periodic = files["/etc/apt/apt.conf.d/20auto-upgrades"][1]
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in periodic
+    assert image.recipe_key(recipe) != image.recipe_key(
+        image.image_recipe("bookworm", "ssh-ed25519 AAAA x", "b"))
+
+
+def test_the_metadata_server_reaches_the_guest_on_its_kernel_command_line():
+    argv = qemu.qemu_argv(kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m",
+                          metadata="http://10.0.2.2:8123")
+    assert "ng.metadata=http://10.0.2.2:8123" in argv[argv.index("-append") + 1].split()
+    plain = qemu.qemu_argv(kernel="k", initrd="i", disk="d", port=1, console="c", monitor="m")
+    assert "ng.metadata" not in plain[plain.index("-append") + 1]
+    assert sandbox.guest_url("http://127.0.0.1:8123") == "http://10.0.2.2:8123"
+    assert sandbox.guest_url("http://localhost:80/") == "http://10.0.2.2:80/"
+    assert sandbox.guest_url("http://192.0.2.7:80") == "http://192.0.2.7:80"
+
+
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:80 init=/bin/sh", "file:///etc/passwd",
+                                 "http://user@127.0.0.1:80", "http://127.0.0.1:80/x?y"])
+def test_a_metadata_url_that_is_not_a_plain_host_and_port_is_refused(bad, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("NG_SANDBOX_DIR", str(tmp_path))
+    monkeypatch.setattr(sandbox.support, "require_boot", lambda: None)
+    with pytest.raises(ValueError, match="is not an http URL of a host and port"):
+        sandbox.ensure_up("s", os_flavour="bookworm-cloud", metadata=bad)
+    assert not (tmp_path / "s" / "metadata").exists()
