@@ -232,7 +232,8 @@ def booted(monkeypatch):
     calls = []
     monkeypatch.setattr(sandbox_tasks, "status", lambda name: "absent")
     monkeypatch.setattr(sandbox_tasks, "ensure_up",
-                        lambda name, os_flavour, fresh, timeout: calls.append((name, os_flavour)))
+                        lambda name, os_flavour, fresh, timeout, metadata:
+                        calls.append((name, os_flavour)))
     return calls
 
 
@@ -267,7 +268,7 @@ def test_sandbox_tasks_refuse_a_bad_configured_value_in_one_line(home, tmp_path,
         sandbox_tasks.up(Context(invoke_config(project)))
     assert info.value.code == 2
     assert info.value.message == ("error: invoke.yaml: nightguard.sandbox.os: 'sid' is not one "
-                                  "of bookworm, trixie")
+                                  "of bookworm, trixie, bookworm-cloud")
     write(project / "invoke.yaml", "")
     with pytest.raises(Exit) as info:
         sandbox_tasks.status_task(Context(invoke_config(project)), name="../../etc")
