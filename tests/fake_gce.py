@@ -10,6 +10,8 @@ every request (``fake.requests``), and has knobs for the failure paths:
   fake.concurrent_writer = "alice:ssh-rsa AAA alice"   # next GET races a metadata write
   fake.hang = "/instances/"                            # matching requests never answer
   fake.nat_ip = "127.0.0.1"                            # address new/started VMs get
+  fake.age("nightguard", 3600)                         # created an hour ago
+  fake.recreate("nightguard")                          # deleted and created again: new id
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -125,6 +127,17 @@ class FakeGce:
                                                           "name": "External NAT"}]}],
                 "metadata": {"items": metadata or []}, **extra}
         return self._create(zone, body, status)
+
+    def age(self, name: str, seconds: float) -> None:
+        """The instance was created ``seconds`` ago (creationTimestamp)."""
+        created = datetime.now(UTC) - timedelta(seconds=seconds)
+        self.instances[name]["creationTimestamp"] = created.isoformat(timespec="milliseconds")
+
+    def recreate(self, name: str) -> dict:
+        """The instance deleted and created again under its name: a new id, created now."""
+        instance = self.instances[name]
+        instance.update(id=str(next(self._ids)), creationTimestamp=_now())
+        return instance
 
     # -- resources --------------------------------------------------------------------
     def _url(self, zone: str, *rest: str) -> str:

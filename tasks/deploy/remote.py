@@ -13,17 +13,24 @@ Host keys (every hop's too) are checked strictly and never added: against the pr
 known_hosts when it names the host (then it alone decides: a pin there is not overruled by
 a stale line elsewhere), else against the user's and the system's known_hosts (what ssh(1)
 already verified); a key marked ``@revoked`` in any of them is refused. An unknown key
-stops the connection with its fingerprint and the command that pins it.
+stops the connection with its fingerprint and the command that pins it; a changed one with
+the command that removes the old pin (``ssh-keygen -R``, for every name it is pinned under).
 
 Logging in: with a key file (``nightguard.ssh.key_filename``, the sandbox's, the GCP
 project key) that key only; without one, a running ssh-agent's keys, then ssh_config's
 IdentityFile, else ~/.ssh/id_* (IdentitiesOnly: no agent).
+
+A host still being set up (``SshTarget.login_wait`` seconds, only set for a Compute Engine
+VM created minutes ago): a refused login, or a refused, unroutable or unanswered connection,
+is tried again every few seconds until that bound, saying once why it waits; then it fails
+in one line naming the user, the key and what to check. Without it, it fails at once.
 
 Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_timeout``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -39,6 +46,10 @@ from fabric import Config, Connection
 from tasks.deploy.hostlink import PipeClosed
 from tasks.errors import StepFailed
 from tasks.progress import Step
+
+# A host being set up is tried again this often: a VM's guest agent writes the login key
+# within a minute or so; trying more often would only fill sshd's log with refusals.
+LOGIN_RETRY_EVERY = 3.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,11 @@ class SshTarget:
     jump: SshTarget | None = None  # ProxyJump: the hop this host is reached through
     proxy_command: str = ""  # ProxyCommand: its stdin/stdout is the connection
     alias: str = ""  # the name the user gave (an ssh_config Host), when it is not host
+    login_wait: float = 0.0  # seconds to retry refused logins/connections (a new VM)
+    login_wait_reason: str = ""  # what it waits for: "the VM's guest agent to install ..."
+    login_hint: str = ""  # what to check when the login is still refused after login_wait
+    # (name, file): other names the project pins this host's key under (the GCP instance)
+    pinned_as: tuple[tuple[str, str], ...] = ()
 
     @property
     def host_key_name(self) -> str:
@@ -163,6 +179,90 @@ def pin_command(target: SshTarget, key: paramiko.PKey) -> str:
     kind = "ecdsa" if kind.startswith("ecdsa-") else kind.removeprefix("ssh-")
     return (f"{mkdir}ssh-keyscan -t {kind} -p {target.port} {shlex.quote(target.host)} "
             f">> {known_hosts}")
+
+
+def unpin_command(target: SshTarget, source: str) -> str:
+    """The command that removes the host's pin from ``source`` (and, when that is the
+    project's file, the other names it is pinned under), for a key that changed."""
+    pins = [(target.host_key_name, source)]
+    if source == target.known_hosts:
+        pins += target.pinned_as
+    return " && ".join(f"ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(shown_path(path))}"
+                       for name, path in pins)
+
+
+def shown_duration(seconds: float) -> str:
+    """'5m', '4m 30s', '1.5s': a wait's bound as people (and the settings) write it."""
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return " ".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s"))
+                    if n)
+
+
+def connect_failure(exc: BaseException, timeout: float) -> str:
+    """What a failed TCP connect or SSH greeting was, in words; "" if it was not one."""
+    causes = [exc]
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        causes = list(exc.errors.values())  # one per address the name resolved to
+    elif isinstance(exc, paramiko.SSHException) and "protocol banner" in str(exc):
+        # connected, then silence or a hang-up: paramiko keeps which as the context
+        causes = [exc.__context__ or EOFError()]
+    elif isinstance(exc, paramiko.SSHException) and str(exc) == "No existing session":
+        causes = [TimeoutError()]  # the key exchange had not finished within the timeout
+    codes = {getattr(cause, "errno", None) for cause in causes}
+    if errno.ECONNREFUSED in codes:
+        return "connection refused"
+    if codes & {errno.EHOSTUNREACH, errno.ENETUNREACH}:
+        return "no route to host"
+    if any(isinstance(cause, TimeoutError) for cause in causes):
+        return f"no answer within {timeout:g}s"
+    if any(isinstance(cause, EOFError | ConnectionResetError) for cause in causes):
+        return "connection closed before the SSH greeting"
+    return ""
+
+
+class Patience:
+    """Tries again while a host is being set up: ``again`` pauses a few seconds and says
+    True until ``bound`` seconds have passed (never, for 0). Each new reason is printed
+    once; a step line ticks while it waits (never silent for long)."""
+
+    def __init__(self, bound: float, out):
+        self.bound = bound
+        self.out = out
+        self.started = time.monotonic()
+        self.deadline = self.started + bound
+        self.reason = ""  # the reason said last: "" until it first waited
+        self._step: Step | None = None
+
+    @property
+    def waited(self) -> float:
+        """Seconds since the first try, once it had to wait (0 if it never did)."""
+        return time.monotonic() - self.started if self.reason else 0.0
+
+    def again(self, reason: str, line: str) -> bool:
+        left = self.deadline - time.monotonic()
+        if not reason or self.bound <= 0 or left <= 0:
+            return False
+        if reason != self.reason:
+            self._end(None)
+            self.reason = reason
+            print(line, file=self.out, flush=True)
+            self._step = Step("wait", reason, self.out).__enter__()
+        time.sleep(min(LOGIN_RETRY_EVERY, left))
+        return True
+
+    def _end(self, exc_type) -> None:
+        if self._step is not None:
+            self._step.__exit__(exc_type, None, None)
+            self._step = None
+
+    def __enter__(self) -> Patience:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._end(exc_type)
 
 
 @dataclass
@@ -293,9 +393,33 @@ class Remote:
                 "look_for_keys": not target.identity_files}
 
     def _open(self, target: SshTarget, role: str) -> Connection:
-        """Connect to ``target`` (through its hops first), host keys checked on each."""
+        """Connect to ``target`` (through its hops first), host keys checked on each; a host
+        being set up is tried again (see the module's docstring)."""
         gateway = self._open(target.jump, " (jump host)") if target.jump is not None else None
         who = target.describe() + role
+        with Patience(target.login_wait, self.out) as patience:
+            while True:
+                connection, source = self._attempt(target, who, gateway)
+                try:
+                    connection.open()
+                    break
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    connection.client.close()  # a half-open one, e.g. after a refused login
+                    self._opened.remove(connection)
+                    reason = self._retryable(exc)
+                    if not patience.again(reason, self._waiting_line(target, reason)):
+                        failed = (self._gave_up(target, who, reason) if reason and
+                                  target.login_wait > 0 else
+                                  self._failure(exc, target, who, source))
+                        raise failed from None
+        transport = connection.client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        return connection
+
+    def _attempt(self, target: SshTarget, who: str, gateway) -> tuple[Connection, str]:
+        """A new, unopened connection to ``target`` with its host keys pinned, and the
+        known_hosts file they came from."""
         kwargs = self._auth(target)
         if target.proxy_command and gateway is None:
             try:
@@ -309,34 +433,62 @@ class Remote:
                                 gateway=gateway)
         source = pin_host_keys(connection.client, target)
         self._opened.append(connection)
-        try:
-            connection.open()
-        except UnknownHostKey as exc:
+        return connection, source
+
+    def _retryable(self, exc: BaseException) -> str:
+        """Why a host being set up may still let us in later ("" if it will not)."""
+        if isinstance(exc, UnknownHostKey | paramiko.BadHostKeyException |
+                      paramiko.BadAuthenticationType):
+            return ""
+        if isinstance(exc, paramiko.AuthenticationException):
+            return "login refused"
+        return connect_failure(exc, self.connect_timeout)
+
+    @staticmethod
+    def _waiting_line(target: SshTarget, reason: str) -> str:
+        bound = shown_duration(target.login_wait)
+        if reason == "login refused":
+            what = target.login_wait_reason or f"{target.user}'s login to be accepted"
+        else:
+            what = f"sshd at {target.host}:{target.port}"
+        return f"waiting for {what} ({reason}; retrying up to {bound})"
+
+    @staticmethod
+    def _gave_up(target: SshTarget, who: str, reason: str) -> StepFailed:
+        """The one line after ``login_wait`` of refusals."""
+        bound = shown_duration(target.login_wait)
+        if reason != "login refused":
+            return StepFailed("connect", f"{who}: {reason} on every try for {bound}")
+        key = shown_path(target.key_filename) if target.key_filename else \
+            "the agent's and ~/.ssh's keys"
+        hint = target.login_hint or f"the key is not authorized for {target.user} there"
+        return StepFailed("connect", f"{who}: login as {target.user} with {key} refused for "
+                          f"{bound}: {hint}")
+
+    def _failure(self, exc: BaseException, target: SshTarget, who: str,
+                 source: str) -> StepFailed:
+        """The one line for a connection that failed at once."""
+        if isinstance(exc, UnknownHostKey):
             key = f"{exc.key.get_name()} {exc.key.fingerprint}"
             if exc.revoked:
-                raise StepFailed("connect", f"{who}: host key {key} is marked @revoked in a "
-                                 "known_hosts file: refusing it") from None
+                return StepFailed("connect", f"{who}: host key {key} is marked @revoked in a "
+                                  "known_hosts file: refusing it")
             tried = ", ".join(shown_path(p) for p in (target.known_hosts,
                                                       *target.other_known_hosts)
                               if p and (p == target.known_hosts or os.path.isfile(p)))
-            raise StepFailed("connect", f"{who}: host key unknown (not in {tried}); it "
-                             f"offered {key}: if that is the host's, pin it with "
-                             f"`{pin_command(target, exc.key)}`") from None
-        except paramiko.BadHostKeyException as exc:
-            raise StepFailed("connect", f"{who}: host key does not match {shown_path(source)} "
-                             f"(it offered {exc.key.get_name()} {exc.key.fingerprint}): "
-                             "replace that line only if you know the host was rebuilt"
-                             ) from None
-        except paramiko.SSHException as exc:
-            raise StepFailed("connect", f"{who}: {exc}") from None
-        except (OSError, EOFError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise StepFailed("connect", f"{who} unreachable within "
-                             f"{self.connect_timeout}s: {reason}") from None
-        transport = connection.client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(15)
-        return connection
+            return StepFailed("connect", f"{who}: host key unknown (not in {tried}); it "
+                              f"offered {key}: if that is the host's, pin it with "
+                              f"`{pin_command(target, exc.key)}`")
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return StepFailed("connect", f"{who}: host key does not match {shown_path(source)} "
+                              f"(it offered {exc.key.get_name()} {exc.key.fingerprint}): only "
+                              "if you know the host was rebuilt, remove the old pin with "
+                              f"`{unpin_command(target, source)}` and connect again")
+        if isinstance(exc, paramiko.SSHException):
+            return StepFailed("connect", f"{who}: {exc}")
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return StepFailed("connect", f"{who} unreachable within {self.connect_timeout}s: "
+                          f"{reason}")
 
     def close(self) -> None:
         while self._opened:  # the host first, then the hops it went through

@@ -2,7 +2,14 @@
 fingerprint), the project's key pair, and the VM's SSH address with its host key pinned in
 the project-local known_hosts.
 
-Config keys: ``nightguard.ssh.user/port/key_filename/known_hosts/connect_timeout``.
+Host keys are pinned by address (the known_hosts the connection checks) and by instance
+(``pin_host_key``), so a new ephemeral IP after a stop/start keeps the VM's pinned key
+instead of trusting whatever answers there. A VM created minutes ago is still being set up:
+its sshd and its login user come up during its first minutes, so the target it gets waits
+for them (``nightguard.ssh.login_wait``, one bound for both).
+
+Config keys: ``nightguard.ssh.user/port/key_filename/known_hosts/connect_timeout`` and
+``nightguard.ssh.login_wait``.
 """
 
 from __future__ import annotations
@@ -11,14 +18,15 @@ import base64
 import os
 import socket
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tasks.config import Settings
-from tasks.deploy.remote import SshTarget
+from tasks.config import Settings, parse_duration
+from tasks.deploy.remote import Patience, SshTarget, connect_failure, shown_duration
 from tasks.errors import ConfigError, StepFailed
 from tasks.gcp.api import (
     Gce,
@@ -33,6 +41,12 @@ from tasks.gcp.api import (
 
 DEFAULT_KEY = ".ssh/nightguard_ed25519"
 METADATA_ATTEMPTS = 5
+# A VM this young may still be setting itself up: the guest agent creates the login user
+# and writes its key from ssh-keys a minute or so after boot, sshd starts about then, and
+# `inv vm.create` returns before either. Later a refused login is a real refusal.
+FRESH_VM = timedelta(minutes=15)
+LOGIN_HINT = ("the key is not in the VM's ssh-keys metadata or OS Login is on: "
+              "`inv vm.authorize-key` adds it (and says if OS Login is on)")
 
 
 # -- SSH keys in metadata -------------------------------------------------------------
@@ -173,57 +187,140 @@ def published_host_keys(gce: Gce) -> list[paramiko.PKey]:
     return keys
 
 
-def fetch_host_key(host: str, port: int, timeout: float) -> paramiko.PKey:
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise StepFailed("host key", f"{host}:{port} unreachable: {exc}") from None
-    transport = paramiko.Transport(sock)
-    try:
-        transport.start_client(timeout=timeout)
-        return transport.get_remote_server_key()
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        raise StepFailed("host key", f"no SSH host key from {host}:{port}: {exc}") from None
-    finally:
-        transport.close()
+def read_host_key(host: str, port: int, timeout: float) -> paramiko.PKey:
+    """The key the SSH server at host:port offers; raises OSError, EOFError, SSHException."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=timeout)
+            return transport.get_remote_server_key()
+        finally:
+            transport.close()
 
 
-def pin_host_key(gce: Gce, host: str, port: int, known_hosts: Path, out=None) -> None:
-    """Make ``known_hosts`` hold the VM's host key: from guest attributes (authoritative,
-    replaces a stale entry after the address was reused), else on first use only."""
+def host_key_error(host: str, port: int, exc: BaseException) -> StepFailed:
+    if isinstance(exc, OSError):
+        return StepFailed("host key", f"{host}:{port} unreachable: {exc}")
+    return StepFailed("host key", f"no SSH host key from {host}:{port}: {exc}")
+
+
+def instance_pin_name(gce: Gce, instance) -> str:
+    """The VM's own name in known_hosts: ``gce/PROJECT/ZONE/NAME/ID``. The numeric id is new
+    when a VM is re-created under the same name, so its new key is not taken for a change;
+    ssh(1) can check against it too (``-o HostKeyAlias=gce/...``)."""
+    return f"gce/{gce.project}/{gce.zone}/{instance.name}/{instance.id}"
+
+
+def instance_pins_path(known_hosts: Path) -> Path:
+    """Where the pins by instance live: beside known_hosts, in its format (``.instances``),
+    so that known_hosts itself holds addresses only, as ssh(1) writes it."""
+    return known_hosts.with_name(f"{known_hosts.name}.instances")
+
+
+def _load(path: Path) -> paramiko.HostKeys:
+    hosts = paramiko.HostKeys()
+    if path.exists():
+        hosts.load(str(path))
+    return hosts
+
+
+def _keys(hosts: paramiko.HostKeys, name: str) -> dict[str, str]:
+    return {kind: key.get_base64() for kind, key in (hosts.lookup(name) or {}).items()}
+
+
+def _pin(hosts: paramiko.HostKeys, name: str, keys: list[paramiko.PKey], path: Path) -> None:
+    """Make ``name`` hold exactly ``keys`` in the file at ``path`` (written only if not)."""
+    if _keys(hosts, name) == {key.get_name(): key.get_base64() for key in keys}:
+        return
+    while True:
+        try:
+            del hosts[name]
+        except KeyError:
+            break
+    for key in keys:
+        hosts.add(name, key.get_name(), key)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    hosts.save(str(path))
+
+
+def _shown(keys: list[paramiko.PKey]) -> str:
+    return f"{keys[0].get_name()} {keys[0].fingerprint}"
+
+
+def pin_host_key(gce: Gce, instance, host: str, port: int, known_hosts: Path, out=None,
+                 wait: float = 0.0) -> float:
+    """Make ``known_hosts`` hold the VM's host key for host:port, and its instance pin
+    (``instance_pin_name`` in ``instance_pins_path``) the same key. The key comes from, in
+    order: guest attributes (authoritative: they replace a stale entry after the address was
+    reused, or a changed key); the instance's pin (a new IP after a stop/start gets the key
+    the VM had, and a stale entry of another VM at that IP gives way to it); the address's
+    own entry (the connection verifies it strictly: a change is refused); else first use,
+    waiting up to ``wait`` seconds for a VM's sshd that is not up yet. Returns the seconds
+    it waited."""
     out = out or sys.stdout
     entry = host if port == 22 else f"[{host}]:{port}"
-    hosts = paramiko.HostKeys()
-    if known_hosts.exists():
-        hosts.load(str(known_hosts))
-    known = hosts.lookup(entry)
-    published = published_host_keys(gce)
-    if published:
-        if known and all(k.get_name() in known and known[k.get_name()] == k
-                         for k in published):
-            return
+    by_address, by_instance = _load(known_hosts), _load(instance_pins_path(known_hosts))
+    name = instance_pin_name(gce, instance)
+    had, pinned = by_address.lookup(entry), by_instance.lookup(name)
+    keys, note, waited = published_host_keys(gce), "", 0.0
+    if keys:
+        note = f"pinned host key of {entry} from the VM's guest attributes: {_shown(keys)}"
+    elif pinned:
+        keys = list(pinned.values())
+        note = (f"replaced the host key of {entry} (another VM's: addresses are reused) with "
+                f"the one pinned for VM {gce.name}: {_shown(keys)}" if had else
+                f"pinned host key of {entry} (VM {gce.name}'s new address) from the key "
+                f"pinned for the VM: {_shown(keys)}")
+    elif had:
+        keys = list(had.values())
+    else:
+        keys, note, waited = first_host_keys(gce, host, port, entry, wait, out)
+    if note and _keys(by_address, entry) != {key.get_name(): key.get_base64() for key in keys}:
+        print(note, file=out)
+    _pin(by_address, entry, keys, known_hosts)
+    _pin(by_instance, name, keys, instance_pins_path(known_hosts))
+    return waited
+
+
+def first_host_keys(gce: Gce, host: str, port: int, entry: str, wait: float,
+                    out) -> tuple[list[paramiko.PKey], str, float]:
+    """(keys, what to say, seconds waited) for a VM nothing pins yet: the key its sshd
+    offers, on first use. A VM still booting is asked again for up to ``wait`` seconds while
+    its sshd refuses or does not answer; guest attributes published meanwhile win."""
+    timeout = gce.settings["ssh.connect_timeout"]
+    with Patience(wait, out) as patience:
         while True:
             try:
-                del hosts[entry]
-            except KeyError:
-                break
-        for key in published:
-            hosts.add(entry, key.get_name(), key)
-        print(f"pinned host key of {entry} from the VM's guest attributes: "
-              f"{published[0].get_name()} {published[0].fingerprint}", file=out)
-    elif known:
-        return  # the connection itself verifies it (RejectPolicy): a change is refused
-    else:
-        key = fetch_host_key(host, port, gce.settings["ssh.connect_timeout"])
-        hosts.add(entry, key.get_name(), key)
-        print(f"recorded host key of {entry} on first use: {key.get_name()} "
-              f"{key.fingerprint} (compare with the VM's serial console)", file=out)
-    known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    hosts.save(str(known_hosts))
+                key = read_host_key(host, port, timeout)
+                return [key], (f"recorded host key of {entry} on first use: {_shown([key])} "
+                               "(compare with the VM's serial console)"), patience.waited
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                reason = connect_failure(exc, timeout)
+                line = (f"waiting for sshd at {host}:{port} to read its host key ({reason}; "
+                        f"retrying up to {shown_duration(wait)})")
+                if not patience.again(reason, line):
+                    if reason and wait > 0:
+                        raise StepFailed("host key", f"{host}:{port}: {reason} on every try "
+                                         f"for {shown_duration(wait)}") from None
+                    raise host_key_error(host, port, exc) from None
+            if keys := published_host_keys(gce):
+                return keys, (f"pinned host key of {entry} from the VM's guest attributes: "
+                              f"{_shown(keys)}"), patience.waited
+
+
+def created_recently(instance, now: datetime | None = None) -> bool:
+    """True for a VM created less than ``FRESH_VM`` ago (creationTimestamp, RFC 3339)."""
+    try:
+        created = datetime.fromisoformat(instance.creation_timestamp)
+    except (TypeError, ValueError):
+        return False
+    return (now or datetime.now(UTC)) - created < FRESH_VM
 
 
 def ssh_target(settings: Settings, gce: Gce | None = None, out=None) -> SshTarget:
-    """The VM's SSH address via the API, with its host key pinned in known_hosts."""
+    """The VM's SSH address via the API, with its host key pinned in known_hosts. A VM
+    created minutes ago is waited for: first its sshd (for the host key), then the login,
+    within one ``nightguard.ssh.login_wait`` in all."""
     gce = gce or connect(settings)
     instance = get_instance(gce, "vm address")
     if instance.status != "RUNNING":
@@ -233,10 +330,16 @@ def ssh_target(settings: Settings, gce: Gce | None = None, out=None) -> SshTarge
     if not host:
         raise GcpError("vm address", f"VM {gce.name} has no external IP: it needs an "
                        "ONE_TO_ONE_NAT access config (recreate with `inv vm.create`)")
-    port = settings["ssh.port"]
+    port, user = settings["ssh.port"], settings["ssh.user"]
     known_hosts = settings.path("ssh.known_hosts")
-    pin_host_key(gce, host, port, known_hosts, out)
+    wait = parse_duration(settings["ssh.login_wait"]) if created_recently(instance) else 0.0
+    waited = pin_host_key(gce, instance, host, port, known_hosts, out, wait)
     key = private_key_path(settings)
-    return SshTarget(host=host, port=port, user=settings["ssh.user"],
+    return SshTarget(host=host, port=port, user=user,
                      key_filename=str(key) if key.exists() else "",
-                     known_hosts=str(known_hosts), label=f"gcp {gce.name} ({host})")
+                     known_hosts=str(known_hosts), label=f"gcp {gce.name} ({host})",
+                     login_wait=max(0.0, wait - waited),
+                     login_wait_reason=f"the VM's guest agent to install the key for {user}",
+                     login_hint=LOGIN_HINT,
+                     pinned_as=((instance_pin_name(gce, instance),
+                                 str(instance_pins_path(known_hosts))),))

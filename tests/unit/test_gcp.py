@@ -1,16 +1,28 @@
-"""The Compute Engine layer through the real google-cloud-compute client against the fake."""
+"""The Compute Engine layer through the real google-cloud-compute client against the fake;
+the VM's host key pinned by instance, and the first minutes of a new VM (its sshd and login
+user not up yet) against small paramiko servers. The login wait itself against a real sshd
+is in test_remote_sshd.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 import subprocess
+import threading
 import time
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 
 import google.auth
+import paramiko
 import pytest
 from google.auth.exceptions import DefaultCredentialsError
 
 from tasks.config import load_settings
+from tasks.deploy import remote as remote_module
+from tasks.deploy.remote import Remote
+from tasks.errors import StepFailed
 from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tests.fake_gce import FakeGce
@@ -135,6 +147,253 @@ def test_start_stop_reset_and_external_ip(gce, fake):
     verbs = [r.path.rsplit("/", 1)[1] for r in fake.requests if r.method == "POST"
              and "/instances/" in r.path]
     assert verbs == ["start", "reset", "stop"]
+
+
+# -- host keys pinned by instance: a new address after stop/start -----------------------
+class RefuseLogins(paramiko.ServerInterface):
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+
+@contextmanager
+def ssh_server(host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 0):
+    """An SSH server at address:port offering ``host_key`` and refusing every login."""
+    listener = socket.create_server((address, port))
+    transports = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            transport = paramiko.Transport(conn)
+            transport.add_server_key(host_key)
+            transports.append(transport)
+            try:
+                transport.start_server(server=RefuseLogins())
+            except (paramiko.SSHException, EOFError, OSError):
+                pass  # the client read the key and hung up
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): a close alone keeps the port
+        listener.close()
+        for transport in transports:
+            transport.close()
+
+
+@pytest.fixture
+def pinned(make, fake, tmp_path):
+    """A VM at 127.0.0.1 whose host key was recorded on first use, then stopped and started
+    again at 127.0.0.2 (a new ephemeral IP), publishing no guest attributes."""
+    key = paramiko.ECDSAKey.generate()
+    fake.nat_ip = "127.0.0.1"
+    vm = fake.add_instance("nightguard")
+    gcp_ssh.generate_keypair(tmp_path / "login_key", out=io.StringIO())
+    with ssh_server(key) as port:
+        gce = make(**{"ssh.port": port, "ssh.connect_timeout": 5, "ssh.login_wait": "0s",
+                      "ssh.key_filename": "login_key"})
+        out = io.StringIO()
+        gcp_ssh.ssh_target(gce.settings, gce, out)
+    assert "on first use" in out.getvalue()
+    gcp.power(gce, "stop")
+    fake.nat_ip = "127.0.0.2"
+    gcp.power(gce, "start")
+    known = tmp_path / ".ssh" / "known_hosts"
+    return gce, port, key, known, f"gce/demo-project/us-west1-b/nightguard/{vm['id']}"
+
+
+def first_connection(target) -> str:
+    """How the first connection to ``target`` ends: its one-line failure."""
+    with Remote(target, connect_timeout=5, out=io.StringIO()) as remote:
+        with pytest.raises(StepFailed) as caught:
+            remote.open_pipe(["true"], step="probe")
+    return one_line(caught)
+
+
+def test_a_new_address_gets_the_key_pinned_for_the_instance(pinned):
+    gce, port, key, known, name = pinned
+    line = f"{key.get_name()} {key.get_base64()}"
+    assert (known.parent / "known_hosts.instances").read_text() == f"{name} {line}\n"
+    out = io.StringIO()
+    target = gcp_ssh.ssh_target(gce.settings, gce, out)  # nothing listens at 127.0.0.2 yet
+    assert out.getvalue() == (f"pinned host key of [127.0.0.2]:{port} (VM nightguard's new "
+                              f"address) from the key pinned for the VM: {key.get_name()} "
+                              f"{key.fingerprint}\n")
+    assert known.read_text().splitlines() == [f"[127.0.0.1]:{port} {line}",
+                                              f"[127.0.0.2]:{port} {line}"]
+    with ssh_server(key, "127.0.0.2", port):  # the pinned key is accepted: on to the login
+        assert first_connection(target).endswith(
+            "gcp nightguard (127.0.0.2): Authentication failed.")
+
+
+def test_a_different_key_at_the_new_address_is_refused_in_one_line(pinned):
+    gce, port, key, known, name = pinned
+    target = gcp_ssh.ssh_target(gce.settings, gce, io.StringIO())
+    other = paramiko.ECDSAKey.generate()
+    with ssh_server(other, "127.0.0.2", port):
+        message = first_connection(target)
+    fix = (f"ssh-keygen -R '[127.0.0.2]:{port}' -f {known} && ssh-keygen -R {name} -f "
+           f"{known}.instances")
+    assert message == (f"step 'connect' failed: gcp nightguard (127.0.0.2): host key does not "
+                       f"match {known} (it offered {other.get_name()} {other.fingerprint}): "
+                       f"only if you know the host was rebuilt, remove the old pin with "
+                       f"`{fix}` and connect again")
+    subprocess.run(fix, shell=True, check=True, capture_output=True)
+    with ssh_server(other, "127.0.0.2", port):
+        out = io.StringIO()
+        gcp_ssh.ssh_target(gce.settings, gce, out)
+    assert out.getvalue().startswith(f"recorded host key of [127.0.0.2]:{port} on first use: ")
+
+
+def test_a_stale_entry_of_another_vm_at_the_new_address_gives_way(pinned):
+    gce, port, key, known, name = pinned
+    stale = paramiko.ECDSAKey.generate()
+    with known.open("a") as handle:
+        handle.write(f"[127.0.0.2]:{port} {stale.get_name()} {stale.get_base64()}\n")
+    out = io.StringIO()
+    gcp_ssh.ssh_target(gce.settings, gce, out)
+    assert out.getvalue() == (f"replaced the host key of [127.0.0.2]:{port} (another VM's: "
+                              "addresses are reused) with the one pinned for VM nightguard: "
+                              f"{key.get_name()} {key.fingerprint}\n")
+    assert f"[127.0.0.2]:{port} {key.get_name()} {key.get_base64()}" in known.read_text()
+    assert stale.get_base64() not in known.read_text()
+
+
+def test_a_vm_re_created_under_its_name_is_not_taken_for_the_old_one(pinned, fake):
+    gce, port, key, known, name = pinned
+    fake.recreate("nightguard")
+    new = paramiko.ECDSAKey.generate()
+    with ssh_server(new, "127.0.0.2", port):
+        out = io.StringIO()
+        target = gcp_ssh.ssh_target(gce.settings, gce, out)
+        assert first_connection(target).endswith("Authentication failed.")
+    assert out.getvalue().startswith(f"recorded host key of [127.0.0.2]:{port} on first use: "
+                                     f"{new.get_name()} {new.fingerprint}")
+
+
+def test_guest_attributes_win_over_the_instance_pin(pinned, fake):
+    gce, port, key, known, name = pinned
+    rotated = paramiko.ECDSAKey.generate()
+    fake.guest_attributes["nightguard"] = {
+        "hostkeys": {rotated.get_name(): rotated.get_base64()}}
+    out = io.StringIO()
+    gcp_ssh.ssh_target(gce.settings, gce, out)
+    assert out.getvalue().startswith(f"pinned host key of [127.0.0.2]:{port} from the VM's "
+                                     "guest attributes: ")
+    line = f"{rotated.get_name()} {rotated.get_base64()}"
+    assert (known.parent / "known_hosts.instances").read_text() == f"{name} {line}\n"
+
+
+# -- the first minutes of a VM: its sshd and login user not up yet --------------------
+def target_of(gce, out=None):
+    return gcp_ssh.ssh_target(gce.settings, gce, out or io.StringIO())
+
+
+def publish(fake, key: paramiko.PKey) -> None:
+    fake.guest_attributes["nightguard"] = {"hostkeys": {key.get_name(): key.get_base64()}}
+
+
+def later(seconds: float, action) -> threading.Timer:
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(remote_module, "LOGIN_RETRY_EVERY", 0.2)
+
+
+def test_a_vm_created_minutes_ago_gets_the_login_wait(make, fake):
+    fake.add_instance("nightguard")
+    publish(fake, paramiko.ECDSAKey.generate())
+    fresh = target_of(make())
+    assert fresh.login_wait == 300.0  # nightguard.ssh.login_wait: 5m
+    assert fresh.login_wait_reason == "the VM's guest agent to install the key for ubuntu"
+    assert "`inv vm.authorize-key`" in fresh.login_hint and "OS Login" in fresh.login_hint
+    assert target_of(make(**{"ssh.login_wait": "90s"})).login_wait == 90.0
+    assert target_of(make(**{"ssh.login_wait": "0s"})).login_wait == 0.0
+    fake.age("nightguard", 16 * 60)
+    assert target_of(make()).login_wait == 0.0  # a refused login is a real refusal by now
+
+
+@pytest.mark.parametrize("stamp, now, fresh", [
+    ("2025-01-01T10:00:00.000-08:00", datetime(2025, 1, 1, 18, 14, tzinfo=UTC), True),
+    ("2025-01-01T10:00:00.000-08:00", datetime(2025, 1, 1, 18, 16, tzinfo=UTC), False),
+    ("2025-01-01T18:00:00Z", datetime(2025, 1, 1, 18, 1, tzinfo=UTC), True),
+    ("", datetime(2025, 1, 1, tzinfo=UTC), False),
+    ("yesterday", datetime(2025, 1, 1, tzinfo=UTC), False),
+])
+def test_created_recently_reads_rfc3339(stamp, now, fresh):
+    instance = gcp.v1().Instance(creation_timestamp=stamp)
+    assert gcp_ssh.created_recently(instance, now) is fresh
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving_later(seconds: float, key: paramiko.PKey, port: int):
+    """From ``seconds`` on, an SSH server at 127.0.0.1:port (an sshd starting late)."""
+    with ExitStack() as stack:
+        timer = later(seconds, lambda: stack.enter_context(ssh_server(key, port=port)))
+        yield
+        timer.join()
+
+
+def test_a_new_vms_sshd_is_waited_for_before_its_key_is_recorded(make, fake, quick_retries):
+    fake.nat_ip = "127.0.0.1"
+    fake.add_instance("nightguard")
+    port, key = free_port(), paramiko.ECDSAKey.generate()
+    out = io.StringIO()
+    started = time.monotonic()
+    with serving_later(1.0, key, port):
+        target = target_of(make(**{"ssh.port": port, "ssh.login_wait": "20s"}), out)
+    waited = time.monotonic() - started
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (f"waiting for sshd at 127.0.0.1:{port} to read its host key "
+                        "(connection refused; retrying up to 20s)")
+    assert lines[-1].startswith(f"recorded host key of [127.0.0.1]:{port} on first use: "
+                                f"{key.get_name()} {key.fingerprint}")
+    assert waited >= 1.0
+    assert 20 - waited - 0.5 < target.login_wait < 20 - 0.8  # one bound for both waits
+
+
+def test_guest_attributes_published_while_waiting_are_taken(make, fake, tmp_path,
+                                                          quick_retries):
+    fake.nat_ip = "127.0.0.1"
+    fake.add_instance("nightguard")
+    port, key = free_port(), paramiko.ECDSAKey.generate()
+    later(0.8, lambda: publish(fake, key))
+    out = io.StringIO()
+    target_of(make(**{"ssh.port": port, "ssh.login_wait": "20s"}), out)
+    assert out.getvalue().splitlines()[-1].startswith(
+        f"pinned host key of [127.0.0.1]:{port} from the VM's guest attributes: ")
+    assert key.get_base64() in (tmp_path / ".ssh" / "known_hosts").read_text()
+
+
+def test_a_new_vms_sshd_that_never_comes_fails_in_one_line(make, fake, quick_retries):
+    fake.nat_ip = "127.0.0.1"
+    fake.add_instance("nightguard")
+    port = free_port()
+    with pytest.raises(StepFailed) as caught:
+        target_of(make(**{"ssh.port": port, "ssh.login_wait": "1s"}))
+    assert one_line(caught) == (f"step 'host key' failed: 127.0.0.1:{port}: connection refused "
+                                "on every try for 1s")
+    fake.age("nightguard", 3600)  # an older VM: no wait, the error at once
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as caught:
+        target_of(make(**{"ssh.port": port}))
+    assert time.monotonic() - started < 1
+    assert one_line(caught).startswith(f"step 'host key' failed: 127.0.0.1:{port} unreachable: ")
 
 
 # -- authorize-key --------------------------------------------------------------------
