@@ -61,8 +61,10 @@ DEFAULTS: dict[str, Any] = {
         "zone": "us-west1-b",
         "instance": "nightguard",
         "machine_type": "e2-micro",
-        "image_project": "ubuntu-os-cloud",
-        "image_family": "ubuntu-2404-lts-amd64",
+        # Debian 12: what every lab VM boots (README: "Which image"); Ubuntu 24.04 is
+        # ubuntu-os-cloud / ubuntu-2404-lts-amd64
+        "image_project": "debian-cloud",
+        "image_family": "debian-12",
         "disk_gb": 30,
         "disk_type": "pd-standard",
         "network_tag": "nightguard",

@@ -12,6 +12,10 @@ every request (``fake.requests``), and has knobs for the failure paths:
   fake.nat_ip = "127.0.0.1"                            # address new/started VMs get
   fake.age("nightguard", 3600)                         # created an hour ago
   fake.recreate("nightguard")                          # deleted and created again: new id
+
+It is also the VM's metadata server (/computeMetadata/v1/...: the startup-script and ssh-keys
+the VM was created with, and guest attributes the guest writes), for the lab VM that boots
+like a cloud image (`sandbox.up --os bookworm-cloud --metadata URL`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 BASE = "https://www.googleapis.com/compute/v1"
+METADATA = "/computeMetadata/v1/"  # the metadata server's paths, served on the same port
 
 
 @dataclass
@@ -71,7 +76,8 @@ class FakeGce:
     guest_attributes: dict[str, dict[str, str]] = field(default_factory=dict)
     project_metadata: list[dict] = field(default_factory=list)
     images: dict[tuple[str, str], str] = field(default_factory=lambda: {
-        ("ubuntu-os-cloud", "ubuntu-2404-lts-amd64"): "ubuntu-2404-noble-amd64-v20250101"})
+        ("ubuntu-os-cloud", "ubuntu-2404-lts-amd64"): "ubuntu-2404-noble-amd64-v20250101",
+        ("debian-cloud", "debian-12"): "debian-12-bookworm-v20251111"})
     requests: list[Recorded] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 
@@ -87,6 +93,9 @@ class FakeGce:
 
             def do_POST(self):  # noqa: N802
                 fake._handle(self, "POST")
+
+            def do_PUT(self):  # noqa: N802
+                fake._handle(self, "PUT")
 
             def log_message(self, *args):
                 pass
@@ -195,6 +204,8 @@ class FakeGce:
         url = urlparse(handler.path)
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
+        if url.path.startswith(METADATA):
+            return self._serve_metadata(handler, method, url.path[len(METADATA):], raw)
         body = json.loads(raw) if raw else None
         with self._lock:
             self.requests.append(Recorded(method, url.path, parse_qs(url.query), body))
@@ -207,6 +218,39 @@ class FakeGce:
         data = json.dumps({k: v for k, v in payload.items() if not k.startswith("_")}).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    # -- the metadata server, as the VM's own software asks it -----------------------------
+    def _serve_metadata(self, handler: BaseHTTPRequestHandler, method: str, path: str,
+                        raw: bytes) -> None:
+        """GET instance/id, instance/attributes/KEY; PUT instance/guest-attributes/NS/KEY:
+        the lab VM's stand-ins of Google's guest agent and startup script runner ask this
+        (without the Metadata-Flavor header the real server answers 403, so does this).
+        It serves the one VM there is: 404 until `vm.create` made it."""
+        with self._lock:
+            self.requests.append(Recorded(method, METADATA + path, {}, None))
+            instance = next(iter(self.instances.values()), None)
+            status, text = 404, "no VM yet"
+            if handler.headers.get("Metadata-Flavor") != "Google":
+                status, text = 403, "Missing Metadata-Flavor:Google header"
+            elif instance is not None and method == "GET":
+                items = {i["key"]: i["value"] for i in instance["metadata"].get("items", [])}
+                key = path.removeprefix("instance/attributes/")
+                if path == "instance/id":
+                    status, text = 200, instance["id"]
+                elif path.startswith("instance/attributes/") and key in items:
+                    status, text = 200, items[key]
+            elif instance is not None and method == "PUT":
+                wanted = re.fullmatch(r"instance/guest-attributes/([^/]+)/([^/]+)", path)
+                if wanted:
+                    space = self.guest_attributes.setdefault(instance["name"], {})
+                    space.setdefault(wanted.group(1), {})[wanted.group(2)] = raw.decode()
+                    status, text = 200, ""
+        data = text.encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/plain")
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)

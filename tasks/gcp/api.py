@@ -253,7 +253,9 @@ STARTUP_SCRIPT = """#!/bin/sh
 # nightguard: install Podman at first boot (the deploy would do it otherwise)
 command -v podman >/dev/null 2>&1 && exit 0
 export DEBIAN_FRONTEND=noninteractive
-apt-get -q update && apt-get -q -y --no-install-recommends install \\
+# apt-daily may hold the lists lock at first boot (apt waits for dpkg's locks, not that one)
+for try in 1 2 3 4 5 6 7 8 9 10; do apt-get -q update && break; sleep 15; done
+apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=600 install \\
   podman crun conmon netavark aardvark-dns iptables slirp4netns
 """
 

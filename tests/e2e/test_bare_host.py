@@ -60,7 +60,6 @@ def gcp_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("bare")
     fake = FakeGce().start()
     fake.nat_ip = "127.0.0.1"
-    fake.images[("debian-cloud", "debian-12")] = "debian-12-bookworm-v20251201"
     yield fake, base
     fake.stop()
 
@@ -82,8 +81,6 @@ def env(bare, gcp_env):
         "NIGHTGUARD_GCP_PROJECT": fake.project,
         "NIGHTGUARD_GCP_API_ENDPOINT": fake.endpoint,
         "NIGHTGUARD_GCP_INSTANCE": "nightguard",
-        "NIGHTGUARD_GCP_IMAGE_PROJECT": "debian-cloud",
-        "NIGHTGUARD_GCP_IMAGE_FAMILY": "debian-12",
         "NIGHTGUARD_SSH_PORT": str(bare["port"]),
         "NIGHTGUARD_SSH_KEY_FILENAME": bare["key_filename"],
         "NIGHTGUARD_SSH_KNOWN_HOSTS": str(base / "known_hosts"),
@@ -133,6 +130,8 @@ def test_vm_create_then_deploy_at_once_waits_for_the_login_and_the_startup_scrip
     born = time.monotonic()
     [insert] = fake.sent("POST", "/instances")
     assert insert.body["machineType"].endswith("/machineTypes/e2-micro")
+    assert "/debian-cloud/global/images/debian-12" in \
+        insert.body["disks"][0]["initializeParams"]["sourceImage"]
     items = {i["key"]: i["value"] for i in insert.body["metadata"]["items"]}
     assert "podman" in items["startup-script"]
     refused = ssh_run(bare, "true")

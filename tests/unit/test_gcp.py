@@ -66,16 +66,15 @@ def one_line(exc_info) -> str:
 def test_create_sends_a_free_tier_vm_with_the_ssh_key(gce, fake):
     vm, created = gcp.create_instance(gce, "ubuntu:ssh-ed25519 AAAA ubuntu")
     assert created and vm.status == "RUNNING" and gcp.external_ip(vm) == "203.0.113.10"
-    assert fake.sent("GET", r"/projects/ubuntu-os-cloud/global/images/family/"
-                            r"ubuntu-2404-lts-amd64$")
+    assert fake.sent("GET", r"/projects/debian-cloud/global/images/family/debian-12$")
     [insert] = fake.sent("POST", r"/zones/us-west1-b/instances$")
     body = insert.body
     assert body["machineType"] == "zones/us-west1-b/machineTypes/e2-micro"
     disk = body["disks"][0]
     assert disk["boot"] and disk["autoDelete"]
     params = disk["initializeParams"]
-    assert params["sourceImage"].endswith("/projects/ubuntu-os-cloud/global/images/"
-                                          "ubuntu-2404-noble-amd64-v20250101")
+    assert params["sourceImage"].endswith("/projects/debian-cloud/global/images/"
+                                          "debian-12-bookworm-v20251111")
     assert int(params["diskSizeGb"]) == 30
     assert params["diskType"] == "zones/us-west1-b/diskTypes/pd-standard"
     assert body["tags"]["items"] == ["nightguard"]
@@ -526,7 +525,7 @@ def test_unknown_image_family_is_named(make):
     with pytest.raises(gcp.GcpError) as caught:
         gcp.create_instance(make(**{"gcp.image_family": "debian-99"}), "k")
     assert one_line(caught) == ("step 'vm create' failed: image family debian-99 not found in "
-                                "ubuntu-os-cloud: fix nightguard.gcp.image_family/image_project")
+                                "debian-cloud: fix nightguard.gcp.image_family/image_project")
 
 
 @pytest.mark.parametrize("code, message, expected", [
