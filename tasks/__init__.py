@@ -17,7 +17,7 @@ from invoke import Collection
 
 from tasks import show_config
 from tasks.config import DEFAULTS
-from tasks.deploy import alerts, deploy, health, history, secrets, steps
+from tasks.deploy import alerts, deploy, health, history, manage, secrets, steps
 from tasks.gcp import tasks as vm
 from tasks.kube import tasks as kube
 from tasks.sandbox import tasks as sandbox
@@ -25,7 +25,7 @@ from tasks.sandbox import tasks as sandbox
 ns = Collection()
 ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
-                    steps.sync, history.rollback, history.history):
+                    steps.sync, history.rollback, history.history, manage.exec_, manage.remove):
     ns.add_task(module_task)
 for collection in (secrets.ns, alerts.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns,
                    kube.ns):

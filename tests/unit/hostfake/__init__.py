@@ -39,11 +39,12 @@ STANDINS = Path(__file__).resolve().with_name("standins")
 TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "journalctl": "journalctl.py",
          "apt-get": "apt_get.py", "dpkg": "dpkg.py", "dpkg-query": "apt_get.py",
          "fallocate": "swap.py", "dd": "swap.py", "mkswap": "swap.py",
-         "swapon": "swap.py", "crun": "tool.py", "conmon": "tool.py", "netavark": "tool.py",
+         "swapon": "swap.py", "swapoff": "swap.py", "crun": "tool.py", "conmon": "tool.py",
+         "netavark": "tool.py",
          "aardvark-dns": "tool.py", "iptables": "tool.py", "slirp4netns": "tool.py",
          "pasta": "tool.py", "loginctl": "loginctl.py"}
 RUNS = ("podman", "systemctl", "journalctl", "apt-get", "dpkg", "dpkg-query", "fallocate", "dd",
-        "mkswap", "swapon", "loginctl")
+        "mkswap", "swapon", "swapoff", "loginctl")
 CONTAINER = "97layer-nightguard"
 IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)

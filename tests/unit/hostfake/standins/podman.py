@@ -13,7 +13,7 @@ and, for what the helper reads of the container's cgroup, <proc>/<pid>/cgroup an
 <cgroup>/machine.slice/libpod-<id>.scope/container/memory.max (and swap, usage).
 
 Commands: version, images, build, pull, import, rmi, image prune/inspect, secret
-create/rm/ls/inspect, run, rm, stop, container inspect, healthcheck run, logs. The version
+create/rm/ls/inspect, run, rm, stop, container inspect, healthcheck run, logs, exec. The version
 (config "version", or the control file "version") decides what Podman < 4.7 lacks:
 `secret create --replace` and `secret inspect --showsecret` are unknown flags there, as on
 a real 4.3.
@@ -613,6 +613,33 @@ def cmd_healthcheck(args):
         sys.exit(1)
 
 
+def cmd_exec(args):
+    """`podman exec [--user U] NAME CMD...` in a running container: `id -u`, `id -g` and
+    `id` answer from the user (--user, else the container's); any other command prints
+    what the control file "exec" says ({"out", "err", "code"})."""
+    found, rest = options(args, {"--user", "-u", "--workdir", "-w", "--env", "-e"},
+                          stop_at_positional=True)
+    fail_if_told("exec", args)
+    entry = find(rest[0])
+    if entry is None:
+        die(f'Error: no container with name or ID "{rest[0]}" found: no such container')
+    if not running(entry["id"]):
+        die("Error: can only create exec sessions on running containers: container state "
+            "improper")
+    config = read_json(f"{userdata(entry['id'])}/config.json", {})
+    own = config.get("process", {}).get("user", {})
+    uid, _, gid = str(last(found, "--user", "-u",
+                           default=f"{own.get('uid', 0)}:{own.get('gid', 0)}")).partition(":")
+    command = rest[1:]
+    if command in (["id", "-u"], ["id", "-g"], ["id"]):
+        print({"-u": uid, "-g": gid or uid}.get(command[-1], f"uid={uid} gid={gid or uid}"))
+        return
+    told = control("exec", {})
+    sys.stdout.write(told.get("out", ""))
+    sys.stderr.write(told.get("err", ""))
+    sys.exit(told.get("code", 0))
+
+
 def cmd_logs(args):
     found, names = options(args, {"--tail", "--since"})
     if find(names[-1]) is None:
@@ -628,7 +655,8 @@ def cmd_logs(args):
 COMMANDS = {"version": cmd_version, "images": cmd_images, "build": cmd_build,
             "rmi": cmd_rmi, "secret": cmd_secret, "run": cmd_run, "rm": cmd_rm,
             "stop": cmd_stop, "container": cmd_container, "healthcheck": cmd_healthcheck,
-            "logs": cmd_logs, "import": cmd_import, "pull": cmd_pull, "image": cmd_image}
+            "logs": cmd_logs, "import": cmd_import, "pull": cmd_pull, "image": cmd_image,
+            "exec": cmd_exec}
 
 if __name__ == "__main__":
     record("podman", sys.argv[1:])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stand-ins for fallocate, dd, mkswap and swapon (one script, named by its link).
+"""Stand-ins for fallocate, dd, mkswap, swapon and swapoff (one script, named by its link).
 
   fallocate -l SIZE FILE         a sparse file of SIZE bytes
   dd if=/dev/zero of=FILE bs=1M count=N   the same, the slow way
@@ -8,7 +8,8 @@
                                  else adds its line to the fake /proc/swaps (config
                                  "proc_swaps"), under the name the host would show
                                  (config "swap_names", default the file's path)
-Control files: fail-fallocate, fail-mkswap, fail-swapon, fail-dd.
+  swapoff FILE                   takes its line out of the fake /proc/swaps
+Control files: fail-fallocate, fail-mkswap, fail-swapon, fail-swapoff, fail-dd.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def swapon(path: str) -> None:
         handle.write(f"{name}\tfile\t\t{size_kb}\t\t0\t\t-2\n")
 
 
+def swapoff(path: str) -> None:
+    name = CONFIG.get("swap_names", {}).get(path, path)
+    with open(CONFIG["proc_swaps"]) as handle:
+        lines = handle.read().splitlines()
+    kept = [line for line in lines[1:] if line.split()[:1] != [name]]
+    if len(kept) == len(lines) - 1:
+        die(f"swapoff: {path}: swapoff failed: Invalid argument", 255)
+    with open(CONFIG["proc_swaps"], "w") as handle:
+        handle.write("\n".join([lines[0], *kept]) + "\n")
+
+
 def main(tool: str, argv: list[str]) -> None:
     record(tool, argv)
     fail_if_told(tool, argv)
@@ -61,6 +73,8 @@ def main(tool: str, argv: list[str]) -> None:
         print(f"Setting up swapspace version 1, size = {os.path.getsize(argv[-1])} bytes")
     elif tool == "swapon":
         swapon(argv[-1])
+    elif tool == "swapoff":
+        swapoff(argv[-1])
     else:
         die(f"the swap stand-in does not know {tool}")
 

@@ -5,13 +5,15 @@
   enable [--now] UNIT   the wants link (in config "wants_dir"; a timer's in
                      timers.target.wants beside it) -> the unit file; --now starts it
   disable [--now] UNIT  removes the link; --now stops it
+  stop UNIT          ExecStop/ExecStopPost when it is active; then it is inactive
+  reset-failed UNIT  nothing (the stand-in keeps no failed record)
   restart UNIT       as systemd does with the unit *as last loaded* (a unit file changed
                      without daemon-reload is not seen): ExecStop/ExecStopPost when it is
                      active, then ExecStartPre and ExecStart; podman lines run the podman
                      stand-in, %t is the fake run dir
   show -p A,B UNIT   A=... lines (ActiveState, NRestarts from the control file "unit")
-Control files: fail-daemon-reload, fail-enable, fail-restart, "restart" ({"sleep": s}
-before the restart begins), "unit" ({"NRestarts": n}).
+Control files: fail-daemon-reload, fail-enable, fail-restart, fail-stop, "restart"
+({"sleep": s} before the restart begins), "unit" ({"NRestarts": n}).
 State (what systemd keeps in memory): config "systemd_state", a JSON file.
 """
 
@@ -129,6 +131,17 @@ def main(argv: list[str]) -> None:
             state["active"][unit] = "inactive"
     elif command == "restart":
         restart(rest[0], state)
+    elif command == "stop":
+        fail_if_told("stop", argv)
+        unit = rest[0]
+        text = state["loaded"].get(unit) or read_unit(unit_file(unit))
+        if state["active"].get(unit) == "active" and text:
+            for key in ("ExecStop", "ExecStopPost"):
+                for line in service_lines(text, key):
+                    run_line(expand(line, unit))
+        state["active"][unit] = "inactive"
+    elif command == "reset-failed":
+        pass
     elif command == "show":
         props = rest[rest.index("-p") + 1].split(",")
         unit = rest[-1]
