@@ -502,7 +502,8 @@ def host_paths(tmp_path) -> dict:
     return {"state": str(state), "graphroot": str(tmp_path / "storage"),
             "runroot": str(tmp_path / "run"), "unit": str(tmp_path / "unit.service"),
             "unit_wants": str(tmp_path / "wants"), "markers": str(state / "markers.env"),
-            "tool_path": str(tmp_path / "no-tools")}
+            "tool_path": str(tmp_path / "no-tools"),
+            "tool_root": str(tmp_path / "nothing")}  # not this machine's /usr/bin/podman
 
 
 def audit(tmp_path) -> list[dict]:
