@@ -280,3 +280,47 @@ def test_a_stopped_and_started_sandbox_keeps_its_disk(bare, ssh_run):
     again = sb.ensure_up(NAME, os_flavour=FLAVOUR, timeout=900)
     assert wait_until(lambda: ssh_run(again, "cat /var/lib/ng-marker").stdout == "kept\n",
                       timeout=120, interval=3)
+
+
+def test_remove_takes_the_deployment_off_and_keeps_the_data_dir(bare, env, ssh_run):
+    target = sb.ensure_up(NAME, os_flavour=FLAVOUR, timeout=900)  # the last test restarted it
+    env = dict(env, NIGHTGUARD_SSH_PORT=str(target["port"]))
+    unit = f"container-{CONTAINER}.service"
+    data_dir = "/home/ubuntu/97layerOS-data"
+    checked(ssh_run, target, f"sudo -n podman container exists {CONTAINER}")
+    checked(ssh_run, target, f"sudo -n test -d {data_dir}")
+    entries = len(audit(ssh_run, target))
+    done = inv(["remove"], env, timeout=900)
+    assert done.returncode == 0, output(done)
+    assert f"plan: keep the data dir {data_dir} (`inv remove --data` deletes it)" in \
+        done.stdout.splitlines()
+    checked(ssh_run, target, f"test -e /etc/systemd/system/{unit}", expect=1)
+    checked(ssh_run, target, f"test -e /etc/systemd/system/multi-user.target.wants/{unit}",
+            expect=1)
+    assert checked(ssh_run, target, f"systemctl is-active {unit}", expect=3).strip() == \
+        "inactive"
+    checked(ssh_run, target, f"sudo -n podman container exists {CONTAINER}", expect=1)
+    images = checked(ssh_run, target, "sudo -n podman images --format '{{.Repository}}'")
+    assert "localhost/nightguard" not in images.split()
+    secrets = checked(ssh_run, target, "sudo -n podman secret ls --format '{{.Name}}'")
+    assert [n for n in secrets.split()
+            if n.split("__")[0] in ("telegram_bot_token", "gemini_api_key")] == []
+    checked(ssh_run, target, "test -e /home/ubuntu/97layerOS", expect=1)
+    checked(ssh_run, target, "test -e /etc/systemd/system/nightguard-watch.timer", expect=1)
+    checked(ssh_run, target, f"sudo -n test -d {data_dir}")  # kept
+    assert checked(ssh_run, target, "sudo -n ls /var/lib/nightguard").split() == \
+        ["audit.log", "lock"]
+    lines = audit(ssh_run, target)
+    assert len(lines) == entries + 1
+    assert (lines[-1]["command"], lines[-1]["outcome"]) == ("remove", "ok")
+    checked(ssh_run, target, "swapon --show=NAME --noheadings | grep -qx /swapfile")  # kept
+    again = inv(["remove"], env)
+    assert again.returncode == 0, output(again)
+    assert "nothing to remove" in again.stdout.splitlines()
+    assert len(audit(ssh_run, target)) == entries + 1
+    gone = inv(["remove", "--data", "--yes"], env)
+    assert gone.returncode == 0, output(gone)
+    checked(ssh_run, target, f"sudo -n test -e {data_dir}", expect=1)
+    last = inv(["remove"], env)
+    assert last.returncode == 0 and "nothing to remove" in last.stdout.splitlines(), \
+        output(last)

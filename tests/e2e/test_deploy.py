@@ -318,3 +318,23 @@ def test_a_broken_release_is_rolled_back_with_its_secret(sandbox, env, ssh_run):
     assert listed.stdout.count("matches .env") == 2, listed.stdout
     again = inv(["deploy"], env)  # the code change alone is fine
     assert again.returncode == 0, output(again)
+
+
+def test_exec_runs_as_the_agent_user_and_its_exit_code_comes_through(sandbox, env, ssh_run):
+    assert healthy_now(ssh_run, sandbox)
+    user = inv(["exec", "--", "id", "-u"], env)
+    assert user.returncode == 0, output(user)
+    assert user.stdout.splitlines() == ["1000"]  # the agent's own user, not root
+    root = inv(["exec", "--root", "--", "id", "-u"], env)
+    assert root.returncode == 0, output(root)
+    assert root.stdout.splitlines() == ["0"]
+    failed = inv(["exec", "--", "sh", "-c", "echo to-stderr >&2; exit 7"], env)
+    assert failed.returncode == 7, output(failed)
+    assert failed.stderr.splitlines() == ["to-stderr"] and failed.stdout == ""
+    secret = inv(["exec", "--", "cat", "/run/secrets/telegram_bot_token"], env)
+    assert secret.returncode == 0, output(secret)
+    assert TOKEN not in secret.stdout and secret.stdout.strip() == "[REDACTED]"
+    shell = inv(["exec", "--tty"], env)
+    assert shell.returncode == 0, output(shell)
+    assert shell.stdout.splitlines()[-1].startswith("ssh -t ")
+    assert f"sudo podman exec -it --user 1000:1000 {CONTAINER} sh" in shell.stdout
