@@ -132,6 +132,8 @@ DEFAULTS: dict[str, Any] = {
         "disk_free_mb": 1024,  # host disk free below this: an alert (0: never)
         "rate_limit": {"messages": 10, "minutes": 60},
     },
+    # `inv kube.export`: the image a cluster pulls (a registry's name, without a tag)
+    "kube": {"image": ""},
     # Podman secret name -> key in .env
     "secrets": {
         "telegram_bot_token": "TELEGRAM_BOT_TOKEN",

@@ -190,9 +190,47 @@ def image_for(settings: Settings, desired: Desired, name: str | None = None) -> 
     own tags, which every deploy prunes). The tag changes with the base image and the tree."""
     name = name or f"{settings['image_name']}-kube"
     if not _IMAGE_NAME.match(name):
-        raise ConfigError(f"--image: {name!r} is not an image name without a tag "
-                          "(e.g. us-west1-docker.pkg.dev/PROJECT/REPO/nightguard)")
+        why = ("image names are lowercase (registries and Podman refuse capitals)"
+               if _IMAGE_NAME.match(name.lower()) else "not an image name without a tag")
+        raise ConfigError(f"--image: {name!r}: {why} "
+                          "(e.g. us-west1-docker.pkg.dev/my-project/nightguard/nightguard)")
     return f"{name}:{content_hash(desired.image_tag, desired.code_hash)}"
+
+
+# GKE Autopilot's rules for a general-purpose Pod's requests (the README names the page):
+# at least 50m CPU and 52 MiB memory where Pods may burst (GKE 1.29.2 and later; 250m and
+# 512 MiB on older clusters), and between 1 and 6.5 GiB of memory per requested vCPU.
+AUTOPILOT_MIN_CPU_MILLI = 50
+AUTOPILOT_MIN_MEMORY = 52 * 1024**2
+AUTOPILOT_GIB_PER_CPU = (1.0, 6.5)
+
+
+def autopilot_warnings(cpu: str, memory: str) -> list[str]:
+    """One line per Autopilot rule the rendered requests break (Autopilot then raises them,
+    and bills what it raised them to); none for the defaults."""
+    milli = _millicores(cpu) or 0
+    size = _quantity_bytes(memory)
+    lines = []
+    if milli < AUTOPILOT_MIN_CPU_MILLI:
+        lines.append(f"requests.cpu {cpu} is below Autopilot's minimum of "
+                     f"{AUTOPILOT_MIN_CPU_MILLI}m")
+    if size < AUTOPILOT_MIN_MEMORY:
+        lines.append(f"requests.memory {memory} is below Autopilot's minimum of 52Mi")
+    if milli:
+        ratio = size / 1024**3 / (milli / 1000)
+        low, high = AUTOPILOT_GIB_PER_CPU
+        if not low <= ratio <= high:
+            lines.append(f"requests {cpu} CPU / {memory} memory is {ratio:.2f} GiB per vCPU; "
+                         f"Autopilot allows {low:g} to {high:g} (it raises the smaller one)")
+    return lines
+
+
+def _quantity_bytes(text: str) -> int:
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(text[:-2]) * factor
+    return int(text)
 
 
 # -- manifests -------------------------------------------------------------------------------

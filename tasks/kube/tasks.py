@@ -36,6 +36,7 @@ from tasks.kube.render import (
     NOTES_FILE,
     YAML_FILE,
     Bundle,
+    autopilot_warnings,
     render,
 )
 
@@ -71,6 +72,15 @@ def check_schema(text: str) -> bool:
             raise StepFailed("export", f"{doc['kind']} {where}: {exc.message} (Kubernetes "
                              f"{KUBERNETES_VERSION} schema)") from None
     return True
+
+
+def container_resources(bundle: Bundle) -> dict:
+    """The requests the rendered Deployment's container makes."""
+    for doc in yaml.safe_load_all(bundle.files[YAML_FILE]):
+        if doc.get("kind") == "Deployment":
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            return (container.get("resources") or {}).get("requests") or {}
+    return {}
 
 
 def check_no_values(bundle: Bundle, values: SecretValues) -> None:
@@ -117,8 +127,10 @@ def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, st
 
 @task(help={
     "out": f"directory to write (default {DEFAULT_OUT}; relative to the project root)",
-    "image": "image name without a tag, e.g. REGION-docker.pkg.dev/PROJECT/REPO/nightguard "
-             "(default: nightguard.image_name + '-kube')",
+    "image": "the image a cluster pulls, without a tag, e.g. "
+             "us-west1-docker.pkg.dev/my-project/nightguard/nightguard (lowercase; default: "
+             "nightguard.kube.image; required: a localhost/ name is for a `podman kube play` "
+             "rehearsal only)",
     "cpu_request": f"requests.cpu (default {CPU_REQUEST}; the VM reserves no CPU)",
     "target": TARGET_HELP["target"] + "; picks the base image",
 }, auto_shortflags=False)
@@ -126,6 +138,11 @@ def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, st
 def export(c, out=DEFAULT_OUT, image=None, cpu_request=CPU_REQUEST, target=None):
     """Write Kubernetes manifests, a Containerfile with the agent's code, NOTES (no values)."""
     settings, values, manifest = preflight(c, target, None)
+    image = image or settings["kube.image"]
+    if not image:
+        raise ConfigError("kube.export needs the image a cluster will pull: --image (e.g. "
+                          "us-west1-docker.pkg.dev/my-project/nightguard/nightguard) or "
+                          "nightguard.kube.image; nothing written")
     desired = desired_state(settings, {}, manifest)
     out_dir = Path(os.path.expanduser(out))
     out_dir = out_dir if out_dir.is_absolute() else settings.root / out_dir
@@ -141,6 +158,12 @@ def export(c, out=DEFAULT_OUT, image=None, cpu_request=CPU_REQUEST, target=None)
                "not checked against a schema (pip install -e '.[kube]' adds the check)")
     print(f"kube.export: {shown(out_dir)}: {', '.join(bundle.files)}, {APP_DIR}/ "
           f"({len(manifest)} files); no .env value in them; {verdict}")
+    if bundle.image.startswith("localhost/"):
+        print(f"note: {bundle.image} is on no registry: no cluster can pull it (a `podman "
+              "kube play` rehearsal on the VM can); for GKE give --image a registry's name")
+    requests = container_resources(bundle)
+    for line in autopilot_warnings(requests.get("cpu", "0"), requests.get("memory", "0")):
+        print(f"warning: GKE Autopilot: {line}")
     print("build and push:")
     for argv in bundle.commands:
         print(f"  {shlex.join(argv)}")

@@ -144,7 +144,8 @@ def played(vm, tmp_path_factory):
     done = inv(["deploy"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     export = work / "export"
-    done = inv(["kube.export", "--out", str(export)], env)
+    done = inv(["kube.export", "--out", str(export), "--image", "localhost/nightguard-kube"],
+               env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert TOKEN not in done.stdout + done.stderr and GEMINI not in done.stdout + done.stderr
     for path in export.rglob("*"):

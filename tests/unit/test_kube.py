@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,7 +269,10 @@ def kube_values():
      "command line: nightguard.health.timeout: 0s does not fit a probe"),
     ({"limits.cpus": "0.0005"}, {},
      "command line: nightguard.limits.cpus: 0.0005 is finer than Kubernetes' millicore"),
-    ({}, {"image": "Registry/NightGuard"}, "--image: 'Registry/NightGuard' is not an image"),
+    ({}, {"image": "Registry/NightGuard"},
+     "--image: 'Registry/NightGuard': image names are lowercase (registries and Podman refuse "
+     "capitals)"),
+    ({}, {"image": "registry/night guard"}, "--image: 'registry/night guard': not an image"),
     ({}, {"cpu": "2"}, "--cpu-request: 2 is above nightguard.limits.cpus 1.0"),
     ({}, {"cpu": "lots"}, "--cpu-request: 'lots' is not a CPU quantity"),
 ])
@@ -347,6 +351,9 @@ def test_build_dir_is_ignored_by_git():
 
 
 # -- the task, as a user runs it ----------------------------------------------------------------
+REGISTRY_IMAGE = "us-west1-docker.pkg.dev/my-project/nightguard/nightguard"
+
+
 def run_export(tmp_path, *args, **env):
     env_file = tmp_path / ".env"
     env_file.write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n")
@@ -359,9 +366,10 @@ def run_export(tmp_path, *args, **env):
 
 def test_inv_kube_export_writes_no_env_value_anywhere(tmp_path):
     out = tmp_path / "out"
-    done = run_export(tmp_path, "--out", str(out))
+    done = run_export(tmp_path, "--out", str(out), "--image", REGISTRY_IMAGE)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid for Kubernetes 1.33" in done.stdout
+    assert "warning" not in done.stdout and "note:" not in done.stdout  # Autopilot's rules met
     assert TOKEN not in done.stdout + done.stderr and GEMINI not in done.stdout + done.stderr
     written = [p for p in out.rglob("*") if p.is_file()]
     assert {kube.YAML_FILE, kube.CONTAINERFILE, kube.NOTES_FILE} <= {p.name for p in written}
@@ -387,6 +395,49 @@ def test_inv_kube_export_fails_in_one_line_before_writing(tmp_path):
     done = run_export(tmp_path, "--out", str(out), "--image", "Registry/NightGuard")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: --image: 'Registry/NightGuard' is not an image name without a tag "
-        "(e.g. us-west1-docker.pkg.dev/PROJECT/REPO/nightguard)"]
+        "error: --image: 'Registry/NightGuard': image names are lowercase (registries and "
+        "Podman refuse capitals) (e.g. us-west1-docker.pkg.dev/my-project/nightguard/nightguard)"]
     assert not out.exists()
+
+
+def test_inv_kube_export_needs_an_image_a_cluster_can_pull(tmp_path):
+    out = tmp_path / "out"
+    done = run_export(tmp_path, "--out", str(out))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: kube.export needs the image a cluster will pull: --image (e.g. "
+        "us-west1-docker.pkg.dev/my-project/nightguard/nightguard) or nightguard.kube.image; "
+        "nothing written"]
+    assert not out.exists()
+    done = run_export(tmp_path, "--out", str(out), NIGHTGUARD_KUBE_IMAGE=REGISTRY_IMAGE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"image: {REGISTRY_IMAGE}:" in (out / kube.YAML_FILE).read_text()
+    done = run_export(tmp_path, "--out", str(out), "--image", "localhost/nightguard-kube")
+    assert done.returncode == 0, done.stdout + done.stderr
+    note, = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
+    assert note.startswith("note: localhost/nightguard-kube:") and note.endswith(
+        " is on no registry: no cluster can pull it (a `podman kube play` rehearsal on the VM "
+        "can); for GKE give --image a registry's name")
+
+
+def test_the_readme_export_command_names_a_valid_image():
+    readme = (ROOT / "README.md").read_text()
+    names = re.findall(r"kube\.export --image (\S+)", readme)
+    assert names == [REGISTRY_IMAGE]
+    kube.image_for(settings_with(), desired_state(settings_with(), {}, MANIFEST), names[0])
+
+
+def test_autopilot_rules_hold_for_the_defaults_and_are_named_when_broken():
+    bundle, _ = bundle_for(image=REGISTRY_IMAGE)
+    requests = container_of(bundle)["resources"]["requests"]
+    assert requests == {"cpu": "250m", "memory": "500Mi"}
+    assert kube.autopilot_warnings(requests["cpu"], requests["memory"]) == []
+    assert kube.autopilot_warnings("40m", "50Mi") == [
+        "requests.cpu 40m is below Autopilot's minimum of 50m",
+        "requests.memory 50Mi is below Autopilot's minimum of 52Mi"]
+    assert kube.autopilot_warnings("100m", "700Mi") == [
+        "requests 100m CPU / 700Mi memory is 6.84 GiB per vCPU; Autopilot allows 1 to 6.5 (it "
+        "raises the smaller one)"]
+    assert kube.autopilot_warnings("1", "512Mi") == [
+        "requests 1 CPU / 512Mi memory is 0.50 GiB per vCPU; Autopilot allows 1 to 6.5 (it "
+        "raises the smaller one)"]
