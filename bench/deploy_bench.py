@@ -1,7 +1,10 @@
-"""`inv deploy` beside the hand-written yardstick (../shared/bench/manual-deploy.sh), on the
-same sandbox VM, in the same run, alternating: cold, no-op and one-file-change deploys.
+"""`inv deploy` beside a hand-written yardstick script, on the same sandbox VM, in the same
+run, alternating: cold, no-op and one-file-change deploys.
 
     .venv/bin/python bench/deploy_bench.py [--runs 3] [--os bookworm] [--yardstick PATH]
+
+The yardstick (e.g. ../shared/bench/manual-deploy.sh, with its app/ beside it) is not part
+of this repository: without --yardstick the bench measures `inv deploy` alone and says so.
 
 Prints, per kind: the medians of both tools' wall time and their ratio (ours / script);
 where our time went (our step lines, medians); and our SSH connections, remote commands
@@ -32,7 +35,9 @@ from tasks.sandbox import machine as sandbox  # noqa: E402
 from tests.e2e.conftest import run_over_ssh  # noqa: E402
 from tests.e2e.deploy_helpers import copy_source, inv, inv_env, make_env_file  # noqa: E402
 
-YARDSTICK = ROOT.parent / "shared" / "bench" / "manual-deploy.sh"
+YARDSTICK: Path | None = None  # the script beside ours (--yardstick), or None: ours alone
+ALONE = ("no yardstick given (--yardstick PATH, e.g. ../shared/bench/manual-deploy.sh): "
+         "measuring `inv deploy` alone")
 STATS = re.compile(r"ssh connections: (\d+), remote commands: (\d+), steps: (\d+), "
                    r"bytes sent: (\d+)")
 STEP = re.compile(r"^  - ([\w.]+)(?::[^(]*)? \(([\d.]+)s\)$")
@@ -113,14 +118,47 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
 
-def main() -> None:
-    global YARDSTICK
+def table(rows: dict, kinds: tuple[str, ...]) -> list[str]:
+    """Wall times per kind: ours, the script's and the ratio, or ours alone (the script's
+    column then says why it is empty)."""
+    lines = [f"{'kind':10} {'ours s':>8} {'script s':>9} {'ratio':>6}"]
+    for kind in kinds:
+        a = median(rows["ours", kind], "seconds")
+        if rows["script", kind]:
+            b = median(rows["script", kind], "seconds")
+            lines.append(f"{kind:10} {a:8.1f} {b:9.1f} {a / b:6.2f}")
+        else:
+            lines.append(f"{kind:10} {a:8.1f} {'-':>9} {'-':>6}")
+    if not any(rows["script", kind] for kind in kinds):
+        lines.append(f"(script: {ALONE})")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; a --yardstick that is not a file (or lacks its app/) stops here, in one
+    line, before any VM boots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--os", default="bookworm")
-    parser.add_argument("--yardstick", type=Path, default=YARDSTICK)
-    args = parser.parse_args()
+    parser.add_argument("--yardstick", type=Path, default=None,
+                        help="the hand-written deploy script to compare with (its app/ "
+                             "beside it); default: none, ours is measured alone")
+    args = parser.parse_args(argv)
+    if args.yardstick is not None:
+        if not args.yardstick.is_file():
+            parser.exit(2, f"--yardstick {args.yardstick}: no such file\n")
+        if not (args.yardstick.parent / "app").is_dir():
+            parser.exit(2, f"--yardstick {args.yardstick}: no app/ beside it (the tree the "
+                           "script deploys)\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    global YARDSTICK
+    args = parse_args(argv)
     YARDSTICK = args.yardstick
+    if YARDSTICK is None:
+        print(ALONE, flush=True)
     name = f"bench-{args.os}"
     kinds = ("cold", "no-op", "one file")
     rows = {(tool, kind): [] for tool in ("ours", "script") for kind in kinds}
@@ -129,23 +167,27 @@ def main() -> None:
         copy_source(base / "src")
         env_file = make_env_file(base)
         app = base / "yardstick-app"
-        shutil.copytree(YARDSTICK.parent / "app", app)
+        if YARDSTICK is not None:
+            shutil.copytree(YARDSTICK.parent / "app", app)
         target = sandbox.ensure_up(name, os_flavour=args.os, timeout=900)
         target["name"] = name
         env = inv_env(target, env_file, base / "src")
         for run in range(args.runs):
             print(f"round {run + 1} of {args.runs}", flush=True)
             host(target, RESET_OURS + RESET_SWAP)
-            reset_script(target, app)
-            rows["script", "cold"].append(script(target, app))
-            host(target, RESET_OURS + RESET_SWAP)  # the swapfile: the script's made it
+            if YARDSTICK is not None:
+                reset_script(target, app)
+                rows["script", "cold"].append(script(target, app))
+                host(target, RESET_OURS + RESET_SWAP)  # the swapfile: the script's made it
             rows["ours", "cold"].append(ours(env, target))
-            rows["script", "no-op"].append(script(target, app))
+            if YARDSTICK is not None:
+                rows["script", "no-op"].append(script(target, app))
             rows["ours", "no-op"].append(ours(env, target))
-            main_py = app / "main.py"
-            main_py.write_text(re.sub(r"VERSION = .*", f"VERSION = 'bench-{run}'",
-                                      main_py.read_text()))
-            rows["script", "one file"].append(script(target, app))
+            if YARDSTICK is not None:
+                main_py = app / "main.py"
+                main_py.write_text(re.sub(r"VERSION = .*", f"VERSION = 'bench-{run}'",
+                                          main_py.read_text()))
+                rows["script", "one file"].append(script(target, app))
             with open(base / "src/knowledge/README.md", "a") as handle:
                 handle.write(f"bench change {time.time()}\n")
             rows["ours", "one file"].append(ours(env, target))
@@ -153,10 +195,7 @@ def main() -> None:
             sandbox.down(name, destroy=True)
     print(f"\ndeploy on one sandbox ({args.os}, 1 GB, 2 vCPUs, TCG emulation), "
           f"medians of {args.runs} alternating runs")
-    print(f"{'kind':10} {'ours s':>8} {'script s':>9} {'ratio':>6}")
-    for kind in kinds:
-        a, b = median(rows["ours", kind], "seconds"), median(rows["script", kind], "seconds")
-        print(f"{kind:10} {a:8.1f} {b:9.1f} {a / b:6.2f}")
+    print("\n".join(table(rows, kinds)))
     print("\nwhere our time went (medians of the step lines, seconds)")
     for kind in kinds:
         steps = sorted({s for row in rows["ours", kind] for s in row["timings"]})
