@@ -23,6 +23,7 @@ connects to a host.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
@@ -314,12 +315,38 @@ def read_config_file(path: Path, label: str | None = None) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{label}:{line} is not valid YAML") from None
+        raise syntax_error(exc, label, "YAML") from None
     return nightguard_section(document, label)
+
+
+def syntax_error(exc: Exception, label: str, kind: str) -> ConfigError:
+    """A file YAML or JSON cannot read, with the parser's own reason, line and column:
+    ``invoke.yaml: not valid YAML: line 3, column 9: mapping values are not allowed
+    here``."""
+    if isinstance(exc, UnicodeDecodeError):
+        return ConfigError(f"{label}: not UTF-8 (byte {exc.start}); save the file as UTF-8")
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+    elif getattr(exc, "lineno", None):  # json.JSONDecodeError
+        where = f"line {exc.lineno}, column {exc.colno}"
+    else:
+        where = ""
+    reason = getattr(exc, "problem", None) or getattr(exc, "msg", None) or ""
+    context = getattr(exc, "context", None)
+    if context and getattr(exc, "problem", None):
+        reason = f"{reason} ({context})"
+    detail = ": ".join(part for part in (where, reason.strip()) if part)
+    return ConfigError(f"{label}: not valid {kind}" + (f": {detail}" if detail else ""))
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """' (did you mean PREFIX+X?)' when one of ``known`` is close to ``name`` (a typo, not
+    a shared prefix: both are compared without ``prefix``), else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def project_file(root: Path) -> ConfigFile:
@@ -342,6 +369,9 @@ def environment_values(environ: Mapping[str, str]) -> dict[tuple[str, ...], tupl
                          None)
             hint = f" (nightguard.{'.'.join(whole)} is one setting: a JSON object in " \
                 f"{name[:len(name) - len(short)]}{env_var_name(whole)})" if whole else ""
+            hint = hint or did_you_mean(short[len(ENV_PREFIX):],
+                                        (known[len(ENV_PREFIX):] for known in ENV_NAMES),
+                                        name[:len(name) - len(short)] + ENV_PREFIX)
             raise ConfigError(f"environment: unknown variable {name}{hint}")
         path = ENV_NAMES[short]
         if path in found and found[path][1] != environ[name]:
@@ -371,7 +401,8 @@ def load_settings(
         if path in SECTIONS:
             raise ConfigError(f"{where}: nightguard.{dotted}: expected a mapping")
         if path not in KNOWN_KEYS:
-            raise ConfigError(f"{where}: unknown key nightguard.{dotted}")
+            hint = did_you_mean(dotted, (".".join(p) for p in KNOWN_KEYS), "nightguard.")
+            raise ConfigError(f"{where}: unknown key nightguard.{dotted}{hint}")
         _set(values, path, _coerce(raw, KNOWN_KEYS[path], where, dotted))
         sources[dotted] = where
 

@@ -42,6 +42,7 @@ from tasks.config import (
     ConfigFile,
     nightguard_section,
     project_file,
+    syntax_error,
 )
 from tasks.errors import ConfigError
 
@@ -97,11 +98,7 @@ def _parse(path: Path, label: str) -> Any:
         text = path.read_text(encoding="utf-8")
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
-        mark = getattr(exc, "problem_mark", None)
-        line = getattr(exc, "lineno", None) or (mark.line + 1 if mark else None)
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ConfigError(f"{label}:{f' line {line}' if line else ''} is not valid {kind}") \
-            from None
+        raise syntax_error(exc, label, "JSON" if path.suffix == ".json" else "YAML") from None
     except OSError as exc:
         raise ConfigError(f"{label}: {exc.strerror or exc}") from None
 

@@ -235,8 +235,8 @@ def test_gcp_target_with_project_loads(tmp_path):
 def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, body):
     (tmp_path / "invoke.yaml").write_text(body)
     message = config_error(tmp_path)
-    assert message.startswith("invoke.yaml:")
-    assert "not valid YAML" in message
+    assert message.startswith("invoke.yaml: not valid YAML: line ")
+    assert ", column " in message and message.count(":") >= 3  # YAML's own reason follows
 
 
 @pytest.mark.parametrize("body", ["- a\n- b\n", "nightguard: [1, 2]\n"])

@@ -121,15 +121,18 @@ def test_an_unknown_key_in_any_layer_is_one_line_exit_2(home, tmp_path, layer):
     args, env = ["config"], {}
     if layer == "user":
         write(home / ".invoke.yaml", "nightguard:\n  limits:\n    memroy: 1g\n")
-        expected = "error: ~/.invoke.yaml (user): unknown key nightguard.limits.memroy"
+        expected = "error: ~/.invoke.yaml (user): unknown key nightguard.limits.memroy " \
+            "(did you mean nightguard.limits.memory?)"
     elif layer == "-f":
         other = write(tmp_path / "o.yaml", "nightguard:\n  limits:\n    memroy: 1g\n")
         args = ["-f", str(other), "config"]
-        expected = f"error: {other} (-f): unknown key nightguard.limits.memroy"
+        expected = f"error: {other} (-f): unknown key nightguard.limits.memroy (did you " \
+            "mean nightguard.limits.memory?)"
     else:
         name = f"{'INVOKE_' if layer == 'INVOKE_' else ''}NIGHTGUARD_LIMITS_MEMROY"
         env[name] = "1g"
-        expected = f"error: environment: unknown variable {name}"
+        expected = f"error: environment: unknown variable {name} (did you mean " \
+            f"{name.removesuffix('MEMROY')}MEMORY?)"
     assert one_line_error(inv(home, *args, **env)) == expected
 
 
@@ -137,7 +140,8 @@ def test_an_unknown_key_in_any_layer_is_one_line_exit_2(home, tmp_path, layer):
     ("nightguard:\n  limits: 5\n", "nightguard.limits: expected a mapping, not 5"),
     ("nightguard:\n", "nightguard: expected a mapping, not nothing"),
     ("nightguard:\n  target: {a: 1}\n", "nightguard.target: expected a value, not a mapping"),
-    ("nightguard:\n  limits: [\n", "line 3 is not valid YAML"),
+    ("nightguard:\n  limits: [\n", "not valid YAML: line 3, column 1: expected the node "
+     "content, but found '<stream end>' (while parsing a flow node)"),
 ])
 def test_what_invoke_cannot_merge_is_one_line_not_a_traceback(home, tmp_path, body, expected):
     other = write(tmp_path / "o.yaml", body)
@@ -222,7 +226,8 @@ def test_the_checks_before_invoke_merges(home, tmp_path):
     write(tmp_path / "invoke.json", "{")  # invoke.yaml comes first, as in Invoke
     refuse_what_invoke_cannot_merge(tmp_path, {})
     (tmp_path / "invoke.yaml").unlink()
-    with pytest.raises(ConfigError, match=r"^invoke.json: line 1 is not valid JSON$"):
+    with pytest.raises(ConfigError, match=r"^invoke.json: not valid JSON: line 1, column 2: "
+                       r"Expecting property name enclosed in double quotes$"):
         refuse_what_invoke_cannot_merge(tmp_path, {})
 
 
