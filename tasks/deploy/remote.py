@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,7 +83,8 @@ class SshTarget:
     def describe(self) -> str:
         if self.label:
             return self.label
-        text = f"{self.user}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        text = f"{self.user}@{host}:{self.port}"
         if self.alias and self.alias != self.host:
             text += f" ({self.alias})"
         if self.jump is not None:
@@ -199,6 +201,15 @@ def shown_duration(seconds: float) -> str:
     hours, minutes = divmod(minutes, 60)
     return " ".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s"))
                     if n)
+
+
+# after connect_failure's words, what to look at (refused, no route and silence differ)
+CONNECT_HINTS = {
+    "connection refused": " (the host answered, but nothing listens on port {port}: is sshd "
+                          "running, is the port right?)",
+    "no route to host": " (the network cannot reach {host}: the address, the VM's state or "
+                        "a firewall)",
+}
 
 
 def connect_failure(exc: BaseException, timeout: float) -> str:
@@ -484,11 +495,17 @@ class Remote:
                               f"(it offered {exc.key.get_name()} {exc.key.fingerprint}): only "
                               "if you know the host was rebuilt, remove the old pin with "
                               f"`{unpin_command(target, source)}` and connect again")
+        failed = connect_failure(exc, self.connect_timeout)
+        if failed:
+            hint = CONNECT_HINTS.get(failed, "").format(host=target.host, port=target.port)
+            return StepFailed("connect", f"{who}: {failed}{hint}")
         if isinstance(exc, paramiko.SSHException):
             return StepFailed("connect", f"{who}: {exc}")
+        if isinstance(exc, socket.gaierror):
+            return StepFailed("connect", f"{who}: cannot resolve {target.host}: "
+                              f"{exc.strerror or exc}")
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return StepFailed("connect", f"{who} unreachable within {self.connect_timeout}s: "
-                          f"{reason}")
+        return StepFailed("connect", f"{who}: {reason}")
 
     def close(self) -> None:
         while self._opened:  # the host first, then the hops it went through

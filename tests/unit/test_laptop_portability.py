@@ -321,7 +321,9 @@ def test_deploy_dry_run_gets_to_the_connection_and_stops_with_one_line(laptop):
     assert done.returncode == 1
     assert f"deploy to ubuntu@127.0.0.1:{port} (dry run)" in done.stdout  # preflight passed
     line = _one_line_error(done)
-    assert line.startswith("error: step 'connect' failed:") and "unreachable" in line
+    assert line == f"error: step 'connect' failed: ubuntu@127.0.0.1:{port}: connection " \
+        f"refused (the host answered, but nothing listens on port {port}: is sshd running, " \
+        "is the port right?)"
     for task in ("health", "logs", "secrets.list"):
         done = laptop["inv"](task, "--host", "127.0.0.1", extra_env={"NIGHTGUARD_SSH_PORT": port})
         assert done.returncode == 1, task
