@@ -16,6 +16,7 @@ import copy
 from invoke import Collection
 
 from tasks import show_config
+from tasks.cli import use_flag_scheme
 from tasks.config import DEFAULTS
 from tasks.deploy import alerts, deploy, health, history, manage, secrets, steps
 from tasks.gcp import tasks as vm
@@ -30,3 +31,4 @@ for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.hea
 for collection in (secrets.ns, alerts.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns,
                    kube.ns):
     ns.add_collection(collection)
+use_flag_scheme(ns)  # one set of short flags for every task (tasks.cli.SHORT_FLAGS)

@@ -9,7 +9,8 @@ With target ssh, the address ssh_config makes of ``nightguard.ssh.*`` is shown t
 (``tasks.deploy.sshconfig``): a default port or user gives way to what it says.
 
 Secret values are never part of the configuration; this task shows only whether each
-required .env key is present, never its value.
+required .env key is present, never its value. Whatever it prints passes the .env values'
+redaction (by value: a token pasted into agent_env shows as [REDACTED] there too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from invoke import Collection, task
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.config import Settings, redacted_tree
 from tasks.deploy import sshconfig
-from tasks.deploy.envfile import load_secret_values
+from tasks.deploy.envfile import load_secret_values, redaction
 from tasks.errors import ConfigError
 
 
@@ -31,16 +32,18 @@ from tasks.errors import ConfigError
 def config(c, target=None, host=None, json_=False):
     """Print the effective configuration (secrets redacted) and each value's source."""
     settings = settings_for(c, target, host)
-    tree = redacted_tree(settings)
+    values = redaction(settings)
+    tree = values.redact_tree(redacted_tree(settings))
     try:
         load_secret_values(settings)
         env_status = "ok"
     except ConfigError as exc:
         env_status = str(exc)
-    address = ssh_address(settings)
+    address = values.redact(ssh_address(settings))
     if json_:
-        print(json.dumps({"config": tree, "sources": settings.sources, "env_file": env_status,
-                          "files": list(settings.files), "ssh": address},
+        print(json.dumps(values.redact_tree({"config": tree, "sources": settings.sources,
+                                             "env_file": env_status,
+                                             "files": list(settings.files), "ssh": address}),
                          indent=2, sort_keys=True))
         return
     print(f"config files (lowest first): {', '.join(settings.files) or 'none'}")

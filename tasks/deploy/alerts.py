@@ -67,7 +67,7 @@ def verdict(answer: dict) -> tuple[bool, str]:
 @one_line_errors
 def alerts_test(c, target=None, host=None):
     """Send a test alert the way the host's watcher does, and say whether it arrived."""
-    settings = settings_for(target, host)
+    settings = settings_for(c, target, host)
     values = redaction(settings)
     with open_remote(settings, redact=values.redact) as remote, \
             HostSession(remote, settings, command="alerts.test", changing=False) as session:

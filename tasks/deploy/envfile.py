@@ -17,21 +17,58 @@ from dotenv.parser import parse_stream
 from tasks.config import Settings
 from tasks.errors import ConfigError
 
+REDACTED = "[REDACTED]"
+# every value this process has read from .env or been typed (secrets.rotate --prompt): the
+# one-line error of any task is redacted with them too (tasks.cli.one_line_errors)
+_KNOWN: set[str] = set()
+
+
+def redact_text(text: str, values) -> str:
+    """``text`` with each of ``values`` replaced, the longest first (by value, wherever it
+    stands: a .env value in agent_env, a log line, an error)."""
+    for value in sorted((v for v in values if v), key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_known(text: str) -> str:
+    return redact_text(text, _KNOWN)
+
+
+def redact_tree(tree, values):
+    """A copy of a JSON-like tree with every string redacted (before it is dumped: JSON's
+    escapes would hide a value with a quote, a backslash or a non-ASCII character)."""
+    if isinstance(tree, str):
+        return redact_text(tree, values)
+    if isinstance(tree, dict):
+        return {redact_tree(k, values): redact_tree(v, values) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [redact_tree(v, values) for v in tree]
+    return tree
+
 
 @dataclass(frozen=True)
 class SecretValues:
-    """Podman secret name -> value. ``repr`` never shows a value."""
+    """Podman secret name -> value. ``repr`` never shows a value. ``hidden``: other .env
+    values that are masked too but never sent anywhere."""
 
     values: dict[str, str]
+    hidden: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _KNOWN.update(v for v in (*self.values.values(), *self.hidden) if v)
 
     def __repr__(self) -> str:
         return f"SecretValues({sorted(self.values)})"
 
+    def _all(self) -> list[str]:
+        return [*self.values.values(), *self.hidden]
+
     def redact(self, text: str) -> str:
-        for value in self.values.values():
-            if value:
-                text = text.replace(value, "[REDACTED]")
-        return text
+        return redact_text(text, self._all())
+
+    def redact_tree(self, tree):
+        return redact_tree(tree, self._all())
 
 
 def decode_env_bytes(data: bytes, file_name: str) -> str:
@@ -96,10 +133,29 @@ def load_secret_values(settings: Settings, names: list[str] | None = None) -> Se
     return SecretValues(values)
 
 
+MIN_HIDDEN = 4  # a .env value this short that is not a secret ("1", "on") is not masked
+
+
 def redaction(settings: Settings) -> SecretValues:
-    """The .env values to hide from anything a read-only task prints; none if .env cannot
-    be read (health and logs work without it)."""
+    """The .env values to hide from anything a task prints: every value .env holds (the
+    secrets whatever their length), read as far as it can be (a missing key, loose
+    permissions or a bad line elsewhere must not turn the redaction off); none when there is
+    no .env (health and logs work without it)."""
+    path: Path = settings.path("env_file")
     try:
-        return load_secret_values(settings)
-    except ConfigError:
+        data = path.read_bytes()
+    except OSError:
         return SecretValues({})
+    text = data.decode("utf-8", "replace").removeprefix("\ufeff")
+    found: dict[str, str] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.key is not None and binding.value:
+            found[binding.key] = binding.value
+    try:
+        secrets = load_secret_values(settings).values
+    except ConfigError:
+        secrets = {name: found[key] for name, key in settings["secrets"].items()
+                   if key in found}
+    others = tuple(v for k, v in found.items() if k not in settings["secrets"].values()
+                   and len(v) >= MIN_HIDDEN)
+    return SecretValues(secrets, hidden=others)

@@ -45,11 +45,30 @@ def mb(value) -> str:
 
 
 def exit_reason(unit: dict) -> str:
+    """systemd's last exit of the unit's main process in words; "-" when there was none
+    (ExecMainCode 0: the main process has not exited, e.g. it is running)."""
     code, status = unit.get("ExecMainCode", ""), unit.get("ExecMainStatus", "")
-    if not code and not status:
+    kind = {"1": "exited", "2": "killed", "3": "dumped"}.get(str(code))
+    if kind is None:
         return "-"
-    kind = {"1": "exited", "2": "killed", "3": "dumped"}.get(code, code)
     return f"{kind} {status}".strip()
+
+
+def check_lines(health_log: list[dict]) -> list[str]:
+    """The health log's entries, oldest first, one line per run of identical results
+    (Podman keeps every check: the same output three times is one line, "x3")."""
+    runs: list[list] = []
+    for entry in health_log:
+        key = (entry.get("exit"), (entry.get("output") or "").strip()[:160])
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+    lines = []
+    for (code, output), count in runs:
+        times = f" (x{count})" if count > 1 else ""
+        lines.append(f"  check       exit {code}{times}" + (f": {output}" if output else ""))
+    return lines
 
 
 def age_days(stamp: str | None, now: datetime | None = None) -> int | None:
@@ -150,9 +169,7 @@ def render(settings: Settings, report: dict) -> str:
         f"  base image  {base_line(report.get('base_image'), report.get('base_age_days'))}",
         f"  alerts      {alerts_line(report.get('alerts'))}",
     ]
-    for entry in container.get("health_log", []):
-        output = entry.get("output", "").strip()[:160]
-        lines.append(f"  check       exit {entry.get('exit')}: {output}")
+    lines += check_lines(container.get("health_log") or [])
     for problem in report["problems"]:
         lines.append(f"  ! {problem}")
     return "\n".join(lines)
@@ -173,7 +190,7 @@ def health(c, target=None, host=None, json_=False, watch=0):
             answer = session.call("health", step="health", changes=False)
             report = summarize(settings, answer)
             if json_:
-                print(values.redact(json.dumps(report, sort_keys=True, default=str)))
+                print(json.dumps(values.redact_tree(report), sort_keys=True, default=str))
             else:
                 if watch:
                     sys.stdout.write("\033[H\033[2J")

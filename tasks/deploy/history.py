@@ -16,7 +16,7 @@ from invoke import Collection, task
 from tasks.cli import TARGET_HELP, one_line_errors, settings_for
 from tasks.deploy import apply
 from tasks.deploy.deploy import print_stats
-from tasks.deploy.envfile import SecretValues
+from tasks.deploy.envfile import SecretValues, redaction
 from tasks.deploy.session import HostSession
 from tasks.errors import ConfigError, StepFailed
 from tasks.targets import open_remote
@@ -85,6 +85,7 @@ def history(c, target=None, host=None, json_=False, limit=20):
     with open_remote(settings) as remote, \
             HostSession(remote, settings, command="history", changing=False) as session:
         answer = session.call("history", step="history", changes=False, limit=limit)
+    answer = redaction(settings).redact_tree(answer)  # error texts may quote a value
     audit = list(reversed(answer.get("audit") or []))
     releases = (answer.get("state") or {}).get("history") or []
     verified = (answer.get("state") or {}).get("verified")

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import getpass
 import os
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paramiko
@@ -71,28 +72,71 @@ def _files(value: str) -> tuple[str, ...]:
     return tuple(os.path.expanduser(p) for p in value.split() if p != "none")
 
 
-def _split_hop(spec: str) -> tuple[str, str, int | None]:
-    """'user@host:port' (also ssh://..., [v6]:port) -> (user, host, port)."""
-    spec = spec.removeprefix("ssh://")
-    user, _, rest = spec.rpartition("@")
+HOST_FORMS = ("HOST, USER@HOST, HOST:PORT, USER@HOST:PORT, [IPV6]:PORT, USER@[IPV6]:PORT "
+              "or an ~/.ssh/config Host alias")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.%-]+$")  # a name, an IPv4 address or an alias
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?$")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A host as ssh(1) takes it: ``user`` and ``port`` are None when not given."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+
+def parse_port(text: str, where: str) -> int:
+    """A TCP port (1-65535) from text; ConfigError naming ``where`` otherwise."""
+    text = str(text).strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_host(spec: str, where: str = "--host") -> HostSpec:
+    """The one parser of a host a user types (``--host``, ``nightguard.ssh.host``, a
+    ProxyJump hop): HOST, USER@HOST, HOST:PORT, USER@HOST:PORT, [IPV6], [IPV6]:PORT,
+    USER@[IPV6]:PORT, a bare IPv6 address, ssh://USER@HOST:PORT, or an ssh_config alias.
+    Anything else is a ConfigError of one line naming the accepted forms."""
+    text = str(spec).strip()
+    refuse = ConfigError(f"{where}: {text!r} is not a host; use {HOST_FORMS}")
+    rest = text.removeprefix("ssh://").rstrip("/") if text.startswith("ssh://") else text
+    user, at, rest = rest.rpartition("@")
+    if at and not _USER_NAME.match(user):
+        raise refuse
     port = None
     if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
-            port = _port(tail[1:], f"ProxyJump {spec}")
-    elif rest.count(":") == 1:
-        host, _, given = rest.partition(":")
-        port = _port(given, f"ProxyJump {spec}")
-    else:
+        host, closed, tail = rest[1:].partition("]")
+        if not closed or not _IPV6.match(host) or host.count(":") < 2:
+            raise refuse
+        if tail:
+            if not tail.startswith(":"):
+                raise refuse
+            port = parse_port(tail[1:], f"{where} {text}")
+    elif rest.count(":") > 1:  # a bare IPv6 address: no port (ssh -p / --port gives one)
         host = rest
-    return user, host, port
+        if not _IPV6.match(host):
+            raise refuse
+    else:
+        host, colon, given = rest.partition(":")
+        if colon:
+            port = parse_port(given, f"{where} {text}")
+        if not _HOST_NAME.match(host):
+            raise refuse
+    if not host:
+        raise refuse
+    return HostSpec(host=host, user=user or None, port=port)
 
 
 def _hop(config: paramiko.SSHConfig, spec: str, known_hosts: str, depth: int,
          follow: bool) -> SshTarget:
     """A ProxyJump hop: its own ssh_config entry; only the first hop of a chain follows its
     own ProxyJump / ProxyCommand (as ssh -J does)."""
-    user, alias, port = _split_hop(spec)
+    parsed = parse_host(spec, f"{USER_CONFIG}: ProxyJump")
+    user, alias, port = parsed.user, parsed.host, parsed.port
     found = _lookup(config, alias, f"{USER_CONFIG}: ProxyJump {spec}")
     jump, command = _proxies(config, found, known_hosts, depth) if follow else (None, "")
     return SshTarget(
@@ -137,7 +181,9 @@ def _other_known_hosts(found: dict) -> tuple[str, ...]:
 
 def ssh_target(settings: Settings) -> SshTarget:
     """The target ``nightguard.ssh.host`` names, with what ssh_config says about it."""
-    alias = settings["ssh.host"]
+    spec = parse_host(settings["ssh.host"],
+                      f"{settings.source('ssh.host')}: nightguard.ssh.host")
+    alias = spec.host
     config = load_ssh_config()
     found = _lookup(config, alias, f"{USER_CONFIG}: Host {alias}")
     known_hosts = str(settings.path("ssh.known_hosts"))
@@ -146,10 +192,12 @@ def ssh_target(settings: Settings) -> SshTarget:
         return settings.source(key) != "defaults"
 
     port = settings["ssh.port"]
-    if not explicit("ssh.port") and "port" in found:
+    if spec.port:
+        port = spec.port
+    elif not explicit("ssh.port") and "port" in found:
         port = _port(found["port"], f"{USER_CONFIG}: Host {alias}")
-    user = settings["ssh.user"] if explicit("ssh.user") else found.get("user",
-                                                                        settings["ssh.user"])
+    user = spec.user or (settings["ssh.user"] if explicit("ssh.user") else
+                         found.get("user", settings["ssh.user"]))
     key = str(settings.path("ssh.key_filename")) if settings["ssh.key_filename"] else ""
     jump, command = _proxies(config, found, known_hosts, 0)
     return SshTarget(

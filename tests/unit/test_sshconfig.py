@@ -28,14 +28,15 @@ def target(tmp_path, home, config: str, **more):
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
-    ("bastion", ("", "bastion", None)),
+    ("bastion", (None, "bastion", None)),
     ("me@bastion:2222", ("me", "bastion", 2222)),
     ("ssh://me@bastion:2222", ("me", "bastion", 2222)),
     ("me@[2001:db8::1]:2222", ("me", "2001:db8::1", 2222)),
-    ("2001:db8::1", ("", "2001:db8::1", None)),
+    ("2001:db8::1", (None, "2001:db8::1", None)),
 ])
 def test_hop_specs(spec, expected):
-    assert sshconfig._split_hop(spec) == expected
+    found = sshconfig.parse_host(spec)
+    assert (found.user, found.host, found.port) == expected
 
 
 def test_nothing_configured_means_the_settings(tmp_path, home):
@@ -68,7 +69,7 @@ def test_a_jump_loop_is_one_line(tmp_path, home):
 
 @pytest.mark.parametrize(("config", "expected"), [
     ("Host box\n  Port ssh\n", "~/.ssh/config: Host box: Port 'ssh' is not a number"),
-    ("Host box\n  ProxyJump a:b\n", "ProxyJump a:b: Port 'b' is not a number"),
+    ("Host box\n  ProxyJump a:b\n", "ProxyJump a:b: 'b' is not a port number (1-65535)"),
     ("Host\n", "~/.ssh/config: "),
 ])
 def test_bad_ssh_config_is_one_line(tmp_path, home, config, expected):
