@@ -1013,7 +1013,8 @@ def op_facts(s, req):
         facts["apt_sources"] = apt_sources(paths) if tools.get("apt-get") else []
         facts["apt_reachable"] = {f"{h}:{p}": reachable(h, p, 5.0)
                                   for _, h, p in facts["apt_sources"][:4]}
-        facts["apt_busy"] = apt_holders(paths)
+    # always (four F_GETLK calls): whatever the plan installs, the deploy waits for it first
+    facts["apt_busy"] = apt_holders(paths)
     return facts
 
 

@@ -680,6 +680,14 @@ def test_facts_name_who_holds_apt_and_provision_waits_then_installs_only_what_is
     assert not [c for c in installs if "crun" in c]
 
 
+def test_facts_name_apt_s_holder_even_when_nothing_basic_is_missing(fake_host):
+    fake_host.remove_tool("slirp4netns")  # not a basic: facts skip the mirror probe
+    with apt_busy(fake_host, 3) as holder, fake_host.helper() as helper:
+        facts = helper.call("facts")
+    assert "apt_sources" not in facts
+    assert [h["pid"] for h in facts["apt_busy"]] == [holder.pid]
+
+
 def test_provision_after_the_holder_installed_everything_runs_no_apt_at_all(fake_host):
     fake_host.remove_tool("crun")
     with apt_busy(fake_host, 2, lock="lock", installs=["crun"]), \
