@@ -149,7 +149,11 @@ class NightGuardTask(Task):
 
     def get_arguments(self, ignore_unknown_help=None):
         self.auto_shortflags = False  # the letters come from SHORT_FLAGS only
-        args = super().get_arguments(ignore_unknown_help)
+        kept = dict(self.help)  # Invoke pops each help text it uses: keep them for next time
+        try:
+            args = super().get_arguments(ignore_unknown_help)
+        finally:
+            self.help = kept
         for name in self.host_flags():
             args.append(Argument(names=(name, SHORT_FLAGS[name]), kind=str,
                                  help=HOST_FLAG_HELP[name]))

@@ -7,6 +7,7 @@ unless the stand-ins come first on the helper's PATH, nothing outside the temp f
 it, and every path the helper knows points into the temp folder.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,20 @@ parent = os.getppid()
 while os.getppid() == parent:
     time.sleep(1)
 """
+
+
+@pytest.fixture(autouse=True)
+def not_this_machine(tmp_path_factory, monkeypatch):
+    """No unit test reads the developer's machine: HOME is an empty folder (no
+    ~/.ssh/config, ~/.invoke.yaml or known_hosts of theirs) and no NIGHTGUARD_* or
+    INVOKE_* variable of their shell is set. A test wanting one sets it itself."""
+    for name in list(os.environ):
+        if name.startswith(("NIGHTGUARD_", "INVOKE_")):
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # no agent of theirs either
+    return home
 
 
 @pytest.fixture(scope="session")
