@@ -520,7 +520,8 @@ def validate(settings: Settings) -> None:
     if not settings["sync.include"]:
         fail("sync.include", "lists nothing to sync")
     if settings["target"] == "ssh" and not settings["ssh.host"]:
-        fail("ssh.host", "is required when target is ssh")
+        fail("ssh.host", "is required when target is ssh (give --host HOST or set "
+             "nightguard.ssh.host)")
     if settings["target"] == "gcp" and not settings["gcp.project"]:
         fail("gcp.project", "is required when target is gcp")
     for name, value in settings["agent_env"].items():
