@@ -14,6 +14,10 @@ a flag) wins over ssh_config; a default (port 22, user ubuntu) gives way to it. 
 ``nightguard.ssh.key_filename`` set, that key is the only one tried; without it, the keys of
 a running ssh-agent, IdentityFile, else ~/.ssh/id_* (as ssh(1)).
 
+``parse_host`` is the one reader of a host a user types (``--host``, ``nightguard.ssh.host``,
+a ProxyJump hop): HOST, USER@HOST, HOST:PORT, USER@HOST:PORT, [IPV6]:PORT, USER@[IPV6]:PORT
+or an alias; a user or port written there wins over the settings and ssh_config.
+
 Config keys: ``nightguard.ssh.host`` (a name or a ``Host`` alias), ``ssh.port``,
 ``ssh.user``, ``ssh.key_filename``, ``ssh.known_hosts`` (the project's pins, read first).
 """
