@@ -245,6 +245,15 @@ def test_a_rootless_deploy_has_its_limits_secrets_and_linger(bare, gcp_env, env,
                     NIGHTGUARD_APP_DIR=f"/home/ubuntu/{ROOTLESS}",
                     NIGHTGUARD_DATA_DIR=f"/home/ubuntu/{ROOTLESS}-data",
                     NIGHTGUARD_COMPOSE_FILE=str(base / "rootless-compose.yml"))
+    # rootless installs nothing: the VM's startup script brought no uidmap, and the deploy
+    # says the one command to run, before changing anything
+    refused = inv(["deploy"], rootless)
+    assert refused.returncode == 1, output(refused)
+    assert refused.stderr.strip() == ("error: step 'host' failed: uidmap missing: rootless "
+                                      "mode installs no packages; run `sudo apt-get install "
+                                      "uidmap` on the host once")
+    checked(ssh_run, bare, "sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                           "uidmap >/dev/null 2>&1")
     done = inv(["deploy"], rootless, timeout=1800)
     assert done.returncode == 0, output(done)
     limits = checked(ssh_run, bare, f"podman exec {ROOTLESS} cat /sys/fs/cgroup/memory.max "
@@ -315,7 +324,7 @@ def test_remove_takes_the_deployment_off_and_keeps_the_data_dir(bare, env, ssh_r
     lines = audit(ssh_run, target)
     assert len(lines) == entries + 1
     assert (lines[-1]["command"], lines[-1]["outcome"]) == ("remove", "ok")
-    checked(ssh_run, target, "swapon --show=NAME --noheadings | grep -qx /swapfile")  # kept
+    checked(ssh_run, target, "sudo -n swapon --show=NAME --noheadings | grep -qx /swapfile")
     again = inv(["remove"], env)
     assert again.returncode == 0, output(again)
     assert "nothing to remove" in again.stdout.splitlines()
