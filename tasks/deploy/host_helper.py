@@ -286,6 +286,16 @@ def sh(argv, timeout=120, data=None, env=None):
             done.stderr.decode("utf-8", "replace"))
 
 
+def end_process(proc):
+    """SIGTERM, and SIGKILL after 10 s: a command this helper started, ended."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_streaming(session, request_id, argv, timeout, on_interrupt="kill", data=None,
                   env=None, keep=40):
     """Runs argv, sends its output as progress, keeps the last lines. When the client
@@ -322,12 +332,7 @@ def run_streaming(session, request_id, argv, timeout, on_interrupt="kill", data=
         elif session.gone.is_set() and on_interrupt == "kill":
             killed = "interrupted"
         if killed:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end_process(proc)
             break
         time.sleep(0.1)
     pumper.join(5)
@@ -2178,12 +2183,7 @@ def op_exec(s, req):
         thread.start()
     while proc.poll() is None:
         if s.gone.is_set():
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end_process(proc)
             break
         time.sleep(0.05)
     for thread in pumps:
