@@ -26,6 +26,7 @@ from tasks.errors import StepFailed
 from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tests.fake_gce import FakeGce
+from tests.unit.sshstub import ssh_server
 
 VM = r"/zones/us-west1-b/instances/nightguard$"
 VM_RESOURCE = "The resource 'projects/demo-project/zones/us-west1-b/instances/nightguard' " \
@@ -149,41 +150,6 @@ def test_start_stop_reset_and_external_ip(gce, fake):
 
 
 # -- host keys pinned by instance: a new address after stop/start -----------------------
-class RefuseLogins(paramiko.ServerInterface):
-    def get_allowed_auths(self, username):
-        return "publickey"
-
-
-@contextmanager
-def ssh_server(host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 0):
-    """An SSH server at address:port offering ``host_key`` and refusing every login."""
-    listener = socket.create_server((address, port))
-    transports = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            transport = paramiko.Transport(conn)
-            transport.add_server_key(host_key)
-            transports.append(transport)
-            try:
-                transport.start_server(server=RefuseLogins())
-            except (paramiko.SSHException, EOFError, OSError):
-                pass  # the client read the key and hung up
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): a close alone keeps the port
-        listener.close()
-        for transport in transports:
-            transport.close()
-
-
 @pytest.fixture
 def pinned(make, fake, tmp_path):
     """A VM at 127.0.0.1 whose host key was recorded on first use, then stopped and started

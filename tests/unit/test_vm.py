@@ -8,9 +8,6 @@ import copy
 import inspect
 import io
 import os
-import socket
-import threading
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import paramiko
@@ -25,6 +22,7 @@ from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tasks.gcp import tasks as vm
 from tests.fake_gce import FakeGce
+from tests.unit.sshstub import ssh_server
 
 
 @pytest.fixture
@@ -207,35 +205,6 @@ def test_guest_attributes_replace_a_stale_entry(tmp_path, fake):
     s = settings(tmp_path, fake, **{"ssh.known_hosts": "kh"})
     gcp_ssh.ssh_target(s, _gce(s), io.StringIO())
     assert known.read_text() == f"203.0.113.10 {new.get_name()} {new.get_base64()}\n"
-
-
-@contextmanager
-def ssh_server(host_key):
-    """Answers key exchange with ``host_key``; enough to read it and to be rejected."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    transports = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            transport = paramiko.Transport(conn)
-            transport.add_server_key(host_key)
-            transports.append(transport)
-            try:
-                transport.start_server(server=paramiko.ServerInterface())
-            except (paramiko.SSHException, EOFError):
-                pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-        for transport in transports:
-            transport.close()
 
 
 def test_first_use_records_the_key_and_a_changed_key_is_rejected(tmp_path, fake):

@@ -1,0 +1,45 @@
+"""An SSH server stand-in for the unit tier: it offers a host key and refuses every login,
+enough for a client to read the key (pinning) and to be turned away (a login to retry)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from contextlib import contextmanager
+
+import paramiko
+
+
+class RefuseLogins(paramiko.ServerInterface):
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+
+@contextmanager
+def ssh_server(host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 0):
+    """An SSH server at address:port offering ``host_key`` and refusing every login."""
+    listener = socket.create_server((address, port))
+    transports = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            transport = paramiko.Transport(conn)
+            transport.add_server_key(host_key)
+            transports.append(transport)
+            try:
+                transport.start_server(server=RefuseLogins())
+            except (paramiko.SSHException, EOFError, OSError):
+                pass  # the client read the key and hung up
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): a close alone keeps the port
+        listener.close()
+        for transport in transports:
+            transport.close()
