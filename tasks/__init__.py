@@ -15,13 +15,13 @@ import copy
 
 from invoke import Collection
 
-from tasks import show_config
-from tasks.cli import use_flag_scheme
-from tasks.config import DEFAULTS
-from tasks.deploy import alerts, deploy, health, history, manage, secrets, steps
-from tasks.gcp import tasks as vm
-from tasks.kube import tasks as kube
-from tasks.sandbox import tasks as sandbox
+from . import show_config
+from .cli import use_flag_scheme
+from .config import DEFAULTS
+from .deploy import alerts, deploy, health, history, manage, secrets, steps
+from .gcp import tasks as vm
+from .kube import tasks as kube
+from .sandbox import tasks as sandbox
 
 ns = Collection()
 ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})

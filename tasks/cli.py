@@ -29,9 +29,9 @@ from invoke import Collection, Task
 from invoke.exceptions import Exit
 from invoke.parser import Argument
 
-from tasks.config import Settings, load_settings
-from tasks.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_STEP, ConfigError, StepFailed
-from tasks.invoke_config import config_files
+from .config import Settings, load_settings
+from .errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_STEP, ConfigError, StepFailed
+from .invoke_config import config_files
 
 TARGET_HELP = {
     "target": "sandbox, ssh or gcp (default: nightguard.target, see `inv config`)",
@@ -69,7 +69,7 @@ def settings_for(c, target: str | None = None, host: str | None = None,
     """Settings from the task's Invoke context ``c`` with the common flags applied
     (``--target``, ``--host``, ``--port``, ``--user``) and any other as
     ``section__key=value`` (None: not given)."""
-    from tasks.deploy.sshconfig import parse_host, parse_port
+    from .deploy.sshconfig import parse_host, parse_port
 
     flags = {key.replace("__", "."): value for key, value in overrides.items()}
     given = _HOST_FLAGS.get() or {}
@@ -101,7 +101,7 @@ def failure_json(step: str, message: str) -> str:
 def one_line_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from tasks.deploy.envfile import redact_known
+        from .deploy.envfile import redact_known
 
         try:
             return func(*args, **kwargs)

@@ -34,9 +34,24 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import ConfigError
+from .errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+def project_root(cwd: Path | None = None, checkout: Path | None = None) -> Path:
+    """The project the tasks act on: this checkout (the package beside tasks.py); for an
+    installed copy (the `nightguard` command), the nearest folder from the current one up
+    that holds an invoke.yaml or a tasks.py, else the current folder."""
+    checkout = checkout or Path(__file__).resolve().parents[1]
+    if (checkout / "tasks.py").is_file():
+        return checkout
+    cwd = (cwd or Path.cwd()).resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "invoke.yaml").is_file() or (folder / "tasks.py").is_file():
+            return folder
+    return cwd
+
+
+PROJECT_ROOT = project_root()
 CONFIG_FILE_NAME = "invoke.yaml"
 ENV_PREFIX = "NIGHTGUARD_"
 INVOKE_ENV_PREFIX = "INVOKE_"  # Invoke's prefix: INVOKE_NIGHTGUARD_SSH_HOST

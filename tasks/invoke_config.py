@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import (
+from .config import (
     CONFIG_FILE_NAME,
     DEFAULTS,
     ENV_NAMES,
@@ -44,7 +44,7 @@ from tasks.config import (
     project_file,
     syntax_error,
 )
-from tasks.errors import ConfigError
+from .errors import ConfigError
 
 SUFFIXES = ("yaml", "yml", "json", "py")  # Invoke's order: the first one found is read
 SYSTEM_PREFIX = "/etc/invoke"

@@ -19,11 +19,11 @@ import json
 
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import Settings, redacted_tree
-from tasks.deploy import sshconfig
-from tasks.deploy.envfile import load_secret_values, redaction
-from tasks.errors import ConfigError
+from .cli import TARGET_HELP, one_line_errors, settings_for
+from .config import Settings, redacted_tree
+from .deploy import sshconfig
+from .deploy.envfile import load_secret_values, redaction
+from .errors import ConfigError
 
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],

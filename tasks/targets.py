@@ -11,17 +11,17 @@ Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*
 
 from __future__ import annotations
 
-from tasks.config import Settings
-from tasks.deploy import sshconfig
-from tasks.deploy.remote import Remote, SshTarget
-from tasks.errors import ConfigError
+from .config import Settings
+from .deploy import sshconfig
+from .deploy.remote import Remote, SshTarget
+from .errors import ConfigError
 
 
 def resolve_target(settings: Settings) -> SshTarget:
     """The SSH address of the configured target; raises ConfigError with a hint."""
     kind = settings["target"]
     if kind == "sandbox":
-        from tasks.sandbox import machine as sandbox
+        from .sandbox import machine as sandbox
 
         name = settings["sandbox.name"]
         try:
@@ -32,7 +32,7 @@ def resolve_target(settings: Settings) -> SshTarget:
                          key_filename=found["key_filename"],
                          known_hosts=found["known_hosts"], label=f"sandbox {name}")
     if kind == "gcp" and not settings["ssh.host"]:
-        from tasks.gcp import ssh as gcp
+        from .gcp import ssh as gcp
 
         return gcp.ssh_target(settings)
     return sshconfig.ssh_target(settings)

@@ -42,11 +42,11 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.deploy.envfile import redaction
-from tasks.deploy.session import HostSession
-from tasks.errors import StepFailed
-from tasks.targets import open_remote
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..errors import StepFailed
+from ..targets import open_remote
+from .envfile import redaction
+from .session import HostSession
 
 
 def verdict(answer: dict) -> tuple[bool, str]:

@@ -8,12 +8,12 @@ here once and used by every task that needs them.
 
 from __future__ import annotations
 
-from tasks.config import Settings, parse_duration
-from tasks.deploy import commands as cmd
-from tasks.deploy.envfile import SecretValues
-from tasks.deploy.plan import Desired, Plan, build_needs_network, limit_drift
-from tasks.deploy.session import HostSession
-from tasks.deploy.sync import delta_tarball
+from ..config import Settings, parse_duration
+from . import commands as cmd
+from .envfile import SecretValues
+from .plan import Desired, Plan, build_needs_network, limit_drift
+from .session import HostSession
+from .sync import delta_tarball
 
 BUILD_TIMEOUT = 1800
 INSTALL_TIMEOUT = 1800

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from tasks.config import Settings, parse_duration, parse_size
-from tasks.errors import ConfigError
+from ..config import Settings, parse_duration, parse_size
+from ..errors import ConfigError
 
 SERVICE = "nightguard"
 REQUIRED_KEYS = ("container_name", "volumes", "mem_limit", "mem_reservation", "memswap_limit",

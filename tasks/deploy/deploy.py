@@ -24,13 +24,15 @@ import time
 
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import Settings
-from tasks.deploy import apply
-from tasks.deploy.compose import check_compose
-from tasks.deploy.envfile import SecretValues, load_secret_values
-from tasks.deploy.hostlink import helper_source
-from tasks.deploy.plan import (
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..config import Settings
+from ..errors import ConfigError, StepFailed
+from ..targets import open_remote
+from . import apply
+from .compose import check_compose
+from .envfile import SecretValues, load_secret_values
+from .hostlink import helper_source
+from .plan import (
     Desired,
     Plan,
     base_id,
@@ -43,11 +45,9 @@ from tasks.deploy.plan import (
     previous_release,
     secret_digests,
 )
-from tasks.deploy.remote import Remote
-from tasks.deploy.session import HostSession, now
-from tasks.deploy.sync import local_manifest, rules_for
-from tasks.errors import ConfigError, StepFailed
-from tasks.targets import open_remote
+from .remote import Remote
+from .session import HostSession, now
+from .sync import local_manifest, rules_for
 
 
 class HostUnfit(StepFailed):

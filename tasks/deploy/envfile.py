@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dotenv.parser import parse_stream
 
-from tasks.config import Settings
-from tasks.errors import ConfigError
+from ..config import Settings
+from ..errors import ConfigError
 
 REDACTED = "[REDACTED]"
 # every value this process has read from .env or been typed (secrets.rotate --prompt): the

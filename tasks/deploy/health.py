@@ -22,14 +22,14 @@ from datetime import UTC, datetime
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import Settings
-from tasks.deploy import commands as cmd
-from tasks.deploy.envfile import redaction
-from tasks.deploy.hostlink import PipeClosed
-from tasks.deploy.plan import SWAPFILE, limit_drift
-from tasks.deploy.session import HostSession
-from tasks.targets import open_remote
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..config import Settings
+from ..targets import open_remote
+from . import commands as cmd
+from .envfile import redaction
+from .hostlink import PipeClosed
+from .plan import SWAPFILE, limit_drift
+from .session import HostSession
 
 EXIT_UNHEALTHY = 3
 

@@ -13,13 +13,13 @@ import json
 
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.deploy import apply
-from tasks.deploy.deploy import print_stats
-from tasks.deploy.envfile import SecretValues, redaction
-from tasks.deploy.session import HostSession
-from tasks.errors import ConfigError, StepFailed
-from tasks.targets import open_remote
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..errors import ConfigError, StepFailed
+from ..targets import open_remote
+from . import apply
+from .deploy import print_stats
+from .envfile import SecretValues, redaction
+from .session import HostSession
 
 
 def pick_release(history: list[dict], wanted: str | None) -> dict:

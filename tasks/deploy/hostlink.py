@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from tasks.errors import StepFailed
+from ..errors import StepFailed
 
 MARKER = "nightguard-host"  # in the bootstrap's argv: `unlock --force` checks it
 BOOTSTRAP = f"""import sys,json,os,zlib,hashlib  # {MARKER}

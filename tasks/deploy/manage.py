@@ -31,13 +31,13 @@ import sys
 from invoke import task
 from invoke.exceptions import Exit
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import Settings
-from tasks.deploy.envfile import redaction
-from tasks.deploy.remote import Remote, SshTarget, shown_path
-from tasks.deploy.session import HostSession
-from tasks.errors import ConfigError
-from tasks.targets import open_remote, resolve_target
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..config import Settings
+from ..errors import ConfigError
+from ..targets import open_remote, resolve_target
+from .envfile import redaction
+from .remote import Remote, SshTarget, shown_path
+from .session import HostSession
 
 AGENT_USER = "1000:1000"  # the image's USER (deployment/Dockerfile.nightguard)
 EXEC_SILENCE = 24 * 3600  # a command may be silent this long

@@ -16,8 +16,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import Settings, parse_duration
-from tasks.deploy.commands import (
+from ..config import Settings, parse_duration
+from .commands import (
     ROOTLESS_STATE_DIR,
     STATE_DIR,
     ContainerSpec,
@@ -27,8 +27,8 @@ from tasks.deploy.commands import (
     watcher_service,
     watcher_timer,
 )
-from tasks.deploy.compose import health_command, load_compose
-from tasks.deploy.sync import Delta, compute_delta, local_manifest, tree_hash
+from .compose import health_command, load_compose
+from .sync import Delta, compute_delta, local_manifest, tree_hash
 
 IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt",
                 "deployment/ng-supervise")
@@ -151,7 +151,7 @@ def desired_state(settings: Settings, digests: dict[str, str],
     the host's version (it picks the network stack); ``base_id``: the id of the base image
     on the host (it is part of the image's tag)."""
     if manifest is None:
-        from tasks.deploy.sync import declared_roots
+        from .sync import declared_roots
 
         manifest = local_manifest(Path(settings.path("source_dir")), declared_roots(settings))
     code = tree_hash(manifest)

@@ -44,9 +44,9 @@ from pathlib import Path
 import paramiko
 from fabric import Config, Connection
 
-from tasks.deploy.hostlink import PipeClosed
-from tasks.errors import StepFailed
-from tasks.progress import Step
+from ..errors import StepFailed
+from ..progress import Step
+from .hostlink import PipeClosed
 
 # A host being set up is tried again this often: a VM's guest agent writes the login key
 # within a minute or so; trying more often would only fill sshd's log with refusals.

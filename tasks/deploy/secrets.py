@@ -21,19 +21,19 @@ import getpass
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.config import Settings
-from tasks.deploy import apply
-from tasks.deploy.envfile import SecretValues, load_secret_values
-from tasks.deploy.plan import (
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..config import Settings
+from ..errors import ConfigError, StepFailed
+from ..targets import open_remote
+from . import apply
+from .envfile import SecretValues, load_secret_values
+from .plan import (
     changed_secrets,
     previous_release,
     rotated_release,
     secret_digests,
 )
-from tasks.deploy.session import HostSession, now
-from tasks.errors import ConfigError, StepFailed
-from tasks.targets import open_remote
+from .session import HostSession, now
 
 NAMES_HELP = "secret names (default: all of nightguard.secrets); repeat the flag for several"
 

@@ -24,11 +24,11 @@ import socket
 import threading
 from datetime import UTC, datetime
 
-from tasks.config import Settings
-from tasks.deploy import commands as cmd
-from tasks.deploy.hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
-from tasks.deploy.remote import Remote, shell_join
-from tasks.errors import StepFailed
+from ..config import Settings
+from ..errors import StepFailed
+from . import commands as cmd
+from .hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
+from .remote import Remote, shell_join
 
 READ_TIMEOUT = 60  # a read-only answer (facts, health) comes within this
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import paramiko
 
-from tasks.config import Settings
-from tasks.deploy.remote import SshTarget
-from tasks.errors import ConfigError
+from ..config import Settings
+from ..errors import ConfigError
+from .remote import SshTarget
 
 USER_CONFIG = "~/.ssh/config"
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors, settings_for
-from tasks.deploy import apply
-from tasks.deploy.compose import check_compose
-from tasks.deploy.deploy import preflight, print_stats, run_deploy
-from tasks.deploy.plan import desired_state, make_plan, swap_needed
-from tasks.deploy.session import HostSession
-from tasks.deploy.sync import local_manifest, rules_for
-from tasks.targets import open_remote
+from ..cli import TARGET_HELP, one_line_errors, settings_for
+from ..targets import open_remote
+from . import apply
+from .compose import check_compose
+from .deploy import preflight, print_stats, run_deploy
+from .plan import desired_state, make_plan, swap_needed
+from .session import HostSession
+from .sync import local_manifest, rules_for
 
 FLAGS = {**TARGET_HELP}
 

@@ -28,7 +28,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import ConfigError
+from ..errors import ConfigError
 
 NEVER = (".env", ".env.*", ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache",
          ".ruff_cache", ".mypy_cache", "node_modules", ".sandbox", ".ssh", "*.img", "*.qcow2",

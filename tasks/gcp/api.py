@@ -27,8 +27,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError, RefreshError
 from google.oauth2 import service_account
 
-from tasks.config import Settings
-from tasks.errors import StepFailed
+from ..config import Settings
+from ..errors import StepFailed
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1

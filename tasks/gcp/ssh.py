@@ -25,10 +25,10 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tasks.config import Settings, parse_duration
-from tasks.deploy.remote import Patience, SshTarget, connect_failure, shown_duration
-from tasks.errors import ConfigError, StepFailed
-from tasks.gcp.api import (
+from ..config import Settings, parse_duration
+from ..deploy.remote import Patience, SshTarget, connect_failure, shown_duration
+from ..errors import ConfigError, StepFailed
+from .api import (
     Gce,
     GcpError,
     api_errors,

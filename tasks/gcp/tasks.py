@@ -18,11 +18,11 @@ from pathlib import Path
 
 from invoke import Collection, task
 
-from tasks.cli import one_line_errors, settings_for
-from tasks.config import Settings
-from tasks.errors import ConfigError
-from tasks.gcp import api as gcp
-from tasks.gcp import ssh as gcp_ssh
+from ..cli import one_line_errors, settings_for
+from ..config import Settings
+from ..errors import ConfigError
+from . import api as gcp
+from . import ssh as gcp_ssh
 
 VM_HELP = {
     "project": "Google Cloud project (default: nightguard.gcp.project)",

@@ -69,10 +69,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from tasks.config import _IMAGE_NAME, Settings, parse_duration
-from tasks.deploy.commands import DATA_MOUNT, content_hash, image_build, unit_name
-from tasks.deploy.plan import Desired
-from tasks.errors import ConfigError
+from ..config import _IMAGE_NAME, Settings, parse_duration
+from ..deploy.commands import DATA_MOUNT, content_hash, image_build, unit_name
+from ..deploy.plan import Desired
+from ..errors import ConfigError
 
 KUBERNETES_VERSION = "1.33"  # the schema the manifests are validated against (unit tests)
 CONTAINER = "nightguard"  # the container's name inside the pod

@@ -23,13 +23,13 @@ from pathlib import Path
 import yaml
 from invoke import Collection, task
 
-from tasks.cli import TARGET_HELP, one_line_errors
-from tasks.deploy.deploy import preflight
-from tasks.deploy.envfile import SecretValues
-from tasks.deploy.plan import build_needs_network, desired_state
-from tasks.deploy.sync import file_entry
-from tasks.errors import ConfigError, StepFailed
-from tasks.kube.render import (
+from ..cli import TARGET_HELP, one_line_errors
+from ..deploy.deploy import preflight
+from ..deploy.envfile import SecretValues
+from ..deploy.plan import build_needs_network, desired_state
+from ..deploy.sync import file_entry
+from ..errors import ConfigError, StepFailed
+from .render import (
     APP_DIR,
     CPU_REQUEST,
     KUBERNETES_VERSION,

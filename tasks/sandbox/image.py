@@ -45,8 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.progress import Step
-from tasks.sandbox import support
+from ..progress import Step
+from . import support
 
 RECIPE_VERSION = 5  # bump to rebuild every image; 4: the laptop's CAs; 5: base tar apart
 BASE_RECIPE_VERSION = 4  # 3: without docs, man pages, locales; 4: venv, pip, laptop's CAs

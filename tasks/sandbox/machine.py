@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.progress import Step
-from tasks.sandbox import image, qemu, support
-from tasks.sandbox.qemu import HOST, state_dir
+from ..progress import Step
+from . import image, qemu, support
+from .qemu import HOST, state_dir
 
 SANDBOX_USER = "ubuntu"
 KVM_PROBE_SECONDS = 60  # under KVM the host key shows in a few seconds

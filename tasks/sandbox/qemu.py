@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.sandbox import image
+from ..config import PROJECT_ROOT
+from . import image
 
 HOST = "127.0.0.1"
 PROCFS = sys.platform.startswith("linux")  # else (macOS) ask ps about a process
@@ -30,7 +31,7 @@ _children: dict[int, subprocess.Popen] = {}  # polled here, else they linger as 
 
 
 def state_dir(name: str) -> Path:
-    root = os.environ.get("NG_SANDBOX_DIR") or Path(__file__).resolve().parents[2] / ".sandbox"
+    root = os.environ.get("NG_SANDBOX_DIR") or PROJECT_ROOT / ".sandbox"
     return Path(root) / name
 
 

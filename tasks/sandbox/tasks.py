@@ -13,10 +13,10 @@ import subprocess
 
 from invoke import Collection, Exit, task
 
-from tasks.cli import one_line_errors, settings_for
-from tasks.errors import EXIT_CONFIG
-from tasks.sandbox.machine import down, ensure_up, reboot, ssh_argv, status, target
-from tasks.sandbox.support import SandboxUnavailable
+from ..cli import one_line_errors, settings_for
+from ..errors import EXIT_CONFIG
+from .machine import down, ensure_up, reboot, ssh_argv, status, target
+from .support import SandboxUnavailable
 
 NAME_HELP = "sandbox name (default: nightguard.sandbox.name); several can run at once"
 TIMEOUT_HELP = "seconds to wait for ssh (default 300; an image build comes on top)"
