@@ -37,7 +37,8 @@ def wait_for_apt(host: HostSession, settings: Settings, busy: list[dict]) -> Non
     startup script, apt-daily, unattended-upgrades), up to ``host.apt_wait``; never kills
     it. Raises StepFailed naming the holder when it is still busy then."""
     wait = parse_duration(settings["host.apt_wait"])
-    with host.remote.step("host.apt", f"waiting for {holder_text(busy[0])} (up to "
+    holder = host.remote.redact(holder_text(busy[0]))  # a host process's command line
+    with host.remote.step("host.apt", f"waiting for {holder} (up to "
                           f"{settings['host.apt_wait']})"):
         answer = host.call("apt_wait", step="wait for apt", changes=False, wait=wait,
                            timeout=wait + 60)
@@ -60,8 +61,9 @@ def say_waited(host: HostSession, holders: list[dict], seconds: float | None = N
     if not holders:
         return
     took = seconds if seconds is not None else max(h.get("waited", 0) for h in holders)
-    print(f"    host: waited {took:.0f}s for apt's locks, held by "
-          f"{'; '.join(holder_text(h) for h in holders)}", file=host.remote.out)
+    # command lines of the host's processes: shown as every other line, redacted
+    held = host.remote.redact("; ".join(holder_text(h) for h in holders))
+    print(f"    host: waited {took:.0f}s for apt's locks, held by {held}", file=host.remote.out)
 
 
 def setup_swap(host: HostSession, settings: Settings) -> None:

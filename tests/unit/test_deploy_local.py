@@ -62,6 +62,23 @@ def test_a_deploy_waits_for_the_startup_script_and_installs_nothing_it_installed
     assert STARTUP_UNIT not in out or "startup script" in out
 
 
+def test_a_holder_s_command_line_is_shown_redacted(deploy, host):
+    from tests.unit.test_host_helper import apt_busy
+
+    host.remove_tool("crun")
+    line = f"apt-get\0-o\0Acquire::http::Proxy=http://u:{TOKEN}@proxy\0update\0".encode()
+    with mirror(host), apt_busy(host, 3, cmdline=line) as holder:
+        deploy()
+    out = deploy.last.text
+    assert "host: waited" in out and f"pid {holder.pid}" in out  # the holder was shown
+    assert TOKEN not in out
+    host.remove_tool("crun")
+    with mirror(host), apt_busy(host, 60, cmdline=line), pytest.raises(StepFailed) as failed:
+        deploy(deploy.settings(**{"host.apt_wait": "1s"}))
+    assert "Acquire::http::Proxy=http://u:[REDACTED]@proxy" in str(failed.value)  # the whole
+    assert TOKEN not in str(failed.value) + deploy.last.text  # command line, redacted
+
+
 def test_apt_busy_past_the_bound_fails_in_one_line_before_any_change(deploy, host):
     from tests.unit.test_host_helper import apt_busy
 

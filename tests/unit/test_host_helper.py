@@ -627,7 +627,8 @@ STARTUP_UNIT = "google-startup-scripts.service"
 
 
 @contextlib.contextmanager
-def apt_busy(host: FakeHost, seconds: float, lock: str = "lock-frontend", installs=()):
+def apt_busy(host: FakeHost, seconds: float, lock: str = "lock-frontend", installs=(),
+             cmdline: bytes = b"apt-get\0-q\0-y\0install\0podman\0"):
     """A real process holding a real fcntl lock on one of apt's lock files for ``seconds``,
     shown in the fake host's /proc as the VM's startup script running apt-get; it "installs"
     ``installs`` (their stand-ins appear) just before it lets go, as apt would."""
@@ -645,7 +646,7 @@ def apt_busy(host: FakeHost, seconds: float, lock: str = "lock-frontend", instal
         assert holder.stdout.readline() == "locked\n"  # the lock is held from here on
         proc = host.paths["proc"] / str(holder.pid)
         proc.mkdir(parents=True)
-        (proc / "cmdline").write_bytes(b"apt-get\0-q\0-y\0install\0podman\0")
+        (proc / "cmdline").write_bytes(cmdline)
         (proc / "cgroup").write_text(f"0::/system.slice/{STARTUP_UNIT}\n")
         (proc / "stat").write_text(Path(f"/proc/{holder.pid}/stat").read_text())
         (host.paths["proc"] / "uptime").write_text(Path("/proc/uptime").read_text())
