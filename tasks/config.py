@@ -97,6 +97,8 @@ DEFAULTS: dict[str, Any] = {
         "network_tag": "nightguard",
         "credentials_file": "",
         "api_endpoint": "",
+        # Secret Manager's address for {gcp: ...} secrets ("": Google's; http://: a fake)
+        "secrets_endpoint": "",
     },
     # a new VM's startup script, apt-daily or unattended-upgrades may hold apt's and dpkg's
     # locks: wait this long for them before the deploy installs anything (never kills them)
@@ -126,6 +128,9 @@ DEFAULTS: dict[str, Any] = {
     "network": "auto",
     "compose_file": "deployment/podman-compose.nightguard.yml",
     "env_file": ".env",
+    # keyed hashes of values read from a command or Secret Manager (never a value), so that
+    # tasks which do not read the store still mask them (tasks/deploy/fingerprints.py)
+    "fingerprints_file": ".nightguard/secret-fingerprints.json",
     "keep_images": 3,
     "limits": {
         "memory": "700m",

@@ -30,7 +30,7 @@ from ..errors import ConfigError, StepFailed
 from ..targets import open_remote
 from . import apply
 from .compose import check_compose
-from .envfile import SecretValues, load_secret_values
+from .envfile import SecretValues
 from .hostlink import helper_source
 from .plan import (
     Desired,
@@ -46,6 +46,7 @@ from .plan import (
     secret_digests,
 )
 from .remote import Remote
+from .secretstore import load_secret_values
 from .session import HostSession, now
 from .sync import local_manifest, rules_for
 

@@ -84,8 +84,10 @@ class Gce:
         return method(**kwargs, timeout=self.request_timeout, retry=None)
 
 
-def _credentials(settings: Settings):
-    if settings["gcp.api_endpoint"].startswith("http://"):
+def credentials(settings: Settings, scopes=SCOPES, endpoint_key: str = "gcp.api_endpoint"):
+    """The account every Google API call uses; anonymous when ``endpoint_key`` names a
+    local http:// fake."""
+    if settings[endpoint_key].startswith("http://"):
         return AnonymousCredentials()
     key_file = settings["gcp.credentials_file"]
     try:
@@ -95,8 +97,8 @@ def _credentials(settings: Settings):
                 raise GcpError("gcp credentials", f"{path} not found: fix "
                                "nightguard.gcp.credentials_file (a service-account JSON key)")
             return service_account.Credentials.from_service_account_file(str(path),
-                                                                          scopes=SCOPES)
-        return google.auth.default(scopes=SCOPES)[0]
+                                                                          scopes=scopes)
+        return google.auth.default(scopes=scopes)[0]
     except (DefaultCredentialsError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or ["unreadable"])[0]
         detail = f"{key_file} is not a service-account key ({first})" if key_file else \
@@ -107,12 +109,12 @@ def _credentials(settings: Settings):
 
 def connect(settings: Settings) -> Gce:
     """Clients for the configured project; anonymous against an http:// fake."""
-    credentials = _credentials(settings)
+    account = credentials(settings)
     endpoint = settings["gcp.api_endpoint"]
     options = ClientOptions(api_endpoint=endpoint) if endpoint else None
 
     def build(cls):
-        return cls(credentials=credentials, transport="rest", client_options=options)
+        return cls(credentials=account, transport="rest", client_options=options)
 
     compute = v1()
     return Gce(settings, build(compute.InstancesClient), build(compute.ZoneOperationsClient),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.config import load_settings
 from tasks.deploy.deploy import run_deploy
-from tasks.deploy.envfile import load_secret_values
+from tasks.deploy.secretstore import load_secret_values
 from tasks.deploy.sync import local_manifest, rules_for
 from tests.unit.hostfake import FakeHost, LocalRemote
 
