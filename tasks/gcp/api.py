@@ -262,6 +262,16 @@ apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=600 install \\
 """
 
 
+def service_account_text(instance) -> str:
+    """Which account the VM's processes - the agent's included - can get a token for from the
+    metadata server, and with which scopes."""
+    accounts = list(instance.service_accounts)
+    if not accounts:
+        return "none (nothing on the VM can get a Google token from its metadata server)"
+    scopes = ", ".join(s.rsplit("/", 1)[-1] for s in accounts[0].scopes) or "no scopes"
+    return f"{accounts[0].email} (scopes: {scopes}) - the agent can use it too"
+
+
 def build_instance(settings: Settings, source_image: str,
                    ssh_keys: str) -> compute_v1.Instance:
     compute = v1()
@@ -274,6 +284,8 @@ def build_instance(settings: Settings, source_image: str,
     items = [compute.Items(key="ssh-keys", value=ssh_keys),
              compute.Items(key="enable-guest-attributes", value="TRUE"),
              compute.Items(key="startup-script", value=STARTUP_SCRIPT)]
+    # No service_accounts: the Compute API then attaches none (gcloud and the console would
+    # add the default compute account, Editor on the project, usable by the agent too).
     return compute.Instance(
         name=settings["gcp.instance"],
         machine_type=f"zones/{zone}/machineTypes/{settings['gcp.machine_type']}",

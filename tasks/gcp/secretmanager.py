@@ -12,6 +12,8 @@ Config keys: ``nightguard.gcp.secrets_endpoint``, ``nightguard.gcp.credentials_f
 
 from __future__ import annotations
 
+import re
+
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
@@ -37,7 +39,8 @@ def client(settings: Settings):
 
 def _short(exc: Exception) -> str:
     message = getattr(exc, "message", "") or str(exc)
-    return (message.strip().splitlines() or ["no detail"])[0][:200]
+    message = (message.strip().splitlines() or ["no detail"])[0]
+    return re.sub(r"^[A-Z]+ \S+: ", "", message)[:200]  # the client's "GET <url>: "
 
 
 def explain(settings: Settings, what: str, ref: str, exc: Exception) -> str:
@@ -48,13 +51,17 @@ def explain(settings: Settings, what: str, ref: str, exc: Exception) -> str:
         return (f"{what}: {ref} not found in Google Secret Manager (create it: `gcloud "
                 f"secrets create {secret.rsplit('/', 1)[-1]} --data-file=-`, or fix "
                 "nightguard.secrets)")
-    if isinstance(exc, api_exceptions.PermissionDenied):
+    # REST answers map by HTTP status (Forbidden, BadRequest...), gRPC ones by code
+    if isinstance(exc, (api_exceptions.PermissionDenied, api_exceptions.Forbidden)):
         return (f"{what}: permission denied reading {ref} - grant your account "
                 f"roles/secretmanager.secretAccessor on {secret} (and check the Secret "
                 "Manager API is enabled)")
-    if isinstance(exc, api_exceptions.FailedPrecondition):
+    if isinstance(exc, api_exceptions.FailedPrecondition) or (
+            isinstance(exc, api_exceptions.BadRequest) and
+            re.search(r"DISABLED|DESTROYED", _short(exc))):
         return f"{what}: {ref} is disabled or destroyed ({_short(exc)})"
-    if isinstance(exc, (api_exceptions.Unauthenticated, RefreshError, DefaultCredentialsError)):
+    if isinstance(exc, (api_exceptions.Unauthenticated, api_exceptions.Unauthorized,
+                        RefreshError, DefaultCredentialsError)):
         return (f"{what}: credentials rejected by Google Secret Manager ({_short(exc)}): run "
                 "`gcloud auth application-default login` or set nightguard.gcp.credentials_file")
     if isinstance(exc, (requests.exceptions.Timeout, api_exceptions.DeadlineExceeded)):
