@@ -20,6 +20,7 @@ Config keys: ``nightguard.secrets`` (Podman secret name -> its source),
 from __future__ import annotations
 
 import getpass
+import json
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -190,4 +191,34 @@ def check(c, target=None, host=None):
     print(f"secrets: all {len(settings.secret_names)} present")
 
 
-ns = Collection("secrets", push, rotate, list_, check)
+@task(name="to-gcp", iterable=["name"],
+      help={"project": "the Google Cloud project to keep them in (default: nightguard.gcp."
+                       "project)", "name": NAMES_HELP}, auto_shortflags=False)
+@one_line_errors
+def to_gcp(c, project=None, name=None):
+    """Copy the secrets .env holds into Google Secret Manager; print the config that reads them.
+
+    Each becomes projects/PROJECT/secrets/NAME (a new version when it exists). Nothing on the
+    VM changes; delete the keys from .env once the printed lines are in invoke.yaml."""
+    settings = settings_for(c, None, None)
+    project = project or settings["gcp.project"]
+    if not project:
+        raise ConfigError("no project: give --project P or set nightguard.gcp.project")
+    names = [n for n in pick_names(settings, name)
+             if sources(settings, [n])[n].kind == "env"]
+    if not names:
+        raise ConfigError("no secret of nightguard.secrets comes from .env: nothing to copy")
+    values = load_secret_values(settings, names)
+    from ..gcp import secretmanager  # the client loads in about a second: only when used
+
+    for secret in names:
+        version = secretmanager.put(settings, project, secret, values.values[secret])
+        print(f"stored {secret} as {version}")
+    print("now read them from there - in invoke.yaml:\n  nightguard:\n    secrets:")
+    for secret, entry in settings["secrets"].items():
+        shown = f"{{gcp: projects/{project}/secrets/{secret}}}" if secret in names else \
+            (entry if isinstance(entry, str) else json.dumps(entry))
+        print(f"      {secret}: {shown}")
+
+
+ns = Collection("secrets", push, rotate, list_, check, to_gcp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -198,3 +199,68 @@ def test_fingerprints_keep_the_last_ten_per_secret(tmp_path):
     spaced = tmp_path / "spaced.json"
     record(spaced, {"k": "a pass phrase"})
     assert Fingerprints.load(spaced).redact("is a pass phrase.") == "is [REDACTED]."
+
+
+def run_inv(tmp_path: Path, *args: str, **extra: str):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTGUARD_")}
+    environ.update({"NIGHTGUARD_ENV_FILE": str(tmp_path / ".env"),
+                    "NIGHTGUARD_FINGERPRINTS_FILE": str(tmp_path / "prints.json"), **extra})
+    inv = Path(sys.executable).parent / "inv"
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([str(inv), *args], cwd=root, env=environ, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_to_gcp_moves_the_dotenv_values_and_prints_the_config_that_reads_them(tmp_path, fake):
+    env = tmp_path / ".env"
+    env.write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\nGEMINI_API_KEY={GEMINI}\n")
+    env.chmod(0o600)
+    done = run_inv(tmp_path, "secrets.to-gcp", "--project", PROJECT,
+                   NIGHTGUARD_GCP_SECRETS_ENDPOINT=fake.endpoint)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert TOKEN not in output and GEMINI not in output
+    assert fake.secrets[(PROJECT, "telegram_bot_token")] == [TOKEN]
+    assert fake.secrets[(PROJECT, "gemini_api_key")] == [GEMINI]
+    assert f"stored gemini_api_key as projects/{PROJECT}/secrets/gemini_api_key/versions/1" \
+        in output
+    assert f"      telegram_bot_token: {{gcp: projects/{PROJECT}/secrets/telegram_bot_token}}" \
+        in done.stdout
+    # the printed config reads the same values back, with no .env at all
+    env.unlink()
+    secrets = {"telegram_bot_token": {"gcp": f"projects/{PROJECT}/secrets/telegram_bot_token"},
+               "gemini_api_key": {"gcp": f"projects/{PROJECT}/secrets/gemini_api_key"}}
+    settings = settings_for(tmp_path, secrets, fake)
+    assert load_secret_values(settings).values == {"telegram_bot_token": TOKEN,
+                                                   "gemini_api_key": GEMINI}
+
+
+def test_inv_config_names_each_source_and_never_a_value(tmp_path, fake):
+    secrets = {"telegram_bot_token": {"command": script(tmp_path, f"print({TOKEN!r})")},
+               "gemini_api_key": {"gcp": f"projects/{PROJECT}/secrets/gemini-key"}}
+    done = run_inv(tmp_path, "config", NIGHTGUARD_SECRETS=json.dumps(secrets),
+                   NIGHTGUARD_GCP_SECRETS_ENDPOINT=fake.endpoint)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert fake.accessed == 1  # the check really read the store
+    assert TOKEN not in output and GEMINI not in output
+    assert "secret telegram_bot_token <- command: " in done.stdout
+    assert (f"secret gemini_api_key <- Google Secret Manager projects/{PROJECT}/secrets/"
+            "gemini-key/versions/latest: [REDACTED]") in done.stdout
+    assert "secrets check: ok" in done.stdout
+    fake.deny.add("gemini-key")
+    denied = run_inv(tmp_path, "config", NIGHTGUARD_SECRETS=json.dumps(secrets),
+                     NIGHTGUARD_GCP_SECRETS_ENDPOINT=fake.endpoint)
+    assert denied.returncode == 0
+    assert "secrets check: secret gemini_api_key: permission denied reading" in denied.stdout
+
+
+def test_a_bad_source_stops_a_deploy_before_any_connection(tmp_path):
+    secrets = {"telegram_bot_token": {"command": "false"}, "gemini_api_key": "GEMINI_API_KEY"}
+    (tmp_path / ".env").write_text(f"GEMINI_API_KEY={GEMINI}\n")
+    (tmp_path / ".env").chmod(0o600)
+    done = run_inv(tmp_path, "deploy", "--host", "192.0.2.1",
+                   NIGHTGUARD_SECRETS=json.dumps(secrets))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        "error: secret telegram_bot_token: command `false` failed (exit 1)"
