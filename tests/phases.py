@@ -1,0 +1,31 @@
+"""A pytest plugin that records when each test's setup, call and teardown ran, on which
+xdist worker and in which VM group, to the JSON-lines file ``NG_PHASES_FILE`` names (CI
+sets it; unset, it records nothing). ``bench/ci_phases.py`` turns the file into the
+suite's phase table: bootstrap, the unit tier, each VM's boot and drills."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    yield
+    path = os.environ.get("NG_PHASES_FILE")
+    if not path:
+        return
+    group = item.get_closest_marker("xdist_group")
+    line = json.dumps({
+        "test": item.nodeid, "when": call.when, "start": call.start, "stop": call.stop,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "group": group.args[0] if group and group.args else "unit",
+        "failed": call.excinfo is not None and call.when == "call"})
+    # one short append per line: workers writing at once do not interleave
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)

@@ -1,0 +1,54 @@
+"""The suite's phase table (bench/ci_phases.py) from records like tests/phases.py writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ci_phases  # noqa: E402
+
+
+def rec(test, when, start, stop, group="unit", worker="gw0"):
+    return {"test": test, "when": when, "start": start, "stop": stop, "worker": worker,
+            "group": group, "failed": False}
+
+
+def test_the_table_names_boots_groups_files_and_the_slowest():
+    tests = [rec("tests/unit/test_a.py::t", "call", 0, 30),
+             rec("tests/e2e/test_deploy.py::d", "setup", 5, 65, "vm-bookworm", "gw1"),
+             rec("tests/e2e/test_deploy.py::d", "call", 65, 165, "vm-bookworm", "gw1"),
+             rec("tests/e2e/test_alerts.py::h", "call", 165, 205, "vm-bookworm", "gw1")]
+    phases = [{"phase": "bootstrap", "start": 0, "stop": 42}]
+    lines = ci_phases.table(tests, phases, top=1)
+    text = "\n".join(lines)
+    assert lines[1].split() == ["bootstrap", "42"]
+    assert "tests (wall, first start to last stop)" in lines[2] and lines[2].endswith(" 205")
+    assert "group vm-bookworm (span)" in text
+    boots = next(line for line in lines if "long setups" in line)
+    assert "(VM boots, deploys: 1)" in boots and boots.endswith(" 60")
+    assert next(line for line in lines if "test_deploy.py" in line).endswith(" 160")
+    assert lines[-1].split() == ["160", "tests/e2e/test_deploy.py::d"]
+
+
+def test_the_plugin_records_and_the_script_reads_a_real_run(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test_one():\n    assert True\n")
+    phases = tmp_path / "phases.jsonl"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "tests.phases",
+                           "-p", "no:cacheprovider", str(tmp_path / "test_x.py")], cwd=ROOT,
+                          env={"NG_PHASES_FILE": str(phases), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in phases.read_text().splitlines()]
+    assert [r["when"] for r in records] == ["setup", "call", "teardown"]
+    assert all(r["group"] == "unit" and r["worker"] == "main" for r in records)
+    shown = subprocess.run([sys.executable, str(ROOT / "bench" / "ci_phases.py"), str(phases)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "test_x.py::test_one" in shown.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "ci_phases.py"),
+                              str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "not found" in missing.stdout
