@@ -21,9 +21,9 @@ from invoke import Collection, task
 
 from .cli import TARGET_HELP, one_line_errors, settings_for
 from .config import Settings, redacted_tree
-from .deploy import sshconfig
 from .deploy.envfile import load_secret_values, redaction
 from .errors import ConfigError
+from .ssh import sshconfig
 
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],

@@ -28,10 +28,11 @@ import time
 
 from ..config import Settings
 from ..errors import ConfigError, StepFailed
+from ..ssh.hostlink import helper_source
+from ..ssh.remote import Remote
 from . import apply
 from .compose import check_compose
 from .envfile import SecretValues, load_secret_values
-from .hostlink import helper_source
 from .plan import (
     Desired,
     Plan,
@@ -45,7 +46,6 @@ from .plan import (
     previous_release,
     secret_digests,
 )
-from .remote import Remote
 from .session import HostSession, now
 from .sync import local_manifest, rules_for
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
-from ..targets import open_remote
+from ..ssh.targets import open_remote
 from . import apply
 from .compose import check_compose
 from .pipeline import preflight, print_stats, run_deploy

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy import sshconfig
-from tasks.deploy.remote import SshTarget, pin_command
 from tasks.errors import ConfigError
+from tasks.ssh import sshconfig
+from tasks.ssh.remote import SshTarget, pin_command
 
 
 @pytest.fixture

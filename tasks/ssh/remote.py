@@ -3,7 +3,7 @@
 A task opens one pipe (``open_pipe``: one command, the host helper's bootstrap, see
 ``tasks.deploy.session``) and sends every step through it; ``stream`` serves `logs -f`.
 This module decides how bytes travel and how progress shows: one SSH connection (through
-the ProxyJump hops or the ProxyCommand of ``tasks.deploy.sshconfig``, if any), connect
+the ProxyJump hops or the ProxyCommand of ``tasks.ssh.sshconfig``, if any), connect
 timeouts and keepalives, ``sudo -n`` (never a password prompt), secrets only inside the
 pipe (never in an argv, ``env=`` or a pty), a line per step with its duration - live on a
 terminal, plain lines every few seconds elsewhere - and failures turned into

@@ -3,7 +3,7 @@ the one ``Remote`` a task uses.
 
 The sandbox and the GCP VM are addressed by what the project knows (their own keys and
 pinned host keys); a host the user names (target ssh, ``--host``) is resolved through their
-ssh_config (``tasks.deploy.sshconfig``), where an explicit ``nightguard.ssh.*`` wins.
+ssh_config (``tasks.ssh.sshconfig``), where an explicit ``nightguard.ssh.*`` wins.
 
 Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*``,
 ``nightguard.ssh.*``, ``nightguard.gcp.*``.
@@ -11,17 +11,17 @@ Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*
 
 from __future__ import annotations
 
-from .config import Settings
-from .deploy import sshconfig
-from .deploy.remote import Remote, SshTarget
-from .errors import ConfigError
+from ..config import Settings
+from ..errors import ConfigError
+from . import sshconfig
+from .remote import Remote, SshTarget
 
 
 def resolve_target(settings: Settings) -> SshTarget:
     """The SSH address of the configured target; raises ConfigError with a hint."""
     kind = settings["target"]
     if kind == "sandbox":
-        from .sandbox import machine as sandbox
+        from ..sandbox import machine as sandbox
 
         name = settings["sandbox.name"]
         try:
@@ -32,7 +32,7 @@ def resolve_target(settings: Settings) -> SshTarget:
                          key_filename=found["key_filename"],
                          known_hosts=found["known_hosts"], label=f"sandbox {name}")
     if kind == "gcp" and not settings["ssh.host"]:
-        from .gcp import ssh as gcp
+        from ..gcp import ssh as gcp
 
         return gcp.ssh_target(settings)
     return sshconfig.ssh_target(settings)
