@@ -308,6 +308,13 @@ def first_host_keys(gce: Gce, host: str, port: int, entry: str, wait: float,
                               f"{_shown(keys)}"), patience.waited
 
 
+def resolve_target(settings: Settings) -> SshTarget | None:
+    """The resolver of target gcp (registered with ``tasks.ssh.targets`` by the root
+    collection): the VM's address from the API, unless ``nightguard.ssh.host`` names the
+    host (an IAP tunnel's ssh_config alias, say): then None, and ssh_config decides."""
+    return None if settings["ssh.host"] else ssh_target(settings)
+
+
 def created_recently(instance, now: datetime | None = None) -> bool:
     """True for a VM created less than ``FRESH_VM`` ago (creationTimestamp, RFC 3339)."""
     try:

@@ -2,8 +2,11 @@
 the one ``Remote`` a task uses.
 
 The sandbox and the GCP VM are addressed by what the project knows (their own keys and
-pinned host keys); a host the user names (target ssh, ``--host``) is resolved through their
-ssh_config (``tasks.ssh.sshconfig``), where an explicit ``nightguard.ssh.*`` wins.
+pinned host keys): their packages provide a resolver each, which the root collection
+registers (``register``, in tasks/__init__.py), so this low layer imports nothing of them. A
+host the user names (target ssh, ``--host``), or a target whose resolver declines (None), is
+resolved through their ssh_config (``tasks.ssh.sshconfig``), where an explicit
+``nightguard.ssh.*`` wins.
 
 Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*``,
 ``nightguard.ssh.*``, ``nightguard.gcp.*``.
@@ -11,31 +14,27 @@ Config keys: ``nightguard.target`` (sandbox | ssh | gcp), ``nightguard.sandbox.*
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..config import Settings
-from ..errors import ConfigError
 from . import sshconfig
 from .remote import Remote, SshTarget
+
+# target kind -> its SSH address from the settings, or None for "as ssh_config says"
+Resolver = Callable[[Settings], SshTarget | None]
+RESOLVERS: dict[str, Resolver] = {}
+
+
+def register(kind: str, resolver: Resolver) -> None:
+    """Let ``resolver`` address the targets of ``kind`` (the task layer wires these up)."""
+    RESOLVERS[kind] = resolver
 
 
 def resolve_target(settings: Settings) -> SshTarget:
     """The SSH address of the configured target; raises ConfigError with a hint."""
-    kind = settings["target"]
-    if kind == "sandbox":
-        from ..sandbox import machine as sandbox
-
-        name = settings["sandbox.name"]
-        try:
-            found = sandbox.target(name)
-        except RuntimeError as exc:
-            raise ConfigError(str(exc)) from None
-        return SshTarget(host=found["host"], port=int(found["port"]), user=found["user"],
-                         key_filename=found["key_filename"],
-                         known_hosts=found["known_hosts"], label=f"sandbox {name}")
-    if kind == "gcp" and not settings["ssh.host"]:
-        from ..gcp import ssh as gcp
-
-        return gcp.ssh_target(settings)
-    return sshconfig.ssh_target(settings)
+    resolver = RESOLVERS.get(settings["target"])
+    found = resolver(settings) if resolver is not None else None
+    return found if found is not None else sshconfig.ssh_target(settings)
 
 
 def open_remote(settings: Settings, *, dry_run: bool = False, redact=None) -> Remote:
