@@ -34,7 +34,8 @@ from invoke.exceptions import Exit
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..config import Settings
 from ..errors import ConfigError
-from ..ssh.remote import Remote, SshTarget, shown_path
+from ..ssh.address import SshTarget, shown_path
+from ..ssh.remote import Remote
 from ..ssh.targets import open_remote, resolve_target
 from .envfile import redaction
 from .session import HostSession

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config import Settings, parse_duration
 from ..errors import ConfigError, StepFailed
-from ..ssh.remote import Patience, SshTarget, connect_failure, shown_duration
+from ..ssh.address import SshTarget
+from ..ssh.remote import Patience, connect_failure, shown_duration
 from .api import (
     Gce,
     GcpError,

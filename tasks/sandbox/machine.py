@@ -31,7 +31,7 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import ConfigError
 from ..progress import Step
-from ..ssh.remote import SshTarget
+from ..ssh.address import SshTarget
 from . import image, qemu, support
 from .qemu import HOST, state_dir
 

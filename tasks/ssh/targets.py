@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from ..config import Settings
 from . import sshconfig
-from .remote import Remote, SshTarget
+from .address import SshTarget
+from .remote import Remote
 
 # target kind -> its SSH address from the settings, or None for "as ssh_config says"
 Resolver = Callable[[Settings], SshTarget | None]

@@ -36,8 +36,9 @@ from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tasks.ssh import remote as remote_module
 from tasks.ssh import sshconfig
+from tasks.ssh.address import SshTarget
 from tasks.ssh.hostlink import PipeClosed, helper_source
-from tasks.ssh.remote import Remote, SshTarget
+from tasks.ssh.remote import Remote
 from tasks.ssh.targets import resolve_target
 from tests.fake_gce import FakeGce
 

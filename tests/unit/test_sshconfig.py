@@ -8,7 +8,8 @@ import pytest
 from tasks.config import load_settings
 from tasks.errors import ConfigError
 from tasks.ssh import sshconfig
-from tasks.ssh.remote import SshTarget, pin_command
+from tasks.ssh.address import SshTarget
+from tasks.ssh.hostkeys import pin_command
 
 
 @pytest.fixture
