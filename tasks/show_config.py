@@ -21,7 +21,8 @@ from invoke import Collection, task
 
 from .cli import TARGET_HELP, one_line_errors, settings_for
 from .config import Settings, redacted_tree
-from .deploy.envfile import load_secret_values, redaction
+from .deploy.envfile import redaction
+from .deploy.secretstore import load_secret_values, sources
 from .errors import ConfigError
 from .ssh import sshconfig
 
@@ -38,20 +39,22 @@ def config(c, target=None, host=None, json_=False):
         load_secret_values(settings)
         env_status = "ok"
     except ConfigError as exc:
-        env_status = str(exc)
+        env_status = values.redact(str(exc))
+    where = {name: source.describe() for name, source in sources(settings).items()}
     address = values.redact(ssh_address(settings))
     if json_:
         print(json.dumps(values.redact_tree({"config": tree, "sources": settings.sources,
                                              "env_file": env_status,
+                                             "secret_sources": where,
                                              "files": list(settings.files), "ssh": address}),
                          indent=2, sort_keys=True))
         return
     print(f"config files (lowest first): {', '.join(settings.files) or 'none'}")
     for dotted, value in _leaves(tree):
         print(f"{dotted} = {value!r}  [{settings.source(dotted)}]")
-    for name, env_key in settings["secrets"].items():
-        print(f"secret {name} <- .env {env_key}: [REDACTED]")
-    print(f".env check: {env_status}")
+    for name, described in where.items():
+        print(f"secret {name} <- {described}: [REDACTED]")
+    print(f"secrets check: {env_status}")
     if address:
         print(f"ssh: {address}")
 

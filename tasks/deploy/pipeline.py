@@ -32,7 +32,7 @@ from ..ssh.hostlink import helper_source
 from ..ssh.remote import Remote
 from . import apply
 from .compose import check_compose
-from .envfile import SecretValues, load_secret_values
+from .envfile import SecretValues
 from .plan import (
     Desired,
     Plan,
@@ -46,6 +46,7 @@ from .plan import (
     previous_release,
     secret_digests,
 )
+from .secretstore import load_secret_values
 from .session import HostSession, now
 from .sync import local_manifest, rules_for
 

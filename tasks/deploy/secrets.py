@@ -1,9 +1,11 @@
-"""`inv secrets.*`: Podman secrets from the local .env, rotated with one restart.
+"""`inv secrets.*`: Podman secrets from their sources (.env, a command, Google Secret
+Manager: ``tasks.deploy.secretstore``), rotated with one restart.
 
 How a changed value is noticed without keeping plaintext anywhere: the host keeps a random
 32-byte key (``<state>/secret.salt``, root only) and, per secret, the HMAC-SHA256 of the
 value under that key (``secrets.json``, root only), written by the host when Podman has the
-value - never before. The laptop computes the HMAC of its .env value and compares. This
+value - never before. The laptop computes the HMAC of the value its source gives and
+compares. This
 works on every Podman from 4.3 (which cannot show a secret's value) to 5.x.
 
 Values travel only inside the task's session on the host (never an argv, a log line or a
@@ -11,12 +13,14 @@ file of ours). When a value is replaced, the one it replaces is kept as another 
 secret, ``NAME__<first 12 of its HMAC>``, for as long as a kept release uses it: a failed
 rotation or deploy, and `inv rollback`, put it back.
 
-Config keys: ``nightguard.secrets`` (Podman secret name -> .env key), ``nightguard.env_file``.
+Config keys: ``nightguard.secrets`` (Podman secret name -> its source),
+``nightguard.env_file``.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -26,13 +30,14 @@ from ..config import Settings
 from ..errors import ConfigError, StepFailed
 from ..ssh.targets import open_remote
 from . import apply
-from .envfile import SecretValues, load_secret_values
+from .envfile import SecretValues
 from .plan import (
     changed_secrets,
     previous_release,
     rotated_release,
     secret_digests,
 )
+from .secretstore import load_secret_values, source_word, sources
 from .session import HostSession, now
 
 NAMES_HELP = "secret names (default: all of nightguard.secrets); repeat the flag for several"
@@ -49,7 +54,8 @@ def pick_names(settings: Settings, names: list[str] | None) -> list[str]:
 def prompt_values(settings: Settings, names: list[str]) -> SecretValues:
     values = {}
     for name in names:
-        value = getpass.getpass(f"new value for {name} ({settings['secrets'][name]}): ")
+        where = sources(settings, [name])[name].describe()
+        value = getpass.getpass(f"new value for {name} (instead of {where}): ")
         if not value.strip():
             raise ConfigError(f"{name}: empty value")
         values[name] = value
@@ -59,7 +65,8 @@ def prompt_values(settings: Settings, names: list[str]) -> SecretValues:
 @task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP}, auto_shortflags=False)
 @one_line_errors
 def push(c, target=None, host=None, dry_run=False, name=None):
-    """Create the secrets that are missing on the host or differ from .env (no restart)."""
+    """Create the secrets that are missing on the host or differ from their source (no
+    restart)."""
     settings = settings_for(c, target, host)
     values = load_secret_values(settings, pick_names(settings, name))
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote, \
@@ -77,8 +84,10 @@ def push(c, target=None, host=None, dry_run=False, name=None):
               "`inv secrets.rotate` or `inv deploy` recreates it")
 
 
-@task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP,
-                               "prompt": "type the new values (no echo) instead of reading .env"},
+PROMPT_HELP = "type the new values (no echo) instead of reading their sources"
+
+
+@task(iterable=["name"], help={**TARGET_HELP, "name": NAMES_HELP, "prompt": PROMPT_HELP},
       auto_shortflags=False)
 @one_line_errors
 def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
@@ -125,15 +134,16 @@ def rotate(c, target=None, host=None, dry_run=False, name=None, prompt=False):
             raise StepFailed("rotate", f"{reason}; {back}")
     print(f"secrets: rotated {', '.join(todo)}; the container is healthy with them")
     if prompt:
-        print("note: put the new values into .env too, or the next deploy puts the old "
-              "ones back")
+        print("note: put the new values into their sources (.env, the password manager, "
+              "Secret Manager) too, or the next deploy puts the old ones back")
 
 
 @task(name="list", help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"]},
       auto_shortflags=False)
 @one_line_errors
 def list_(c, target=None, host=None):
-    """List the host's secrets: created, used by the container, matches .env (no values)."""
+    """List the host's secrets: created, used by the container, matches its source (no
+    values)."""
     settings = settings_for(c, target, host)
     try:
         values = load_secret_values(settings)
@@ -154,8 +164,10 @@ def list_(c, target=None, host=None):
         if not created:
             print(f"{secret:24} MISSING on host")
             continue
-        match = ("unknown (.env unreadable)" if secret not in digests else
-                 "matches .env" if stored.get(secret) == digests[secret] else "differs from .env")
+        word = source_word(settings, secret)
+        match = (f"unknown ({word} unreadable)" if secret not in digests else
+                 f"matches {word}" if stored.get(secret) == digests[secret] else
+                 f"differs from {word}")
         used = "in use" if (release.get("secrets") or {}).get(secret) == stored.get(secret) \
             else "not in the running container"
         print(f"{secret:24} created {created[:19]}  {used}  {match}")
@@ -179,4 +191,34 @@ def check(c, target=None, host=None):
     print(f"secrets: all {len(settings.secret_names)} present")
 
 
-ns = Collection("secrets", push, rotate, list_, check)
+@task(name="to-gcp", iterable=["name"],
+      help={"project": "the Google Cloud project to keep them in (default: nightguard.gcp."
+                       "project)", "name": NAMES_HELP}, auto_shortflags=False)
+@one_line_errors
+def to_gcp(c, project=None, name=None):
+    """Copy the secrets .env holds into Google Secret Manager; print the config that reads them.
+
+    Each becomes projects/PROJECT/secrets/NAME (a new version when it exists). Nothing on the
+    VM changes; delete the keys from .env once the printed lines are in invoke.yaml."""
+    settings = settings_for(c, None, None)
+    project = project or settings["gcp.project"]
+    if not project:
+        raise ConfigError("no project: give --project P or set nightguard.gcp.project")
+    names = [n for n in pick_names(settings, name)
+             if sources(settings, [n])[n].kind == "env"]
+    if not names:
+        raise ConfigError("no secret of nightguard.secrets comes from .env: nothing to copy")
+    values = load_secret_values(settings, names)
+    from ..gcp import secretmanager  # the client loads in about a second: only when used
+
+    for secret in names:
+        version = secretmanager.put(settings, project, secret, values.values[secret])
+        print(f"stored {secret} as {version}")
+    print("now read them from there - in invoke.yaml:\n  nightguard:\n    secrets:")
+    for secret, entry in settings["secrets"].items():
+        shown = f"{{gcp: projects/{project}/secrets/{secret}}}" if secret in names else \
+            (entry if isinstance(entry, str) else json.dumps(entry))
+        print(f"      {secret}: {shown}")
+
+
+ns = Collection("secrets", push, rotate, list_, check, to_gcp)

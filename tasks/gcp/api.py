@@ -84,8 +84,10 @@ class Gce:
         return method(**kwargs, timeout=self.request_timeout, retry=None)
 
 
-def _credentials(settings: Settings):
-    if settings["gcp.api_endpoint"].startswith("http://"):
+def credentials(settings: Settings, scopes=SCOPES, endpoint_key: str = "gcp.api_endpoint"):
+    """The account every Google API call uses; anonymous when ``endpoint_key`` names a
+    local http:// fake."""
+    if settings[endpoint_key].startswith("http://"):
         return AnonymousCredentials()
     key_file = settings["gcp.credentials_file"]
     try:
@@ -95,8 +97,8 @@ def _credentials(settings: Settings):
                 raise GcpError("gcp credentials", f"{path} not found: fix "
                                "nightguard.gcp.credentials_file (a service-account JSON key)")
             return service_account.Credentials.from_service_account_file(str(path),
-                                                                          scopes=SCOPES)
-        return google.auth.default(scopes=SCOPES)[0]
+                                                                          scopes=scopes)
+        return google.auth.default(scopes=scopes)[0]
     except (DefaultCredentialsError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or ["unreadable"])[0]
         detail = f"{key_file} is not a service-account key ({first})" if key_file else \
@@ -107,12 +109,12 @@ def _credentials(settings: Settings):
 
 def connect(settings: Settings) -> Gce:
     """Clients for the configured project; anonymous against an http:// fake."""
-    credentials = _credentials(settings)
+    account = credentials(settings)
     endpoint = settings["gcp.api_endpoint"]
     options = ClientOptions(api_endpoint=endpoint) if endpoint else None
 
     def build(cls):
-        return cls(credentials=credentials, transport="rest", client_options=options)
+        return cls(credentials=account, transport="rest", client_options=options)
 
     compute = v1()
     return Gce(settings, build(compute.InstancesClient), build(compute.ZoneOperationsClient),
@@ -260,6 +262,16 @@ apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=600 install \\
 """
 
 
+def service_account_text(instance) -> str:
+    """Which account the VM's processes - the agent's included - can get a token for from the
+    metadata server, and with which scopes."""
+    accounts = list(instance.service_accounts)
+    if not accounts:
+        return "none (nothing on the VM can get a Google token from its metadata server)"
+    scopes = ", ".join(s.rsplit("/", 1)[-1] for s in accounts[0].scopes) or "no scopes"
+    return f"{accounts[0].email} (scopes: {scopes}) - the agent can use it too"
+
+
 def build_instance(settings: Settings, source_image: str,
                    ssh_keys: str) -> compute_v1.Instance:
     compute = v1()
@@ -272,6 +284,8 @@ def build_instance(settings: Settings, source_image: str,
     items = [compute.Items(key="ssh-keys", value=ssh_keys),
              compute.Items(key="enable-guest-attributes", value="TRUE"),
              compute.Items(key="startup-script", value=STARTUP_SCRIPT)]
+    # No service_accounts: the Compute API then attaches none (gcloud and the console would
+    # add the default compute account, Editor on the project, usable by the agent too).
     return compute.Instance(
         name=settings["gcp.instance"],
         machine_type=f"zones/{zone}/machineTypes/{settings['gcp.machine_type']}",

@@ -71,8 +71,9 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
            timeout=300):
     """Create the VM with your SSH key (an existing VM is reported, not duplicated).
 
-    e2-micro, 30 GB pd-standard boot disk, network tag, external IP; warns when the
-    settings leave the free tier."""
+    e2-micro, 30 GB pd-standard boot disk, network tag, external IP, no service account
+    (the agent can get no Google token from the metadata server); warns when the settings
+    leave the free tier."""
     settings = _settings(c, project, zone, instance, gcp__machine_type=machine_type,
                          gcp__disk_gb=disk_gb)
     for warning in gcp.free_tier_warnings(settings):
@@ -85,6 +86,7 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
     if created:
         print(f"created VM {gce.name} in {gce.zone} ({vm.status}, {address}); "
               f"SSH user {user}")
+        print(f"service account: {gcp.service_account_text(vm)}")
     else:
         print(f"VM {gce.name} already exists in {gce.zone} ({vm.status}, {address}): "
               "nothing created; add your key with `inv vm.authorize-key`")

@@ -79,6 +79,7 @@ from ..deploy.commands import (
 )
 from ..deploy.plan import Desired
 from ..errors import ConfigError
+from ..secret_spec import parse_sources
 
 KUBERNETES_VERSION = "1.33"  # the schema the manifests are validated against (unit tests)
 CONTAINER = "nightguard"  # the container's name inside the pod
@@ -393,15 +394,27 @@ def build_commands(settings: Settings, desired: Desired, image: str, out: str,
 
 
 def _secret_commands(settings: Settings, names: Names) -> list[str]:
-    env_file = settings["env_file"]
-    reader = ("val() { .venv/bin/python -c 'import sys, dotenv; "
-              "sys.stdout.write(dotenv.dotenv_values(sys.argv[1])[sys.argv[2]])' "
-              f"{shlex.quote(env_file)} \"$1\"; }}")
-    pairs = list(settings["secrets"].items())
-    lines = [reader, f"kubectl create secret generic {names.secret} \\"]
-    for index, (name, env_key) in enumerate(pairs):
-        last = index == len(pairs) - 1
-        lines.append(f"  --from-file={name}=<(val {env_key})" + ("" if last else " \\"))
+    """The kubectl command that makes the Secret, each value read from its source on the
+    spot (a .env key through python-dotenv, the command as configured, gcloud for Secret
+    Manager), so that no value is written in NOTES.md."""
+    sources = parse_sources(settings["secrets"])
+    lines = []
+    if any(source.kind == "env" for source in sources.values()):
+        lines.append("val() { .venv/bin/python -c 'import sys, dotenv; "
+                     "sys.stdout.write(dotenv.dotenv_values(sys.argv[1])[sys.argv[2]])' "
+                     f"{shlex.quote(settings['env_file'])} \"$1\"; }}")
+    lines.append(f"kubectl create secret generic {names.secret} \\")
+    for index, (name, source) in enumerate(sources.items()):
+        if source.kind == "env":
+            reader = f"val {source.ref}"
+        elif source.kind == "command":  # printf drops the trailing newline, as a deploy does
+            reader = f'printf %s "$({shlex.join(source.argv)})"'
+        else:
+            secret, version = source.ref.split("/versions/")
+            reader = (f"gcloud secrets versions access {version} --secret="
+                      f"{secret.rsplit('/', 1)[-1]} --project={source.project}")
+        last = index == len(sources) - 1
+        lines.append(f"  --from-file={name}=<({reader})" + ("" if last else " \\"))
     return lines
 
 

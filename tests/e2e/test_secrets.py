@@ -11,7 +11,10 @@ by sudo's log in the journal, both searched.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -30,6 +33,7 @@ from tests.e2e.deploy_helpers import (
     make_env_file,
     start_inv,
 )
+from tests.fake_secretmanager import FakeSecretManager
 
 NEW_TOKEN = "tg-rotated-71c0de5a"
 BAD_TOKEN = "tg-makes-agent-unhealthy"
@@ -201,3 +205,130 @@ def test_secrets_check_and_no_env_on_host(sandbox_bookworm, ssh_run, env):
     assert all(e.split("=", 1)[0] not in ("TELEGRAM_BOT_TOKEN", "GEMINI_API_KEY")
                for e in data["Config"]["Env"])
     assert ssh_run(sandbox_bookworm, "test -e /home/ubuntu/97layerOS/.env").returncode == 1
+
+
+# -- values from a password manager's command and from Secret Manager (no .env) -------------
+STORE_TOKEN = "tg-from-a-command-3e9d1c"
+STORE_GEMINI = "gem-from-secret-manager-77ab21"
+STORE_GEMINI_2 = "gem-rotated-in-the-store-5c0f"
+
+
+def sample_laptop(stop: threading.Event, seen: list[str]):
+    while not stop.is_set():
+        seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                   text=True).stdout)
+        time.sleep(0.2)
+
+
+def mounted(ssh_run, target, name) -> str:
+    return checked(ssh_run, target, f"sudo -n podman exec {CONTAINER} cat /run/secrets/{name}")
+
+
+def test_values_from_a_command_and_secret_manager_deploy_rotate_and_never_show(
+        sandbox_bookworm, ssh_run, env, tmp_path):
+    fake = FakeSecretManager().start()
+    try:
+        fake.add("ng-e2e", "gemini-key", STORE_GEMINI)
+        vault = tmp_path / "vault"
+        vault.mkdir()
+        (vault / "night-guard-telegram").write_text(STORE_TOKEN + "\n")
+        manager = tmp_path / "pm.py"  # a password manager's CLI: `pm.py ITEM` prints it
+        manager.write_text("import sys, pathlib\n"
+                           f"print(pathlib.Path({str(vault)!r}, sys.argv[1]).read_text()"
+                           ".strip())\n")
+        secrets = {"telegram_bot_token": {"command": [sys.executable, str(manager),
+                                                      "night-guard-telegram"]},
+                   "gemini_api_key": {"gcp": "projects/ng-e2e/secrets/gemini-key"}}
+        stored = dict(env, NIGHTGUARD_SECRETS=json.dumps(secrets),
+                      NIGHTGUARD_GCP_SECRETS_ENDPOINT=fake.endpoint,
+                      NIGHTGUARD_ENV_FILE=str(tmp_path / "no.env"),
+                      NIGHTGUARD_FINGERPRINTS_FILE=str(tmp_path / "prints.json"),
+                      # an agent that writes its token to its log, as careless code does
+                      NIGHTGUARD_AGENT_COMMAND="sh -c 'echo \"agent: token "
+                      "$(cat /run/secrets/telegram_bot_token) ready\"; "
+                      "exec python3 /app/execution/system/night_guard.py'")
+        stop, laptop, host = threading.Event(), [], []
+        samplers = [threading.Thread(target=sample_laptop, args=(stop, laptop)),
+                    threading.Thread(target=sample_processes,
+                                     args=(ssh_run, sandbox_bookworm, stop, host))]
+        for sampler in samplers:
+            sampler.start()
+        try:
+            deployed = inv(["deploy"], stored)
+            fake.add("ng-e2e", "gemini-key", STORE_GEMINI_2)  # rotated in the store
+            rotated = inv(["secrets.rotate"], stored)
+        finally:
+            stop.set()
+            for sampler in samplers:
+                sampler.join()
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert "rotated gemini_api_key" in rotated.stdout
+        assert mounted(ssh_run, sandbox_bookworm, "telegram_bot_token") == STORE_TOKEN
+        assert mounted(ssh_run, sandbox_bookworm, "gemini_api_key") == STORE_GEMINI_2
+        assert healthy_now(ssh_run, sandbox_bookworm)
+        assert fake.accessed == 2  # one read per task, none of it from a file
+        assert not (tmp_path / "no.env").exists()
+        # the agent did write the token to its log; inv logs reads no store, yet masks it
+        raw_log = checked(ssh_run, sandbox_bookworm, f"sudo -n podman logs {CONTAINER}")
+        assert f"agent: token {STORE_TOKEN} ready" in raw_log  # precondition
+        logs = inv(["logs", "--tail", "50"], stored)
+        assert logs.returncode == 0, logs.stderr
+        assert "agent: token [REDACTED] ready" in logs.stdout
+        config = inv(["config"], stored)
+        assert "secret gemini_api_key <- Google Secret Manager projects/ng-e2e/secrets/" \
+               "gemini-key/versions/latest: [REDACTED]" in config.stdout
+        listed = inv(["secrets.list"], stored)
+        assert "matches its command" in listed.stdout and "matches Secret Manager" in \
+            listed.stdout
+        outputs = "".join(d.stdout + d.stderr for d in (deployed, rotated, logs, config,
+                                                        listed))
+        assert len(laptop) >= 10 and len(host) >= 3  # both process lists really sampled
+        assert any("nightguard-host" in sample for sample in host)
+        for value in (STORE_TOKEN, STORE_GEMINI, STORE_GEMINI_2):
+            assert value not in outputs
+            assert not any(value in sample for sample in laptop + host)
+            assert value not in (tmp_path / "prints.json").read_text()
+        for value in (STORE_GEMINI, STORE_GEMINI_2):  # the token is in the agent's own log
+            assert value not in host_search(ssh_run, sandbox_bookworm, value)
+        assert STORE_TOKEN not in checked(ssh_run, sandbox_bookworm,
+                                          f"sudo -n podman inspect {CONTAINER}")
+        bad_inputs_change_nothing(ssh_run, sandbox_bookworm, stored, secrets, fake)
+    finally:
+        fake.stop()
+    done = inv(["deploy"], env)  # back to the module's .env values for whatever follows
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def bad_inputs_change_nothing(ssh_run, target, stored, secrets, fake):
+    """Each bad source: one line, exit 2, no session on the host, the agent untouched."""
+    started = checked(ssh_run, target, f"sudo -n podman inspect -f '{{{{.State.StartedAt}}}}' "
+                                       f"{CONTAINER}")
+    entries = len(audit(ssh_run, target))
+    gone = FakeSecretManager().start()
+    unreachable = gone.endpoint
+    gone.stop()
+    fake.deny.add("denied")
+    gem = secrets["gemini_api_key"]
+    cases = [
+        ({"gemini_api_key": {"keychain": "gemini"}}, {}, "unknown source kind 'keychain'"),
+        ({"gemini_api_key": {"command": "false"}}, {}, "command `false` failed (exit 1)"),
+        ({"gemini_api_key": {"command": "true"}}, {}, "command `true` printed no value"),
+        ({"gemini_api_key": {"gcp": "projects/ng-e2e/secrets/absent"}}, {},
+         "not found in Google Secret Manager"),
+        ({"gemini_api_key": {"gcp": "projects/ng-e2e/secrets/denied"}}, {},
+         "permission denied reading"),
+        ({"gemini_api_key": gem}, {"NIGHTGUARD_GCP_SECRETS_ENDPOINT": unreachable},
+         "cannot reach Google Secret Manager"),
+    ]
+    for change, extra, reason in cases:
+        case = dict(stored, NIGHTGUARD_SECRETS=json.dumps({**secrets, **change}), **extra)
+        for task in (["deploy"], ["secrets.rotate"]):
+            done = inv(task, case)
+            last = done.stderr.strip().splitlines()[-1]
+            assert done.returncode == 2 and reason in last, (task, done.stdout, done.stderr)
+            assert last.startswith("error: ") and "Traceback" not in done.stderr
+    assert len(audit(ssh_run, target)) == entries  # not even a session was opened
+    assert checked(ssh_run, target, f"sudo -n podman inspect -f '{{{{.State.StartedAt}}}}' "
+                                    f"{CONTAINER}") == started
+    assert healthy_now(ssh_run, target)

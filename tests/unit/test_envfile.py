@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy.envfile import SecretValues, load_secret_values, parse_env_text
+from tasks.deploy.envfile import SecretValues, parse_env_text
+from tasks.deploy.secretstore import load_secret_values
 from tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,7 +191,7 @@ def test_inv_config_never_prints_secret_values(tmp_path, args):
     if args:
         assert '"env_file": "ok"' in output
     else:
-        assert ".env check: ok" in output
+        assert "secrets check: ok" in output
 
 
 def test_inv_config_reports_a_bad_env_file_without_failing(tmp_path):

@@ -266,7 +266,7 @@ def test_redaction_holds_when_env_is_not_all_there(env_file, capsys, monkeypatch
     ns["config"](Context())
     out = capsys.readouterr().out
     assert TOKEN not in out
-    assert ".env check: .env: GEMINI_API_KEY is missing (needed for secret gemini_api_key)" \
+    assert "secrets check: .env: GEMINI_API_KEY is missing (needed for secret gemini_api_key)" \
         in out.splitlines()
 
 

@@ -87,6 +87,18 @@ def test_create_sends_a_free_tier_vm_with_the_ssh_key(gce, fake):
     assert script.startswith("#!/bin/sh") and "command -v podman" in script
     assert "install" in script and "podman" in script.split("install", 1)[1]
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    # no account: nothing on the VM, the agent included, can get a Google token
+    assert "serviceAccounts" not in body
+    assert gcp.service_account_text(vm).startswith("none (nothing on the VM can get")
+
+
+def test_an_attached_account_is_named_with_its_scopes():
+    compute = gcp.v1()
+    vm = compute.Instance(service_accounts=[compute.ServiceAccount(
+        email="123-compute@developer.gserviceaccount.com",
+        scopes=["https://www.googleapis.com/auth/cloud-platform"])])
+    assert gcp.service_account_text(vm) == ("123-compute@developer.gserviceaccount.com "
+                                            "(scopes: cloud-platform) - the agent can use it too")
 
 
 def test_create_reports_an_existing_vm_and_inserts_nothing(gce, fake):

@@ -304,6 +304,18 @@ def test_notes_say_what_does_not_map():
         assert " ".join(argv) in notes
 
 
+def test_notes_read_each_secret_from_its_own_source():
+    settings = load_settings(root=ROOT, environ={"NIGHTGUARD_SECRETS": (
+        '{"telegram_bot_token": {"command": "op read \'op://ng/tg bot\'"}, '
+        '"gemini_api_key": {"gcp": "projects/p-1/secrets/gem/versions/3"}}')})
+    notes = bundle_for(settings)[0].files[kube.NOTES_FILE]
+    assert "val() {" not in notes  # no .env entry, no .env reader
+    assert "  --from-file=telegram_bot_token=<(printf %s \"$(op read 'op://ng/tg bot')\")" \
+        " \\\n" in notes
+    assert "  --from-file=gemini_api_key=<(gcloud secrets versions access 3 --secret=gem " \
+        "--project=p-1)\n" in notes
+
+
 # -- writing the export -------------------------------------------------------------------------
 def test_export_writes_exactly_the_sync_set_and_replaces_a_stale_one(tmp_path):
     bundle, _ = bundle_for()

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from tasks.config import load_settings
-from tasks.deploy.envfile import load_secret_values
 from tasks.deploy.pipeline import run_deploy
+from tasks.deploy.secretstore import load_secret_values
 from tasks.deploy.sync import local_manifest, rules_for
 from tests.unit.hostfake import FakeHost, LocalRemote
 
