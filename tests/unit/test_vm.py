@@ -71,6 +71,8 @@ def test_create_then_create_again_reports_the_existing_vm(env, fake, capsys):
     out, err = capsys.readouterr()
     assert out.splitlines() == [
         "created VM nightguard in us-west1-b (RUNNING, 203.0.113.10); SSH user ubuntu",
+        "service account: none (nothing on the VM can get a Google token from its metadata "
+        "server)",
         "VM nightguard already exists in us-west1-b (RUNNING, 203.0.113.10): nothing "
         "created; add your key with `inv vm.authorize-key`"]
     assert err == ""
