@@ -4,7 +4,8 @@
   tasks/sandbox/   the local e2-micro look-alike (QEMU)
   tasks/gcp/       the Compute Engine VM
   tasks/kube/      the same service as Kubernetes manifests (`inv kube.export`)
-  config, invoke_config, cli, errors, targets, show_config: shared by all of them
+  tasks/ssh/       SSH and targets: the one connection, host keys, ssh_config, the helper's link
+  config, invoke_config, cli, errors, progress, show_config: shared by all of them
 
 The root collection carries every setting's default as Invoke configuration
 (``c.config.nightguard``), so Invoke layers its config files and INVOKE_NIGHTGUARD_*
@@ -19,9 +20,17 @@ from . import show_config
 from .cli import use_flag_scheme
 from .config import DEFAULTS
 from .deploy import alerts, deploy, health, history, manage, secrets, steps
+from .gcp import ssh as gcp_ssh
 from .gcp import tasks as vm
 from .kube import tasks as kube
+from .sandbox import machine as sandbox_machine
 from .sandbox import tasks as sandbox
+from .ssh import targets
+
+# the low layer (tasks/ssh) imports nothing above it: the targets it cannot address from
+# ssh_config alone are wired up here
+targets.register("sandbox", sandbox_machine.ssh_target)
+targets.register("gcp", gcp_ssh.resolve_target)
 
 ns = Collection()
 ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})

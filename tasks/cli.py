@@ -69,7 +69,7 @@ def settings_for(c, target: str | None = None, host: str | None = None,
     """Settings from the task's Invoke context ``c`` with the common flags applied
     (``--target``, ``--host``, ``--port``, ``--user``) and any other as
     ``section__key=value`` (None: not given)."""
-    from .deploy.sshconfig import parse_host, parse_port
+    from .ssh.sshconfig import parse_host, parse_port
 
     flags = {key.replace("__", "."): value for key, value in overrides.items()}
     given = _HOST_FLAGS.get() or {}

@@ -6,7 +6,7 @@
 On a terminal: a live line with the elapsed time and the step's last words, replaced by
 "  - label (12.3s)" at the end ("  x ..." on failure). Elsewhere (CI logs, pipes): the
 same end line, and "  ~ label: running (Ns)" every `every` seconds while it runs.
-Used by the deploy's steps (tasks/deploy/remote.py) and the sandbox's builds and boots.
+Used by the deploy's steps (tasks/ssh/remote.py) and the sandbox's builds and boots.
 """
 
 from __future__ import annotations

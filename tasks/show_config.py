@@ -21,10 +21,10 @@ from invoke import Collection, task
 
 from .cli import TARGET_HELP, one_line_errors, settings_for
 from .config import Settings, redacted_tree
-from .deploy import sshconfig
 from .deploy.envfile import redaction
 from .deploy.secretstore import load_secret_values, sources
 from .errors import ConfigError
+from .ssh import sshconfig
 
 
 @task(help={"target": TARGET_HELP["target"], "host": TARGET_HELP["host"],

@@ -1,13 +1,15 @@
 """The product: what users type every day (deploy, health, logs, secrets, rollback).
 
 Layers, each importing only those below it:
-  deploy · secrets · steps · health · alerts
+  deploy · steps · history · secrets · health · alerts · manage
                                          tasks (siblings; none imports another)
+  pipeline                               the deploy: preflight -> facts -> plan -> apply ->
+                                         restart -> gate, shared by deploy and compose.up
   session                                lock -> work -> record, once, for every changing task
-  apply · facts                          change the host one step at a time; read it in one go
+  apply                                  change the host one step at a time
   plan                                   pure rules: desired state versus facts
-  remote · commands · sync · compose · envfile
-                                         the one SSH executor; pure argv builders; the code
-                                         tree; the compose file; secret values from .env
+  commands · sync · compose · envfile    pure argv builders; the code tree; the compose
+                                         file; secret values from .env
+  tasks/ssh (below them all)             the one SSH connection and the helper's link
   host_helper                            runs on the host (stdin-delivered, stdlib only)
 """

@@ -44,7 +44,7 @@ from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..errors import StepFailed
-from ..targets import open_remote
+from ..ssh.targets import open_remote
 from .envfile import redaction
 from .session import HostSession
 

@@ -12,6 +12,7 @@ Config keys: ``nightguard.compose_file``, ``nightguard.container_name``, ``night
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..errors import ConfigError
 SERVICE = "nightguard"
 REQUIRED_KEYS = ("container_name", "volumes", "mem_limit", "mem_reservation", "memswap_limit",
                  "cpus", "restart", "healthcheck", "secrets")
+Fail = Callable[[str, str], None]  # check_compose's fail(key, why): raises ConfigError
 
 
 def load_compose(path: Path) -> dict[str, Any]:
@@ -55,6 +57,29 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
     if service["container_name"] != settings["container_name"]:
         fail("container_name", f"{service['container_name']!r} differs from "
              f"nightguard.container_name {settings['container_name']!r}")
+    _check_limits(settings, service, fail)
+    if service["restart"] != "always":
+        # unless-stopped is not brought back after a reboot before Podman 5.8.
+        fail("restart", f"{service['restart']!r}: use 'always' (unless-stopped does not "
+             "survive a reboot on Podman < 5.8)")
+    volumes = [str(v) for v in service["volumes"]]
+    for wanted in (f"{settings['app_dir']}:/app:ro,Z", f"{settings['data_dir']}:/data:Z,U"):
+        if wanted not in volumes:
+            fail("volumes", f"expected {wanted!r} (the code read-only, the data dir writable)")
+    _check_health(settings, service["healthcheck"], fail)
+    names = [s if isinstance(s, str) else s.get("source") for s in service["secrets"]]
+    if sorted(names) != sorted(settings.secret_names):
+        fail("secrets", f"{sorted(names)} differ from nightguard.secrets "
+             f"{sorted(settings.secret_names)}")
+    declared = document.get("secrets") or {}
+    for name in names:
+        if not (declared.get(name) or {}).get("external"):
+            raise ConfigError(f"{path.name}: secrets.{name}: must be external: true "
+                              "(created by `inv secrets.push`, never from a file)")
+
+
+def _check_limits(settings: Settings, service: dict[str, Any], fail: Fail) -> None:
+    """Memory and CPU limits: the same amounts as nightguard.limits.*."""
     for key, setting in (("mem_limit", "limits.memory"),
                          ("mem_reservation", "limits.memory_reservation"),
                          ("memswap_limit", "limits.memory_swap")):
@@ -72,15 +97,10 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
     if cpus != float(settings["limits.cpus"]):
         fail("cpus", f"{service['cpus']} differs from nightguard.limits.cpus "
              f"{settings['limits.cpus']}")
-    if service["restart"] != "always":
-        # unless-stopped is not brought back after a reboot before Podman 5.8.
-        fail("restart", f"{service['restart']!r}: use 'always' (unless-stopped does not "
-             "survive a reboot on Podman < 5.8)")
-    volumes = [str(v) for v in service["volumes"]]
-    for wanted in (f"{settings['app_dir']}:/app:ro,Z", f"{settings['data_dir']}:/data:Z,U"):
-        if wanted not in volumes:
-            fail("volumes", f"expected {wanted!r} (the code read-only, the data dir writable)")
-    health = service["healthcheck"]
+
+
+def _check_health(settings: Settings, health: dict[str, Any], fail: Fail) -> None:
+    """The health check's timing and retries: the same as nightguard.health.*."""
     for key, setting in (("interval", "health.interval"), ("timeout", "health.timeout"),
                          ("start_period", "health.start_period")):
         if key not in health:
@@ -99,15 +119,6 @@ def check_compose(settings: Settings, document: dict[str, Any] | None = None) ->
     if retries != settings["health.retries"]:
         fail("healthcheck.retries", f"{health.get('retries')} differs from "
              f"nightguard.health.retries {settings['health.retries']}")
-    names = [s if isinstance(s, str) else s.get("source") for s in service["secrets"]]
-    if sorted(names) != sorted(settings.secret_names):
-        fail("secrets", f"{sorted(names)} differ from nightguard.secrets "
-             f"{sorted(settings.secret_names)}")
-    declared = document.get("secrets") or {}
-    for name in names:
-        if not (declared.get(name) or {}).get("external"):
-            raise ConfigError(f"{path.name}: secrets.{name}: must be external: true "
-                              "(created by `inv secrets.push`, never from a file)")
 
 
 def health_command(document: dict[str, Any]) -> str:

@@ -1,17 +1,9 @@
-"""`inv deploy` and `inv unlock`: the seed's guide as one health-gated pipeline.
+"""`inv deploy` and `inv unlock`: the tasks; the pipeline they run is
+``tasks.deploy.pipeline`` (its docstring gives the order of the steps).
 
-Order: preflight (local, no SSH: settings, .env, compose file, what travels) -> one session
-on the host (lock) -> facts (when something must be installed and apt is busy - a new
-VM's startup script, unattended-upgrades - wait for it, then read them again) -> plan ->
-swap -> install what the host lacks -> sync ->
-secrets -> base image (pulled when absent, or with --refresh) -> image -> alert watcher ->
-unit -> restart -> health gate (on failure: the last healthy release back, secrets
-included) -> release record and audit line.
 A second run with nothing changed is one SSH connection, one remote command, "no changes".
-
-The image's tag holds the base image's id on the host, so ``--refresh`` (pull the base;
-weekly from CI, see the README) rebuilds exactly when the base changed, and the new image
-goes through the same gate and rollback as any change.
+``--refresh`` pulls the base image (weekly from CI, see the README); a changed base goes
+through the same gate and rollback as any change.
 
 Config keys: everything under ``nightguard.*`` (``inv config``); ``nightguard.keep_images``
 releases (image, code, secret values) stay on the host for rollbacks;
@@ -20,213 +12,12 @@ releases (image, code, secret values) stay on the host for rollbacks;
 
 from __future__ import annotations
 
-import time
-
 from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
-from ..config import Settings
-from ..errors import ConfigError, StepFailed
-from ..targets import open_remote
-from . import apply
-from .compose import check_compose
-from .envfile import SecretValues
-from .hostlink import helper_source
-from .plan import (
-    Desired,
-    Plan,
-    base_id,
-    desired_state,
-    desired_watcher,
-    expected_podman,
-    host_needs,
-    make_plan,
-    plan_container,
-    previous_release,
-    secret_digests,
-)
-from .remote import Remote
-from .secretstore import load_secret_values
-from .session import HostSession, now
-from .sync import local_manifest, rules_for
-
-
-class HostUnfit(StepFailed):
-    """The host cannot take this deploy; raised before anything on it changed."""
-
-
-def preflight(c, target, host) -> tuple[Settings, SecretValues, dict[str, str]]:
-    """Everything that can be checked without the host; raises before any SSH."""
-    settings = settings_for(c, target, host)
-    values = load_secret_values(settings)
-    for name, value in settings["agent_env"].items():
-        if any(secret and secret in value for secret in values.values.values()):
-            raise ConfigError(f"nightguard.agent_env.{name} holds a value from .env: secrets "
-                              "go in .env and reach the agent as files, never as environment")
-    check_compose(settings)
-    manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
-    return settings, values, manifest
-
-
-def print_plan(remote: Remote, settings: Settings, plan: Plan) -> None:
-    for line in plan.lines(settings):
-        print(f"    plan: {line}", file=remote.out)
-    for reason in plan.reasons:
-        print(f"    why: {reason}", file=remote.out)
-
-
-def gate_or_roll_back(host: HostSession, settings: Settings, values: SecretValues,
-                      facts: dict, plan: Plan, answer: dict) -> tuple[str, StepFailed]:
-    """The new release failed its gate: bring the last healthy one back."""
-    apply.report_unhealthy(host.remote, values, answer)
-    reason = values.redact(answer.get("reason", "not healthy"))
-    previous = previous_release(facts)
-    if previous is None:
-        return "failed", StepFailed("health", f"{reason}; no earlier release to roll back to")
-    code = previous["version"] if previous["version"] in facts.get("releases", []) else (
-        "last-sync" if plan.delta else None)
-    again = apply.restore_release(host, settings, previous, code=code)
-    apply.forget_unused_secrets(host)
-    if again.get("healthy"):
-        return "rolled-back", StepFailed("health", f"{reason}; rolled back to "
-                                         f"{previous['version']}, which is healthy again")
-    apply.report_unhealthy(host.remote, values, again)
-    return "failed", StepFailed("health", f"{reason}; rolled back to {previous['version']}, "
-                                "but it is not healthy either")
-
-
-def new_base(host: HostSession, settings: Settings, desired: Desired, plan: Plan,
-             facts: dict) -> tuple[Desired, bool]:
-    """Pull (or import) the base image; when its id is not the one planned with, the image
-    has another tag: plan the image and container again. Returns (desired, changed)."""
-    answer = apply.get_base(host, settings, plan.base)
-    after = (answer.get("after") or {}).get("id")
-    if not after:  # a dry run
-        return desired, False
-    short = (after.split(":")[-1])[:12]
-    if after == base_id(facts):
-        print(f"    base: {settings['base_image']} is unchanged ({short})", file=host.remote.out)
-        return desired, False
-    before = plan.lines(settings) + plan.reasons
-    desired = desired_state(settings, desired.secret_digests, desired.manifest,
-                            expected_podman(facts), after)
-    plan_container(plan, desired, facts)
-    print(f"    base: {settings['base_image']} is {short}"
-          + (f" (was {(base_id(facts) or '').split(':')[-1][:12]})" if base_id(facts) else ""),
-          file=host.remote.out)
-    for line in plan.lines(settings):
-        if line not in before:
-            print(f"    plan: {line}", file=host.remote.out)
-    for reason in plan.reasons:
-        if reason not in before:
-            print(f"    why: {reason}", file=host.remote.out)
-    return desired, bool(base_id(facts))
-
-
-def apply_plan(host: HostSession, settings: Settings, values: SecretValues,
-               desired: Desired, plan: Plan, facts: dict,
-               watcher: dict | None = None) -> tuple[Desired, bool]:
-    """Everything before the restart; returns the desired state (a pulled base gives the
-    image another tag) and whether a base image was replaced."""
-    if plan.swap:  # first: dpkg on a 1 GB host without swap can run out of memory
-        apply.setup_swap(host, settings)
-    if plan.install:
-        apply.provision(host, settings, plan.install)
-    if plan.remove_env_file:
-        apply.remove_env_file(host)
-    if plan.delta or plan.links:
-        apply.sync_code(host, settings, desired, plan)
-    if plan.secrets:
-        apply.push_secrets(host, plan.secrets, values.values)
-    replaced = False
-    if plan.base:
-        desired, replaced = new_base(host, settings, desired, plan, facts)
-    if plan.build_image:
-        apply.build_image(host, settings, desired)
-    if plan.watcher:
-        apply.set_up_watcher(host, plan.watcher, watcher)
-    return desired, replaced
-
-
-def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str],
-               remote: Remote, command: str = "deploy", refresh: bool = False) -> dict:
-    """``refresh``: pull the base image even when the host has one (`inv deploy
-    --refresh`)."""
-    started = time.monotonic()
-    with HostSession(remote, settings, command=command) as host:
-        with remote.step("facts"):
-            facts = host.facts()
-        needs = host_needs(settings, facts)
-        if needs.install and facts.get("apt_busy") and not remote.dry_run:
-            # a new VM's startup script may be installing what we need: wait, then look again
-            apply.wait_for_apt(host, settings, facts["apt_busy"])
-            with remote.step("facts", "again, after the wait"):
-                facts = host.facts()
-            needs = host_needs(settings, facts)
-        if needs.problems:
-            host.finish(None)
-            raise HostUnfit("host", needs.problems[0])
-        digests = secret_digests(facts, values.values)
-        desired = desired_state(settings, digests, manifest, expected_podman(facts),
-                                base_id(facts))
-        watcher = desired_watcher(settings, helper_source()[1])
-        plan = make_plan(settings, desired, facts, digests, refresh=refresh, watcher=watcher)
-        if refresh and not plan.base:
-            print(f"refresh: {settings['base_image']} is a local image: there is nothing to "
-                  "pull", file=remote.out)
-        if not plan:
-            host.finish("no changes", version=desired.version)
-            print(f"no changes: {remote.target.describe()} runs {desired.version}",
-                  file=remote.out)
-            return {"changed": False, "version": desired.version}
-        print_plan(remote, settings, plan)
-        audit = {"version": desired.version, "changes": plan.lines(settings),
-                 "previous": (facts.get("state") or {}).get("verified")}
-        desired, replaced = apply_plan(host, settings, values, desired, plan, facts, watcher)
-        audit.update(version=desired.version, changes=plan.lines(settings))
-        if remote.dry_run:
-            apply.write_markers(host, desired.markers_text)
-            if plan.write_unit:
-                apply.install_unit(host, desired.unit_text)
-            if plan.restart:
-                apply.restart(host, settings)
-            elif plan.reload:
-                host.call("reload", step="reload")
-            print("dry run: nothing was changed", file=remote.out)
-            return {"changed": False, "dry_run": True}
-        outcome, error = "ok", None
-        if plan.reload:
-            answer = apply.reload_agent(host, settings, desired.markers_text)
-        elif plan.restart:
-            answer = apply.recreate_and_wait(host, settings, desired.unit_text,
-                                             desired.markers_text, unit_changed=plan.write_unit)
-        elif plan.write_markers or plan.write_unit or plan.gate:
-            if plan.write_markers:
-                apply.write_markers(host, desired.markers_text)
-            if plan.write_unit:
-                apply.install_unit(host, desired.unit_text)
-            answer = apply.wait_healthy(host, settings)
-        else:
-            answer = {"healthy": True}
-        if not answer.get("healthy"):
-            outcome, error = gate_or_roll_back(host, settings, values, facts, plan, answer)
-        audit["seconds"] = round(time.monotonic() - started, 1)
-        if error is None:
-            apply.record_release(host, settings, desired.release(now()), outcome, audit,
-                                 prune=replaced)
-        else:
-            host.finish(outcome, error=str(error), **audit)
-    if error:
-        raise error
-    print(f"deployed {desired.version} to {remote.target.describe()} "
-          f"in {time.monotonic() - started:.1f}s", file=remote.out)
-    return {"changed": True, "version": desired.version}
-
-
-def print_stats(remote: Remote) -> None:
-    stats = remote.stats
-    print(f"ssh connections: {stats.connections}, remote commands: {stats.commands}, "
-          f"steps: {stats.steps}, bytes sent: {stats.bytes_sent}", file=remote.out)
+from ..ssh.targets import open_remote
+from .pipeline import preflight, print_stats, run_deploy
+from .session import HostSession
 
 
 @task(help={**TARGET_HELP, "refresh": "pull the base image; if it changed, rebuild and "
@@ -235,7 +26,8 @@ def print_stats(remote: Remote) -> None:
 @one_line_errors
 def deploy(c, target=None, host=None, dry_run=False, refresh=False):
     """Deploy Night Guard: sync code, swap, secrets, image, container; wait until healthy."""
-    settings, values, manifest = preflight(c, target, host)
+    settings = settings_for(c, target, host)
+    values, manifest = preflight(settings)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
         print(f"deploy to {remote.target.describe()}" + (" (dry run)" if dry_run else "")
               + (" with a fresh base image" if refresh else ""), file=remote.out)

@@ -24,10 +24,10 @@ from invoke.exceptions import Exit
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..config import Settings
-from ..targets import open_remote
+from ..ssh.hostlink import PipeClosed
+from ..ssh.targets import open_remote
 from . import commands as cmd
 from .envfile import redaction
-from .hostlink import PipeClosed
 from .plan import SWAPFILE, limit_drift
 from .session import HostSession
 

@@ -15,10 +15,10 @@ from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..errors import ConfigError, StepFailed
-from ..targets import open_remote
+from ..ssh.targets import open_remote
 from . import apply
-from .deploy import print_stats
 from .envfile import SecretValues, redaction
+from .pipeline import print_stats
 from .session import HostSession
 
 

@@ -34,9 +34,10 @@ from invoke.exceptions import Exit
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..config import Settings
 from ..errors import ConfigError
-from ..targets import open_remote, resolve_target
+from ..ssh.address import SshTarget, shown_path
+from ..ssh.remote import Remote
+from ..ssh.targets import open_remote, resolve_target
 from .envfile import redaction
-from .remote import Remote, SshTarget, shown_path
 from .session import HostSession
 
 AGENT_USER = "1000:1000"  # the image's USER (deployment/Dockerfile.nightguard)

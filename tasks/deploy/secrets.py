@@ -28,7 +28,7 @@ from invoke.exceptions import Exit
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..config import Settings
 from ..errors import ConfigError, StepFailed
-from ..targets import open_remote
+from ..ssh.targets import open_remote
 from . import apply
 from .envfile import SecretValues
 from .plan import (

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 
 from ..config import Settings
 from ..errors import StepFailed
+from ..ssh.hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
+from ..ssh.remote import Remote, shell_join
 from . import commands as cmd
-from .hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
-from .remote import Remote, shell_join
 
 READ_TIMEOUT = 60  # a read-only answer (facts, health) comes within this
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
-from ..targets import open_remote
+from ..ssh.targets import open_remote
 from . import apply
 from .compose import check_compose
-from .deploy import preflight, print_stats, run_deploy
+from .pipeline import preflight, print_stats, run_deploy
 from .plan import desired_state, make_plan, swap_needed
 from .session import HostSession
 from .sync import local_manifest, rules_for
@@ -72,7 +72,8 @@ def compose_check(c, target=None):
 @one_line_errors
 def compose_up(c, target=None, host=None, dry_run=False):
     """Bring the service up as the compose file says (the full, idempotent deploy)."""
-    settings, values, manifest = preflight(c, target, host)
+    settings = settings_for(c, target, host)
+    values, manifest = preflight(settings)
     with open_remote(settings, dry_run=dry_run, redact=values.redact) as remote:
         try:
             run_deploy(settings, values, manifest, remote, command="compose.up")

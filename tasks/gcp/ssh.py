@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..config import Settings, parse_duration
-from ..deploy.remote import Patience, SshTarget, connect_failure, shown_duration
 from ..errors import ConfigError, StepFailed
+from ..ssh.address import SshTarget
+from ..ssh.remote import Patience, connect_failure, shown_duration
 from .api import (
     Gce,
     GcpError,
@@ -306,6 +307,13 @@ def first_host_keys(gce: Gce, host: str, port: int, entry: str, wait: float,
             if keys := published_host_keys(gce):
                 return keys, (f"pinned host key of {entry} from the VM's guest attributes: "
                               f"{_shown(keys)}"), patience.waited
+
+
+def resolve_target(settings: Settings) -> SshTarget | None:
+    """The resolver of target gcp (registered with ``tasks.ssh.targets`` by the root
+    collection): the VM's address from the API, unless ``nightguard.ssh.host`` names the
+    host (an IAP tunnel's ssh_config alias, say): then None, and ssh_config decides."""
+    return None if settings["ssh.host"] else ssh_target(settings)
 
 
 def created_recently(instance, now: datetime | None = None) -> bool:

@@ -70,7 +70,13 @@ from dataclasses import dataclass
 import yaml
 
 from ..config import _IMAGE_NAME, Settings, parse_duration
-from ..deploy.commands import DATA_MOUNT, content_hash, image_build, unit_name
+from ..deploy.commands import (
+    DATA_MOUNT,
+    ContainerSpec,
+    content_hash,
+    image_build,
+    unit_name,
+)
 from ..deploy.plan import Desired
 from ..errors import ConfigError
 from ..secret_spec import parse_sources
@@ -235,23 +241,12 @@ def _quantity_bytes(text: str) -> int:
 
 
 # -- manifests -------------------------------------------------------------------------------
-def manifests(settings: Settings, desired: Desired, image: str,
-              cpu: str = CPU_REQUEST) -> list[dict]:
-    """The PersistentVolumeClaim and the Deployment, in the order `podman kube play` needs
-    (4.3 plays documents in order, and a claim after its pod finds the volume made)."""
-    names = names_for(settings)
-    spec = desired.spec
-    labels = {"app.kubernetes.io/name": "nightguard", LABEL: names.deployment}
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": names.claim, "labels": dict(labels)},
-        "spec": {"accessModes": ["ReadWriteOncePod"],
-                 "resources": {"requests": {"storage": DATA_SIZE}}},
-    }
+def _container(settings: Settings, spec: ContainerSpec, name: str, image: str,
+               cpu: str) -> dict:
+    """The agent's container: the deploy's command, environment, limits and health check."""
     environment = [("NG_DATA_DIR", DATA_MOUNT), *spec.environment]
-    container = {
-        "name": names.container,
+    return {
+        "name": name,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         **({"command": list(spec.command)} if spec.command else {}),
@@ -283,7 +278,11 @@ def manifests(settings: Settings, desired: Desired, image: str,
             {"name": "data", "mountPath": DATA_MOUNT},
         ],
     }
-    pod = {
+
+
+def _pod(names: Names, labels: dict, secrets: tuple[str, ...], container: dict) -> dict:
+    """The Deployment's pod template: non-root, no service account, the three volumes."""
+    return {
         "metadata": {"labels": dict(labels)},
         "spec": {
             "restartPolicy": "Always",
@@ -303,12 +302,30 @@ def manifests(settings: Settings, desired: Desired, image: str,
                 {"name": "secrets", "secret": {
                     "secretName": names.secret, "defaultMode": SECRET_FILE_MODE,
                     "optional": False,
-                    "items": [{"key": name, "path": name} for name in spec.secrets]}},
+                    "items": [{"key": name, "path": name} for name in secrets]}},
                 {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": TMP_SIZE}},
                 {"name": "data", "persistentVolumeClaim": {"claimName": names.claim}},
             ],
         },
     }
+
+
+def manifests(settings: Settings, desired: Desired, image: str,
+              cpu: str = CPU_REQUEST) -> list[dict]:
+    """The PersistentVolumeClaim and the Deployment, in the order `podman kube play` needs
+    (4.3 plays documents in order, and a claim after its pod finds the volume made)."""
+    names = names_for(settings)
+    spec = desired.spec
+    labels = {"app.kubernetes.io/name": "nightguard", LABEL: names.deployment}
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": names.claim, "labels": dict(labels)},
+        "spec": {"accessModes": ["ReadWriteOncePod"],
+                 "resources": {"requests": {"storage": DATA_SIZE}}},
+    }
+    container = _container(settings, spec, names.container, image, cpu)
+    pod = _pod(names, labels, spec.secrets, container)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -401,12 +418,9 @@ def _secret_commands(settings: Settings, names: Names) -> list[str]:
     return lines
 
 
-def notes_text(settings: Settings, desired: Desired, image: str,
-               commands: list[list[str]]) -> str:
-    """NOTES.md: the commands, the Secret without values, what does not map."""
-    names = names_for(settings)
-    swap = settings.size("limits.memory_swap") - settings.size("limits.memory")
-    unit = unit_name(settings["container_name"])
+def _notes_build(settings: Settings, desired: Desired, image: str,
+                 commands: list[list[str]]) -> list[str]:
+    """NOTES.md's title and how to build and push the image."""
     lines = [
         "# Night Guard on Kubernetes: notes",
         "",
@@ -429,8 +443,12 @@ def notes_text(settings: Settings, desired: Desired, image: str,
                   "loaded (the sandbox preloads it). For a registry build, export with a "
                   "public base: `NIGHTGUARD_BASE_IMAGE=docker.io/library/python:3.11-slim "
                   "inv kube.export ...` (or `--target gcp`)."]
-    lines += [
-        "",
+    return lines
+
+
+def _notes_secret(settings: Settings, desired: Desired, names: Names) -> list[str]:
+    """How to create the Secret from .env with no file in between, then apply."""
+    return [
         "## The Secret (never in these files)",
         "",
         f"The pod reads Secret `{names.secret}`, keys "
@@ -453,7 +471,13 @@ def notes_text(settings: Settings, desired: Desired, image: str,
         f"kubectl rollout status deployment/{names.deployment}",
         f"kubectl logs -f deployment/{names.deployment}",
         "```",
-        "",
+    ]
+
+
+def _notes_unmapped(settings: Settings, names: Names, unit: str) -> list[str]:
+    """What the VM has and a cluster does not (swap, the unit, rollback, ...)."""
+    swap = settings.size("limits.memory_swap") - settings.size("limits.memory")
+    return [
         "## What does not map",
         "",
         f"- **Swap.** On the VM the container's RAM and swap together may reach "
@@ -476,7 +500,13 @@ def notes_text(settings: Settings, desired: Desired, image: str,
         f"- **`nightguard.network`** ({settings['network']}): the pod has the cluster's "
         "network; the agent only makes outbound calls.",
         "- **`inv health`, `inv logs`, `inv secrets.*`** talk to the VM: use `kubectl`.",
-        "",
+    ]
+
+
+def _notes_rehearsal(settings: Settings, desired: Desired, names: Names,
+                     unit: str) -> list[str]:
+    """Running the export with `podman kube play` on the VM, and how Podman differs."""
+    return [
         "## Rehearsal on the VM with `podman kube play`",
         "",
         f"Stop the VM's service first (`sudo systemctl stop {unit}`): two pollers on one "
@@ -499,9 +529,20 @@ def notes_text(settings: Settings, desired: Desired, image: str,
         f"(`{names.deployment}-pod-0` on Podman 4.3), its container the pod's name plus "
         f"`-{names.container}`. Podman before 4.5 may leave a hung container stopped "
         "instead of restarting it (containers/podman#17777).",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def notes_text(settings: Settings, desired: Desired, image: str,
+               commands: list[list[str]]) -> str:
+    """NOTES.md: the commands, the Secret without values, what does not map."""
+    names = names_for(settings)
+    unit = unit_name(settings["container_name"])
+    lines = _notes_build(settings, desired, image, commands)
+    for section in (_notes_secret(settings, desired, names),
+                    _notes_unmapped(settings, names, unit),
+                    _notes_rehearsal(settings, desired, names, unit)):
+        lines += ["", *section]  # a blank line before each heading
+    return "\n".join([*lines, ""])
 
 
 def render(settings: Settings, desired: Desired, *, image: str | None = None,

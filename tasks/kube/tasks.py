@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 from invoke import Collection, task
 
-from ..cli import TARGET_HELP, one_line_errors
-from ..deploy.deploy import preflight
+from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..deploy.envfile import SecretValues
+from ..deploy.pipeline import preflight
 from ..deploy.plan import build_needs_network, desired_state
 from ..deploy.sync import file_entry
 from ..errors import ConfigError, StepFailed
@@ -137,7 +137,8 @@ def write_export(out: Path, bundle: Bundle, source: Path, manifest: dict[str, st
 @one_line_errors
 def export(c, out=DEFAULT_OUT, image=None, cpu_request=CPU_REQUEST, target=None):
     """Write Kubernetes manifests, a Containerfile with the agent's code, NOTES (no values)."""
-    settings, values, manifest = preflight(c, target, None)
+    settings = settings_for(c, target)
+    values, manifest = preflight(settings)
     image = image or settings["kube.image"]
     if not image:
         raise ConfigError("kube.export needs the image a cluster will pull: --image (e.g. "

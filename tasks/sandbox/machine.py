@@ -1,7 +1,7 @@
 """Local sandbox VMs: e2-micro look-alikes under QEMU, the default target of `inv deploy`.
 
 The Python API the tasks (``tasks.sandbox.tasks``), the deploy code and the e2e tests use:
-target, ensure_up, status, down, reboot, ssh_argv. The image comes from
+target, ssh_target, ensure_up, status, down, reboot, ssh_argv. The image comes from
 ``tasks.sandbox.image`` (built once per machine, cached), the QEMU process is handled by
 ``tasks.sandbox.qemu``. Each sandbox keeps its state in <project>/.sandbox/<name>/:
     disk.qcow2     copy-on-write overlay on the cached image (a fresh one in a second)
@@ -28,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import Settings
+from ..errors import ConfigError
 from ..progress import Step
+from ..ssh.address import SshTarget
 from . import image, qemu, support
 from .qemu import HOST, state_dir
 
@@ -120,6 +123,19 @@ def target(name: str = "default") -> dict:
         "host": HOST, "port": int(qemu.read(d / "port")), "user": SANDBOX_USER,
         "key_filename": str(image.ssh_key()), "known_hosts": str(d / "known_hosts"),
     }  # fmt: skip
+
+
+def ssh_target(settings: Settings) -> SshTarget:
+    """The configured sandbox's SSH address: the resolver of target sandbox (registered
+    with ``tasks.ssh.targets`` by the root collection)."""
+    name = settings["sandbox.name"]
+    try:
+        found = target(name)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    return SshTarget(host=found["host"], port=int(found["port"]), user=found["user"],
+                     key_filename=found["key_filename"],
+                     known_hosts=found["known_hosts"], label=f"sandbox {name}")
 
 
 def ssh_argv(name: str = "default", command: str | None = None) -> list[str]:

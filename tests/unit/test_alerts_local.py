@@ -17,7 +17,7 @@ from invoke.exceptions import Exit
 
 from tasks.deploy import alerts as alerts_tasks
 from tasks.deploy.health import render, summarize
-from tasks.deploy.hostlink import HELPER_FILE
+from tasks.ssh.hostlink import HELPER_FILE
 from tests.fakes.ping import FakePing
 from tests.fakes.telegram_api import FakeTelegram
 from tests.unit.hostfake import UNIT

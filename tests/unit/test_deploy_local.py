@@ -1,4 +1,4 @@
-"""The tasks' orchestration (tasks.deploy.deploy.run_deploy, secrets.rotate) against the
+"""The tasks' orchestration (tasks.deploy.pipeline.run_deploy, secrets.rotate) against the
 real host helper on a fake host (tests/unit/hostfake): a copy of the project tree, a .env,
 and a LocalRemote whose one pipe is the helper process instead of an SSH channel (the
 fixtures `project`, `host` and `deploy`: conftest.py)."""
@@ -22,7 +22,7 @@ from tasks.deploy import deploy as deploy_tasks
 from tasks.deploy import health as health_tasks
 from tasks.deploy import history as history_tasks
 from tasks.deploy import secrets as secrets_tasks
-from tasks.deploy.deploy import HostUnfit
+from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.session import LockHeld
 from tasks.errors import StepFailed
 from tests.unit.hostfake import FakeHost

@@ -19,8 +19,8 @@ from tasks.cli import SHORT_FLAGS, StepFailed, one_line_errors, settings_for
 from tasks.config import read_config_file
 from tasks.deploy import health as health_tasks
 from tasks.deploy.envfile import SecretValues, redact_tree
-from tasks.deploy.sshconfig import HostSpec, parse_host
 from tasks.errors import ConfigError
+from tasks.ssh.sshconfig import HostSpec, parse_host
 
 ROOT = Path(__file__).resolve().parents[2]
 INV = str(ROOT / ".venv" / "bin" / "inv")
@@ -149,7 +149,7 @@ def test_port_and_user_flags_go_with_host_and_must_agree(monkeypatch):
 
 
 def test_a_configured_host_goes_through_the_same_parser(monkeypatch):
-    from tasks.deploy import sshconfig
+    from tasks.ssh import sshconfig
 
     monkeypatch.setenv("NIGHTGUARD_SSH_HOST", "me@[2001:db8::1]:2222")
     monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", "/nonexistent")

@@ -20,11 +20,11 @@ import pytest
 from google.auth.exceptions import DefaultCredentialsError
 
 from tasks.config import load_settings
-from tasks.deploy import remote as remote_module
-from tasks.deploy.remote import Remote
 from tasks.errors import StepFailed
 from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
+from tasks.ssh import remote as remote_module
+from tasks.ssh.remote import Remote
 from tests.fake_gce import FakeGce
 from tests.unit.sshstub import ssh_server
 

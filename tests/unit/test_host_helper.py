@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tasks.deploy import commands as cmd
-from tasks.deploy.hostlink import HostStepFailed, helper_source
 from tasks.deploy.plan import secret_digest
 from tasks.errors import StepFailed
+from tasks.ssh.hostlink import HostStepFailed, helper_source
 from tests.unit import hostfake
 from tests.unit.hostfake import (
     CONTAINER,
@@ -899,7 +899,7 @@ def test_op_errors_come_back_as_one_line_and_the_session_goes_on(fake_host):
 
 # -- the link: a helper that does not start, or goes away --------------------------------------
 def test_a_helper_that_dies_at_start_is_one_line(fake_host):
-    from tasks.deploy.hostlink import HostLink, local_pipe
+    from tasks.ssh.hostlink import HostLink, local_pipe
 
     link = HostLink(local_pipe(fake_host.env()))
     args = fake_host.args()

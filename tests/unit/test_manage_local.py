@@ -14,9 +14,9 @@ from invoke.exceptions import Exit
 
 from tasks.deploy import commands as cmd
 from tasks.deploy import manage
-from tasks.deploy.hostlink import HostStepFailed
-from tasks.deploy.remote import SshTarget
 from tasks.errors import ConfigError
+from tasks.ssh.address import SshTarget
+from tasks.ssh.hostlink import HostStepFailed
 from tests.unit.hostfake import CONTAINER, IMAGE, UNIT
 from tests.unit.test_host_helper import REF, SECRETS_V1, MiB, bring_up
 

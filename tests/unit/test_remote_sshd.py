@@ -30,15 +30,16 @@ import paramiko
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy import remote as remote_module
-from tasks.deploy import sshconfig
-from tasks.deploy.hostlink import PipeClosed, helper_source
-from tasks.deploy.remote import Remote, SshTarget
 from tasks.deploy.session import HostSession, LockHeld
 from tasks.errors import StepFailed
 from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
-from tasks.targets import resolve_target
+from tasks.ssh import remote as remote_module
+from tasks.ssh import sshconfig
+from tasks.ssh.address import SshTarget
+from tasks.ssh.hostlink import PipeClosed, helper_source
+from tasks.ssh.remote import Remote
+from tasks.ssh.targets import resolve_target
 from tests.fake_gce import FakeGce
 
 SSHD = "/usr/sbin/sshd"

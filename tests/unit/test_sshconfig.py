@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy import sshconfig
-from tasks.deploy.remote import SshTarget, pin_command
 from tasks.errors import ConfigError
+from tasks.ssh import sshconfig
+from tasks.ssh.address import SshTarget
+from tasks.ssh.hostkeys import pin_command
 
 
 @pytest.fixture
@@ -98,3 +99,28 @@ def test_pin_command_for_a_key_type(tmp_path):
     known.write_text("")
     command = pin_command(SshTarget("203.0.113.7", 22, "u", known_hosts=str(known)), key)
     assert command == f"ssh-keyscan -t ecdsa -p 22 203.0.113.7 >> {known}"
+
+
+def test_targets_the_low_layer_cannot_address_are_resolved_by_what_the_root_registers(
+        tmp_path, home, monkeypatch):
+    from tasks.gcp import ssh as gcp_ssh
+    from tasks.sandbox import machine
+    from tasks.ssh import targets
+
+    assert targets.RESOLVERS == {"sandbox": machine.ssh_target, "gcp": gcp_ssh.resolve_target}
+    (home / ".ssh" / "config").write_text("Host box\n    HostName 192.0.2.9\n")
+
+    def settings(kind, **more):
+        return load_settings(root=tmp_path, environ={}, overrides={
+            "target": kind, "ssh.host": "box", "gcp.project": "p", **more})
+
+    # an explicit host on target gcp (an IAP tunnel's alias): ssh_config decides, no API call
+    assert gcp_ssh.resolve_target(settings("gcp")) is None
+    asked = []
+    monkeypatch.setattr(targets, "RESOLVERS", {
+        "gcp": lambda settings: asked.append("gcp") or None,  # declines
+        "sandbox": lambda settings: SshTarget("127.0.0.1", 2222, "ng", label="sandbox x")})
+    for kind, expected in (("sandbox", "sandbox x"), ("gcp", "ubuntu@192.0.2.9:22 (box)"),
+                           ("ssh", "ubuntu@192.0.2.9:22 (box)")):
+        assert targets.resolve_target(settings(kind)).describe() == expected
+    assert asked == ["gcp"]

@@ -16,11 +16,11 @@ from invoke import MockContext
 from invoke.exceptions import Exit
 
 from tasks.config import load_settings
-from tasks.deploy.remote import Remote
 from tasks.errors import ConfigError, StepFailed
 from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tasks.gcp import tasks as vm
+from tasks.ssh.remote import Remote
 from tests.fake_gce import FakeGce
 from tests.unit.sshstub import ssh_server
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from tasks.deploy import commands as cmd
 from tasks.deploy.host_helper import default_paths
-from tasks.deploy.hostlink import BOOTSTRAP, HELPER_FILE, HostLink, local_pipe
-from tasks.deploy.remote import Remote, SshTarget
+from tasks.ssh.address import SshTarget
+from tasks.ssh.hostlink import BOOTSTRAP, HELPER_FILE, HostLink, local_pipe
+from tasks.ssh.remote import Remote
 
 STANDINS = Path(__file__).resolve().with_name("standins")
 TOOLS = {"podman": "podman.py", "systemctl": "systemctl.py", "journalctl": "journalctl.py",

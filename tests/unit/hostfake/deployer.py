@@ -1,5 +1,5 @@
 """`inv deploy` against the fake host: a copy of the project tree with a .env, and a
-``Deployer`` that runs tasks.deploy.deploy.run_deploy through a LocalRemote (the fixtures
+``Deployer`` that runs tasks.deploy.pipeline.run_deploy through a LocalRemote (the fixtures
 ``project``, ``host`` and ``deploy`` in tests/unit/conftest.py hand them to tests).
 
     deploy = Deployer(project, host)
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from tasks.config import load_settings
-from tasks.deploy.deploy import run_deploy
+from tasks.deploy.pipeline import run_deploy
 from tasks.deploy.secretstore import load_secret_values
 from tasks.deploy.sync import local_manifest, rules_for
 from tests.unit.hostfake import FakeHost, LocalRemote

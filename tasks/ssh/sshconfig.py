@@ -34,7 +34,7 @@ import paramiko
 
 from ..config import Settings
 from ..errors import ConfigError
-from .remote import SshTarget
+from .address import SshTarget
 
 USER_CONFIG = "~/.ssh/config"
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"

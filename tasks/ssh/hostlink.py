@@ -9,7 +9,7 @@ receives. A no-op deploy therefore sends a few hundred bytes.
 
 ``HostLink`` frames requests, reads progress and answers with timeouts, and turns a
 failed answer into ``StepFailed`` (one line, the command's last words kept apart).
-The pipe under it is an SSH channel (``tasks.deploy.remote``) or, in the unit tests, a
+The pipe under it is an SSH channel (``tasks.ssh.remote``) or, in the unit tests, a
 local process (``LocalPipe``): the same helper runs in both.
 """
 
@@ -50,7 +50,7 @@ except OSError:
         os.replace(t,p)
 ARGS=A
 exec(compile(s,p,"exec"))"""
-HELPER_FILE = Path(__file__).with_name("host_helper.py")
+HELPER_FILE = Path(__file__).parent.parent / "deploy" / "host_helper.py"
 
 
 @lru_cache(maxsize=1)

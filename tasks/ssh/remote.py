@@ -3,18 +3,13 @@
 A task opens one pipe (``open_pipe``: one command, the host helper's bootstrap, see
 ``tasks.deploy.session``) and sends every step through it; ``stream`` serves `logs -f`.
 This module decides how bytes travel and how progress shows: one SSH connection (through
-the ProxyJump hops or the ProxyCommand of ``tasks.deploy.sshconfig``, if any), connect
+the ProxyJump hops or the ProxyCommand of ``tasks.ssh.sshconfig``, if any), connect
 timeouts and keepalives, ``sudo -n`` (never a password prompt), secrets only inside the
 pipe (never in an argv, ``env=`` or a pty), a line per step with its duration - live on a
 terminal, plain lines every few seconds elsewhere - and failures turned into
 ``StepFailed``: one line.
 
-Host keys (every hop's too) are checked strictly and never added: against the project's
-known_hosts when it names the host (then it alone decides: a pin there is not overruled by
-a stale line elsewhere), else against the user's and the system's known_hosts (what ssh(1)
-already verified); a key marked ``@revoked`` in any of them is refused. An unknown key
-stops the connection with its fingerprint and the command that pins it; a changed one with
-the command that removes the old pin (``ssh-keygen -R``, for every name it is pinned under).
+Host keys (every hop's too) are checked strictly and never added (``tasks.ssh.hostkeys``).
 
 Logging in: with a key file (``nightguard.ssh.key_filename``, the sandbox's, the GCP
 project key) that key only; without one, a running ssh-agent's keys, then ssh_config's
@@ -39,158 +34,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
 
 from ..errors import StepFailed
 from ..progress import Step
+from .address import SshTarget, shown_path
+from .hostkeys import UnknownHostKey, pin_command, pin_host_keys, unpin_command
 from .hostlink import PipeClosed
 
 # A host being set up is tried again this often: a VM's guest agent writes the login key
 # within a minute or so; trying more often would only fill sshd's log with refusals.
 LOGIN_RETRY_EVERY = 3.0
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where and how to log in; see the module's docstring for keys and host keys."""
-
-    host: str
-    port: int
-    user: str
-    key_filename: str = ""  # the one key to log in with (no agent, no other key)
-    known_hosts: str = ""  # the project's pins: when they name the host, they alone decide
-    label: str = ""
-    identity_files: tuple[str, ...] = ()  # ssh_config IdentityFile: with the agent's keys
-    identities_only: bool = False  # ssh_config IdentitiesOnly: no agent
-    other_known_hosts: tuple[str, ...] = ()  # read when known_hosts does not name the host
-    jump: SshTarget | None = None  # ProxyJump: the hop this host is reached through
-    proxy_command: str = ""  # ProxyCommand: its stdin/stdout is the connection
-    alias: str = ""  # the name the user gave (an ssh_config Host), when it is not host
-    login_wait: float = 0.0  # seconds to retry refused logins/connections (a new VM)
-    login_wait_reason: str = ""  # what it waits for: "the VM's guest agent to install ..."
-    login_hint: str = ""  # what to check when the login is still refused after login_wait
-    # (name, file): other names the project pins this host's key under (the GCP instance)
-    pinned_as: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def host_key_name(self) -> str:
-        """The host as known_hosts names it."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def describe(self) -> str:
-        if self.label:
-            return self.label
-        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
-        text = f"{self.user}@{host}:{self.port}"
-        if self.alias and self.alias != self.host:
-            text += f" ({self.alias})"
-        if self.jump is not None:
-            text += f" via {self.jump.describe()}"
-        elif self.proxy_command:
-            text += " via ProxyCommand"
-        return text
-
-
-class UnknownHostKey(paramiko.SSHException):
-    """No known_hosts file names the host (or only with a revoked key); carries the key."""
-
-    def __init__(self, name: str, key: paramiko.PKey, revoked: bool):
-        super().__init__(f"{name}: host key {'revoked' if revoked else 'unknown'}")
-        self.key = key
-        self.revoked = revoked
-
-
-class RefuseUnknownHostKeys(paramiko.MissingHostKeyPolicy):
-    """paramiko's RejectPolicy, keeping the key it saw for the error message."""
-
-    def __init__(self, revoked: set[str]):
-        self.revoked = revoked
-
-    def missing_host_key(self, client, hostname, key):
-        raise UnknownHostKey(hostname, key, key.get_base64() in self.revoked)
-
-
-def read_known_hosts(path: str) -> tuple[paramiko.HostKeys, set[str]]:
-    """(the file's host keys, the keys its ``@revoked`` lines name). Lines paramiko cannot
-    use are skipped, as ssh(1) does: ``@cert-authority`` (no host certificates here) and
-    keys of unknown types; paramiko's own loader would stop at the first marker line."""
-    keys, revoked = paramiko.HostKeys(), set()
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("@"):
-            fields = line.split()
-            if fields[0] == "@revoked" and len(fields) >= 4:
-                revoked.add(fields[3])
-            continue
-        try:
-            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-        except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError):
-            continue
-        for name in entry.hostnames if entry is not None else ():
-            keys.add(name, entry.key.get_name(), entry.key)
-    return keys, revoked
-
-
-def pin_host_keys(client: paramiko.SSHClient, target: SshTarget) -> str:
-    """Give ``client`` the host's known keys and a policy that refuses any other; returns
-    the file they came from ("" when none names the host)."""
-    revoked: set[str] = set()
-    chosen, source = None, ""
-    for path in (target.known_hosts, *target.other_known_hosts):
-        if not path or not os.path.isfile(path):
-            continue
-        try:
-            keys, marked = read_known_hosts(path)
-        except OSError:
-            continue  # unreadable: as ssh(1), as if absent
-        revoked |= marked
-        found = keys.lookup(target.host_key_name)
-        if chosen is None and found:
-            chosen, source = found, path
-    for kind, key in (chosen or {}).items():
-        if key.get_base64() not in revoked:
-            client.get_host_keys().add(target.host_key_name, kind, key)
-    client.set_missing_host_key_policy(RefuseUnknownHostKeys(revoked))
-    return source
-
-
-def shown_path(path: str | Path) -> str:
-    """A path as a command to paste should say it: relative to the current directory if
-    under it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd())) or "."
-    except ValueError:
-        return str(path)
-
-
-def pin_command(target: SshTarget, key: paramiko.PKey) -> str:
-    """The command that adds ``key`` to the project's known_hosts: ssh-keyscan for a host
-    this machine reaches itself, the exact line for one behind a jump or a ProxyCommand."""
-    known_hosts = shlex.quote(shown_path(target.known_hosts))
-    parent = Path(target.known_hosts).parent
-    mkdir = "" if parent.is_dir() else f"mkdir -p {shlex.quote(shown_path(parent))} && "
-    if target.jump is not None or target.proxy_command:
-        line = f"{target.host_key_name} {key.get_name()} {key.get_base64()}"
-        return f"{mkdir}echo {shlex.quote(line)} >> {known_hosts}"
-    kind = key.get_name()
-    kind = "ecdsa" if kind.startswith("ecdsa-") else kind.removeprefix("ssh-")
-    return (f"{mkdir}ssh-keyscan -t {kind} -p {target.port} {shlex.quote(target.host)} "
-            f">> {known_hosts}")
-
-
-def unpin_command(target: SshTarget, source: str) -> str:
-    """The command that removes the host's pin from ``source`` (and, when that is the
-    project's file, the other names it is pinned under), for a key that changed."""
-    pins = [(target.host_key_name, source)]
-    if source == target.known_hosts:
-        pins += target.pinned_as
-    return " && ".join(f"ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(shown_path(path))}"
-                       for name, path in pins)
 
 
 def shown_duration(seconds: float) -> str:
