@@ -6,7 +6,7 @@ Each value's source is one of: ``defaults``, a config file as Invoke found it
 ``environment (NIGHTGUARD_...)``, ``command line``, or ``sandbox default``.
 
 With target ssh, the address ssh_config makes of ``nightguard.ssh.*`` is shown too
-(``tasks.deploy.sshconfig``): a default port or user gives way to what it says.
+(``tasks.ssh.sshconfig``): a default port or user gives way to what it says.
 
 Secret values are never part of the configuration; this task shows only whether each
 required .env key is present, never its value. Whatever it prints passes the .env values'
