@@ -9,5 +9,7 @@ Layers, each importing only those below it:
   remote · commands · sync · compose · envfile
                                          the one SSH executor; pure argv builders; the code
                                          tree; the compose file; secret values from .env
-  host_helper                            runs on the host (stdin-delivered, stdlib only)
+  ../contract                            what both sides agree on (paths, constants, op names,
+                                         the shape of facts)
+What runs on the host is tasks/hostside/ (stdlib only; sent as one bundle per program).
 """

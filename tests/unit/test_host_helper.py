@@ -1,4 +1,4 @@
-"""The real host helper (tasks/deploy/host_helper.py), op by op, on a fake host: a temp
+"""The real host helper (tasks/hostside, as one bundle), op by op, on a fake host: a temp
 folder for its state, the app dir and Podman's storage, and stand-ins for podman,
 systemctl, apt-get, dpkg and the swap tools (tests/unit/hostfake). Each test starts its own
 helper processes through hostlink's LocalPipe, as HostSession does over SSH."""
@@ -24,6 +24,7 @@ from tasks.deploy import commands as cmd
 from tasks.deploy.hostlink import HostStepFailed, helper_source
 from tasks.deploy.plan import secret_digest
 from tasks.errors import StepFailed
+from tasks.hostside.bundle import helper_program
 from tests.unit import hostfake
 from tests.unit.hostfake import (
     CONTAINER,
@@ -924,7 +925,7 @@ def test_the_host_gets_the_helper_once_and_keeps_it(fake_host):
     with fake_host.helper(helper_path=str(kept), keep_helper=True) as first:
         assert first.hello["lock"]["acquired"]
         first_bytes = first.link.bytes_sent
-    assert kept.read_bytes() == Path(cmd.__file__).with_name("host_helper.py").read_bytes()
+    assert kept.read_bytes() == helper_program()
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     with fake_host.helper(helper_path=str(kept), keep_helper=True) as second:
         assert second.hello["lock"]["acquired"]
