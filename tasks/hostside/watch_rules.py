@@ -1,13 +1,7 @@
 """The watcher's pure rules: a state, what one pass saw and the settings in; the
 new state and the messages out (unit-tested table by table)."""
 
-
-
-
-
 STARTING_GRACE = 600  # "starting" for this long (no healthy check) counts as down
-
-
 SWAP_HYSTERESIS = 5  # percentage points below the threshold before "swap back to normal"
 
 
@@ -44,13 +38,21 @@ def transitions(state, obs, conf, now_t):
     def say(kind, text):
         out.append([kind, f"Night Guard on {host}: {text}"])
 
-    prev, cur = state.get("status"), obs["status"]
-    if cur != prev:
+    prev = state.get("status")
+    if obs["status"] != prev:
         state["since"] = now_t
     # a health check was failing, and no check has passed since: a kill then is its doing
     # (a pass may fall between the kill and the restart, and see "starting")
     failing = prev == "unhealthy" or bool(state.get("failing"))
-    # restarts: systemd's counter of automatic restarts (a deploy's restart resets it)
+    looping = restart_rules(state, obs, conf, now_t, failing, say)
+    health_rules(state, obs, prev, looping, now_t, say)
+    host_rules(state, obs, conf, say)
+    return state, out
+
+
+def restart_rules(state, obs, conf, now_t, failing, say):
+    """Restarts, from systemd's counter of automatic restarts (a deploy's restart resets
+    it): one message each, or one for a crash loop. Returns whether it is looping."""
     count, last_count = obs.get("nrestarts"), state.get("nrestarts")
     new = count - last_count if count is not None and last_count is not None \
         and count > last_count else 0
@@ -74,8 +76,12 @@ def transitions(state, obs, conf, now_t):
         state["problem"] = True
         state.setdefault("problem_since", now_t)
     state["crash_loop"] = looping
-    # the agent's health
-    detail = obs.get("detail") or ""
+    return looping
+
+
+def health_rules(state, obs, prev, looping, now_t, say):
+    """The agent's health: unhealthy, down, starting for too long, and healthy again."""
+    cur, detail = obs["status"], obs.get("detail") or ""
     if cur == "unhealthy" and prev != "unhealthy":
         say("unhealthy", f"UNHEALTHY: {detail}.")
     elif cur == "down" and prev != "down":
@@ -96,7 +102,11 @@ def transitions(state, obs, conf, now_t):
     state["status"] = cur
     if cur in ("unhealthy", "healthy"):
         state["failing"] = cur == "unhealthy"
-    # the host
+
+
+def host_rules(state, obs, conf, say):
+    """The host: swap over its threshold and back (with hysteresis), disk below its floor
+    and back."""
     threshold, used = conf["swap_percent"], obs.get("swap_pct")
     if threshold and used is not None:
         if not state.get("swap_high") and used >= threshold:
@@ -113,7 +123,6 @@ def transitions(state, obs, conf, now_t):
         elif state.get("disk_low") and free >= floor * 1.1:
             say("disk ok", f"disk back to {free} MB free.")
             state["disk_low"] = False
-    return state, out
 
 
 def rate_limit(state, messages, conf, now_t, summary):
