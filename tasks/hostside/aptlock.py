@@ -10,22 +10,16 @@ import time
 
 from .base import OpError, read_text, sh
 
-# who holds them in a new VM's first hour, named as a person knows them
+# who holds apt's and dpkg's locks (statedir.APT_LOCKS) in a new VM's first hour
 APT_USERS = {"google-startup-scripts.service": "the VM's startup script",
              "apt-daily.service": "apt's daily update of the package lists",
              "apt-daily-upgrade.service": "unattended-upgrades",
              "unattended-upgrades.service": "unattended-upgrades",
              "cloud-init.service": "cloud-init", "cloud-config.service": "cloud-init",
              "cloud-final.service": "cloud-init", "packagekit.service": "PackageKit"}
-
-
 LOCK_BUSY = re.compile(r"Could not get lock|Unable to (acquire|lock)|lock was locked by "
                        r"another process|frontend lock")
-
-
 FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (+ padding)
-
-
 APT_SETTLE = 2.0  # free this long before it counts: a script's next apt command follows
 
 

@@ -1,7 +1,5 @@
 """The base image: pulled or imported, its id before and after."""
 
-
-
 from .base import OpError, run_streaming
 from .podman_store import image_info
 

@@ -62,8 +62,6 @@ def op_exec(s, req):
 
 
 STATE_KEPT = ("audit.log", "lock", "lock.json")  # what a removal leaves in the state dir
-
-
 STATE_UNCOUNTED = ("helper",)  # this session's own copy of the helper: removed, not counted
 
 

@@ -17,8 +17,6 @@ from .watch_rules import ping_due, rate_limit, transitions
 from .watch_send import bot_token, send_ping, telegram_send
 
 OUTBOX_MAX = 20  # messages kept for the next pass when Telegram cannot be reached
-
-
 EXIT_LINE = re.compile(r"Main process exited, code=(\w+), status=(\d+)/(\S+)")
 
 
