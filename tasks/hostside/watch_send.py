@@ -4,6 +4,7 @@ secret when a message goes out, Telegram's sendMessage, and the dead-man ping.""
 import json
 import re
 
+from ..contract import WATCH_UNIT
 from .host_facts import find_tools, podman_version
 from .podman_store import secret_value
 
@@ -58,7 +59,7 @@ def send_ping(url, timeout=10):
     import urllib.request
 
     request = urllib.request.Request(url, method="GET",
-                                     headers={"User-Agent": "nightguard-watch"})
+                                     headers={"User-Agent": WATCH_UNIT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return {"ok": 200 <= response.status < 300, "status": response.status}
