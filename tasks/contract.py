@@ -17,7 +17,6 @@ ALERTS_ARGS_FILE = "alerts.json"  # in the state dir: its arguments (root only, 
 
 # -- constants both sides apply ----------------------------------------------------------------
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
-KEEP_RELEASES = 10
 WATCH_UNIT = "nightguard-watch"  # .service (one watch pass) and .timer (its schedule)
 COPY_SEP = "__"  # NAME__<digest12>: a kept value of secret NAME
 OUR_MOUNTS = ("/app", "/data", "/run/secrets")  # the mounts facts report

@@ -25,7 +25,7 @@ import threading
 from datetime import UTC, datetime
 
 from ..config import Settings
-from ..contract import ROOTLESS_STATE, STATE_DIR
+from ..contract import ROOTLESS_STATE, STATE_DIR, Facts
 from ..errors import StepFailed
 from . import commands as cmd
 from .hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
@@ -77,7 +77,7 @@ class HostSession:
         self.timeout = settings["ssh.command_timeout"]
         self.interrupted = False  # Ctrl-C was pressed; raised at the next safe point
         self._previous_sigint = None
-        self.facts_seen: dict = {}  # the last facts read in this session
+        self.facts_seen: Facts = {}  # the last facts read in this session
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> HostSession:
@@ -187,7 +187,7 @@ class HostSession:
             raise KeyboardInterrupt
         return answer.result
 
-    def facts(self, **args) -> dict:
+    def facts(self, **args) -> Facts:
         facts = self.call("facts", step="facts", changes=False, timeout=READ_TIMEOUT,
                           record=False, **args)
         self.facts_seen = facts

@@ -91,6 +91,6 @@ def test_host_paths_and_names_are_written_once():
     defined = {f"{path.name}: {name}" for path in code
                for node in ast.parse(path.read_text()).body if isinstance(node, ast.Assign)
                for target in node.targets if isinstance(target, ast.Name)
-               for name in [target.id] if name in ("MIN_PODMAN", "KEEP_RELEASES", "WATCH_UNIT",
-                                                   "COPY_SEP", "OUR_MOUNTS", "SWAPFILE")}
+               for name in [target.id] if name in ("MIN_PODMAN", "WATCH_UNIT", "COPY_SEP",
+                                                   "OUR_MOUNTS", "SWAPFILE", "STATE_DIR")}
     assert defined == set()
