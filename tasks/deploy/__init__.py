@@ -8,8 +8,11 @@ Layers, each importing only those below it:
   session                                lock -> work -> record, once, for every changing task
   apply                                  change the host one step at a time
   plan                                   pure rules: desired state versus facts
-  commands · sync · compose · envfile    pure argv builders; the code tree; the compose
-                                         file; secret values from .env
+  commands · sync · compose · envfile · secretstore
+                                         pure argv builders; the code tree; the compose
+                                         file; secret values from their sources
   tasks/ssh (below them all)             the one SSH connection and the helper's link
-  host_helper                            runs on the host (stdin-delivered, stdlib only)
+  ../contract                            what both sides agree on (paths, constants, op names,
+                                         the shape of facts)
+What runs on the host is tasks/hostside/ (stdlib only; sent as one bundle per program).
 """

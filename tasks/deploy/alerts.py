@@ -1,8 +1,9 @@
 """`inv alerts.test`, and what the alert watcher on the host is: the owner hears when Night
 Guard is down.
 
-The watcher is the host helper itself (``tasks/deploy/host_helper.py``, one file already on
-the host, with the readers it needs): ``inv deploy`` keeps a copy at
+The watcher is a program of its own (``tasks/hostside/watch_*.py`` with the readers it
+shares with the host helper, joined into one file by ``tasks/hostside/bundle.py``, with its
+own version): ``inv deploy`` sends it with the ``watcher`` op and the host keeps it at
 ``/var/lib/nightguard/watcher.py`` with its arguments in ``alerts.json`` (root only, 0600:
 chat id, URLs, thresholds; never the token) and installs ``nightguard-watch.service``
 (Type=oneshot: ``python3 -I -S`` importing the watcher, so its bytecode is kept; one watch

@@ -9,6 +9,7 @@ here once and used by every task that needs them.
 from __future__ import annotations
 
 from ..config import Settings, parse_duration
+from ..hostside.bundle import watcher_source
 from . import commands as cmd
 from .envfile import SecretValues
 from .plan import Desired, Plan, build_needs_network, limit_drift
@@ -97,7 +98,7 @@ def push_secrets(host: HostSession, names: list[str], values: dict[str, str]) ->
     with host.remote.step("secrets", ", ".join(names)):
         for name in names:
             answer = host.call("secret_put", step=f"secret {name}", name=name,
-                               data=values[name].encode(), podman=host.podman)
+                               data=values[name].encode())
             recorded[name] = answer.get("digest", "")
     return recorded
 
@@ -121,13 +122,15 @@ def build_image(host: HostSession, settings: Settings, desired: Desired) -> None
 
 
 def set_up_watcher(host: HostSession, action: str, wanted: dict | None) -> None:
-    """Install, update or remove the alert watcher (its files, service and timer)."""
+    """Install, update or remove the alert watcher (its program, files, service and timer)."""
     with host.remote.step("alerts", f"{action} the watcher"):
         if action == "remove" or wanted is None:
             host.call("watcher", step="alerts", action="remove")
         else:
+            program, version = watcher_source()
             host.call("watcher", step="alerts", action=action, config=wanted["config"],
-                      service=wanted["service"], timer=wanted["timer"])
+                      service=wanted["service"], timer=wanted["timer"], version=version,
+                      data=program)
 
 
 def install_unit(host: HostSession, unit_text: str) -> None:
@@ -194,7 +197,7 @@ def restore_release(host: HostSession, settings: Settings, release: dict, *,
         elif code:
             host.call("restore_code", step="restore code", version=code)
         restored = host.call("secret_restore", step="restore secrets",
-                             digests=release.get("secrets") or {}, podman=host.podman)
+                             digests=release.get("secrets") or {})
     if restored.get("missing"):
         print(f"  ! the values of {', '.join(restored['missing'])} for {release['version']} "
               "are no longer kept: the current ones stay", file=host.remote.out)

@@ -12,8 +12,10 @@ import json
 import shlex
 from dataclasses import dataclass
 
-STATE_DIR = "/var/lib/nightguard"  # the host helper's default; root only
-ROOTLESS_STATE_DIR = "%h/.local/state/nightguard"  # as a systemd user unit names it
+from ..contract import ALERTS_ARGS_FILE, ROOTLESS_STATE, STATE_DIR, WATCH_UNIT, WATCHER_FILE
+
+# the rootless state dir as a systemd user unit names it (%h: the user's home)
+ROOTLESS_STATE_DIR = "%h/" + ROOTLESS_STATE.removeprefix("~/")
 
 
 def sudo(argv: list[str], rootful: bool = True) -> list[str]:
@@ -204,19 +206,16 @@ def logs(name: str, *, tail: int | None = None, since: str | None = None,
 
 
 # -- the alert watcher ----------------------------------------------------------------------
-WATCH_UNIT = "nightguard-watch"  # as the host helper names it
-
-
 def watcher_paths(rootful: bool = True) -> tuple[str, str]:
-    """(the watcher's copy of the helper, its arguments file) as a unit file names them."""
+    """(the watcher's program, its arguments file) as a unit file names them."""
     state = STATE_DIR if rootful else ROOTLESS_STATE_DIR
-    return f"{state}/watcher.py", f"{state}/alerts.json"
+    return f"{state}/{WATCHER_FILE}", f"{state}/{ALERTS_ARGS_FILE}"
 
 
 def watcher_code(folder: str) -> str:
     """`python3 -c` code for one pass: the watcher imported as a module from `folder`
     (appended to the path: the standard library comes first), so Python keeps its compiled
-    bytecode in `folder`/__pycache__ - run as a script, its 2000 lines would be compiled
+    bytecode in `folder`/__pycache__ - run as a script, its lines would be compiled
     again every pass (about twice the CPU)."""
     return (f"import sys; sys.path.append('{folder}'); import watcher; "
             "sys.exit(watcher.watch_main(sys.argv[1:]))")

@@ -24,11 +24,12 @@ from invoke.exceptions import Exit
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
 from ..config import Settings
+from ..contract import SWAPFILE
 from ..ssh.hostlink import PipeClosed
 from ..ssh.targets import open_remote
 from . import commands as cmd
 from .envfile import redaction
-from .plan import SWAPFILE, limit_drift
+from .plan import limit_drift
 from .session import HostSession
 
 EXIT_UNHEALTHY = 3
@@ -118,15 +119,13 @@ def alerts_line(alerts: dict | None) -> str:
 
 
 def summarize(settings: Settings, answer: dict) -> dict:
-    """Verdict and the problems behind it, from the host's answer."""
+    """Verdict and the problems behind it, from the host's answer: the agent's own verdict
+    is the host's (the alert watcher's too); drift, swap and the rest are added here."""
     container = answer.get("container") or {}
-    problems = []
-    if not container:
-        problems.append("container does not exist")
-    elif not container.get("running"):
-        problems.append(f"container is {container.get('status')}")
-    elif container.get("health") != "healthy":
-        problems.append(f"health is {container.get('health') or 'unknown'}")
+    verdict = answer.get("verdict") or {}
+    problems = [verdict["problem"]] if verdict.get("problem") else []
+    if verdict.get("status") != "healthy" and not problems:  # never healthy by omission
+        problems.append(f"the host's verdict is {verdict.get('status') or 'missing'}")
     drift = limit_drift(settings, container, answer.get("cgroup") or {}) if container else []
     problems += [f"drift: {d}" for d in drift]
     if SWAPFILE not in (answer.get("swaps") or []):

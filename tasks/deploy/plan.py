@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Settings, parse_duration
+from ..contract import MIN_PODMAN, SWAPFILE
+from ..hostside.bundle import watcher_source
 from .commands import (
     ROOTLESS_STATE_DIR,
     STATE_DIR,
@@ -32,8 +34,6 @@ from .sync import Delta, compute_delta, local_manifest, tree_hash
 
 IMAGE_INPUTS = ("deployment/Dockerfile.nightguard", "deployment/requirements-agent.txt",
                 "deployment/ng-supervise")
-MIN_PODMAN = (4, 3)  # --health-on-failure; Quadlet is not needed
-SWAPFILE = "/swapfile"
 # Podman as each release ships it, where it decides whether provisioning can help.
 DISTRO_PODMAN = {("debian", "11"): "3.0.1", ("debian", "12"): "4.3.1",
                  ("debian", "13"): "5.4.2", ("ubuntu", "22.04"): "3.4.4",
@@ -391,14 +391,15 @@ def watcher_config(settings: Settings) -> dict:
     }
 
 
-def desired_watcher(settings: Settings, helper_version: str) -> dict | None:
+def desired_watcher(settings: Settings, *_unused: object) -> dict | None:
     """The watcher as it should be on the host (None: alerts are off): this version of
-    the host helper, its arguments, its service and timer."""
+    its own program (apart from the helper's), its arguments, its service and timer.
+    A second argument (the helper's version, which the watcher once shared) is not used."""
     if not settings["alerts.enabled"]:
         return None
     config = watcher_config(settings)
     rootful = not settings["rootless"]
-    return {"version": helper_version, "config": config,
+    return {"version": watcher_source()[1], "config": config,
             "service": watcher_service(rootful=rootful),
             "timer": watcher_timer(config["interval"])}
 

@@ -25,6 +25,7 @@ import threading
 from datetime import UTC, datetime
 
 from ..config import Settings
+from ..contract import ROOTLESS_STATE, STATE_DIR, Facts
 from ..errors import StepFailed
 from ..ssh.hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
 from ..ssh.remote import Remote, shell_join
@@ -56,7 +57,7 @@ def describe(op: str, args: dict) -> str:
     if op == "run":
         return shell_join(args["argv"])
     shown = {k: v for k, v in args.items()
-             if k not in ("text", "state", "audit", "config", "service", "timer")}
+             if k not in ("text", "state", "audit", "config", "service", "timer", "version")}
     return f"{op} {shown}" if shown else op
 
 
@@ -74,17 +75,15 @@ class HostSession:
         self.done: list[str] = []
         self.finished = False
         self.timeout = settings["ssh.command_timeout"]
-        self.podman = ""  # the host's Podman version, once facts were read
         self.interrupted = False  # Ctrl-C was pressed; raised at the next safe point
         self._previous_sigint = None
-        self.facts_seen: dict = {}  # the last facts read in this session
+        self.facts_seen: Facts = {}  # the last facts read in this session
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> HostSession:
         settings = self.settings
         rootful = not settings["rootless"]
-        state = self.paths.get("state") or (cmd.STATE_DIR if rootful
-                                            else "~/.local/state/nightguard")
+        state = self.paths.get("state") or (STATE_DIR if rootful else ROOTLESS_STATE)
         pipe = self.remote.open_pipe(cmd.bootstrap(BOOTSTRAP, rootful), step="connect")
         self.link = HostLink(pipe, redact=self.remote.redact, on_progress=self._progress)
         args = {
@@ -188,10 +187,9 @@ class HostSession:
             raise KeyboardInterrupt
         return answer.result
 
-    def facts(self, **args) -> dict:
+    def facts(self, **args) -> Facts:
         facts = self.call("facts", step="facts", changes=False, timeout=READ_TIMEOUT,
                           record=False, **args)
-        self.podman = facts.get("podman") or ""
         self.facts_seen = facts
         return facts
 

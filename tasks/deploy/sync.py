@@ -14,7 +14,7 @@ the .env values. File modes travel as they are (never widened).
 
 The local tree is hashed file by file; the host's tree by the facts. Changed and new files
 travel as one gzip tarball inside the session, and the host helper writes them without
-following links (see host_helper.py).
+following links (see tasks/hostside/nofollow.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The link to the host helper: one helper process on the host per task, spoken to over
-one command's stdin/stdout (protocol: ``tasks/deploy/host_helper.py``).
+one command's stdin/stdout (protocol: ``tasks/hostside/session.py``).
 
 The command is a fixed bootstrap (``sudo -n python3 -c BOOTSTRAP``, or plain ``python3``
 when rootless): nothing about a task shows in the host's process list. The bootstrap reads
@@ -25,9 +25,9 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from ..errors import StepFailed
+from ..hostside.bundle import helper_program
 
 MARKER = "nightguard-host"  # in the bootstrap's argv: `unlock --force` checks it
 BOOTSTRAP = f"""import sys,json,os,zlib,hashlib  # {MARKER}
@@ -50,13 +50,13 @@ except OSError:
         os.replace(t,p)
 ARGS=A
 exec(compile(s,p,"exec"))"""
-HELPER_FILE = Path(__file__).parent.parent / "deploy" / "host_helper.py"
 
 
 @lru_cache(maxsize=1)
 def helper_source() -> tuple[bytes, str]:
-    """The helper compressed for the wire, and its version (a hash of its text)."""
-    source = HELPER_FILE.read_bytes()
+    """The helper (tasks/hostside, joined into one text) compressed for the wire, and its
+    version (a hash of its text)."""
+    source = helper_program()
     return zlib.compress(source, 9), hashlib.sha256(source).hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-"""The alert watcher's pure rules (tasks/deploy/host_helper.py, run on the host): what one
+"""The alert watcher's pure rules (tasks/hostside/watch_rules.py, run on the host): what one
 watch pass makes of what it saw, table by table. Each table is a run of passes through
 `transitions` with the state carried from pass to pass, as the watcher keeps it."""
 
@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy.host_helper import (
+from tasks.deploy.plan import desired_watcher, watcher_action, watcher_config
+from tasks.hostside.bundle import watcher_source
+from tasks.hostside.verdict import agent_status
+from tasks.hostside.watch_rules import (
     STARTING_GRACE,
-    agent_status,
     describe_exit,
     ping_due,
     rate_limit,
     transitions,
 )
-from tasks.deploy.plan import desired_watcher, watcher_action, watcher_config
 
 CONF = watcher_config(load_settings(environ={
     "NIGHTGUARD_ALERTS_ENABLED": "true", "NIGHTGUARD_ALERTS_CHAT_ID": "4242",
@@ -250,9 +251,10 @@ def test_no_ping_url_no_ping():
 def test_the_watcher_is_installed_updated_or_removed_where_it_differs():
     enabled = load_settings(environ={"NIGHTGUARD_ALERTS_ENABLED": "1",
                                      "NIGHTGUARD_ALERTS_CHAT_ID": "4242"})
-    wanted = desired_watcher(enabled, "0123456789abcdef")
+    wanted = desired_watcher(enabled)
+    assert wanted["version"] == watcher_source()[1]  # the watcher's own, not the helper's
     assert "OnUnitActiveSec=30s" in wanted["timer"] and "Type=oneshot" in wanted["service"]
-    assert desired_watcher(load_settings(environ={}), "0123456789abcdef") is None
+    assert desired_watcher(load_settings(environ={})) is None
     installed = {"present": True, "version": wanted["version"], "config": wanted["config"],
                  "service": wanted["service"].strip(), "timer": wanted["timer"].strip(),
                  "enabled": True}

@@ -17,7 +17,7 @@ from invoke.exceptions import Exit
 
 from tasks.deploy import alerts as alerts_tasks
 from tasks.deploy.health import render, summarize
-from tasks.ssh.hostlink import HELPER_FILE
+from tasks.hostside.bundle import watcher_program
 from tests.fakes.ping import FakePing
 from tests.fakes.telegram_api import FakeTelegram
 from tests.unit.hostfake import UNIT
@@ -95,7 +95,7 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert deploy.last.stats.connections == 1 and deploy.last.stats.commands == 1
     assert "watcher" in deploy.last.ops and host.audit()[-1]["outcome"] == "ok"
     assert "alerts" in host.audit()[-1]["steps"]
-    assert host.paths["watcher"].read_bytes() == HELPER_FILE.read_bytes()
+    assert host.paths["watcher"].read_bytes() == watcher_program()
     args = json.loads(host.paths["alerts_args"].read_text())
     assert stat.S_IMODE(host.paths["alerts_args"].stat().st_mode) == 0o600
     assert args["config"]["chat_id"] == CHAT and args["config"]["interval"] == 30

@@ -20,6 +20,7 @@ from tasks.config import read_config_file
 from tasks.deploy import health as health_tasks
 from tasks.deploy.envfile import SecretValues, redact_tree
 from tasks.errors import ConfigError
+from tasks.hostside.verdict import verdict
 from tasks.ssh.sshconfig import HostSpec, parse_host
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -289,14 +290,15 @@ def test_errors_and_json_are_redacted_by_value(capsys):
 # -- the health screen ------------------------------------------------------------------------
 def test_health_screen_says_last_exit_once_and_each_check_once(monkeypatch):
     settings = settings_for(Context())
+    container = {"running": True, "status": "running", "health": "unhealthy",
+                 "health_log": [{"exit": 0, "output": ""},
+                                {"exit": 1, "output": "agent: heartbeat is stale\n"},
+                                {"exit": 1, "output": "agent: heartbeat is stale"}]}
+    unit = {"ActiveState": "active", "NRestarts": "0", "ExecMainCode": "0",
+            "ExecMainStatus": "0", "ActiveEnterTimestamp": "Mon 2026-12-07 04:54:46 UTC"}
     report = health_tasks.summarize(settings, {
-        "container": {"running": True, "status": "running", "health": "unhealthy",
-                      "health_log": [{"exit": 0, "output": ""},
-                                     {"exit": 1, "output": "agent: heartbeat is stale\n"},
-                                     {"exit": 1, "output": "agent: heartbeat is stale"}]},
-        "swaps": ["/swapfile"],
-        "unit": {"ActiveState": "active", "NRestarts": "0", "ExecMainCode": "0",
-                 "ExecMainStatus": "0", "ActiveEnterTimestamp": "Mon 2026-12-07 04:54:46 UTC"}})
+        "container": container, "verdict": verdict(container, unit), "swaps": ["/swapfile"],
+        "unit": unit})
     lines = health_tasks.render(settings, report).splitlines()
     assert "  unit        active since Mon 2026-12-07 04:54:46 UTC; restarts 0, last exit -" \
         in lines

@@ -1,4 +1,4 @@
-"""The real host helper (tasks/deploy/host_helper.py), op by op, on a fake host: a temp
+"""The real host helper (tasks/hostside, as one bundle), op by op, on a fake host: a temp
 folder for its state, the app dir and Podman's storage, and stand-ins for podman,
 systemctl, apt-get, dpkg and the swap tools (tests/unit/hostfake). Each test starts its own
 helper processes through hostlink's LocalPipe, as HostSession does over SSH."""
@@ -23,6 +23,7 @@ import pytest
 from tasks.deploy import commands as cmd
 from tasks.deploy.plan import secret_digest
 from tasks.errors import StepFailed
+from tasks.hostside.bundle import helper_program
 from tasks.ssh.hostlink import HostStepFailed, helper_source
 from tests.unit import hostfake
 from tests.unit.hostfake import (
@@ -101,8 +102,7 @@ def bring_up(helper, host: FakeHost, secrets=None, version: str = "v1") -> dict:
     """What a deploy does, op by op: secrets, code, image, dirs, markers, unit, restart."""
     facts = helper.call("facts")
     for name, value in (secrets or SECRETS_V1).items():
-        helper.call("secret_put", step=f"secret {name}", name=name, data=value.encode(),
-                    podman=facts["podman"])
+        helper.call("secret_put", step=f"secret {name}", name=name, data=value.encode())
     sync(helper, CODE_V1)
     context = f"{host.app_dir}/deployment"
     helper.call("run", step="image", argv=cmd.image_build(
@@ -507,8 +507,9 @@ def test_a_release_keeps_its_code_and_restore_code_brings_its_whole_tree_back(fa
 
 # -- secrets ------------------------------------------------------------------------------------
 def put(helper, facts, name, value):
-    return helper.call("secret_put", step=f"secret {name}", name=name, data=value.encode(),
-                       podman=facts["podman"])
+    """secret_put after `facts` (a changing session's facts make the host's secret key); the
+    host reads its own Podman version, nothing of it is sent."""
+    return helper.call("secret_put", step=f"secret {name}", name=name, data=value.encode())
 
 
 def secret_creates(host):
@@ -564,20 +565,30 @@ def test_podman_before_4_7_replaces_by_rm_and_create_and_undoes_a_failed_create(
     assert host.secret_values()["gemini_api_key"] == "gem-3333"
 
 
+def test_secret_ops_use_the_hosts_own_podman_version(make_fake_host):
+    host = make_fake_host(podman="4.3.1")
+    with host.helper() as helper:
+        helper.call("facts")
+        # what a laptop of an older release sent back is not what decides
+        helper.call("secret_put", name="gemini_api_key", data=b"gem-1", podman="5.4.2")
+        helper.call("secret_put", name="gemini_api_key", data=b"gem-2", podman="5.4.2")
+    creates = secret_creates(host)
+    assert creates and not any("--replace" in argv for argv in creates)
+    assert ["secret", "rm", "gemini_api_key"] in host.calls("podman")
+
+
 def test_secret_restore_puts_a_kept_value_back_and_forget_drops_unneeded_copies(fake_host):
     with fake_host.helper() as helper:
         facts = helper.call("facts")
         d1 = put(helper, facts, "gemini_api_key", "gem-1111")["digest"]
         d2 = put(helper, facts, "gemini_api_key", "gem-2222")["digest"]
         restored = helper.call("secret_restore", digests={"gemini_api_key": d1,
-                                                          "telegram_bot_token": "ab" * 32},
-                               podman=facts["podman"])
+                                                          "telegram_bot_token": "ab" * 32})
         assert restored == {"restored": ["gemini_api_key"], "missing": ["telegram_bot_token"]}
         assert fake_host.secret_values()["gemini_api_key"] == "gem-1111"
         assert fake_host.secret_values()[f"gemini_api_key__{d2[:12]}"] == "gem-2222"
         assert helper.call("facts")["secret_hashes"] == {"gemini_api_key": d1}
-        again = helper.call("secret_restore", digests={"gemini_api_key": d1},
-                            podman=facts["podman"])
+        again = helper.call("secret_restore", digests={"gemini_api_key": d1})
         assert again == {"restored": [], "missing": []}
         kept = release(helper, "v1", keep=3, secrets={"gemini_api_key": d1})
         assert f"gemini_api_key__{d2[:12]}" not in fake_host.secret_values()  # on release
@@ -924,7 +935,7 @@ def test_the_host_gets_the_helper_once_and_keeps_it(fake_host):
     with fake_host.helper(helper_path=str(kept), keep_helper=True) as first:
         assert first.hello["lock"]["acquired"]
         first_bytes = first.link.bytes_sent
-    assert kept.read_bytes() == Path(cmd.__file__).with_name("host_helper.py").read_bytes()
+    assert kept.read_bytes() == helper_program()
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     with fake_host.helper(helper_path=str(kept), keep_helper=True) as second:
         assert second.hello["lock"]["acquired"]

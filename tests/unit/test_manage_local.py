@@ -15,6 +15,7 @@ from invoke.exceptions import Exit
 from tasks.deploy import commands as cmd
 from tasks.deploy import manage
 from tasks.errors import ConfigError
+from tasks.hostside.bundle import watcher_source
 from tasks.ssh.address import SshTarget
 from tasks.ssh.hostlink import HostStepFailed
 from tests.unit.hostfake import CONTAINER, IMAGE, UNIT
@@ -25,8 +26,10 @@ HOSTNAME = socket.gethostname()
 
 
 def install_watcher(helper) -> None:
+    program, version = watcher_source()
     helper.call("watcher", step="alerts", action="install", config={"chat_id": "1"},
-                service=cmd.watcher_service(), timer=cmd.watcher_timer(30))
+                service=cmd.watcher_service(), timer=cmd.watcher_timer(30), version=version,
+                data=program)
 
 
 def remove(host, *, data=False, swap=False, who="ana@laptop") -> dict:
@@ -45,10 +48,10 @@ def remove(host, *, data=False, swap=False, who="ana@laptop") -> dict:
 def test_remove_takes_the_deployment_off_and_keeps_data_swap_audit_and_others(fake_host):
     host = fake_host
     with host.helper() as helper:
-        facts = bring_up(helper, host)
-        helper.call("secret_put", name="telegram_bot_token", data=b"tok-2222",
-                    podman=facts["podman"])  # keeps tok-1111 as telegram_bot_token__<hash>
-        helper.call("secret_put", name="someone_elses", data=b"x", podman=facts["podman"])
+        bring_up(helper, host)
+        # keeps tok-1111 as telegram_bot_token__<hash>
+        helper.call("secret_put", name="telegram_bot_token", data=b"tok-2222")
+        helper.call("secret_put", name="someone_elses", data=b"x")
         helper.call("swap", size=16 * MiB, swappiness=10)
         install_watcher(helper)
         helper.call("finish", audit={"outcome": "ok"})

@@ -12,6 +12,7 @@ from tasks.deploy.plan import changed_secrets, limit_drift, secret_digest, secre
 from tasks.deploy.secrets import pick_names
 from tasks.deploy.session import LockHeld
 from tasks.errors import ConfigError
+from tasks.hostside.verdict import agent_status, verdict
 
 MiB = 1024 * 1024
 SALT = "00" * 32
@@ -101,27 +102,52 @@ def test_limit_drift_reads_inspect_and_cgroup(settings):
         f"cgroup memory.memsw.limit_in_bytes is {1400 * MiB} (want {2700 * MiB})"]
 
 
+def answered(answer: dict) -> dict:
+    """A health answer with the verdict the host adds to it."""
+    return dict(answer, verdict=verdict(answer.get("container"), answer.get("unit") or {}))
+
+
 def test_health_verdicts(settings):
     answer = {"container": good_container(), "cgroup": {}, "swaps": ["/swapfile"],
               "host": {}, "lock": None}
-    assert summarize(settings, answer)["healthy"]
-    unhealthy = summarize(settings, dict(answer, container=dict(good_container(),
-                                                                health="unhealthy")))
+    assert summarize(settings, answered(answer))["healthy"]
+    unhealthy = summarize(settings, answered(dict(answer, container=dict(good_container(),
+                                                                         health="unhealthy"))))
     assert unhealthy["problems"] == ["health is unhealthy"]
-    no_swap = summarize(settings, dict(answer, swaps=[]))
+    no_swap = summarize(settings, answered(dict(answer, swaps=[])))
     assert no_swap["problems"] == ["swapfile is not active"]
-    missing = summarize(settings, dict(answer, container=None))
+    missing = summarize(settings, answered(dict(answer, container=None)))
     assert "container does not exist" in missing["problems"]
+    stopped = summarize(settings, answered(dict(answer, container=dict(
+        good_container(), running=False, status="exited"))))
+    assert stopped["problems"] == ["container is exited"]
     screen = render(settings, unhealthy)
     assert screen.splitlines()[0] == "Night Guard: UNHEALTHY"
     assert "! health is unhealthy" in screen
+
+
+def test_health_and_the_alerts_share_the_hosts_verdict(settings):
+    """One verdict: a check failing (Podman's streak) while its status still says healthy
+    is unhealthy for `inv health` as for the watcher, and a missing verdict is never
+    healthy."""
+    failing = dict(good_container(), failing_streak=2,
+                   health_log=[{"exit": 1, "output": "heartbeat is stale"}])
+    answer = answered({"container": failing, "cgroup": {}, "swaps": ["/swapfile"],
+                       "host": {}, "lock": None, "unit": {"ActiveState": "active"}})
+    assert answer["verdict"]["status"] == agent_status(failing, {"ActiveState": "active"})[0] \
+        == "unhealthy"
+    report = summarize(settings, answer)
+    assert not report["healthy"]
+    assert report["problems"] == ["health is healthy, 2 failed check(s) in a row"]
+    assert not summarize(settings, dict(answer, verdict={}))["healthy"]
+    assert summarize(settings, answered(dict(answer, container=good_container())))["healthy"]
 
 
 def test_restarts_come_from_systemd_with_the_last_exit_reason(settings):
     answer = {"container": good_container(), "cgroup": {}, "swaps": ["/swapfile"], "host": {},
               "lock": None, "unit": {"NRestarts": "4", "ExecMainCode": "1",
                                      "ExecMainStatus": "3", "ActiveState": "active"}}
-    report = summarize(settings, answer)
+    report = summarize(settings, answered(answer))
     assert report["restarts"] == 4 and report["last_exit"] == "exited 3"
     assert "restarts 4, last exit exited 3" in render(settings, report)
     assert exit_reason({"ExecMainCode": "2", "ExecMainStatus": "9"}) == "killed 9"

@@ -37,7 +37,8 @@ def test_an_installed_copy_has_no_top_level_tasks_and_runs_in_the_project_folder
     assert "nightguard_deploy" in installed and "tasks" not in installed, installed
     assert not (site / "tasks.py").exists()
     cloud = site / "nightguard_deploy/sandbox/guest-cloud/usr/local/sbin/ng-guest-agent"
-    assert cloud.is_file() and (site / "nightguard_deploy/deploy/host_helper.py").is_file()
+    assert cloud.is_file() and (site / "nightguard_deploy/hostside/server.py").is_file()
+    assert (site / "nightguard_deploy/contract.py").is_file()
     [info] = site.glob("nightguard_deploy-*.dist-info")
     assert "nightguard = nightguard_deploy.program:main" in \
         (info / "entry_points.txt").read_text()

@@ -1,4 +1,4 @@
-"""The unit tier's host: the real host helper (tasks/deploy/host_helper.py) as a local child
+"""The unit tier's host: the real host helper (tasks/hostside, one bundle) as a local child
 process, with its state dir, the app dir and Podman's storage in a temp folder, and the
 stand-ins in ./standins for podman, systemctl, journalctl, apt-get, dpkg and the swap
 tools.
@@ -28,12 +28,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tasks.deploy import commands as cmd
-from tasks.deploy.host_helper import default_paths
+from tasks.hostside.bundle import helper_program
+from tasks.hostside.statedir import default_paths
 from tasks.ssh.address import SshTarget
-from tasks.ssh.hostlink import BOOTSTRAP, HELPER_FILE, HostLink, local_pipe
+from tasks.ssh.hostlink import BOOTSTRAP, HostLink, helper_source, local_pipe
 from tasks.ssh.remote import Remote
 
 STANDINS = Path(__file__).resolve().with_name("standins")
@@ -51,6 +53,20 @@ IMAGE = "localhost/nightguard"
 UNIT = cmd.unit_name(CONTAINER)
 OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n' \
              "VERSION_CODENAME=bookworm\n"
+
+
+def kept_helper() -> Path:
+    """The helper's bundle in a file named by its version, as a host keeps it: the
+    bootstrap runs it from there instead of asking for it on every start."""
+    path = Path(tempfile.gettempdir()) / f"nightguard-helper-{helper_source()[1]}.py"
+    if not path.exists() or path.read_bytes() != helper_program():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(helper_program())
+        tmp.replace(path)
+    return path
+
+
+HELPER_FILE = kept_helper()
 
 
 class Isolation(Exception):
@@ -193,8 +209,8 @@ class FakeHost:
 
     # -- the alert watcher ----------------------------------------------------------------
     def watch(self, timeout: float = 30) -> subprocess.CompletedProcess:
-        """One pass of the installed watcher, as its systemd service runs it: the copy of
-        the helper imported from where the deploy put it, with its arguments file."""
+        """One pass of the installed watcher, as its systemd service runs it: the watcher's
+        program imported from where the deploy put it, with its arguments file."""
         argv = [getattr(sys, "_base_executable", sys.executable), "-I", "-S", "-c",
                 cmd.watcher_code(str(self.paths["watcher"].parent)),
                 str(self.paths["alerts_args"])]

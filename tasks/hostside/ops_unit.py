@@ -1,0 +1,205 @@
+"""Ops on the agent's unit and container: a command run (the build, a restart), the
+unit file, a root-only file the unit reads, a restart in place, the health gate, and
+the health and logs `inv health` / `inv logs` read."""
+
+import os
+import signal
+import time
+
+from ..contract import HEARTBEAT_FILE
+from .base import (
+    OpError,
+    pid_alive,
+    read_json,
+    read_text,
+    run_streaming,
+    sh,
+    write_json,
+    write_private,
+)
+from .host_facts import cgroup_limits, host_memory, logs_tail, swap_facts, unit_status
+from .ops_alerts import alerts_summary
+from .podman_store import container_state, image_info
+from .statedir import last_audit, lock_holder, lock_is_free
+from .verdict import verdict
+
+
+# running, units, files ---------------------------------------------------------------------
+def op_run(s, req):
+    started = time.time()
+    code, tail, killed = run_streaming(s, req["id"], req["argv"], req.get("timeout", 600),
+                                       req.get("on_interrupt", "kill"), req.get("data"),
+                                       req.get("env"))
+    if code != 0 and req.get("check") is not False:
+        why = killed or f"exited {code}"
+        if req.get("unit_journal"):  # systemctl's own words say nothing: the unit's do
+            tail = tail + logs_tail(s.args, started, 12).splitlines()
+        raise OpError(f"`{' '.join(req['argv'][:3])} ...` {why}", tail[-15:])
+    return {"exit": code, "tail": tail[-15:]}
+
+
+def op_install_unit(s, req):
+    """Write the unit; reload systemd only when it changed; enable it."""
+    p = s.paths
+    user = ["--user"] if s.args.get("rootless") else []
+    changed = read_text(p["unit"]) != req["text"].strip()
+    if changed:
+        os.makedirs(os.path.dirname(p["unit"]), exist_ok=True)
+        write_private(p["unit"], req["text"], 0o644)
+        code, _, err = sh(["systemctl", *user, "daemon-reload"])
+        if code != 0:
+            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    if not os.path.lexists(p["unit_wants"]):
+        code, _, err = sh(["systemctl", *user, "enable", "--quiet", s.args["unit"]])
+        if code != 0:
+            raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
+    if user:
+        ensure_linger(s)
+    return {"changed": changed}
+
+
+def ensure_linger(s):
+    """A user's units (and Podman's health timers) die with the last login session unless
+    systemd lingers for the user: enable it, or say the one command that does."""
+    owner = s.args["owner"]
+    if os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        return
+    code, _, err = sh(["loginctl", "enable-linger", owner])
+    if code != 0 and os.geteuid() != 0:
+        # polkit lets a user linger itself only from an active local session, not over
+        # SSH; a user with passwordless sudo (a cloud VM's, the sandbox's) may still
+        code = sh(["sudo", "-n", "loginctl", "enable-linger", owner])[0]
+    if code != 0 or not os.path.exists(os.path.join(s.paths["linger_dir"], owner)):
+        raise OpError(f"rootless mode needs systemd to linger for {owner} (else the agent "
+                      f"stops at logout and after a reboot): run `sudo loginctl enable-linger "
+                      f"{owner}` on the host once ({err.strip()[-120:] or 'not allowed'})")
+
+
+def op_write_file(s, req):
+    """A root-only file the unit reads (e.g. the release markers); the path is one of the
+    session's own, never one the client names."""
+    path = s.paths[req["key"]]
+    write_private(path, req["text"], 0o600)
+    return {"written": req["key"]}
+
+
+def op_reload(s, req):
+    """Restart the agent inside its running container (SIGHUP to ng-supervise, its PID 1):
+    a code change without a new container. Recorded against the container's id, with the
+    markers it now runs with; a container made later (a crash, a reboot) reads the markers
+    file itself."""
+    a, p = s.args, s.paths
+    container = container_state(p, a["container"])
+    if not container or not container.get("running"):
+        raise OpError("the container is not running: nothing to restart in place")
+    markers = dict(line.split("=", 1) for line in (read_text(p["markers"]) or "").splitlines()
+                   if "=" in line)
+    at = time.time()
+    if a.get("rootless"):  # the container's PID 1 is another uid's: ask Podman
+        code, _, err = sh(["podman", "kill", "--signal", "HUP", a["container"]])
+        if code != 0:
+            raise OpError(f"podman kill --signal HUP failed: {err.strip()[-200:]}")
+    else:
+        os.kill(int(container["pid"]), signal.SIGHUP)
+    write_json(os.path.join(p["state"], "reload.json"),
+               {"cid": container["id"], "markers": markers, "at": at})
+    return {"at": at}
+
+
+def op_gate(s, req):
+    """The container's limits as crun applied them, then health: `podman healthcheck run`
+    until it passes or the deadline. An agent that keeps exiting fails the gate at once
+    (systemd's restart counter tells), with what it printed before it died."""
+    a, p = s.args, s.paths
+    started = time.time()
+    deadline = time.monotonic() + req["deadline"]
+    restarts = int(unit_status(a).get("NRestarts") or 0)
+    container, checked_at = None, time.monotonic()
+    while time.monotonic() < deadline and not s.gone.is_set():
+        container = container_state(p, a["container"])
+        if container and container.get("running"):
+            break
+        if time.monotonic() - checked_at > 2:
+            checked_at = time.monotonic()
+            unit = unit_status(a)
+            if int(unit.get("NRestarts") or 0) - restarts >= 2:
+                return {"healthy": False, "container": container, "logs": logs_tail(a, started),
+                        "reason": "the agent keeps exiting (last exit status "
+                                  f"{unit.get('ExecMainStatus', '?')})"}
+        time.sleep(0.3)
+    if not container or not container.get("running"):
+        return {"healthy": False, "reason": "container is not running",
+                "container": container, "logs": logs_tail(a, started)}
+    result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
+    # at most half the deadline: an agent that never beats still gets its checks (and logs)
+    wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone,
+                    newer_than=req.get("since") or 0)
+    last = ""
+    while time.monotonic() < deadline and not s.gone.is_set():
+        code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
+        last = (out + err).strip()
+        if code == 0:
+            result["healthy"] = True
+            result["container"] = container_state(p, a["container"]) or container
+            return result
+        now_state = container_state(p, a["container"])
+        if not now_state or not now_state.get("running"):
+            break
+        time.sleep(1)
+    if s.gone.is_set():
+        return {"healthy": False, "reason": "interrupted", "container": container}
+    result.update(healthy=False, reason=f"not healthy within {req['deadline']}s: "
+                  f"{last[-200:] or 'the container stopped'}",
+                  container=container_state(p, a["container"], want_health=True),
+                  logs=logs_tail(a, started))
+    return result
+
+
+def wait_first_beat(paths, container, until, gone, newer_than=0):
+    """Wait until the new agent wrote its first heartbeat (read through the container's own
+    root, /proc/PID/root), so the first `podman healthcheck run` - a second of CPU on a
+    small VM - is not spent on an agent still starting."""
+    name = container.get("heartbeat_file") or HEARTBEAT_FILE
+    path = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root",
+                        name.lstrip("/"))
+    while time.monotonic() < until and not gone.is_set():
+        try:
+            st = os.stat(path)
+            if st.st_size > 0 and st.st_mtime > newer_than:
+                return True
+        except OSError:
+            if not pid_alive(container["pid"]):
+                return False
+        time.sleep(0.2)
+    return False
+
+
+def op_health(s, req):
+    """Everything `inv health` shows, read-only."""
+    a, p = s.args, s.paths
+    container = container_state(p, a["container"], want_health=True)
+    unit = unit_status(a)
+    return {
+        "container": container,
+        "verdict": verdict(container, unit),
+        "cgroup": cgroup_limits(p, container["pid"]) if container and container.get("pid")
+        else {},
+        "host": host_memory(p),
+        "swaps": [x["path"] for x in swap_facts(p)["swaps"]],
+        "lock": None if lock_is_free(p) else lock_holder(p),
+        "unit": unit,
+        "last_audit": last_audit(p),
+        "deployed": {k: v for k, v in (read_json(os.path.join(p["state"], "state.json"), {})
+                                        .get("history") or [{}])[0].items()
+                     if k not in ("unit_text", "markers_text")},
+        "alerts": alerts_summary(p),
+        "base_image": image_info(p, a.get("base_image")),
+    }
+
+
+def op_logs(s, req):
+    argv = ["podman", "logs", "--timestamps", "--tail", str(int(req.get("tail", 100)))]
+    if req.get("since"):
+        argv += ["--since", req["since"]]
+    code, out, err = sh(argv + [s.args["container"]], 120)
+    return {"exit": code, "text": (out + err)[-200000:]}

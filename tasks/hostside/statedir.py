@@ -1,0 +1,88 @@
+"""Where things are on this host (``default_paths``; a test moves any of them) and
+what the state dir says about the deploy lock and the last task."""
+
+import fcntl
+import json
+import os
+
+from ..contract import (
+    ALERTS_ARGS_FILE,
+    ROOTLESS_STATE,
+    STATE_DIR,
+    SWAPFILE,
+    WATCH_UNIT,
+    WATCHER_FILE,
+)
+from .base import pid_alive, read_json, read_text
+
+APT_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock",
+             "/var/cache/apt/archives/lock")
+
+
+def default_paths(a):
+    """Where things are on this host; a test moves any of them with args["paths"]."""
+    unit = a["unit"]
+    if a.get("rootless"):
+        uid, home = os.getuid(), os.path.expanduser("~")
+        state = os.path.expanduser(ROOTLESS_STATE)
+        graph = f"{home}/.local/share/containers/storage"
+        run, units = f"/run/user/{uid}", f"{home}/.config/systemd/user"
+        runroot, wants = f"/run/user/{uid}/containers", f"{units}/default.target.wants/{unit}"
+    else:
+        state, graph = STATE_DIR, "/var/lib/containers/storage"
+        run, units = "/run", "/etc/systemd/system"
+        runroot, wants = "/run/containers/storage", f"{units}/multi-user.target.wants/{unit}"
+    paths = {"state": state, "graphroot": graph, "runroot": runroot, "run": run,
+             "unit": f"{units}/{unit}", "unit_wants": wants,
+             "markers": f"{state}/{a['container']}.release.env",
+             "swapfile": SWAPFILE, "fstab": "/etc/fstab", "proc_swaps": "/proc/swaps",
+             "sysctl_conf": "/etc/sysctl.d/99-nightguard.conf",
+             "swappiness": "/proc/sys/vm/swappiness", "os_release": "/etc/os-release",
+             "systemd_run": "/run/systemd/system", "apt_sources": "/etc/apt",
+             "linger_dir": "/var/lib/systemd/linger",
+             "cgroup_controllers": "/sys/fs/cgroup/cgroup.controllers",
+             "proc": "/proc", "cgroup": "/sys/fs/cgroup",
+             "meminfo": "/proc/meminfo", "disk": "/", "apt_locks": list(APT_LOCKS),
+             # the alert watcher: a copy of this file, its arguments, its state, its units
+             "watcher": f"{state}/{WATCHER_FILE}", "alerts_args": f"{state}/{ALERTS_ARGS_FILE}",
+             "alerts_state": f"{state}/alerts-state.json",
+             "watch_service": f"{units}/{WATCH_UNIT}.service",
+             "watch_timer": f"{units}/{WATCH_UNIT}.timer",
+             "watch_timer_wants": f"{units}/timers.target.wants/{WATCH_UNIT}.timer"}
+    paths.update(a.get("paths") or {})
+    return paths
+
+
+def lock_holder(paths):
+    holder = read_json(os.path.join(paths["state"], "lock.json"), None)
+    if holder is None:
+        return {"who": "unknown", "since": "?", "command": "?"}
+    holder["alive"] = pid_alive(holder.get("pid"))
+    return holder
+
+
+def lock_is_free(paths):
+    path = os.path.join(paths["state"], "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def last_audit(paths, count=1):
+    text = read_text(os.path.join(paths["state"], "audit.log")) or ""
+    lines = text.splitlines()[-count:]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out[-1] if count == 1 and out else (out if count != 1 else None)
