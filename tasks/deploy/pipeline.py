@@ -28,7 +28,6 @@ import time
 
 from ..config import Settings
 from ..errors import ConfigError, StepFailed
-from ..ssh.hostlink import helper_source
 from ..ssh.remote import Remote
 from . import apply
 from .compose import check_compose
@@ -206,7 +205,7 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         digests = secret_digests(facts, values.values)
         desired = desired_state(settings, digests, manifest, expected_podman(facts),
                                 base_id(facts))
-        watcher = desired_watcher(settings, helper_source()[1])
+        watcher = desired_watcher(settings)
         plan = make_plan(settings, desired, facts, digests, refresh=refresh, watcher=watcher)
         if refresh and not plan.base:
             print(f"refresh: {settings['base_image']} is a local image: there is nothing to "

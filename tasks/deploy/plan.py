@@ -391,10 +391,9 @@ def watcher_config(settings: Settings) -> dict:
     }
 
 
-def desired_watcher(settings: Settings, *_unused: object) -> dict | None:
+def desired_watcher(settings: Settings) -> dict | None:
     """The watcher as it should be on the host (None: alerts are off): this version of
-    its own program (apart from the helper's), its arguments, its service and timer.
-    A second argument (the helper's version, which the watcher once shared) is not used."""
+    its own program (apart from the helper's), its arguments, its service and timer."""
     if not settings["alerts.enabled"]:
         return None
     config = watcher_config(settings)
