@@ -7,6 +7,37 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import ConfigError, load_settings
+from tasks.gcp import api as gcp
+from tasks.gcp import snapshots as snap
+from tests.fake_gce import FakeGce
+
+POLICY = "/regions/us-west1/resourcePolicies"
+POLICY_URL = ("https://www.googleapis.com/compute/v1/projects/demo-project/regions/us-west1/"
+              "resourcePolicies/nightguard-daily")
+DISK_URL = ("https://www.googleapis.com/compute/v1/projects/demo-project/zones/us-west1-b/"
+            "disks/nightguard")
+
+
+@pytest.fixture
+def fake():
+    server = FakeGce().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make(tmp_path, fake):
+    def make(**overrides):
+        values = {"gcp.project": fake.project, "gcp.api_endpoint": fake.endpoint, **overrides}
+        gce = gcp.connect(load_settings(root=tmp_path, environ={}, overrides=values))
+        gce.poll_interval, gce.request_timeout = 0.0, 2.0
+        return gce
+    return make
+
+
+@pytest.fixture
+def gce(make):
+    return make()
 
 
 def one_line(exc_info) -> str:
@@ -40,3 +71,234 @@ def test_bad_snapshot_settings_are_one_line(tmp_path, key, value, expected):
         load_settings(root=tmp_path, environ={f"NIGHTGUARD_GCP_SNAPSHOTS_{key}": value})
     assert one_line(caught).startswith(f"environment (NIGHTGUARD_GCP_SNAPSHOTS_{key}): ")
     assert expected in str(caught.value)
+
+
+# -- the schedule's pure parts ----------------------------------------------------------
+def test_policy_name_fits_a_resource_name():
+    assert snap.policy_name("nightguard") == "nightguard-daily"
+    long = "a" * 56 + "-bcdefg"
+    assert snap.policy_name(long) == "a" * 56 + "-daily"
+    assert len(snap.policy_name("x" * 63)) == 63
+
+
+def test_differences_name_each_setting_that_differs():
+    want = snap.Schedule("n", "us-west1", "03:00", 7, snap.KEEP, ("us-west1",))
+    assert snap.differences(want, want) == []
+    have = snap.Schedule("n", "us-west1", "05:00", 14, "APPLY_RETENTION_POLICY", ("us",))
+    assert snap.differences(have, want) == [
+        "starts at 05:00 UTC, not 03:00 (gcp.snapshots.start_time)",
+        "keeps 14 days, not 7 (gcp.snapshots.keep_days)",
+        "on disk deletion APPLY_RETENTION_POLICY, not KEEP_AUTO_SNAPSHOTS",
+        "stores in us, not us-west1"]
+
+
+def test_only_a_daily_snapshot_schedule_is_read_as_one():
+    compute = gcp.v1()
+    built = snap.build_policy(snap.Schedule("n", "us-west1", "04:00", 9, snap.KEEP,
+                                            ("us-west1",)))
+    built.region = "https://www.googleapis.com/compute/v1/projects/p/regions/us-west1"
+    assert snap.read_policy(built) == snap.Schedule("n", "us-west1", "04:00", 9, snap.KEEP,
+                                                    ("us-west1",))
+    weekly = compute.ResourcePolicy(name="w", snapshot_schedule_policy=compute
+                                    .ResourcePolicySnapshotSchedulePolicy(
+                                        schedule=compute.ResourcePolicySnapshotSchedulePolicySchedule(
+                                            weekly_schedule=compute.ResourcePolicyWeeklyCycle())))
+    assert snap.read_policy(weekly) is None
+    assert snap.read_policy(compute.ResourcePolicy(
+        name="i", instance_schedule_policy=compute.ResourcePolicyInstanceSchedulePolicy(
+            time_zone="UTC"))) is None
+
+
+def test_snapshot_rows_and_table():
+    compute = gcp.v1()
+    made = compute.Snapshot(name="nightguard-us-west1-b-20261207", status="READY",
+                            creation_timestamp="2026-12-06T19:00:05.123-08:00",
+                            storage_bytes=int(1.5 * 1024**3), auto_created=True)
+    by_hand = compute.Snapshot(name="before-upgrade", status="CREATING",
+                               creation_timestamp="2026-12-01T10:00:00Z", storage_bytes=0)
+    rows = [snap.snapshot_row(made), snap.snapshot_row(by_hand)]
+    assert rows[0] == {"name": "nightguard-us-west1-b-20261207",
+                       "created": "2026-12-07 03:00 UTC", "storage_gb": 1.5,
+                       "status": "READY", "scheduled": True}
+    assert rows[1]["scheduled"] is False and rows[1]["created"] == "2026-12-01 10:00 UTC"
+    assert snap.table(rows) == [
+        "NAME                            CREATED               STORED   STATUS    BY",
+        "nightguard-us-west1-b-20261207  2026-12-07 03:00 UTC  1.50 GB  READY     schedule",
+        "before-upgrade                  2026-12-01 10:00 UTC  0.00 GB  CREATING  manual"]
+
+
+def test_same_policy_takes_full_and_partial_urls():
+    assert snap.same_policy(POLICY_URL, "projects/demo-project/regions/us-west1/"
+                                        "resourcePolicies/nightguard-daily")
+    assert not snap.same_policy(POLICY_URL, POLICY_URL.replace("us-west1", "us-east1"))
+
+
+# -- the schedule through the API -------------------------------------------------------
+def policy_body(name: str = "nightguard-daily", start: str = "03:00", keep: int = 7,
+                storage: tuple[str, ...] = ("us-west1",)) -> dict:
+    return {"name": name, "snapshotSchedulePolicy": {
+        "schedule": {"dailySchedule": {"daysInCycle": 1, "startTime": start}},
+        "retentionPolicy": {"maxRetentionDays": keep,
+                            "onSourceDiskDelete": "KEEP_AUTO_SNAPSHOTS"},
+        "snapshotProperties": {"storageLocations": list(storage)}}}
+
+
+def test_the_schedule_is_made_with_the_settings_values(make, fake):
+    gce = make(**{"gcp.snapshots.keep_days": 14, "gcp.snapshots.start_time": "05:00"})
+    fake.op_polls = 2  # a regional operation, polled with our own client
+    link, made, warning = snap.ensure_schedule(gce)
+    assert (link, made, warning) == (POLICY_URL, True, "")
+    [insert] = fake.sent("POST", POLICY + "$")
+    body = insert.body
+    assert body.pop("description")
+    assert body == policy_body(start="05:00", keep=14)
+    assert len(fake.sent("POST", r"/regions/us-west1/operations/[^/]+/wait$")) == 2
+    assert not fake.sent("POST", r"/zones/.*/operations/")
+
+
+def test_a_second_run_reuses_the_schedule(gce, fake):
+    first = snap.ensure_schedule(gce)
+    second = snap.ensure_schedule(gce)
+    assert second == (first[0], False, "")
+    assert len(fake.sent("POST", POLICY + "$")) == 1
+
+
+def test_a_schedule_made_meanwhile_by_someone_else_is_reused(gce, fake):
+    fake.add_policy("us-west1", policy_body())
+    fake.fail("GET", POLICY + "/nightguard-daily$", 404, "The resource 'projects/demo-project/"
+              "regions/us-west1/resourcePolicies/nightguard-daily' was not found", "notFound")
+    assert snap.ensure_schedule(gce) == (POLICY_URL, False, "")
+    assert len(fake.sent("POST", POLICY + "$")) == 1  # answered 409
+
+
+def test_an_existing_schedule_with_other_settings_is_used_and_told(gce, fake):
+    fake.add_policy("us-west1", policy_body(keep=30))
+    link, made, warning = snap.ensure_schedule(gce)
+    assert (link, made) == (POLICY_URL, False)
+    assert warning == (
+        "snapshot schedule nightguard-daily already exists and keeps 30 days, not 7 "
+        "(gcp.snapshots.keep_days): it is used as it is; to apply the settings, detach and "
+        "delete it (`gcloud compute disks remove-resource-policies DISK --zone us-west1-b "
+        "--resource-policies nightguard-daily`, `gcloud compute resource-policies delete "
+        "nightguard-daily --region us-west1`) and run `inv vm.create` again")
+    assert not fake.sent("POST", POLICY + "$")
+
+
+def test_the_name_taken_by_another_kind_of_policy_is_one_line(gce, fake):
+    fake.add_policy("us-west1", {"name": "nightguard-daily", "instanceSchedulePolicy": {
+        "timeZone": "UTC", "vmStopSchedule": {"schedule": "0 22 * * *"}}})
+    with pytest.raises(gcp.GcpError) as caught:
+        snap.ensure_schedule(gce)
+    assert one_line(caught) == (
+        "step 'vm snapshots' failed: the name nightguard-daily is taken in region us-west1 by "
+        "a resource policy that is not a daily snapshot schedule: delete it (`gcloud compute "
+        "resource-policies delete nightguard-daily --region us-west1`) or pick another "
+        "nightguard.gcp.instance")
+
+
+PERMISSION = ("Required 'compute.resourcePolicies.create' permission for "
+              "'projects/demo-project/regions/us-west1/resourcePolicies/nightguard-daily'")
+
+
+@pytest.mark.parametrize("status, message, reason, expected", [
+    (403, PERMISSION, "forbidden",
+     f"permission denied in project demo-project: {PERMISSION} - grant the account a role "
+     "that has it, or set nightguard.gcp.snapshots.enabled: false to go without daily "
+     "snapshots"),
+    (403, "Quota 'RESOURCE_POLICIES' exceeded.  Limit: 10.0 in region us-west1.",
+     "quotaExceeded",
+     "quota exceeded in project demo-project: Quota 'RESOURCE_POLICIES' exceeded.  Limit: "
+     "10.0 in region us-west1. - free resources or request more quota (console: IAM & Admin "
+     "> Quotas)"),
+])
+def test_insert_failures_are_one_line(gce, fake, status, message, reason, expected):
+    fake.fail("POST", POLICY + "$", status, message, reason)
+    with pytest.raises(gcp.GcpError) as caught:
+        snap.ensure_schedule(gce)
+    assert one_line(caught) == f"step 'vm snapshots' failed: {expected}"
+    assert not fake.resource_policies
+
+
+def test_a_failed_regional_operation_is_one_line(gce, fake):
+    fake.op_error = ("QUOTA_EXCEEDED", "Quota 'SNAPSHOT_SCHEDULES' exceeded.")
+    with pytest.raises(gcp.GcpError) as caught:
+        snap.ensure_schedule(gce)
+    assert one_line(caught) == (
+        "step 'vm snapshots' failed: quota exceeded in project demo-project: Quota "
+        "'SNAPSHOT_SCHEDULES' exceeded. - free resources or request more quota (console: IAM "
+        "& Admin > Quotas)")
+
+
+# -- the boot disk ----------------------------------------------------------------------
+def test_a_new_vm_names_the_schedule_for_its_boot_disk(gce, fake):
+    link = snap.ensure_schedule(gce)[0]
+    vm_, created = gcp.create_instance(gce, "ubuntu:k ubuntu", snapshot_policy=link)
+    assert created
+    [insert] = fake.sent("POST", r"/instances$")
+    assert insert.body["disks"][0]["initializeParams"]["resourcePolicies"] == [POLICY_URL]
+    disk = snap.get_disk(gce, vm_, "t")
+    assert list(disk.resource_policies) == [POLICY_URL]
+    assert snap.attach(gce, disk, link) == "already"
+    assert not fake.sent("POST", r"/addResourcePolicies$")
+
+
+def test_a_new_vm_without_schedule_names_none(gce, fake):
+    gcp.create_instance(gce, "ubuntu:k ubuntu")
+    [insert] = fake.sent("POST", r"/instances$")
+    assert "resourcePolicies" not in insert.body["disks"][0]["initializeParams"]
+
+
+def test_an_existing_disk_gets_the_schedule_attached_once(gce, fake):
+    fake.add_instance("nightguard")
+    link = snap.ensure_schedule(gce)[0]
+    instance = gcp.get_instance(gce)
+    assert snap.attach(gce, snap.get_disk(gce, instance, "t"), link) == "attached"
+    [add] = fake.sent("POST", r"/zones/us-west1-b/disks/nightguard/addResourcePolicies$")
+    assert add.body == {"resourcePolicies": [POLICY_URL]}
+    assert fake.disks["nightguard"]["resourcePolicies"] == [POLICY_URL]
+    assert snap.attach(gce, snap.get_disk(gce, instance, "t"), link) == "already"
+    assert len(fake.sent("POST", r"/addResourcePolicies$")) == 1
+
+
+def test_a_disk_with_another_policy_is_left_alone(gce, fake):
+    fake.add_instance("nightguard")
+    fake.disks["nightguard"]["resourcePolicies"] = [POLICY_URL.replace("nightguard-daily",
+                                                                       "mine")]
+    link = snap.ensure_schedule(gce)[0]
+    assert snap.attach(gce, snap.get_disk(gce, gcp.get_instance(gce), "t"), link) == "other"
+    assert not fake.sent("POST", r"/addResourcePolicies$")
+
+
+def test_a_missing_disk_is_named(gce, fake):
+    fake.add_instance("nightguard")
+    del fake.disks["nightguard"]
+    with pytest.raises(gcp.GcpError) as caught:
+        snap.get_disk(gce, gcp.get_instance(gce), "vm snapshots")
+    assert one_line(caught) == ("step 'vm snapshots' failed: disk nightguard not found in zone "
+                                "us-west1-b: check the VM's boot disk with `inv vm.status`")
+
+
+# -- the disk's snapshots ---------------------------------------------------------------
+def test_snapshots_are_the_disks_own_newest_first(gce, fake):
+    fake.add_instance("nightguard")
+    fake.add_snapshot("middle", created="2026-12-05T03:00:00Z")
+    fake.add_snapshot("newest", created="2026-12-05T20:00:00-08:00")  # 04:00 UTC next day
+    fake.add_snapshot("oldest", created="2026-12-04T03:00:00Z", scheduled=False)
+    fake.add_snapshot("elsewhere", disk="other-disk", created="2026-12-06T03:00:00Z")
+    disk = snap.get_disk(gce, gcp.get_instance(gce), "t")
+    found = snap.list_snapshots(gce, disk)
+    assert [s.name for s in found] == ["newest", "middle", "oldest"]
+    [listed] = fake.sent("GET", r"/global/snapshots$")
+    assert listed.query == {"filter": [f'sourceDisk = "{DISK_URL}"']}
+
+
+def test_a_refused_list_is_one_line(gce, fake):
+    fake.add_instance("nightguard")
+    disk = snap.get_disk(gce, gcp.get_instance(gce), "t")
+    message = "Required 'compute.snapshots.list' permission for 'projects/demo-project'"
+    fake.fail("GET", r"/global/snapshots$", 403, message, "forbidden")
+    with pytest.raises(gcp.GcpError) as caught:
+        snap.list_snapshots(gce, disk)
+    assert one_line(caught).startswith(f"step 'vm snapshots' failed: permission denied in "
+                                       f"project demo-project: {message} - grant the account a "
+                                       "role that has it")
