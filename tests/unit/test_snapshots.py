@@ -4,11 +4,18 @@ through the real google-cloud-compute client against the fake (tests/fake_gce.py
 
 from __future__ import annotations
 
+import io
+import os
+
 import pytest
+from invoke import MockContext
+from invoke.exceptions import Exit
 
 from tasks.config import ConfigError, load_settings
 from tasks.gcp import api as gcp
 from tasks.gcp import snapshots as snap
+from tasks.gcp import ssh as gcp_ssh
+from tasks.gcp import tasks as vm
 from tests.fake_gce import FakeGce
 
 POLICY = "/regions/us-west1/resourcePolicies"
@@ -302,3 +309,127 @@ def test_a_refused_list_is_one_line(gce, fake):
     assert one_line(caught).startswith(f"step 'vm snapshots' failed: permission denied in "
                                        f"project demo-project: {message} - grant the account a "
                                        "role that has it")
+
+
+# -- the tasks ----------------------------------------------------------------------------
+@pytest.fixture
+def env(monkeypatch, tmp_path, fake):
+    """The tasks read settings from the environment, pointed at the fake and tmp_path."""
+    for name in [n for n in os.environ if n.startswith("NIGHTGUARD_")]:
+        monkeypatch.delenv(name)
+    key = tmp_path / "id_ed25519"
+    gcp_ssh.generate_keypair(key, out=io.StringIO())
+    for name, value in {"GCP_PROJECT": fake.project, "GCP_API_ENDPOINT": fake.endpoint,
+                        "SSH_KEY_FILENAME": str(key),
+                        "SSH_KNOWN_HOSTS": str(tmp_path / "known_hosts")}.items():
+        monkeypatch.setenv(f"NIGHTGUARD_{name}", value)
+    return monkeypatch
+
+
+def test_create_makes_the_schedule_before_the_vm_with_the_settings(env, fake, capsys):
+    env.setenv("NIGHTGUARD_GCP_SNAPSHOTS_KEEP_DAYS", "10")
+    env.setenv("NIGHTGUARD_GCP_SNAPSHOTS_START_TIME", "22:00")
+    vm.create(MockContext())
+    posts = [r.path.rsplit("/", 1)[1] for r in fake.requests if r.method == "POST"]
+    assert posts == ["resourcePolicies", "instances"]
+    [policy] = fake.sent("POST", POLICY + "$")
+    retention = policy.body["snapshotSchedulePolicy"]["retentionPolicy"]
+    assert retention == {"maxRetentionDays": 10, "onSourceDiskDelete": "KEEP_AUTO_SNAPSHOTS"}
+    daily = policy.body["snapshotSchedulePolicy"]["schedule"]["dailySchedule"]
+    assert daily == {"daysInCycle": 1, "startTime": "22:00"}
+    [insert] = fake.sent("POST", r"/instances$")
+    assert insert.body["disks"][0]["initializeParams"]["resourcePolicies"] == [POLICY_URL]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("snapshot schedule nightguard-daily (daily at 22:00 UTC, kept 10 days): "
+                      "created in us-west1")
+    assert out[-1] == "boot disk nightguard: snapshot schedule nightguard-daily attached"
+
+
+def test_create_on_an_existing_vm_attaches_the_schedule_to_its_disk(env, fake, capsys):
+    fake.add_instance("nightguard")
+    vm.create(MockContext())
+    assert not fake.sent("POST", r"/instances$")
+    [add] = fake.sent("POST", r"/disks/nightguard/addResourcePolicies$")
+    assert add.body == {"resourcePolicies": [POLICY_URL]}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "boot disk nightguard: snapshot schedule nightguard-daily attached now")
+
+
+def test_create_with_snapshots_disabled_makes_no_schedule(env, fake, capsys):
+    env.setenv("NIGHTGUARD_GCP_SNAPSHOTS_ENABLED", "false")
+    vm.create(MockContext())
+    assert not [r for r in fake.requests if "resourcePolicies" in r.path]
+    [insert] = fake.sent("POST", r"/instances$")
+    assert "resourcePolicies" not in insert.body["disks"][0]["initializeParams"]
+    assert "snapshot" not in capsys.readouterr().out
+
+
+def test_create_tells_a_schedule_with_other_settings_in_one_line(env, fake, capsys):
+    fake.add_policy("us-west1", policy_body(start="04:00"))
+    vm.create(MockContext())
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("warning: snapshot schedule nightguard-daily already exists and "
+                             "starts at 04:00 UTC, not 03:00 (gcp.snapshots.start_time): it "
+                             "is used as it is; ")
+    assert len(fake.sent("POST", r"/instances$")) == 1
+
+
+def test_create_without_the_permission_creates_nothing(env, fake):
+    fake.fail("POST", POLICY + "$", 403, PERMISSION, "forbidden")
+    with pytest.raises(Exit) as caught:
+        vm.create(MockContext())
+    assert caught.value.code == 1
+    assert caught.value.message == (
+        f"error: step 'vm create' failed: permission denied in project demo-project: "
+        f"{PERMISSION} - grant the account a role that has it, or set "
+        "nightguard.gcp.snapshots.enabled: false to go without daily snapshots")
+    assert not fake.sent("POST", r"/instances$") and not fake.instances
+
+
+def test_a_bad_start_time_stops_create_before_any_call(env, fake):
+    env.setenv("NIGHTGUARD_GCP_SNAPSHOTS_START_TIME", "03:15")
+    with pytest.raises(Exit) as caught:
+        vm.create(MockContext())
+    assert caught.value.code == 2
+    assert "nightguard.gcp.snapshots.start_time: '03:15' is not a whole hour" in \
+        caught.value.message
+    assert fake.requests == []
+
+
+def test_snapshots_lists_the_schedule_and_the_snapshots_newest_first(env, fake, capsys):
+    vm.create(MockContext())
+    fake.add_snapshot("nightguard-20261205", created="2026-12-05T03:00:07Z",
+                      storage_bytes=3 * 1024**3)
+    fake.add_snapshot("nightguard-20261206", created="2026-12-06T03:00:09Z",
+                      storage_bytes=256 * 1024**2)
+    fake.add_snapshot("before-upgrade", created="2026-12-05T12:30:00Z", scheduled=False,
+                      status="CREATING", storage_bytes=0)
+    capsys.readouterr()
+    vm.snapshots(MockContext())
+    assert capsys.readouterr().out.splitlines() == [
+        "boot disk nightguard: snapshot schedule nightguard-daily (daily at 03:00 UTC, kept 7 "
+        "days)",
+        "NAME                 CREATED               STORED   STATUS    BY",
+        "nightguard-20261206  2026-12-06 03:00 UTC  0.25 GB  READY     schedule",
+        "before-upgrade       2026-12-05 12:30 UTC  0.00 GB  CREATING  manual",
+        "nightguard-20261205  2026-12-05 03:00 UTC  3.00 GB  READY     schedule"]
+
+
+def test_snapshots_of_a_disk_without_schedule_says_how_to_attach_it(env, fake, capsys):
+    fake.add_instance("nightguard")
+    vm.snapshots(MockContext())
+    assert capsys.readouterr().out.splitlines() == [
+        "boot disk nightguard: no schedule attached: run `inv vm.create` (it attaches "
+        "nightguard-daily to an existing VM's disk; nightguard.gcp.snapshots.enabled must be "
+        "true)",
+        "no snapshots yet"]
+
+
+def test_snapshots_failures_are_one_line(env, fake, capsys):
+    with pytest.raises(Exit) as caught:
+        vm.snapshots(MockContext())
+    assert caught.value.code == 1
+    assert caught.value.message.startswith("error: step 'vm snapshots' failed: VM nightguard "
+                                           "not found in project demo-project")
+    assert capsys.readouterr().out == ""
