@@ -113,13 +113,14 @@ def _schedule(gce: gcp.Gce, timeout) -> str:
 
 
 def _attach_schedule(gce: gcp.Gce, vm, policy: str, created: bool, timeout) -> None:
+    """A new VM's boot disk was made with the schedule: read back, so the line printed is
+    what the disk has (attached now if the API left it out); an existing one gets it now."""
     name = policy.rsplit("/", 1)[-1]
-    if created:  # named in the new boot disk's initializeParams
-        print(f"boot disk {snap.boot_disk(vm)[1]}: snapshot schedule {name} attached")
-        return
     disk = snap.get_disk(gce, vm, "vm create")
     done = snap.attach(gce, disk, policy, timeout, "vm create")
-    if done == "other":
+    if created and done == "already":
+        print(f"boot disk {disk.name}: snapshot schedule {name} attached")
+    elif done == "other":
         _warn(f"boot disk {disk.name} has another resource policy "
               f"({', '.join(p.rsplit('/', 1)[-1] for p in disk.resource_policies)}), and a "
               f"disk takes one snapshot schedule: {name} is not attached; see `inv "

@@ -339,10 +339,26 @@ def test_create_makes_the_schedule_before_the_vm_with_the_settings(env, fake, ca
     assert daily == {"daysInCycle": 1, "startTime": "22:00"}
     [insert] = fake.sent("POST", r"/instances$")
     assert insert.body["disks"][0]["initializeParams"]["resourcePolicies"] == [POLICY_URL]
+    assert fake.sent("GET", r"/zones/us-west1-b/disks/nightguard$")  # read back
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("snapshot schedule nightguard-daily (daily at 22:00 UTC, kept 10 days): "
                       "created in us-west1")
     assert out[-1] == "boot disk nightguard: snapshot schedule nightguard-daily attached"
+
+
+def test_create_reads_the_new_disk_back_and_attaches_what_is_missing(env, fake, capsys,
+                                                                    monkeypatch):
+    made = fake._boot_disk
+
+    def dropping_policies(zone, instance):  # an API that left initializeParams' policy out
+        made(zone, instance)
+        fake.disks[instance["name"]]["resourcePolicies"] = []
+    monkeypatch.setattr(fake, "_boot_disk", dropping_policies)
+    vm.create(MockContext())
+    [add] = fake.sent("POST", r"/disks/nightguard/addResourcePolicies$")
+    assert add.body == {"resourcePolicies": [POLICY_URL]}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "boot disk nightguard: snapshot schedule nightguard-daily attached now")
 
 
 def test_create_on_an_existing_vm_attaches_the_schedule_to_its_disk(env, fake, capsys):
