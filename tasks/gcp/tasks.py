@@ -220,6 +220,11 @@ def snapshots(c, project=None, zone=None, instance=None):
     rows = [snap.snapshot_row(s) for s in snap.list_snapshots(gce, disk, step)]
     if schedule:
         print(f"boot disk {disk.name}: snapshot schedule {schedule.name} ({schedule.text()})")
+    elif disk.resource_policies:  # a disk takes one snapshot schedule: ours cannot join
+        names = [p.rsplit("/", 1)[-1] for p in disk.resource_policies]
+        print(f"boot disk {disk.name}: no daily schedule attached, but {', '.join(names)}: "
+              f"detach it (`gcloud compute disks remove-resource-policies {disk.name} --zone "
+              f"{gce.zone} --resource-policies {names[0]}`), then run `inv vm.create`")
     else:
         print(f"boot disk {disk.name}: no schedule attached: run `inv vm.create` (it attaches "
               f"{snap.policy_name(gce.name)} to an existing VM's disk; "

@@ -442,6 +442,20 @@ def test_snapshots_of_a_disk_without_schedule_says_how_to_attach_it(env, fake, c
         "no snapshots yet"]
 
 
+def test_snapshots_of_a_disk_with_another_policy_names_it(env, fake, capsys):
+    fake.add_instance("nightguard")
+    fake.add_policy("us-west1", policy_body(name="weekly") | {"snapshotSchedulePolicy": {
+        "schedule": {"weeklySchedule": {"dayOfWeeks": [{"day": "SUNDAY",
+                                                        "startTime": "01:00"}]}}}})
+    fake.disks["nightguard"]["resourcePolicies"] = [POLICY_URL.replace("nightguard-daily",
+                                                                       "weekly")]
+    vm.snapshots(MockContext())
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "boot disk nightguard: no daily schedule attached, but weekly: detach it (`gcloud "
+        "compute disks remove-resource-policies nightguard --zone us-west1-b "
+        "--resource-policies weekly`), then run `inv vm.create`")
+
+
 def test_snapshots_failures_are_one_line(env, fake, capsys):
     with pytest.raises(Exit) as caught:
         vm.snapshots(MockContext())
