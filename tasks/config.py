@@ -99,6 +99,9 @@ DEFAULTS: dict[str, Any] = {
         "api_endpoint": "",
         # Secret Manager's address for {gcp: ...} secrets ("": Google's; http://: a fake)
         "secrets_endpoint": "",
+        # a daily snapshot of the boot disk (the agent's /data lives only there): a schedule
+        # `vm.create` attaches. start_time is UTC and on the hour, as the API requires.
+        "snapshots": {"enabled": True, "keep_days": 7, "start_time": "03:00"},
     },
     # a new VM's startup script, apt-daily or unattended-upgrades may hold apt's and dpkg's
     # locks: wait this long for them before the deploy installs anything (never kills them)

@@ -40,6 +40,7 @@ _CHAT_ID = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,62})$")
 # http(s), a host (and port), a path: no credentials, query or fragment (the bot token is
 # added to the path when a message is sent)
 _URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$")
+_HOUR = re.compile(r"^([01][0-9]|2[0-3]):00$")  # a snapshot schedule starts on the hour
 _UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -72,7 +73,7 @@ def validate(settings: Settings) -> None:
 
     for part in (_validate_choices, _validate_limits, _validate_durations_and_counts,
                  _validate_paths_and_names, _validate_target, _validate_env_and_secrets,
-                 _validate_alerts):
+                 _validate_alerts, _validate_snapshots):
         part(settings, fail)
 
 
@@ -221,6 +222,15 @@ def _validate_alerts(settings: Settings, fail) -> None:
     if settings["alerts.enabled"] and not chat:
         fail("alerts.chat_id", "is required when alerts.enabled is true (the owner's chat "
              "id: send the bot a message, then read it from getUpdates)")
+
+
+def _validate_snapshots(settings: Settings, fail) -> None:
+    if not 1 <= settings["gcp.snapshots.keep_days"] <= 365:
+        fail("gcp.snapshots.keep_days", "must be between 1 and 365")
+    start = settings["gcp.snapshots.start_time"]
+    if not _HOUR.match(start):
+        fail("gcp.snapshots.start_time", f"{start!r} is not a whole hour in UTC (HH:00, e.g. "
+             "03:00): the Compute API starts snapshot schedules on the hour")
 
 
 def _string_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -1,7 +1,8 @@
 """A small in-process fake of the Compute Engine REST API, for the real google-cloud-compute
 client (``transport="rest"``, ``api_endpoint="http://127.0.0.1:PORT"``).
 
-It keeps instances, zone operations, image families and project metadata in memory, records
+It keeps instances with their boot disks, zone and region operations, image families,
+project metadata, resource policies (snapshot schedules) and snapshots in memory, records
 every request (``fake.requests``), and has knobs for the failure paths:
 
   fake.fail("POST", "/instances", 403, "forbidden")   # next matching request fails
@@ -12,6 +13,7 @@ every request (``fake.requests``), and has knobs for the failure paths:
   fake.nat_ip = "127.0.0.1"                            # address new/started VMs get
   fake.age("nightguard", 3600)                         # created an hour ago
   fake.recreate("nightguard")                          # deleted and created again: new id
+  fake.add_snapshot("snap-1", "nightguard", created="2026-12-01T03:00:00Z")
 
 It is also the VM's metadata server (/computeMetadata/v1/...: the startup-script and ssh-keys
 the VM was created with, and guest attributes the guest writes), for the lab VM that boots
@@ -26,6 +28,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -75,6 +78,9 @@ class FakeGce:
     operations: dict[str, dict] = field(default_factory=dict)
     guest_attributes: dict[str, dict[str, str]] = field(default_factory=dict)
     project_metadata: list[dict] = field(default_factory=list)
+    disks: dict[str, dict] = field(default_factory=dict)
+    resource_policies: dict[tuple[str, str], dict] = field(default_factory=dict)  # (region, name)
+    snapshots: dict[str, dict] = field(default_factory=dict)
     images: dict[tuple[str, str], str] = field(default_factory=lambda: {
         ("ubuntu-os-cloud", "ubuntu-2404-lts-amd64"): "ubuntu-2404-noble-amd64-v20250101",
         ("debian-cloud", "debian-12"): "debian-12-bookworm-v20251111"})
@@ -142,6 +148,23 @@ class FakeGce:
         created = datetime.now(UTC) - timedelta(seconds=seconds)
         self.instances[name]["creationTimestamp"] = created.isoformat(timespec="milliseconds")
 
+    def add_snapshot(self, name: str, disk: str = "nightguard", zone: str = "us-west1-b",
+                     created: str = "", storage_bytes: int = 2 * 1024**3,
+                     status: str = "READY", scheduled: bool = True) -> dict:
+        """A snapshot of zone/disk (the disk need not exist: its snapshots outlive it)."""
+        snapshot = {"kind": "compute#snapshot", "id": str(next(self._ids)), "name": name,
+                    "creationTimestamp": created or _now(), "status": status,
+                    "storageBytes": str(storage_bytes), "diskSizeGb": "30",
+                    "sourceDisk": self._url(zone, "disks", disk),
+                    "selfLink": f"{BASE}/projects/{self.project}/global/snapshots/{name}",
+                    "autoCreated": scheduled}
+        if scheduled:
+            region = zone.rsplit("-", 1)[0]
+            snapshot["sourceSnapshotSchedulePolicy"] = self._region_url(
+                region, "resourcePolicies", f"{disk}-daily")
+        self.snapshots[name] = snapshot
+        return snapshot
+
     def recreate(self, name: str) -> dict:
         """The instance deleted and created again under its name: a new id, created now."""
         instance = self.instances[name]
@@ -152,6 +175,27 @@ class FakeGce:
     def _url(self, zone: str, *rest: str) -> str:
         return "/".join([BASE, "projects", self.project, "zones", zone, *rest])
 
+    def _region_url(self, region: str, *rest: str) -> str:
+        return "/".join([BASE, "projects", self.project, "regions", region, *rest])
+
+    @property
+    def regions(self) -> set[str]:
+        return {zone.rsplit("-", 1)[0] for zone in self.zones}
+
+    def _boot_disk(self, zone: str, instance: dict) -> None:
+        """The boot disk made with the VM: a disk of its own, named after the VM unless
+        initializeParams says otherwise, which the instance then names by URL only."""
+        attached = (instance.get("disks") or [{"boot": True, "autoDelete": True}])[0]
+        params = attached.pop("initializeParams", {})
+        name = params.get("diskName") or instance["name"]
+        self.disks[name] = {"kind": "compute#disk", "id": str(next(self._ids)), "name": name,
+                            "zone": self._url(zone), "selfLink": self._url(zone, "disks", name),
+                            "sizeGb": str(params.get("diskSizeGb", "30")),
+                            "resourcePolicies": list(params.get("resourcePolicies", [])),
+                            "users": [instance["selfLink"]], "status": "READY"}
+        attached.update(source=self._url(zone, "disks", name), deviceName=name, boot=True)
+        instance["disks"] = [attached]
+
     def _create(self, zone: str, body: dict, status: str = "RUNNING") -> dict:
         instance = json.loads(json.dumps(body))
         instance.update(kind="compute#instance", id=str(next(self._ids)), status=status,
@@ -159,6 +203,7 @@ class FakeGce:
                         creationTimestamp=_now())
         instance.setdefault("metadata", {})["fingerprint"] = f"fp{next(self._ids)}"
         instance["metadata"]["kind"] = "compute#metadata"
+        self._boot_disk(zone, instance)
         self._set_power(instance, status == "RUNNING")
         self.instances[body["name"]] = instance
         return instance
@@ -175,12 +220,15 @@ class FakeGce:
         if running:
             instance["lastStartTimestamp"] = _now()
 
-    def _operation(self, zone: str, kind: str, target: str) -> dict:
+    def _operation(self, zone: str, kind: str, target: str, region: str = "",
+                   collection: str = "instances") -> dict:
+        """A zone's operation, or a region's when ``region`` is given."""
         name = f"operation-{next(self._ids)}"
+        url = partial(self._region_url, region) if region else partial(self._url, zone)
         op = {"kind": "compute#operation", "id": str(next(self._ids)), "name": name,
-              "operationType": kind, "zone": self._url(zone),
-              "targetLink": self._url(zone, "instances", target),
-              "selfLink": self._url(zone, "operations", name), "insertTime": _now(),
+              "operationType": kind, ("region" if region else "zone"): url(),
+              "targetLink": url(collection, target),
+              "selfLink": url("operations", name), "insertTime": _now(),
               "status": "RUNNING" if self.op_polls else "DONE",
               "progress": 0 if self.op_polls else 100, "_polls_left": self.op_polls}
         if self.op_error:
@@ -280,8 +328,14 @@ class FakeGce:
             return 200, {"kind": "compute#project", "name": project,
                          "commonInstanceMetadata": {"items": self.project_metadata,
                                                     "fingerprint": "pfp"}}
-        zoned = re.fullmatch(r"/zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/(\w+))?",
-                             rest)
+        if rest == "/global/snapshots" and method == "GET":
+            return self._list_snapshots(query)
+        regional = re.fullmatch(r"/regions/([^/]+)/(resourcePolicies|operations)(?:/([^/]+))?"
+                                r"(?:/(\w+))?", rest)
+        if regional:
+            return self._regional(method, *regional.groups(), body)
+        zoned = re.fullmatch(r"/zones/([^/]+)/(instances|operations|disks)(?:/([^/]+))?"
+                             r"(?:/(\w+))?", rest)
         if not zoned:
             return 404, error_body(404, f"no route for {path}", "notFound")
         zone, collection, name, verb = zoned.groups()
@@ -291,7 +345,70 @@ class FakeGce:
             if name not in self.operations:
                 return 404, self._missing(f"projects/{project}/zones/{zone}/operations/{name}")
             return 200, self._poll(name)
+        if collection == "disks":
+            return self._disks(method, zone, name, verb, body)
         return self._instances(method, zone, name, verb, query, body)
+
+    # -- snapshot schedules, disks, snapshots -----------------------------------------
+    def _regional(self, method: str, region: str, collection: str, name: str | None,
+                  verb: str | None, body: Any) -> tuple[int, dict]:
+        if region not in self.regions:
+            return 404, self._missing(f"projects/{self.project}/regions/{region}")
+        if collection == "operations":
+            if name not in self.operations:
+                return 404, self._missing(f"projects/{self.project}/regions/{region}/"
+                                          f"operations/{name}")
+            return 200, self._poll(name)
+        if name is None and method == "POST":
+            if (region, body["name"]) in self.resource_policies:
+                return 409, error_body(409, f"The resource 'projects/{self.project}/regions/"
+                                            f"{region}/resourcePolicies/{body['name']}' already "
+                                            "exists", "alreadyExists")
+            op = self._operation("", "insert", body["name"], region, "resourcePolicies")
+            if "error" not in op:
+                self.add_policy(region, body)
+            return 200, op
+        policy = self.resource_policies.get((region, name or ""))
+        if method == "GET" and verb is None and policy is not None:
+            return 200, policy
+        return 404, self._missing(f"projects/{self.project}/regions/{region}/resourcePolicies/"
+                                  f"{name}")
+
+    def add_policy(self, region: str, body: dict) -> dict:
+        policy = json.loads(json.dumps(body))
+        policy.update(kind="compute#resourcePolicy", id=str(next(self._ids)), status="READY",
+                      region=self._region_url(region), creationTimestamp=_now(),
+                      selfLink=self._region_url(region, "resourcePolicies", body["name"]))
+        self.resource_policies[(region, body["name"])] = policy
+        return policy
+
+    def _disks(self, method: str, zone: str, name: str | None, verb: str | None,
+               body: Any) -> tuple[int, dict]:
+        disk = self.disks.get(name or "")
+        if disk is None or not disk["zone"].endswith(f"/{zone}"):
+            return 404, self._missing(f"projects/{self.project}/zones/{zone}/disks/{name}")
+        if method == "GET" and verb is None:
+            return 200, disk
+        if method == "POST" and verb == "addResourcePolicies":
+            for url in body.get("resourcePolicies", []):
+                parts = url.split("/")
+                if (parts[parts.index("regions") + 1], parts[-1]) not in self.resource_policies:
+                    return 404, self._missing(url[url.index("projects/"):])
+            disk["resourcePolicies"] += body.get("resourcePolicies", [])
+            return 200, self._operation(zone, "addResourcePolicies", name, collection="disks")
+        return 404, error_body(404, f"no route for {verb}", "notFound")
+
+    def _list_snapshots(self, query: dict) -> tuple[int, dict]:
+        """GET global/snapshots, with the one filter the tool sends: sourceDisk = "URL"."""
+        items = list(self.snapshots.values())
+        wanted = query.get("filter", [""])[0]
+        if wanted:
+            match = re.fullmatch(r'sourceDisk\s*=\s*"([^"]+)"', wanted.strip())
+            if not match:
+                return 400, error_body(400, f"Invalid value for field 'filter': '{wanted}'. "
+                                            "Invalid list filter expression.", "invalid")
+            items = [i for i in items if i["sourceDisk"] == match.group(1)]
+        return 200, {"kind": "compute#snapshotList", "items": items}
 
     def _missing(self, resource: str) -> dict:
         return error_body(404, f"The resource '{resource}' was not found", "notFound")

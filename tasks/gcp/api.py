@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import google.auth
 import requests
@@ -66,6 +66,19 @@ class Gce:
     request_timeout: float = 30.0
     operation_timeout: float = 300.0
     poll_interval: float = 2.0
+    build: Callable[[type], Any] | None = field(default=None, repr=False)
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def client(self, name: str) -> Any:
+        """Another compute_v1 client (``"DisksClient"``...) with the same credentials and
+        endpoint, built on first use: most tasks never need it."""
+        if name not in self._clients:
+            self._clients[name] = self.build(getattr(v1(), name))
+        return self._clients[name]
+
+    @property
+    def region(self) -> str:
+        return self.zone.rsplit("-", 1)[0]
 
     @property
     def project(self) -> str:
@@ -118,7 +131,7 @@ def connect(settings: Settings) -> Gce:
 
     compute = v1()
     return Gce(settings, build(compute.InstancesClient), build(compute.ZoneOperationsClient),
-               build(compute.ImagesClient), build(compute.ProjectsClient))
+               build(compute.ImagesClient), build(compute.ProjectsClient), build=build)
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -133,10 +146,15 @@ def _which(gce: Gce, message: str) -> tuple[str, str]:
     if "/operations/" in resource:  # operations expire; the change itself may have happened
         return "operation", "the operation vanished before it was seen done: check with " \
             "`inv vm.status`"
+    if "/disks/" in resource:
+        return "disk", (f"disk {resource.rsplit('/', 1)[-1]} not found in zone {gce.zone}: "
+                        "check the VM's boot disk with `inv vm.status`")
+    if "/resourcePolicies/" in resource:
+        return "policy", f"resource policy {resource.rsplit('/', 1)[-1]} not found"
     if "/instances/" in resource or not resource:
         return "vm", (f"VM {gce.name} not found in project {gce.project} zone {gce.zone}: "
                       "create it with `inv vm.create` or fix nightguard.gcp.instance/zone")
-    if "/zones/" in resource:
+    if "/zones/" in resource or "/regions/" in resource:
         return "zone", f"zone {gce.zone} does not exist: fix nightguard.gcp.zone (e.g. us-west1-b)"
     return "project", (f"project {gce.project} not found or not visible to these credentials: "
                        "fix nightguard.gcp.project")
@@ -153,6 +171,10 @@ def _explain(gce: Gce, exc: api_exceptions.GoogleAPICallError) -> tuple[str, str
     if code == 401:
         return "", ("credentials rejected (expired or revoked): run `gcloud auth "
                     "application-default login` or renew nightguard.gcp.credentials_file")
+    if code == 403 and ("resourcePolicies" in message or "snapshots" in message):
+        return "", (f"permission denied in project {gce.project}: {message} - grant the "
+                    "account a role that has it, or set nightguard.gcp.snapshots.enabled: "
+                    "false to go without daily snapshots")
     if code == 403:
         return "", (f"permission denied in project {gce.project}: {message} - grant the "
                     "account roles/compute.instanceAdmin.v1 and check the Compute Engine API "
@@ -188,9 +210,20 @@ def api_errors(gce: Gce, step: str) -> Iterator[None]:
                        401) from None
 
 
+def _poll(gce: Gce, op: compute_v1.Operation, remaining: float) -> compute_v1.Operation:
+    """One long-poll of a zone's or a region's operation (a resource policy's insert is
+    regional), with our own clients."""
+    if op.region and not op.zone:
+        return gce.client("RegionOperationsClient").wait(
+            project=gce.project, region=op.region.rsplit("/", 1)[-1], operation=op.name,
+            timeout=min(remaining, 150), retry=None)
+    return gce.operations.wait(project=gce.project, zone=gce.zone, operation=op.name,
+                               timeout=min(remaining, 150), retry=None)
+
+
 def wait_for_operation(gce: Gce, op: compute_v1.Operation, step: str,
                        timeout: float | None = None) -> compute_v1.Operation:
-    """Poll with our own ZoneOperationsClient (``ExtendedOperation.result()`` would
+    """Poll with our own operations clients (``ExtendedOperation.result()`` would
     ignore the configured endpoint); raise the operation's error, if any."""
     done = v1().Operation.Status.DONE
     limit = timeout or gce.operation_timeout
@@ -203,8 +236,7 @@ def wait_for_operation(gce: Gce, op: compute_v1.Operation, step: str,
                            "check with `inv vm.status`", 408)
         try:
             with api_errors(gce, step):
-                op = gce.operations.wait(project=gce.project, zone=gce.zone, operation=op.name,
-                                         timeout=min(remaining, 150), retry=None)
+                op = _poll(gce, op, remaining)
         except GcpError as exc:
             if exc.status != 408:  # a slow long-poll is not a failure by itself
                 raise
@@ -272,13 +304,17 @@ def service_account_text(instance) -> str:
     return f"{accounts[0].email} (scopes: {scopes}) - the agent can use it too"
 
 
-def build_instance(settings: Settings, source_image: str,
-                   ssh_keys: str) -> compute_v1.Instance:
+def build_instance(settings: Settings, source_image: str, ssh_keys: str,
+                   snapshot_policy: str = "") -> compute_v1.Instance:
     compute = v1()
     zone = settings["gcp.zone"]
+    # The boot disk is made with the VM, so its snapshot schedule is named here: the API
+    # takes resourcePolicies in initializeParams for a new disk, boot disks included, and the
+    # disk then never exists unscheduled (addResourcePolicies is for disks that exist).
     disk = compute.AttachedDiskInitializeParams(
         source_image=source_image, disk_size_gb=settings["gcp.disk_gb"],
-        disk_type=f"zones/{zone}/diskTypes/{settings['gcp.disk_type']}")
+        disk_type=f"zones/{zone}/diskTypes/{settings['gcp.disk_type']}",
+        resource_policies=[snapshot_policy] if snapshot_policy else [])
     nat = compute.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
     # Guest attributes let the guest agent publish its host keys for pinning.
     items = [compute.Items(key="ssh-keys", value=ssh_keys),
@@ -296,9 +332,10 @@ def build_instance(settings: Settings, source_image: str,
         metadata=compute.Metadata(items=items))
 
 
-def create_instance(gce: Gce, ssh_keys: str, timeout: float | None = None
-                    ) -> tuple[compute_v1.Instance, bool]:
-    """(the VM, True) if created now, (the VM, False) if it was already there."""
+def create_instance(gce: Gce, ssh_keys: str, timeout: float | None = None,
+                    snapshot_policy: str = "") -> tuple[compute_v1.Instance, bool]:
+    """(the VM, True) if created now, (the VM, False) if it was already there;
+    ``snapshot_policy``: a resource policy's URL for the new boot disk."""
     step = "vm create"
     existing = find_instance(gce, step)
     if existing is not None:
@@ -310,7 +347,8 @@ def create_instance(gce: Gce, ssh_keys: str, timeout: float | None = None
     try:
         with api_errors(gce, step):
             op = gce.call(gce.instances.insert_unary, project=gce.project, zone=gce.zone,
-                          instance_resource=build_instance(s, image.self_link, ssh_keys))
+                          instance_resource=build_instance(s, image.self_link, ssh_keys,
+                                                           snapshot_policy))
     except GcpError as exc:
         if exc.status == 409:  # created meanwhile by someone else
             return get_instance(gce, step), False

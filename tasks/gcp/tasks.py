@@ -1,11 +1,12 @@
 """`inv vm.*`: the Compute Engine VM the agent runs on (create, status, start, stop, reset,
-ip, authorize-key).
+ip, authorize-key, snapshots).
 
 Config keys (``nightguard:`` in Invoke's config files, or ``NIGHTGUARD_<KEY>``):
   gcp.project (required), gcp.zone, gcp.instance, gcp.machine_type, gcp.image_project,
   gcp.image_family, gcp.disk_gb, gcp.disk_type, gcp.network_tag,
   gcp.credentials_file (service-account key; default: Application Default Credentials),
   gcp.api_endpoint (e.g. a local fake at http://127.0.0.1:PORT),
+  gcp.snapshots.enabled/keep_days/start_time (the boot disk's daily snapshot schedule),
   ssh.user, ssh.key_filename (its .pub goes into the VM's ssh-keys metadata; when empty a
   key pair is generated at .ssh/nightguard_ed25519), ssh.known_hosts, ssh.port.
 """
@@ -22,6 +23,7 @@ from ..cli import one_line_errors, settings_for
 from ..config import Settings
 from ..errors import ConfigError
 from . import api as gcp
+from . import snapshots as snap
 from . import ssh as gcp_ssh
 
 VM_HELP = {
@@ -73,7 +75,8 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
 
     e2-micro, 30 GB pd-standard boot disk, network tag, external IP, no service account
     (the agent can get no Google token from the metadata server); warns when the settings
-    leave the free tier."""
+    leave the free tier. With nightguard.gcp.snapshots.enabled, the boot disk gets a daily
+    snapshot schedule (made first; attached to an existing VM's disk too)."""
     settings = _settings(c, project, zone, instance, gcp__machine_type=machine_type,
                          gcp__disk_gb=disk_gb)
     for warning in gcp.free_tier_warnings(settings):
@@ -81,7 +84,8 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
     gce = gcp.connect(settings)
     user = settings["ssh.user"]
     entry = gcp_ssh.ssh_keys_entry(user, gcp_ssh.public_key(settings))
-    vm, created = gcp.create_instance(gce, entry, timeout)
+    policy = _schedule(gce, timeout) if settings["gcp.snapshots.enabled"] else ""
+    vm, created = gcp.create_instance(gce, entry, timeout, policy)
     address = gcp.external_ip(vm) or "no external IP yet"
     if created:
         print(f"created VM {gce.name} in {gce.zone} ({vm.status}, {address}); "
@@ -90,8 +94,40 @@ def create(c, project=None, zone=None, instance=None, machine_type=None, disk_gb
     else:
         print(f"VM {gce.name} already exists in {gce.zone} ({vm.status}, {address}): "
               "nothing created; add your key with `inv vm.authorize-key`")
+    if policy:
+        _attach_schedule(gce, vm, policy, created, timeout)
     if where := gcp_ssh.os_login_source(gce, vm):
         _warn(f"OS Login is enabled in the {where} metadata: ssh-keys metadata is ignored")
+
+
+def _schedule(gce: gcp.Gce, timeout) -> str:
+    """The snapshot schedule's URL, made now if missing (before the VM: a missing
+    permission stops `vm.create` with nothing created)."""
+    link, made, warning = snap.ensure_schedule(gce, timeout, "vm create")
+    want = snap.wanted(gce.settings)
+    print(f"snapshot schedule {want.name} ({want.text()}): "
+          f"{'created' if made else 'already there'} in {want.region}")
+    if warning:
+        _warn(warning)
+    return link
+
+
+def _attach_schedule(gce: gcp.Gce, vm, policy: str, created: bool, timeout) -> None:
+    """A new VM's boot disk was made with the schedule: read back, so the line printed is
+    what the disk has (attached now if the API left it out); an existing one gets it now."""
+    name = policy.rsplit("/", 1)[-1]
+    disk = snap.get_disk(gce, vm, "vm create")
+    done = snap.attach(gce, disk, policy, timeout, "vm create")
+    if created and done == "already":
+        print(f"boot disk {disk.name}: snapshot schedule {name} attached")
+    elif done == "other":
+        _warn(f"boot disk {disk.name} has another resource policy "
+              f"({', '.join(p.rsplit('/', 1)[-1] for p in disk.resource_policies)}), and a "
+              f"disk takes one snapshot schedule: {name} is not attached; see `inv "
+              "vm.snapshots`")
+    else:
+        print(f"boot disk {disk.name}: snapshot schedule {name} "
+              f"{'attached now' if done == 'attached' else 'already attached'}")
 
 
 @task(help=VM_HELP)
@@ -170,4 +206,31 @@ def authorize_key(c, project=None, zone=None, instance=None, user=None, key=None
         print(f"the key for {login} is already authorized on VM {gce.name}")
 
 
-ns = Collection("vm", create, status, start, stop, reset, ip, authorize_key)
+@task(help=VM_HELP)
+@one_line_errors
+def snapshots(c, project=None, zone=None, instance=None):
+    """List the boot disk's snapshots, newest first, and its daily snapshot schedule.
+
+    Each snapshot: name, time (UTC), storage it takes (GB, billed per GB-month), status, and
+    whether the schedule made it."""
+    gce = gcp.connect(_settings(c, project, zone, instance))
+    step = "vm snapshots"
+    disk = snap.get_disk(gce, gcp.get_instance(gce, step), step)
+    schedule = snap.attached_schedule(gce, disk, step)
+    rows = [snap.snapshot_row(s) for s in snap.list_snapshots(gce, disk, step)]
+    if schedule:
+        print(f"boot disk {disk.name}: snapshot schedule {schedule.name} ({schedule.text()})")
+    elif disk.resource_policies:  # a disk takes one snapshot schedule: ours cannot join
+        names = [p.rsplit("/", 1)[-1] for p in disk.resource_policies]
+        print(f"boot disk {disk.name}: no daily schedule attached, but {', '.join(names)}: "
+              f"detach it (`gcloud compute disks remove-resource-policies {disk.name} --zone "
+              f"{gce.zone} --resource-policies {names[0]}`), then run `inv vm.create`")
+    else:
+        print(f"boot disk {disk.name}: no schedule attached: run `inv vm.create` (it attaches "
+              f"{snap.policy_name(gce.name)} to an existing VM's disk; "
+              "nightguard.gcp.snapshots.enabled must be true)")
+    for line in snap.table(rows) if rows else ["no snapshots yet"]:
+        print(line)
+
+
+ns = Collection("vm", create, status, start, stop, reset, ip, authorize_key, snapshots)

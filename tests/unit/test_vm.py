@@ -55,7 +55,7 @@ def settings(tmp_path, fake, **overrides):
 # -- tasks ----------------------------------------------------------------------------
 def test_every_task_has_a_docstring_and_help_for_every_flag():
     assert set(vm.ns.task_names) == {"create", "status", "start", "stop", "reset", "ip",
-                                     "authorize-key"}
+                                     "authorize-key", "snapshots"}
     for task in vm.ns.tasks.values():
         assert task.__doc__
         probe = copy.copy(task)
@@ -69,12 +69,17 @@ def test_create_then_create_again_reports_the_existing_vm(env, fake, capsys):
     vm.create(MockContext())
     vm.create(MockContext())
     out, err = capsys.readouterr()
+    schedule = "snapshot schedule nightguard-daily (daily at 03:00 UTC, kept 7 days)"
     assert out.splitlines() == [
+        f"{schedule}: created in us-west1",
         "created VM nightguard in us-west1-b (RUNNING, 203.0.113.10); SSH user ubuntu",
         "service account: none (nothing on the VM can get a Google token from its metadata "
         "server)",
+        "boot disk nightguard: snapshot schedule nightguard-daily attached",
+        f"{schedule}: already there in us-west1",
         "VM nightguard already exists in us-west1-b (RUNNING, 203.0.113.10): nothing "
-        "created; add your key with `inv vm.authorize-key`"]
+        "created; add your key with `inv vm.authorize-key`",
+        "boot disk nightguard: snapshot schedule nightguard-daily already attached"]
     assert err == ""
     assert len(fake.sent("POST", r"/instances$")) == 1
     blob = (env.parent / "id_ed25519.pub").read_text().split()[1]
