@@ -13,6 +13,7 @@ Config keys (``nightguard:`` in Invoke's config files, or ``NIGHTGUARD_<KEY>``):
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,9 +207,9 @@ def authorize_key(c, project=None, zone=None, instance=None, user=None, key=None
         print(f"the key for {login} is already authorized on VM {gce.name}")
 
 
-@task(help=VM_HELP)
+@task(help={**VM_HELP, "json": "print JSON instead of text"})
 @one_line_errors
-def snapshots(c, project=None, zone=None, instance=None):
+def snapshots(c, project=None, zone=None, instance=None, json_=False):
     """List the boot disk's snapshots, newest first, and its daily snapshot schedule.
 
     Each snapshot: name, time (UTC), storage it takes (GB, billed per GB-month), status, and
@@ -218,6 +219,13 @@ def snapshots(c, project=None, zone=None, instance=None):
     disk = snap.get_disk(gce, gcp.get_instance(gce, step), step)
     schedule = snap.attached_schedule(gce, disk, step)
     rows = [snap.snapshot_row(s) for s in snap.list_snapshots(gce, disk, step)]
+    if json_:
+        plan = schedule and {"name": schedule.name, "region": schedule.region,
+                             "start_time": schedule.start_time,
+                             "keep_days": schedule.keep_days}
+        print(json.dumps({"instance": gce.name, "disk": disk.name, "schedule": plan or None,
+                          "snapshots": rows}, indent=2, sort_keys=True))
+        return
     if schedule:
         print(f"boot disk {disk.name}: snapshot schedule {schedule.name} ({schedule.text()})")
     elif disk.resource_policies:  # a disk takes one snapshot schedule: ours cannot join

@@ -5,6 +5,7 @@ through the real google-cloud-compute client against the fake (tests/fake_gce.py
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -430,6 +431,15 @@ def test_snapshots_lists_the_schedule_and_the_snapshots_newest_first(env, fake, 
         "nightguard-20261206  2026-12-06 03:00 UTC  0.25 GB  READY     schedule",
         "before-upgrade       2026-12-05 12:30 UTC  0.00 GB  CREATING  manual",
         "nightguard-20261205  2026-12-05 03:00 UTC  3.00 GB  READY     schedule"]
+    vm.snapshots(MockContext(), json_=True)
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["schedule"] == {"name": "nightguard-daily", "region": "us-west1",
+                                  "start_time": "03:00", "keep_days": 7}
+    assert [s["name"] for s in answer["snapshots"]] == [
+        "nightguard-20261206", "before-upgrade", "nightguard-20261205"]
+    assert answer["snapshots"][0] == {"name": "nightguard-20261206",
+                                      "created": "2026-12-06 03:00 UTC", "storage_gb": 0.25,
+                                      "status": "READY", "scheduled": True}
 
 
 def test_snapshots_of_a_disk_without_schedule_says_how_to_attach_it(env, fake, capsys):
@@ -440,6 +450,10 @@ def test_snapshots_of_a_disk_without_schedule_says_how_to_attach_it(env, fake, c
         "nightguard-daily to an existing VM's disk; nightguard.gcp.snapshots.enabled must be "
         "true)",
         "no snapshots yet"]
+    vm.snapshots(MockContext(), json_=True)
+    answer = json.loads(capsys.readouterr().out)
+    assert answer == {"instance": "nightguard", "disk": "nightguard", "schedule": None,
+                      "snapshots": []}
 
 
 def test_snapshots_of_a_disk_with_another_policy_names_it(env, fake, capsys):
@@ -463,3 +477,8 @@ def test_snapshots_failures_are_one_line(env, fake, capsys):
     assert caught.value.message.startswith("error: step 'vm snapshots' failed: VM nightguard "
                                            "not found in project demo-project")
     assert capsys.readouterr().out == ""
+    with pytest.raises(Exit) as caught:
+        vm.snapshots(MockContext(), json_=True)
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["error"]["step"] == "vm snapshots"
+    assert caught.value.message == f"error: {answer['error']['message']}"
