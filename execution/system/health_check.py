@@ -26,8 +26,9 @@ Checks:
 
 Environment (all optional): NG_APP_DIR (default: two levels above this file),
 NG_HEARTBEAT_FILE (/tmp/nightguard/heartbeat), NG_HEARTBEAT_MAX_AGE (30 s),
-NG_POLL_MARGIN (30 s: above python-telegram-bot's longest pause between polls after
-errors, 30 s; a stalled poll times out on the client and is retried at once),
+NG_POLL_MARGIN (30 s: covers python-telegram-bot's longest pause between polls after
+errors, 30 s; a poll that hangs times out on the client and is retried at once, so it
+never completes and only an answer moves polled_at),
 NG_SECRETS_DIR (/run/secrets), NG_REQUIRED_SECRETS
 ("telegram_bot_token,gemini_api_key"), NG_MEMORY_WARN_PERCENT (90),
 NG_MIN_FREE_DISK_MB (50), NG_CGROUP_ROOT (/sys/fs/cgroup).
