@@ -9,6 +9,14 @@ one JSON line and exits 0 when healthy (warnings allowed) or 1 when unhealthy:
 
 Checks:
   heartbeat  the heartbeat file's mtime is younger than NG_HEARTBEAT_MAX_AGE
+  polling    for an agent that reports it (a JSON object in the heartbeat file, written
+             by heartbeat.beat(fields=...)): its last completed poll ("polled_at", Unix
+             time) is at most "poll_timeout" + NG_POLL_MARGIN seconds old, so a bot whose
+             loop still beats but whose getUpdates never returns fails (state "stalled").
+             No such fields: state "not_reported", never a failure. "token": "rejected"
+             (the API refuses the bot token): state "token_rejected" and a warning, not a
+             failure, since a restart cannot mend a revoked token and would only call
+             Telegram again
   secrets    every name in NG_REQUIRED_SECRETS is a non-empty file in NG_SECRETS_DIR
              (only names are reported, never values)
   dirs       directives/ and knowledge/ under NG_APP_DIR exist and are listable
@@ -18,6 +26,9 @@ Checks:
 
 Environment (all optional): NG_APP_DIR (default: two levels above this file),
 NG_HEARTBEAT_FILE (/tmp/nightguard/heartbeat), NG_HEARTBEAT_MAX_AGE (30 s),
+NG_POLL_MARGIN (30 s: covers python-telegram-bot's longest pause between polls after
+errors, 30 s; a poll that hangs times out on the client and is retried at once, so it
+never completes and only an answer moves polled_at),
 NG_SECRETS_DIR (/run/secrets), NG_REQUIRED_SECRETS
 ("telegram_bot_token,gemini_api_key"), NG_MEMORY_WARN_PERCENT (90),
 NG_MIN_FREE_DISK_MB (50), NG_CGROUP_ROOT (/sys/fs/cgroup).
@@ -35,6 +46,9 @@ import time
 
 DEFAULT_HEARTBEAT_FILE = "/tmp/nightguard/heartbeat"
 DEFAULT_HEARTBEAT_MAX_AGE = 30.0
+DEFAULT_POLL_MARGIN = 30.0
+# The heartbeat's content is a short line; anything longer is not ours to parse.
+HEARTBEAT_PEEK_BYTES = 1024
 DEFAULT_SECRETS_DIR = "/run/secrets"
 DEFAULT_REQUIRED_SECRETS = "telegram_bot_token,gemini_api_key"
 DEFAULT_MEMORY_WARN_PERCENT = 90.0
@@ -71,6 +85,117 @@ def check_heartbeat(path, now, max_age):
     if not result["ok"]:
         result["max_age_s"] = max_age
     return result
+
+
+def parse_flat_object(text):
+    """A one-level JSON object of strings, numbers, booleans and nulls, else None.
+
+    The heartbeat's content; a small scanner because ``json`` would double the start-up
+    time of every check (see the module docstring). Nested values are refused.
+    """
+    pos, end = 0, len(text)
+
+    def skip(pos):
+        while pos < end and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def string(pos):  # pos at the opening quote; returns (value, position after it)
+        out, pos = [], pos + 1
+        while pos < end:
+            ch = text[pos]
+            if ch == '"':
+                return "".join(out), pos + 1
+            if ch == "\\":
+                esc = text[pos + 1 : pos + 2]
+                if esc == "u":
+                    code = int(text[pos + 2 : pos + 6], 16)
+                    pos += 6
+                    if 0xD800 <= code < 0xDC00 and text[pos : pos + 2] == "\\u":
+                        low = int(text[pos + 2 : pos + 6], 16)  # a UTF-16 surrogate pair
+                        if 0xDC00 <= low < 0xE000:
+                            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                            pos += 6
+                    out.append(chr(code))
+                    continue
+                out.append({"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}.get(esc, esc))
+                pos += 2
+                continue
+            out.append(ch)
+            pos += 1
+        raise ValueError("unterminated string")
+
+    try:
+        pos = skip(pos)
+        if text[pos : pos + 1] != "{":
+            return None
+        result = {}
+        pos = skip(pos + 1)
+        if text[pos : pos + 1] == "}":
+            return result if not text[skip(pos + 1) :] else None
+        while True:
+            if text[pos : pos + 1] != '"':
+                return None
+            key, pos = string(pos)
+            pos = skip(pos)
+            if text[pos : pos + 1] != ":":
+                return None
+            pos = skip(pos + 1)
+            ch = text[pos : pos + 1]
+            if ch == '"':
+                value, pos = string(pos)
+            else:
+                stop = pos
+                while stop < end and text[stop] not in ",} \t\r\n":
+                    stop += 1
+                word = text[pos:stop]
+                literals = {"true": True, "false": False, "null": None}
+                if word in literals:
+                    value = literals[word]
+                else:
+                    value = float(word)
+                    if not math.isfinite(value):
+                        return None
+                pos = stop
+            result[key] = value
+            pos = skip(pos)
+            ch = text[pos : pos + 1]
+            if ch == ",":
+                pos = skip(pos + 1)
+            elif ch == "}":
+                return result if not text[skip(pos + 1) :] else None
+            else:
+                return None
+    except (ValueError, IndexError):
+        return None
+
+
+def check_polling(path, now, margin):
+    """Polling progress as the agent reports it in the heartbeat's content.
+
+    Only an agent that writes "polled_at" can fail this check; a revoked token is
+    reported (state "token_rejected"), never failed: a restart cannot fix it.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEARTBEAT_PEEK_BYTES)
+    except OSError:  # the heartbeat check says what is wrong with the file
+        return {"ok": True, "state": "not_reported"}
+    fields = parse_flat_object(head.decode("utf-8", "replace"))
+    if not fields:
+        return {"ok": True, "state": "not_reported"}
+    if fields.get("token") == "rejected":
+        return {"ok": True, "state": "token_rejected"}
+    polled_at = fields.get("polled_at")
+    if not isinstance(polled_at, float):
+        return {"ok": True, "state": "not_reported"}
+    timeout = fields.get("poll_timeout")
+    timeout = timeout if isinstance(timeout, float) and timeout >= 0 else 0.0
+    age = max(0.0, now - polled_at)
+    limit = timeout + margin
+    if age <= limit:
+        return {"ok": True, "state": "polling", "age_s": round(age, 1)}
+    return {"ok": False, "state": "stalled", "age_s": round(age, 1), "max_age_s": limit}
 
 
 def secret_state(path):
@@ -296,6 +421,7 @@ def run_checks(env, now):
     app_dir = env.get("NG_APP_DIR") or default_app_dir()
     heartbeat_file = env.get("NG_HEARTBEAT_FILE") or DEFAULT_HEARTBEAT_FILE
     max_age = _number(env, "NG_HEARTBEAT_MAX_AGE", DEFAULT_HEARTBEAT_MAX_AGE, warnings)
+    poll_margin = _number(env, "NG_POLL_MARGIN", DEFAULT_POLL_MARGIN, warnings)
     secrets_dir = env.get("NG_SECRETS_DIR") or DEFAULT_SECRETS_DIR
     raw_names = env.get("NG_REQUIRED_SECRETS")
     if raw_names is None:
@@ -314,6 +440,9 @@ def run_checks(env, now):
             checks[name] = {"ok": False, "error": type(exc).__name__}
 
     guarded("heartbeat", check_heartbeat, heartbeat_file, now, max_age)
+    guarded("polling", check_polling, heartbeat_file, now, poll_margin)
+    if checks["polling"].get("state") == "token_rejected":
+        warnings.append("telegram rejected the bot token: the agent stopped polling")
     guarded("secrets", check_secrets, secrets_dir, names)
     guarded("dirs", check_dirs, app_dir)
     try:

@@ -14,6 +14,15 @@ heartbeat goes stale and the container is reported unhealthy. A background
 thread, ``HeartbeatThread(interval=5).start()``, keeps beating while the main
 loop is stuck, so it only proves that the process is alive; use it for agents
 whose main loop you cannot touch, and know what it does not detect.
+
+An agent that long-polls (Telegram's getUpdates) also says how its polling goes, so
+that a bot whose loop runs but whose polling has stalled is caught too:
+
+    beat(fields={"polled_at": last_poll_done, "poll_timeout": 10})
+    beat(fields={"token": "rejected"})   # the API refuses the token: polling stopped
+
+The file then holds that one-line JSON object instead of the bare time; health_check.py
+reads it (see its docstring). Without ``fields`` nothing about polling is reported.
 """
 
 import os
@@ -28,8 +37,11 @@ def default_path():
     return os.environ.get("NG_HEARTBEAT_FILE") or DEFAULT_PATH
 
 
-def beat(path=None, now=None):
+def beat(path=None, now=None, fields=None):
     """Atomically replace the heartbeat file with the current Unix time.
+
+    With ``fields`` (a flat dict of numbers and strings) the file holds them as one
+    JSON object instead; the mtime still carries the beat.
 
     A reader never sees a half-written file: the text goes to a temporary file
     in the same directory, which then replaces the heartbeat in one rename.
@@ -38,7 +50,12 @@ def beat(path=None, now=None):
     path = path or default_path()
     now = time.time() if now is None else now
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    data = f"{now:.3f}\n".encode()
+    if fields is None:
+        data = f"{now:.3f}\n".encode()
+    else:
+        import json  # only agents that report polling pay for it, once
+
+        data = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:

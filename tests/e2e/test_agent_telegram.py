@@ -20,15 +20,19 @@ import pytest
 from tests.e2e.deploy_helpers import (
     CONTAINER,
     audit,
+    back_healthy,
     checked,
     copy_source,
     figure,
     healthy_now,
+    inspect,
     inv,
     inv_env,
     make_env_file,
     markers,
     output,
+    started_at,
+    wait_until,
 )
 from tests.fakes.telegram_api import FakeTelegram
 
@@ -143,3 +147,79 @@ def test_no_overlap_no_loss_through_change_rollback_and_rotation(sandbox_bookwor
     assert telegram.conflicts == 0
     print("polling gaps: " + ", ".join(f"{k} {v:.1f} s" for k, v in gaps.items()))
     assert max(gaps.values()) < 120
+
+
+def polling_agent(env, telegram, ssh_run, target) -> None:
+    """The example agent runs and polls the fake; deployed here when no earlier test of this
+    module did (e.g. when only the drills below are selected)."""
+    if not telegram.wait_for(lambda: telegram.open_polls(), 20):
+        done = inv(["deploy"], env, timeout=2400)
+        assert done.returncode == 0, output(done)
+    assert telegram.wait_for(lambda: telegram.open_polls(), 60), "the agent does not poll"
+    assert healthy_now(ssh_run, target)
+
+
+def health_outputs(ssh_run, target) -> str:
+    """The outputs (health_check.py's JSON lines) in Podman's health log, read passively."""
+    state = (inspect(ssh_run, target) or {}).get("State") or {}
+    log = (state.get("Health") or state.get("Healthcheck") or {}).get("Log") or []
+    return "\n".join(entry.get("Output", "") for entry in log)
+
+
+def test_deaf_bot_is_restarted_by_its_health_check(sandbox_bookworm, env, telegram, ssh_run):
+    """getUpdates held with the connection open: the loop still beats, polled_at stops, the
+    polling check fails (poll_timeout 10 s + margin 30 s, then 3 failed checks 30 s apart)
+    and --health-on-failure=kill has the container restarted. The fake listens again once
+    the new container runs, as a fresh connection would get answers from Telegram."""
+    target = sandbox_bookworm
+    polling_agent(env, telegram, ssh_run, target)
+    before = started_at(ssh_run, target)
+    telegram.set_deaf()
+    since = time.monotonic()
+    seen_stalled = False
+    try:
+        def restarted():
+            nonlocal seen_stalled
+            seen_stalled = seen_stalled or '"state":"stalled"' in health_outputs(ssh_run, target)
+            now = started_at(ssh_run, target)
+            return now and now != before
+
+        assert wait_until(restarted, 300, 3), "a deaf agent was not restarted within 300 s"
+        figure(f"{target['name']}: deaf -> restarted", time.monotonic() - since)
+    finally:
+        telegram.set_deaf(False)
+    assert seen_stalled, "no health check output said polling stalled"
+    assert telegram.deaf_polls >= 1
+    seconds = back_healthy(ssh_run, target, before, since, 420)
+    assert seconds is not None, "not healthy again after the restart"
+    figure(f"{target['name']}: deaf -> healthy", seconds)
+    ask(telegram, "are you listening again?")
+
+
+def test_revoked_token_is_reported_not_restarted(sandbox_bookworm, env, telegram, ssh_run):
+    """401 to every call: the agent stops polling and stays up; no restart within 3 minutes,
+    at most a few calls with the refused token, health_check's JSON says token_rejected."""
+    target = sandbox_bookworm
+    polling_agent(env, telegram, ssh_run, target)
+    before = started_at(ssh_run, target)
+    telegram.set_revoked()
+    revoked_at = time.monotonic()
+    try:
+        time.sleep(180)
+        calls = [r for r in telegram.calls("getUpdates", "getMe")
+                 if r.start >= revoked_at or r.end is None or r.end >= revoked_at]
+        assert 1 <= len(calls) <= 3, [(r.method, r.status) for r in calls]
+        assert started_at(ssh_run, target) == before, "the container was restarted"
+        done = ssh_run(target, f"sudo -n podman exec {CONTAINER} "
+                               "python3 /app/execution/system/health_check.py")
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["checks"]["polling"]["state"] == "token_rejected", report
+        assert healthy_now(ssh_run, target)
+        figure(f"{target['name']}: calls in 180 s with a revoked token", len(calls), "calls")
+    finally:
+        telegram.set_revoked(False)
+    # A new container (as a deploy with a new token would start) polls again.
+    checked(ssh_run, target, f"sudo -n podman kill {CONTAINER}")
+    assert back_healthy(ssh_run, target, before, time.monotonic(), 300) is not None
+    ask(telegram, "back with a valid token?")

@@ -25,6 +25,12 @@ Bot API (``/bot<TOKEN>/<method>``; JSON bodies, form bodies and query strings al
   An older request whose client has already hung up (a poller cancels its long poll
   when it stops) is dropped without a conflict: nobody is there to get the 409.
 
+Failures on request: ``set_deaf()`` holds every getUpdates (open ones too) without an
+answer for as long as the client keeps its connection, while the other methods still
+answer (a Bot API that stopped delivering; ``deaf_polls`` counts the held requests);
+``set_revoked()`` answers 401 Unauthorized to every call, held getUpdates included, as
+Telegram does once a token has been revoked. Both take ``False`` to end them.
+
 Gemini (``POST /v1beta/models/<model>:generateContent``): the key goes in the
 ``x-goog-api-key`` header. As Google does, no key answers 403 PERMISSION_DENIED and a
 wrong key 400 INVALID_ARGUMENT (reason API_KEY_INVALID). The answer's text is
@@ -169,6 +175,9 @@ class FakeTelegram:
         self._next_message_id = 0
         self._gemini_failures = 0
         self.gemini_delay = 0.0
+        self.deaf = False
+        self.revoked = False
+        self.deaf_polls = 0
         self._closing = False
         self._cond = threading.Condition(threading.RLock())
         fake = self
@@ -279,6 +288,28 @@ class FakeTelegram:
         """The next ``times`` Gemini calls answer 503 UNAVAILABLE."""
         with self._cond:
             self._gemini_failures = times
+
+    def set_deaf(self, on: bool = True) -> None:
+        """getUpdates is held without an answer, the connection open, until ``set_deaf(False)``."""
+        with self._cond:
+            self.deaf = on
+            self._cond.notify_all()
+
+    def set_revoked(self, on: bool = True) -> None:
+        """Every Bot API call answers 401 Unauthorized, as for a revoked token."""
+        with self._cond:
+            self.revoked = on
+            self._cond.notify_all()
+
+    def calls(self, *methods: str) -> list[Request]:
+        """Bot API requests for any of ``methods`` (all when none are named)."""
+        wanted = {m.lower() for m in methods}
+        with self._cond:
+            return [
+                r
+                for r in self.requests
+                if r.api == "telegram" and (not wanted or r.method.lower() in wanted)
+            ]
 
     def open_polls(self) -> list[Request]:
         """getUpdates requests being held right now."""
@@ -409,7 +440,7 @@ class FakeTelegram:
                 self._cond.notify_all()
 
     def _telegram(self, handler, token, method, params) -> None:
-        authorized = token == self.token
+        authorized = token == self.token and not self.revoked
         record = self._record(handler, "telegram", method, params, authorized)
         if not authorized:
             self._answer(
@@ -502,6 +533,8 @@ class FakeTelegram:
         limit = min(100, max(1, _int(params.get("limit"), 100)))
         timeout = max(0.0, _float(params.get("timeout"), 0.0))
         me = _Poll(record, handler.connection)
+        if not self._hold_while_deaf(handler, record):
+            return
 
         with self._cond:
             older = list(self._polls)
@@ -527,6 +560,9 @@ class FakeTelegram:
                 if me.terminated:
                     outcome = "conflict"
                     break
+                if self.revoked or self.deaf:
+                    outcome = "revoked" if self.revoked else "deaf"
+                    break
                 if self._updates or self._closing or time.monotonic() >= deadline:
                     break
                 self._cond.wait(min(POLL_SLICE, max(0.0, deadline - time.monotonic())))
@@ -541,6 +577,16 @@ class FakeTelegram:
             self._answer(
                 handler, record, 409, {"ok": False, "error_code": 409, "description": CONFLICT}
             )
+        elif outcome == "revoked":
+            self._answer(
+                handler,
+                record,
+                401,
+                {"ok": False, "error_code": 401, "description": "Unauthorized"},
+            )
+        elif outcome == "deaf":  # an open poll when the fake went deaf: held from now on
+            if self._hold_while_deaf(handler, record):
+                self._get_updates(handler, record, params)
         elif outcome == "gone":
             handler.close_connection = True
             with self._cond:
@@ -548,6 +594,39 @@ class FakeTelegram:
                 self._cond.notify_all()
         else:
             self._answer(handler, record, 200, {"ok": True, "result": batch})
+
+    def _hold_while_deaf(self, handler, record) -> bool:
+        """Hold a getUpdates while the fake is deaf; True when it is to be served after all.
+
+        A client that hangs up (its read timeout) ends the hold, with no answer; so does
+        stop(), which then cuts the connection.
+        """
+        with self._cond:
+            if not self.deaf:
+                return True
+            self.deaf_polls += 1
+            while self.deaf and not self._closing:
+                if self.revoked:
+                    break
+                self._cond.wait(POLL_SLICE)
+                if _peer_gone(handler.connection):
+                    handler.close_connection = True
+                    record.end = time.monotonic()
+                    self._cond.notify_all()
+                    return False
+            if self._closing:
+                handler.close_connection = True
+                record.end = time.monotonic()
+                return False
+        if self.revoked:
+            self._answer(
+                handler,
+                record,
+                401,
+                {"ok": False, "error_code": 401, "description": "Unauthorized"},
+            )
+            return False
+        return True
 
     def _gemini_call(self, handler, model, params, key_in_url) -> None:
         key = handler.headers.get("x-goog-api-key") or params.get("key")

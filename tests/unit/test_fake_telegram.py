@@ -229,6 +229,52 @@ def test_stop_ends_a_held_poll():
     assert box["result"] == (200, {"ok": True, "result": []})
 
 
+def test_deaf_holds_getupdates_with_the_connection_open(fake):
+    held = in_thread(bot, fake, "getUpdates", {"timeout": 5})
+    assert fake.wait_for(lambda: fake.open_polls(), 2)
+    fake.set_deaf()  # an open poll is held too
+    fake.send_user_message("waiting")  # would be answered at once if the fake listened
+    fresh = in_thread(call, f"{fake.base_url}{TOKEN}/getUpdates", {"timeout": 0}, timeout=1.0)
+    fresh["thread"].join(3)
+    assert isinstance(fresh.get("error"), TimeoutError)  # the client gave up, no answer
+    assert "result" not in held and held["thread"].is_alive()
+    assert fake.deaf_polls == 2
+    # Other methods still answer: only delivery stopped.
+    assert bot(fake, "getMe")[0] == 200
+    fake.set_deaf(False)
+    held["thread"].join(3)
+    status, body = held["result"]
+    assert status == 200 and [u["message"]["text"] for u in body["result"]] == ["waiting"]
+
+
+def test_stop_ends_a_deaf_poll():
+    fake = FakeTelegram(TOKEN).start()
+    fake.set_deaf()
+    box = in_thread(bot, fake, "getUpdates", {"timeout": 30})
+    assert fake.wait_for(lambda: fake.deaf_polls, 2)
+    fake.stop()
+    box["thread"].join(3)
+    assert not box["thread"].is_alive() and "error" in box
+
+
+def test_revoked_answers_401_to_every_call_held_polls_too(fake):
+    held = in_thread(bot, fake, "getUpdates", {"timeout": 30})
+    assert fake.wait_for(lambda: fake.open_polls(), 2)
+    fake.set_revoked()
+    held["thread"].join(3)
+    unauthorized = (401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+    assert held["result"] == unauthorized
+    for method in ("getMe", "getUpdates", "sendMessage", "deleteWebhook"):
+        assert bot(fake, method, {"chat_id": 1, "text": "x"}) == unauthorized
+    assert [(r.method, r.status) for r in fake.calls("getMe", "getUpdates")] == [
+        ("getUpdates", 401),
+        ("getMe", 401),
+        ("getUpdates", 401),
+    ]
+    fake.set_revoked(False)
+    assert bot(fake, "getMe")[0] == 200
+
+
 def gemini(fake, prompt, headers, model="gemini-2.0-flash", query=""):
     url = f"{fake.gemini_base_url}/v1beta/models/{model}:generateContent{query}"
     body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}

@@ -90,6 +90,88 @@ def test_heartbeat_mtime_in_future_counts_as_fresh(tmp_path):
     assert result == {"ok": True, "age_s": 0.0}
 
 
+# --- polling --------------------------------------------------------------------
+
+
+def polling(tmp_path, content, now, margin=30):
+    path = write(tmp_path / "hb", content)
+    return hc.check_polling(str(path), now=now, margin=margin)
+
+
+def test_polling_progress_within_timeout_plus_margin(tmp_path):
+    beat = '{"polled_at":1000.0,"poll_timeout":10}\n'
+    assert polling(tmp_path, beat, now=1039.94) == {"ok": True, "state": "polling", "age_s": 39.9}
+    assert polling(tmp_path, beat, now=1040.0)["ok"] is True
+    assert polling(tmp_path, beat, now=1040.1) == {
+        "ok": False,
+        "state": "stalled",
+        "age_s": 40.1,
+        "max_age_s": 40.0,
+    }
+    assert polling(tmp_path, beat, now=1012.0, margin=1)["state"] == "stalled"
+
+
+def test_polling_without_a_timeout_allows_the_margin_only(tmp_path):
+    assert polling(tmp_path, '{"polled_at": 1000}', now=1031)["state"] == "stalled"
+    assert polling(tmp_path, '{"polled_at": 1000, "poll_timeout": "x"}', now=1029)["ok"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "1733561234.567\n",
+        "",
+        "x",
+        "{}",
+        '{"beat": 1}',
+        '{"polled_at": "soon"}',
+        '{"polled_at": 1000',
+        '{"polled_at": {"t": 1}}',
+        "[1000]",
+        "\xff\xfe",
+    ],
+)
+def test_polling_not_reported_never_fails(tmp_path, content):
+    # The reference agent writes a bare time; a user's own agent may write anything.
+    assert polling(tmp_path, content, now=10**10) == {"ok": True, "state": "not_reported"}
+
+
+def test_polling_missing_heartbeat_is_left_to_the_heartbeat_check(tmp_path):
+    result = hc.check_polling(str(tmp_path / "nope"), now=time.time(), margin=30)
+    assert result == {"ok": True, "state": "not_reported"}
+
+
+def test_token_rejected_is_reported_not_failed(tmp_path):
+    content = '{"token":"rejected","polled_at":1000.0,"poll_timeout":10}'
+    assert polling(tmp_path, content, now=10**10) == {"ok": True, "state": "token_rejected"}
+
+
+def test_parse_flat_object_agrees_with_json():
+    for value in [
+        {},
+        {"polled_at": 1733561234.567, "poll_timeout": 10},
+        {"token": "rejected"},
+        {"s": 'q"\\\n\té€😀', "n": None, "t": True, "f": False, "e": -1.5e-3},
+    ]:
+        for text in (json.dumps(value), json.dumps(value, separators=(",", ":")) + "\n"):
+            assert hc.parse_flat_object(text) == json.loads(text)
+    for text in [
+        "",
+        "1.5",
+        "[]",
+        '{"a":{"b":1}}',
+        '{"a":[1]}',
+        '{"a":1',
+        '{"a":1}x',
+        "{a:1}",
+        '{"a":NaN}',
+        '{"a":"x}',
+        '{"a":1,}',
+        '{"a" 1}',
+    ]:
+        assert hc.parse_flat_object(text) is None, text
+
+
 # --- secrets ------------------------------------------------------------------
 
 
@@ -239,7 +321,8 @@ def test_main_healthy_one_short_json_line(env):
     assert text.endswith("\n") and text.count("\n") == 1
     assert len(text) < 400
     assert report["status"] == "healthy"
-    assert list(report["checks"]) == ["heartbeat", "secrets", "dirs", "memory", "disk"]
+    assert list(report["checks"]) == ["heartbeat", "polling", "secrets", "dirs", "memory", "disk"]
+    assert report["checks"]["polling"] == {"ok": True, "state": "not_reported"}
     assert all(check["ok"] for check in report["checks"].values())
     assert report["warnings"] == []
 
@@ -260,6 +343,24 @@ def test_main_unhealthy(env, change, later, failed):
     assert [name for name, c in report["checks"].items() if not c["ok"]] == [failed]
 
 
+def test_main_deaf_agent_unhealthy_while_it_beats(env):
+    write(Path(env["NG_HEARTBEAT_FILE"]), f'{{"polled_at":{time.time() - 41},"poll_timeout":10}}')
+    code, text, report = run_main(env)
+    assert code == 1
+    assert [name for name, c in report["checks"].items() if not c["ok"]] == ["polling"]
+    assert report["checks"]["heartbeat"]["ok"] is True
+    assert report["checks"]["polling"]["state"] == "stalled"
+    assert run_main(dict(env, NG_POLL_MARGIN="60"))[0] == 0
+
+
+def test_main_token_rejected_healthy_with_a_warning(env):
+    write(Path(env["NG_HEARTBEAT_FILE"]), '{"token":"rejected"}\n')
+    code, _, report = run_main(env)
+    assert code == 0 and report["status"] == "healthy"
+    assert report["checks"]["polling"] == {"ok": True, "state": "token_rejected"}
+    assert report["warnings"] == ["telegram rejected the bot token: the agent stopped polling"]
+
+
 def test_main_missing_dirs_unhealthy(env):
     (Path(env["NG_APP_DIR"]) / "knowledge").rmdir()
     code, _, report = run_main(env)
@@ -271,6 +372,9 @@ def test_bad_number_falls_back_with_warning(env):
     code, _, report = run_main(dict(env, NG_HEARTBEAT_MAX_AGE="soon"))
     assert code == 0
     assert report["warnings"] == ["bad NG_HEARTBEAT_MAX_AGE, using 30"]
+    code, _, report = run_main(dict(env, NG_POLL_MARGIN="-5"))
+    assert code == 0
+    assert report["warnings"] == ["bad NG_POLL_MARGIN, using 30"]
 
 
 def test_broken_check_still_prints_json(env, monkeypatch):

@@ -218,6 +218,17 @@ def test_beat_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(path.parent) == ["heartbeat"]
 
 
+def test_beat_with_fields_writes_what_the_health_check_reads(tmp_path):
+    hb, hc = _load("heartbeat"), _load("health_check")
+    path = tmp_path / "heartbeat"
+    hb.beat(str(path), fields={"polled_at": 1234.5, "poll_timeout": 10})
+    assert path.read_text() == '{"polled_at":1234.5,"poll_timeout":10}\n'
+    assert hc.check_polling(str(path), now=1240.0, margin=30)["state"] == "polling"
+    hb.beat(str(path), fields={"token": "rejected"})
+    assert hc.check_polling(str(path), now=1240.0, margin=30)["state"] == "token_rejected"
+    assert os.listdir(tmp_path) == ["heartbeat"]
+
+
 def test_heartbeat_thread_beats_until_stopped(tmp_path):
     hb = _load("heartbeat")
     path = tmp_path / "heartbeat"

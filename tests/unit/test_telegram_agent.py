@@ -1,5 +1,6 @@
 """Run the Telegram example agent as a subprocess against the fake Bot API and Gemini."""
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from tests.fakes.telegram_api import GEMINI_PREFIX, FakeTelegram  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = ROOT / "execution" / "examples" / "telegram_night_guard.py"
+HEALTH_CHECK = ROOT / "execution" / "system" / "health_check.py"
 TOKEN = "987654:telegram-token-never-logged"
 GEMINI = "gemini-key-never-logged"
 APOLOGY = "Sorry, I cannot answer right now"
@@ -55,6 +57,41 @@ class Agent:
 
     def output(self):
         return self.log_path.read_text()
+
+    def beat(self):
+        """(mtime, fields) of the heartbeat ((None, {}) when there is none); fields is {}
+        for a plain beat."""
+        for _ in range(100):
+            try:
+                mtime = self.heartbeat.stat().st_mtime
+                text = self.heartbeat.read_text()
+            except FileNotFoundError:  # not written yet, or between stat and read: retry
+                time.sleep(0.01)
+                continue
+            return mtime, json.loads(text) if text.startswith("{") else {}
+        return None, {}
+
+    def health(self, **env):
+        """(exit code, report) of health_check.py run on this agent's heartbeat."""
+        cgroup = self.heartbeat.parent / "no-cgroup"
+        cgroup.mkdir(exist_ok=True)
+        run_env = dict(
+            os.environ,
+            NG_APP_DIR=str(ROOT),
+            NG_HEARTBEAT_FILE=str(self.heartbeat),
+            NG_SECRETS_DIR=str(self.secrets_dir),
+            NG_CGROUP_ROOT=str(cgroup),
+            **env,
+        )
+        proc = subprocess.run(
+            [sys.executable, str(HEALTH_CHECK)],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert proc.stdout.count("\n") == 1, proc.stdout + proc.stderr
+        return proc.returncode, json.loads(proc.stdout), proc.stdout
 
     def wait_exit(self, timeout=10.0):
         try:
@@ -225,10 +262,10 @@ def test_heartbeat_refreshed_while_running(start, fake):
     seen = set()
     deadline = time.monotonic() + 5
     while len(seen) < 3 and time.monotonic() < deadline:
-        seen.add(agent.heartbeat.read_text())
+        seen.add(agent.beat()[0])
         time.sleep(0.05)
     assert len(seen) >= 3
-    assert abs(float(max(seen)) - time.time()) < 5
+    assert abs(max(seen) - time.time()) < 5
 
 
 def test_secrets_never_logged(start, fake):
@@ -283,13 +320,116 @@ def test_missing_secret_exits_2_naming_it(start, fake, missing):
     assert fake.requests == []
 
 
-def test_rejected_token_exits_2_without_printing_it(start, fake):
+def wait_beat(agent, predicate, timeout=15, what="a heartbeat"):
+    """The first (mtime, fields) for which ``predicate(fields)`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and agent.proc.poll() is None:
+        mtime, fields = agent.beat()
+        if predicate(fields):
+            return mtime, fields
+        time.sleep(0.05)
+    pytest.fail(f"no {what}; rc={agent.proc.poll()}, last {agent.beat()}\n{agent.output()}")
+
+
+def test_heartbeat_reports_polling_progress(start, fake):
+    agent = start(NG_POLL_TIMEOUT="1")
+    wait_polling(fake, agent)
+    _, first = wait_beat(agent, lambda f: "polled_at" in f, what="polled_at")
+    assert first["poll_timeout"] == 1 and abs(first["polled_at"] - time.time()) < 5
+    # Each empty 1 s long poll that comes back is progress.
+    _, later = wait_beat(agent, lambda f: f.get("polled_at", 0) > first["polled_at"] + 1.5)
+    code, report, _ = agent.health(NG_POLL_MARGIN="1")
+    assert code == 0, report
+    assert report["checks"]["polling"]["state"] == "polling"
+
+
+def test_a_deaf_bot_fails_the_health_check_while_it_beats(start, fake):
+    agent = start(NG_POLL_TIMEOUT="1")
+    wait_polling(fake, agent)
+    wait_beat(agent, lambda f: "polled_at" in f, what="polled_at")
+    code, report, _ = agent.health(NG_POLL_MARGIN="1")
+    assert code == 0 and report["checks"]["polling"]["state"] == "polling", report
+
+    fake.set_deaf()
+    assert fake.wait_for(lambda: fake.deaf_polls >= 1, 10), agent.output()
+    held_at = time.monotonic()
+    _, fields = agent.beat()
+    stalled_at = fields["polled_at"]
+    # Past poll_timeout + margin (2 s), and through one client-side read timeout (1 + 5 s)
+    # and its retry, which is held too.
+    beats = set()
+    while time.monotonic() - held_at < 7:
+        mtime, fields = agent.beat()
+        beats.add(mtime)
+        assert fields["polled_at"] == stalled_at
+        time.sleep(0.1)
+    assert len(beats) >= 10  # the loop still beats
+    assert fake.deaf_polls >= 2 and agent.proc.poll() is None
+    code, report, line = agent.health(NG_POLL_MARGIN="1")
+    assert code == 1
+    assert [name for name, c in report["checks"].items() if not c["ok"]] == ["polling"]
+    assert report["checks"]["polling"]["state"] == "stalled"
+    assert report["checks"]["polling"]["age_s"] > 2 and '"polling":{"ok":false' in line
+    # The same heartbeat passes with a margin the stall is within.
+    assert agent.health(NG_POLL_MARGIN="60")[0] == 0
+
+    fake.set_deaf(False)  # answers again: polling makes progress, the check passes
+    wait_beat(agent, lambda f: f["polled_at"] > stalled_at, what="progress after the stall")
+    assert agent.health(NG_POLL_MARGIN="1")[0] == 0
+    assert agent.terminate()[0] == 0
+
+
+def token_calls(fake, since=0.0):
+    """getUpdates and getMe calls open at ``since`` or made after it."""
+    return [
+        r
+        for r in fake.calls("getUpdates", "getMe")
+        if r.start >= since or r.end is None or r.end >= since
+    ]
+
+
+def test_a_revoked_token_stops_polling_and_is_reported(start, fake):
+    agent = start(NG_POLL_TIMEOUT="1")
+    wait_polling(fake, agent)
+    wait_beat(agent, lambda f: "polled_at" in f, what="polled_at")
+    revoked_at = time.monotonic()
+    fake.set_revoked()
+    wait_beat(agent, lambda f: f.get("token") == "rejected", what='"token": "rejected"')
+    assert [r.status for r in token_calls(fake, revoked_at)][:1] == [401]
+    # No retry loop: python-telegram-bot's backoff (1, 1.5, 2.25 s) or an exit and a
+    # restart would make more calls in this window than the agent's last getUpdates.
+    time.sleep(6)
+    assert agent.proc.poll() is None, agent.output()
+    calls = token_calls(fake, revoked_at)
+    print("calls after the revocation:", [(r.method, r.status) for r in calls])
+    assert 1 <= len(calls) <= 3, [(r.method, r.status) for r in calls]
+    assert all(r.status == 401 for r in calls)
+    mtime, fields = agent.beat()
+    assert fields == {"token": "rejected"} and time.time() - mtime < 2
+
+    code, report, _ = agent.health(NG_POLL_MARGIN="1")
+    assert code == 0, report
+    assert report["checks"]["polling"] == {"ok": True, "state": "token_rejected"}
+    assert report["warnings"] == ["telegram rejected the bot token: the agent stopped polling"]
+    code, took = agent.terminate()
+    assert code == 0 and took < 5
+    out = agent.output()
+    assert "Telegram rejected the bot token (secret telegram_bot_token)" in out
+    assert TOKEN not in out and GEMINI not in out
+
+
+def test_a_rejected_token_at_start_is_reported_not_retried(start, fake):
     # python-telegram-bot logs InvalidToken("The token `<TOKEN>` was rejected ...") with a
     # traceback before run_polling raises: only the redacting formatter keeps it out.
     wrong = "987654:a-wrong-token-never-logged"
     agent = start(secrets={"telegram_bot_token": wrong, "gemini_api_key": GEMINI})
-    assert agent.wait_exit() == 2
+    wait_beat(agent, lambda f: f.get("token") == "rejected", what='"token": "rejected"')
+    time.sleep(3)  # an exit or a retry would show by now
+    assert agent.proc.poll() is None, agent.output()
     assert [(r.method, r.authorized) for r in fake.requests] == [("getMe", False)]
+    code, report, _ = agent.health()
+    assert code == 0 and report["checks"]["polling"]["state"] == "token_rejected", report
+    assert agent.terminate()[0] == 0
     out = agent.output()
     assert "Telegram rejected the bot token (secret telegram_bot_token)" in out
     assert "The token `[redacted]` was rejected" in out  # what PTB tried to print
