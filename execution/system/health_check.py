@@ -87,85 +87,88 @@ def check_heartbeat(path, now, max_age):
     return result
 
 
+def _skip(text, pos):
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
+
+
+def _string(text, pos):
+    """A JSON string at ``pos`` (its opening quote): (value, position after it)."""
+    out, pos, end = [], pos + 1, len(text)
+    while pos < end:
+        ch = text[pos]
+        if ch == '"':
+            return "".join(out), pos + 1
+        if ch != "\\":
+            out.append(ch)
+            pos += 1
+            continue
+        esc = text[pos + 1 : pos + 2]
+        if esc != "u":
+            out.append(_ESCAPES.get(esc, esc))
+            pos += 2
+            continue
+        code = int(text[pos + 2 : pos + 6], 16)
+        pos += 6
+        if 0xD800 <= code < 0xDC00 and text[pos : pos + 2] == "\\u":
+            low = int(text[pos + 2 : pos + 6], 16)  # a UTF-16 surrogate pair
+            if 0xDC00 <= low < 0xE000:
+                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                pos += 6
+        out.append(chr(code))
+    raise ValueError("unterminated string")
+
+
+def _scalar(text, pos):
+    """A JSON string, number, boolean or null at ``pos``: (value, position after it)."""
+    if text[pos : pos + 1] == '"':
+        return _string(text, pos)
+    stop = pos
+    while stop < len(text) and text[stop] not in ",} \t\r\n":
+        stop += 1
+    word = text[pos:stop]
+    literals = {"true": True, "false": False, "null": None}
+    if word in literals:
+        return literals[word], stop
+    value = float(word)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value, stop
+
+
 def parse_flat_object(text):
     """A one-level JSON object of strings, numbers, booleans and nulls, else None.
 
     The heartbeat's content; a small scanner because ``json`` would double the start-up
     time of every check (see the module docstring). Nested values are refused.
     """
-    pos, end = 0, len(text)
-
-    def skip(pos):
-        while pos < end and text[pos] in " \t\r\n":
-            pos += 1
-        return pos
-
-    def string(pos):  # pos at the opening quote; returns (value, position after it)
-        out, pos = [], pos + 1
-        while pos < end:
-            ch = text[pos]
-            if ch == '"':
-                return "".join(out), pos + 1
-            if ch == "\\":
-                esc = text[pos + 1 : pos + 2]
-                if esc == "u":
-                    code = int(text[pos + 2 : pos + 6], 16)
-                    pos += 6
-                    if 0xD800 <= code < 0xDC00 and text[pos : pos + 2] == "\\u":
-                        low = int(text[pos + 2 : pos + 6], 16)  # a UTF-16 surrogate pair
-                        if 0xDC00 <= low < 0xE000:
-                            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
-                            pos += 6
-                    out.append(chr(code))
-                    continue
-                out.append({"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}.get(esc, esc))
-                pos += 2
-                continue
-            out.append(ch)
-            pos += 1
-        raise ValueError("unterminated string")
-
     try:
-        pos = skip(pos)
+        pos = _skip(text, 0)
         if text[pos : pos + 1] != "{":
             return None
         result = {}
-        pos = skip(pos + 1)
+        pos = _skip(text, pos + 1)
         if text[pos : pos + 1] == "}":
-            return result if not text[skip(pos + 1) :] else None
+            return result if not text[_skip(text, pos + 1) :] else None
         while True:
             if text[pos : pos + 1] != '"':
                 return None
-            key, pos = string(pos)
-            pos = skip(pos)
+            key, pos = _string(text, pos)
+            pos = _skip(text, pos)
             if text[pos : pos + 1] != ":":
                 return None
-            pos = skip(pos + 1)
+            result[key], pos = _scalar(text, _skip(text, pos + 1))
+            pos = _skip(text, pos)
             ch = text[pos : pos + 1]
-            if ch == '"':
-                value, pos = string(pos)
-            else:
-                stop = pos
-                while stop < end and text[stop] not in ",} \t\r\n":
-                    stop += 1
-                word = text[pos:stop]
-                literals = {"true": True, "false": False, "null": None}
-                if word in literals:
-                    value = literals[word]
-                else:
-                    value = float(word)
-                    if not math.isfinite(value):
-                        return None
-                pos = stop
-            result[key] = value
-            pos = skip(pos)
-            ch = text[pos : pos + 1]
-            if ch == ",":
-                pos = skip(pos + 1)
-            elif ch == "}":
-                return result if not text[skip(pos + 1) :] else None
-            else:
+            if ch == "}":
+                return result if not text[_skip(text, pos + 1) :] else None
+            if ch != ",":
                 return None
+            pos = _skip(text, pos + 1)
     except (ValueError, IndexError):
         return None
 

@@ -2,6 +2,7 @@
 unit file, a root-only file the unit reads, a restart in place, the health gate, and
 the health and logs `inv health` / `inv logs` read."""
 
+import json
 import os
 import signal
 import time
@@ -138,6 +139,13 @@ def op_gate(s, req):
     while time.monotonic() < deadline and not s.gone.is_set():
         code, out, err = sh(["podman", "healthcheck", "run", a["container"]], 60)
         last = (out + err).strip()
+        if code == 0 and token_rejected(p, container):
+            # healthy as a process (a restart cannot fix a revoked token), but not a release
+            # to keep: the gate puts the previous one back
+            result.update(healthy=False, logs=logs_tail(a, started),
+                          reason="Telegram rejected the bot token (the agent stopped polling):"
+                                 " check the token's source")
+            return result
         if code == 0:
             result["healthy"] = True
             result["container"] = container_state(p, a["container"]) or container
@@ -155,13 +163,29 @@ def op_gate(s, req):
     return result
 
 
+def heartbeat_path(paths, container):
+    """The agent's heartbeat file, read through the container's own root (/proc/PID/root)."""
+    name = container.get("heartbeat_file") or HEARTBEAT_FILE
+    return os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root",
+                        name.lstrip("/"))
+
+
+def token_rejected(paths, container):
+    """The agent says Telegram refused its token (``{"token": "rejected"}`` in its
+    heartbeat: the contract in execution/system/heartbeat.py)."""
+    try:
+        with open(heartbeat_path(paths, container), "rb") as handle:
+            beat = json.loads(handle.read(4096) or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(beat, dict) and beat.get("token") == "rejected"
+
+
 def wait_first_beat(paths, container, until, gone, newer_than=0):
     """Wait until the new agent wrote its first heartbeat (read through the container's own
     root, /proc/PID/root), so the first `podman healthcheck run` - a second of CPU on a
     small VM - is not spent on an agent still starting."""
-    name = container.get("heartbeat_file") or HEARTBEAT_FILE
-    path = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root",
-                        name.lstrip("/"))
+    path = heartbeat_path(paths, container)
     while time.monotonic() < until and not gone.is_set():
         try:
             st = os.stat(path)

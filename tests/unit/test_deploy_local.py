@@ -221,6 +221,21 @@ def test_a_failed_gate_rolls_back_to_the_previous_release_secrets_included(deplo
     assert deploy() == {"changed": False, "version": first["version"]}
 
 
+def test_a_token_telegram_rejects_fails_the_gate_though_the_agent_stays_up(deploy, host):
+    first = deploy()
+    write_env(deploy.project, token="tg-revoked-000000")
+    host.control("beat", {"if_secret": {"telegram_bot_token": "tg-revoked-000000"},
+                          "text": '{"token":"rejected"}\n'})
+    with pytest.raises(StepFailed) as failed:
+        deploy()
+    assert "Telegram rejected the bot token (the agent stopped polling)" in deploy.last.text
+    assert str(failed.value).endswith(f"rolled back to {first['version']}, which is healthy "
+                                      "again")
+    assert "tg-revoked" not in deploy.last.text + str(failed.value)
+    assert host.secret_values()["telegram_bot_token"] == TOKEN
+    assert host.audit()[-1]["outcome"] == "rolled-back"
+
+
 def test_a_failed_first_deploy_has_nothing_to_roll_back_to(deploy, host):
     host.control("health", {"fail": True, "kill": True})
     with pytest.raises(StepFailed, match="no earlier release to roll back to"):

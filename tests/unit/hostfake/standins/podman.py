@@ -28,7 +28,8 @@ or {"fail_if_secret": {name: value}} or {"fail_if_file": path under /app} or
 "kill": the container stops, as --health-on-failure=kill does); "build" ({"lines": n,
 "sleep": seconds per line}); "logs" (the lines the agent printed); "cgroup" (values that
 override the limits the kernel would show, to fake a drift); "cgroup_v1" (true: the
-host's cgroup is v1).
+host's cgroup is v1); "beat" ({"if_secret": {name: value}, "text": ...}: the agent's first
+heartbeat says this instead of the time, e.g. a token Telegram rejected).
 """
 
 from __future__ import annotations
@@ -373,8 +374,11 @@ def start(cid: str, resources: dict) -> None:
     if not control("no_heartbeat", False):  # the agent's first beat, seen through its root
         beat = f"{CONFIG['proc']}/{pid}/root/tmp/nightguard/heartbeat"
         os.makedirs(os.path.dirname(beat), exist_ok=True)
+        rule = control("beat", {})  # {"if_secret": {name: value}, "text": what it writes}
+        rejected = any(secret_in_container(cid, name) == value
+                       for name, value in (rule.get("if_secret") or {}).items())
         with open(beat, "w") as handle:
-            handle.write(f"{time.time()}\n")
+            handle.write(rule["text"] if rejected else f"{time.time()}\n")
     memory = resources["memory"]
     if control("cgroup_v1", False):  # a host still on cgroup v1: memory controller apart
         line = f"4:memory:{cgroup_path(cid)}\n1:cpu,cpuacct:{cgroup_path(cid)}\n"
