@@ -60,8 +60,9 @@ def walk_to_parent(root_fd, rel, owner=None):
     return fd
 
 
-def read_nofollow(root_fd, rel):
-    """(bytes, mode) of a regular file under root_fd, or None (absent, a link, a dir)."""
+def read_nofollow(root_fd, rel, limit=-1):
+    """(bytes, mode) of a regular file under root_fd, or None (absent, a link, a dir, a
+    FIFO: opened O_NONBLOCK, so none can hold the reader); at most ``limit`` bytes."""
     try:
         parent = walk_to_parent(root_fd, rel)
     except OSError:
@@ -78,7 +79,7 @@ def read_nofollow(root_fd, rel):
         if not stat.S_ISREG(st.st_mode):
             return None
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(), stat.S_IMODE(st.st_mode)
+            return handle.read(limit), stat.S_IMODE(st.st_mode)
     finally:
         os.close(fd)
 

@@ -19,6 +19,7 @@ from .base import (
     write_private,
 )
 from .host_facts import cgroup_limits, host_memory, logs_tail, swap_facts, unit_status
+from .nofollow import read_nofollow
 from .ops_alerts import alerts_summary
 from .podman_store import container_state, image_info
 from .statedir import last_audit, lock_holder, lock_is_free
@@ -172,11 +173,22 @@ def heartbeat_path(paths, container):
 
 def token_rejected(paths, container):
     """The agent says Telegram refused its token (``{"token": "rejected"}`` in its
-    heartbeat: the contract in execution/system/heartbeat.py)."""
+    heartbeat: the contract in execution/system/heartbeat.py). The agent owns that file: it
+    is read without following a link (one to a host file would resolve outside the
+    container) and never more than 4 kB of it."""
+    root = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root")
+    name = (container.get("heartbeat_file") or HEARTBEAT_FILE).lstrip("/")
     try:
-        with open(heartbeat_path(paths, container), "rb") as handle:
-            beat = json.loads(handle.read(4096) or b"null")
-    except (OSError, ValueError):
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        found = read_nofollow(root_fd, name, 4096)
+    finally:
+        os.close(root_fd)
+    try:
+        beat = json.loads(found[0]) if found else None
+    except ValueError:
         return False
     return isinstance(beat, dict) and beat.get("token") == "rejected"
 

@@ -940,3 +940,30 @@ def test_the_host_gets_the_helper_once_and_keeps_it(fake_host):
     with fake_host.helper(helper_path=str(kept), keep_helper=True) as second:
         assert second.hello["lock"]["acquired"]
         assert second.link.bytes_sent < len(helper_source()[0]) < first_bytes
+
+
+def test_the_gate_reads_a_rejected_token_only_from_the_agents_own_regular_file(tmp_path):
+    from tasks.hostside.ops_unit import token_rejected
+
+    outside = tmp_path / "host-file"
+    outside.write_text('{"token":"rejected"}\n')
+    beat = tmp_path / "7" / "root" / "tmp" / "nightguard" / "heartbeat"
+    beat.parent.mkdir(parents=True)
+    where = {"proc": str(tmp_path)}, {"pid": 7}
+    beat.write_text('{"token":"rejected"}\n')
+    assert token_rejected(*where)  # the positive case, so the refusals below mean something
+    beat.write_text('{"polled_at":1.0,"poll_timeout":10}\n')
+    assert not token_rejected(*where)
+    beat.unlink()
+    beat.symlink_to(outside)  # a link the agent planted is not followed
+    assert not token_rejected(*where)
+    beat.unlink()
+    os.mkfifo(beat)  # nor can a FIFO with no writer hold the gate
+    started = time.monotonic()
+    assert not token_rejected(*where)
+    assert time.monotonic() - started < 5
+    beat.unlink()
+    beat.parent.rmdir()
+    beat.parent.symlink_to(outside.parent)  # nor a linked directory on the way
+    (outside.parent / "heartbeat").write_text('{"token":"rejected"}\n')
+    assert not token_rejected(*where)
