@@ -2,10 +2,12 @@
 or Google Secret Manager. Every task that needs values reads them here, once, in the
 process that sends them (the deploy's one SSH channel into ``podman secret create``).
 
-A command runs without a shell (``tasks.secret_spec`` split it), in its own process
-group, with the user's environment and terminal on stdin (a password manager may ask to
-unlock); its stdout is the value (one trailing newline dropped), its stderr is kept only
-for the one-line error. A failure - not found, non-zero exit, time-out, empty or
+A command runs without a shell (``tasks.secret_spec`` split it), with the user's
+environment, in a session of its own (so a time-out or Ctrl-C ends it with its children)
+and so with no terminal and stdin closed: it cannot prompt, and one that would gets EOF
+at once instead of waiting out its time-out (unlock the password manager first: `op
+signin`, `bw unlock`). Its stdout is the value (one trailing newline dropped), its stderr
+is kept only for the one-line error. A failure - not found, non-zero exit, time-out, empty or
 multi-line value, store unreachable or denied - is ``ConfigError``/``GcpError``: one line
 naming the secret, raised before anything connects to a host.
 
@@ -41,8 +43,9 @@ def run_command(source: SecretSource) -> str:
     """The command's stdout as the value; one line naming the secret on any failure."""
     what = f"secret {source.name}: command `{source.ref}`"
     try:
-        proc = subprocess.Popen(list(source.argv), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(list(source.argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
     except FileNotFoundError:
         raise ConfigError(f"secret {source.name}: {source.argv[0]} not found (install it, "
                           "or fix nightguard.secrets)") from None
@@ -52,8 +55,7 @@ def run_command(source: SecretSource) -> str:
         out, err = proc.communicate(timeout=source.timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise ConfigError(f"{what} gave no value within {source.timeout:g}s (a password "
-                          "manager waiting to be unlocked?)") from None
+        raise ConfigError(f"{what} gave no value within {source.timeout:g}s") from None
     except KeyboardInterrupt:
         _kill_group(proc)
         raise

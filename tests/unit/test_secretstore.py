@@ -264,3 +264,27 @@ def test_a_bad_source_stops_a_deploy_before_any_connection(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1] == \
         "error: secret telegram_bot_token: command `false` failed (exit 1)"
+
+
+def test_a_command_that_would_prompt_gets_eof_at_once_not_the_callers_stdin(tmp_path):
+    # the caller's stdin stays open and silent (a terminal nobody types into): the command
+    # must not wait on it until its time-out
+    body = "import sys; line = sys.stdin.readline(); print('eof' if line == '' else 'read')"
+    caller = ("import json, sys\n"
+              "from pathlib import Path\n"
+              "from tasks.config import load_settings\n"
+              "from tasks.deploy.secretstore import load_secret_values\n"
+              "entry = {'k': {'command': sys.argv[2], 'timeout': '20s'}}\n"
+              "s = load_settings(root=Path(sys.argv[1]),\n"
+              "                  environ={'NIGHTGUARD_SECRETS': json.dumps(entry)})\n"
+              "print(load_secret_values(s).values['k'])\n")
+    root = Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    with subprocess.Popen([sys.executable, "-c", caller, str(tmp_path), script(tmp_path, body)],
+                          cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        proc.wait(timeout=30)  # not communicate(): it would close the stdin kept open here
+        out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 0, err
+    assert out.strip() == "eof"
+    assert time.monotonic() - started < 15
