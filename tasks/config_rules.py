@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import secret_spec
 from .errors import ConfigError
+from .units import CONTROL, ENV_KEY, parse_duration, parse_size
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -23,8 +24,6 @@ NETWORKS = ("auto", "slirp4netns", "pasta", "bridge", "host")
 SANDBOX_BASE_IMAGE = "localhost/nightguard-base:latest"
 SANDBOX_BASE_ARCHIVE = "/var/lib/nightguard-sandbox/base.tar"
 SANDBOX_OS = ("bookworm", "trixie", "bookworm-cloud")
-_SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 _SECRET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # Podman's grammar for names; nothing else may reach a unit file or an argv.
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -33,32 +32,14 @@ _IMAGE_NAME = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_C
 _IMAGE_REF = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
                         r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 _HOST_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+/?$")  # no spaces, ':' or ',' (volume syntax)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a directory name
 _CHAT_ID = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,62})$")
 # http(s), a host (and port), a path: no credentials, query or fragment (the bot token is
 # added to the path when a message is sent)
 _URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$")
 _HOUR = re.compile(r"^([01][0-9]|2[0-3]):00$")  # a snapshot schedule starts on the hour
-_UNIT = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def parse_size(text: str | int) -> int:
-    """'700m' -> bytes; the suffixes Podman accepts (b, k, m, g). Raises ValueError."""
-    match = _SIZE.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a size (use e.g. 700m or 2g)")
-    return int(match.group(1)) * _UNIT[match.group(2).lower()]
-
-
-def parse_duration(text: str) -> float:
-    """'30s' / '5m' / '500ms' -> seconds, the forms Podman's --health-* flags take."""
-    match = _DURATION.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a duration (use e.g. 30s or 5m)")
-    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-    return int(match.group(1)) * factor
 
 
 MAPPING_KEYS = {("secrets",), ("agent_env",)}  # settings whose value is a whole mapping
@@ -125,7 +106,7 @@ def _validate_durations_and_counts(settings: Settings, fail) -> None:
         if settings[key] < 1:
             fail(key, "must be at least 1")
     for key in _string_keys(settings.values):
-        if _CONTROL.search(str(settings[key])):
+        if CONTROL.search(str(settings[key])):
             fail(key, "contains a control character (a newline, a tab...)")
 
 
@@ -156,7 +137,7 @@ def _validate_paths_and_names(settings: Settings, fail) -> None:
 def _validate_target(settings: Settings, fail) -> None:
     for key in ("sync.include", "sync.exclude", "sync.allow"):
         for item in settings[key]:
-            if _CONTROL.search(item):
+            if CONTROL.search(item):
                 fail(key, "an entry contains a control character")
             if not item or item.startswith("/") or ".." in item.split("/"):
                 fail(key, f"{item!r} must be a relative path inside source_dir")
@@ -171,9 +152,9 @@ def _validate_target(settings: Settings, fail) -> None:
 
 def _validate_env_and_secrets(settings: Settings, fail) -> None:
     for name, value in settings["agent_env"].items():
-        if not _ENV_KEY.match(name) or name.startswith(("NG_RELEASE_", "NG_DATA_DIR")):
+        if not ENV_KEY.match(name) or name.startswith(("NG_RELEASE_", "NG_DATA_DIR")):
             fail("agent_env", f"{name!r} is not a name the agent may be given")
-        if _CONTROL.search(value):
+        if CONTROL.search(value):
             fail("agent_env", f"{name}: the value contains a control character")
     if not settings["secrets"]:
         fail("secrets", "at least one secret is required")

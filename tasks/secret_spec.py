@@ -19,13 +19,12 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .units import CONTROL, ENV_KEY, parse_duration
+
 KINDS = ("env", "command", "gcp")
 DEFAULT_TIMEOUT = 30.0
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _GCP_NAME = re.compile(r"^projects/([a-z0-9.:-]{1,100})/secrets/([A-Za-z0-9_-]{1,255})"
                        r"(?:/versions/([1-9][0-9]{0,18}|latest))?$")
-_DURATION = re.compile(r"^(\d+)(ms|s|m)$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 USAGE = "a .env key, {command: ...} or {gcp: projects/P/secrets/S}"
 
 
@@ -71,10 +70,10 @@ def coerce(raw) -> dict:
 
 
 def _seconds(text: str) -> float:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise ValueError(f"timeout {text!r} is not a duration (e.g. 30s or 2m)")
-    seconds = int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"timeout {exc}") from None
     if not 0 < seconds <= 600:
         raise ValueError(f"timeout {text!r} must be above 0 and at most 10m")
     return seconds
@@ -92,7 +91,7 @@ def _command_argv(value) -> tuple[str, tuple[str, ...]]:
             raise ValueError(f"command {text!r} cannot be split into words ({exc})") from None
     if not argv or not argv[0]:
         raise ValueError("command is empty")
-    if any(_CONTROL.search(word) for word in argv):
+    if any(CONTROL.search(word) for word in argv):
         raise ValueError("command contains a control character (a newline, a tab...)")
     return text, argv
 
@@ -100,7 +99,7 @@ def _command_argv(value) -> tuple[str, tuple[str, ...]]:
 def parse_source(name: str, entry) -> SecretSource:
     """One entry of ``nightguard.secrets``; ``ValueError`` with a one-line reason."""
     if isinstance(entry, str):
-        if not _ENV_KEY.match(entry):
+        if not ENV_KEY.match(entry):
             raise ValueError(f"{name}: {entry!r} is not a valid .env key (or use {USAGE})")
         return SecretSource(name, "env", entry)
     if not isinstance(entry, Mapping):
