@@ -72,7 +72,7 @@ class SecretValues:
 
     def __post_init__(self) -> None:
         _KNOWN.update(v for v in (*self.values.values(), *self.hidden) if v)
-        if self.fingerprints:
+        if self.fingerprints and self.fingerprints not in _PRINTS:
             _PRINTS.append(self.fingerprints)
 
     def __repr__(self) -> str:

@@ -69,8 +69,8 @@ def explain(settings: Settings, what: str, ref: str, exc: Exception) -> str:
     if isinstance(exc, requests.exceptions.ConnectionError):
         return (f"{what}: cannot reach Google Secret Manager at {where}: check the network "
                 "or nightguard.gcp.secrets_endpoint")
-    code = getattr(exc, "code", "") or ""
-    return f"{what}: Google Secret Manager error {code}: {_short(exc)}".replace("  ", " ")
+    code = getattr(exc, "code", None)
+    return f"{what}: Google Secret Manager error{f' {code}' if code else ''}: {_short(exc)}"
 
 
 ERRORS = (api_exceptions.GoogleAPICallError, requests.exceptions.RequestException,

@@ -288,3 +288,16 @@ def test_a_command_that_would_prompt_gets_eof_at_once_not_the_callers_stdin(tmp_
     assert proc.returncode == 0, err
     assert out.strip() == "eof"
     assert time.monotonic() - started < 15
+
+
+def test_an_unexpected_store_error_names_its_code_once(tmp_path):
+    from google.api_core import exceptions as api_exceptions
+
+    from tasks.gcp.secretmanager import explain
+
+    settings = settings_for(tmp_path, {"k": "K"})
+    boom = api_exceptions.InternalServerError("GET http://x/v1/p: backend error")
+    assert explain(settings, "secret k", "projects/p/secrets/s/versions/latest", boom) == \
+        "secret k: Google Secret Manager error 500: backend error"
+    assert explain(settings, "secret k", "ref", ValueError("odd")) == \
+        "secret k: Google Secret Manager error: odd"
