@@ -25,42 +25,20 @@ from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tasks.ssh import remote as remote_module
 from tasks.ssh.remote import Remote
-from tests.fake_gce import FakeGce
+from tests.unit import gcpfake
 from tests.unit.sshstub import ssh_server
+
+# the fake Compute API and clients on it, shared with the other Compute Engine tests
+fake = gcpfake.fake
+gce = gcpfake.gce
+make = gcpfake.make
+one_line = gcpfake.one_line
+
 
 VM = r"/zones/us-west1-b/instances/nightguard$"
 VM_RESOURCE = "The resource 'projects/demo-project/zones/us-west1-b/instances/nightguard' " \
               "was not found"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOurKey me@laptop"
-
-
-@pytest.fixture
-def fake():
-    server = FakeGce().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make(tmp_path, fake):
-    def make(**overrides):
-        values = {"gcp.project": fake.project, "gcp.api_endpoint": fake.endpoint, **overrides}
-        settings = load_settings(root=tmp_path, environ={}, overrides=values)
-        gce = gcp.connect(settings)
-        gce.poll_interval, gce.request_timeout = 0.0, 2.0
-        return gce
-    return make
-
-
-@pytest.fixture
-def gce(make):
-    return make()
-
-
-def one_line(exc_info) -> str:
-    text = str(exc_info.value)
-    assert "\n" not in text
-    return text
 
 
 # -- create ---------------------------------------------------------------------------

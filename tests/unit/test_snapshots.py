@@ -17,41 +17,20 @@ from tasks.gcp import api as gcp
 from tasks.gcp import snapshots as snap
 from tasks.gcp import ssh as gcp_ssh
 from tasks.gcp import tasks as vm
-from tests.fake_gce import FakeGce
+from tests.unit import gcpfake
+
+# the fake Compute API and clients on it, shared with the other Compute Engine tests
+fake = gcpfake.fake
+gce = gcpfake.gce
+make = gcpfake.make
+one_line = gcpfake.one_line
+
 
 POLICY = "/regions/us-west1/resourcePolicies"
 POLICY_URL = ("https://www.googleapis.com/compute/v1/projects/demo-project/regions/us-west1/"
               "resourcePolicies/nightguard-daily")
 DISK_URL = ("https://www.googleapis.com/compute/v1/projects/demo-project/zones/us-west1-b/"
             "disks/nightguard")
-
-
-@pytest.fixture
-def fake():
-    server = FakeGce().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make(tmp_path, fake):
-    def make(**overrides):
-        values = {"gcp.project": fake.project, "gcp.api_endpoint": fake.endpoint, **overrides}
-        gce = gcp.connect(load_settings(root=tmp_path, environ={}, overrides=values))
-        gce.poll_interval, gce.request_timeout = 0.0, 2.0
-        return gce
-    return make
-
-
-@pytest.fixture
-def gce(make):
-    return make()
-
-
-def one_line(exc_info) -> str:
-    text = str(exc_info.value)
-    assert "\n" not in text
-    return text
 
 
 # -- settings -------------------------------------------------------------------------

@@ -21,15 +21,11 @@ from tasks.gcp import api as gcp
 from tasks.gcp import ssh as gcp_ssh
 from tasks.gcp import tasks as vm
 from tasks.ssh.remote import Remote
-from tests.fake_gce import FakeGce
+from tests.unit import gcpfake
 from tests.unit.sshstub import ssh_server
 
-
-@pytest.fixture
-def fake():
-    server = FakeGce().start()
-    yield server
-    server.stop()
+# the fake Compute API and clients on it, shared with the other Compute Engine tests
+fake = gcpfake.fake
 
 
 @pytest.fixture
