@@ -29,9 +29,11 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from tests.fakes.local_http import LocalHttpFake
 
 BASE = "https://www.googleapis.com/compute/v1"
 METADATA = "/computeMetadata/v1/"  # the metadata server's paths, served on the same port
@@ -66,7 +68,7 @@ def error_body(status: int, message: str, reason: str = "") -> dict:
 
 
 @dataclass
-class FakeGce:
+class FakeGce(LocalHttpFake):
     project: str = "demo-project"
     zones: tuple[str, ...] = ("us-west1-b", "us-central1-a", "us-east1-b", "europe-west1-b")
     nat_ip: str = "203.0.113.10"
@@ -90,41 +92,7 @@ class FakeGce:
     def __post_init__(self) -> None:
         self._ids = itertools.count(1000)
         self._lock = threading.RLock()
-        self._release = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                fake._handle(self, "GET")
-
-            def do_POST(self):  # noqa: N802
-                fake._handle(self, "POST")
-
-            def do_PUT(self):  # noqa: N802
-                fake._handle(self, "PUT")
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        # A short poll interval keeps shutdown() (and so each test's teardown) fast.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
-                                        daemon=True)
-
-    # -- lifecycle and knobs ----------------------------------------------------------
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> FakeGce:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve()
 
     def fail(self, method: str, pattern: str, status: int, message: str = "",
              reason: str = "", times: int = 1) -> None:

@@ -13,8 +13,10 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
+
+from tests.fakes.local_http import LocalHttpFake
 
 _VERSION = re.compile(r"/v1/projects/([^/]+)/secrets/([^/]+)/versions/([^/:]+):access")
 _SECRET = re.compile(r"/v1/projects/([^/]+)/secrets/([^/:]+)")
@@ -27,7 +29,7 @@ def _error(code: int, status: str, message: str) -> tuple[int, dict]:
 
 
 @dataclass
-class FakeSecretManager:
+class FakeSecretManager(LocalHttpFake):
     # (project, secret id) -> the versions' values, oldest first
     secrets: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     deny: set[str] = field(default_factory=set)
@@ -38,36 +40,7 @@ class FakeSecretManager:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._release = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                fake._handle(self, "GET")
-
-            def do_POST(self):  # noqa: N802
-                fake._handle(self, "POST")
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
-                                        daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> FakeSecretManager:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve()
 
     def add(self, project: str, secret: str, value: str) -> int:
         """A new version of the secret (created if missing); its number."""
