@@ -206,7 +206,7 @@ def health(c, target=None, host=None, json_=False, watch=0):
             "tail": "number of lines from the end (default 100)"}, auto_shortflags=False)
 @one_line_errors
 def logs(c, target=None, host=None, follow=False, since=None, tail=100):
-    """Print the agent's logs (.env values redacted); -f follows."""
+    """Print the agent's logs (secret values redacted); -f follows."""
     settings = settings_for(c, target, host)
     values = redaction(settings)
     with open_remote(settings, redact=values.redact) as remote:

@@ -60,8 +60,9 @@ def preflight(settings: Settings) -> tuple[SecretValues, dict[str, str]]:
     values = load_secret_values(settings)
     for name, value in settings["agent_env"].items():
         if any(secret and secret in value for secret in values.values.values()):
-            raise ConfigError(f"nightguard.agent_env.{name} holds a value from .env: secrets "
-                              "go in .env and reach the agent as files, never as environment")
+            raise ConfigError(f"nightguard.agent_env.{name} holds a secret's value: secrets "
+                              "come from nightguard.secrets and reach the agent as files, "
+                              "never as environment")
     check_compose(settings)
     manifest = local_manifest(settings.path("source_dir"), rules_for(settings, values.values))
     return values, manifest

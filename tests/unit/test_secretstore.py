@@ -301,3 +301,16 @@ def test_an_unexpected_store_error_names_its_code_once(tmp_path):
         "secret k: Google Secret Manager error 500: backend error"
     assert explain(settings, "secret k", "ref", ValueError("odd")) == \
         "secret k: Google Secret Manager error: odd"
+
+
+def test_a_store_value_repeated_in_agent_env_stops_the_deploy_before_anything(tmp_path):
+    from tasks.deploy.pipeline import preflight
+
+    environ = {"NIGHTGUARD_SECRETS": json.dumps({
+        "telegram_bot_token": {"command": script(tmp_path, f"print({TOKEN!r})")}}),
+        "NIGHTGUARD_AGENT_ENV": json.dumps({"BOT_URL": f"https://x/bot{TOKEN}/"})}
+    settings = load_settings(root=tmp_path, environ=environ)
+    with pytest.raises(ConfigError) as caught:
+        preflight(settings)
+    assert str(caught.value).startswith("nightguard.agent_env.BOT_URL holds a secret's value")
+    assert TOKEN not in str(caught.value)
