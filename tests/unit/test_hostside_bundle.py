@@ -127,3 +127,17 @@ def test_the_watcher_program_runs_alone_as_its_service_imports_it(tmp_path):
                          text=True, timeout=60)
     assert ran.returncode == 2, ran.stderr
     assert ran.stderr == "usage: watcher.py ARGS_FILE (a JSON file the deploy writes)\n"
+
+
+def test_strip_internal_drops_whole_internal_imports_and_nothing_else():
+    text = ("from __future__ import annotations\n"
+            "import os\n"
+            "from .base import (\n    OpError,\n    sh,\n)\n"
+            "from .nofollow import read_nofollow\n"
+            "from ..contract import HEARTBEAT_FILE\n"
+            "def f():\n    from .late import x  # indented: not top level, kept\n"
+            "    return (1,\n            2)\n")
+    assert bundle.strip_internal(text) == (
+        "import os\n"
+        "def f():\n    from .late import x  # indented: not top level, kept\n"
+        "    return (1,\n            2)\n")
