@@ -144,11 +144,15 @@ DEFAULTS: dict[str, Any] = {
         "swappiness": 10,
     },
     "health": {
-        "interval": "30s",
+        # liveness: systemd's watchdog, fed by the container's PID 1 while the agent's
+        # heartbeat is younger than heartbeat_max_age s ("off": the health check alone)
+        "watchdog": "10s",
+        "heartbeat_max_age": 15,
+        # the full health check (secrets, dirs, memory, disk, and the heartbeat again)
+        "interval": "5m",
         "timeout": "10s",
         "retries": 3,
         "start_period": "60s",
-        "heartbeat_max_age": 30,
         "deadline": 240,
     },
     # messages to the owner from a watcher on the host (see tasks/deploy/alerts.py); off
@@ -159,7 +163,8 @@ DEFAULTS: dict[str, Any] = {
         "chat_id": "",  # the owner's chat: a number (negative for groups) or @channel
         "api_base": "https://api.telegram.org",
         "token_secret": "telegram_bot_token",
-        "interval": "30s",  # one watch pass this often (a systemd timer)
+        # a pass after each start of the agent, and one this often (a systemd timer)
+        "interval": "5m",
         "ping_url": "",  # a dead-man switch (healthchecks.io style), optional
         "ping_every": "5m",
         "crash_loop": {"restarts": 3, "minutes": 10},

@@ -101,6 +101,14 @@ def _validate_durations_and_counts(settings: Settings, fail) -> None:
             parse_duration(settings[key])
         except ValueError as exc:
             fail(key, str(exc))
+    watchdog = str(settings["health.watchdog"]).strip()
+    if watchdog != "off":
+        try:
+            seconds = parse_duration(watchdog)
+        except ValueError as exc:
+            fail("health.watchdog", f"{exc}, or off")
+        if seconds != int(seconds) or not 2 <= seconds <= 3600:
+            fail("health.watchdog", f"{watchdog}: whole seconds from 2s to 1h, or off")
     for key in ("health.retries", "health.heartbeat_max_age", "health.deadline",
                 "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images"):
         if settings[key] < 1:

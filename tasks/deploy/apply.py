@@ -129,7 +129,8 @@ def set_up_watcher(host: HostSession, action: str, wanted: dict | None) -> None:
         else:
             program, version = watcher_source()
             host.call("watcher", step="alerts", action=action, config=wanted["config"],
-                      service=wanted["service"], timer=wanted["timer"], version=version,
+                      service=wanted["service"], timer=wanted["timer"],
+                      dropin=wanted["dropin"], version=version,
                       data=program)
 
 

@@ -61,6 +61,9 @@ class ContainerSpec:
     environment: tuple[tuple[str, str], ...] = ()
     command: tuple[str, ...] = ()
     health_on_failure: str = "kill"
+    # systemd's watchdog (WatchdogSec=) on the unit; 0: none, the container only says READY
+    # through conmon and liveness is the health check's alone
+    watchdog_sec: int = 0
 
     def spec_hash(self) -> str:
         return content_hash(json.dumps(self.__dict__, sort_keys=True, default=list))
@@ -110,16 +113,35 @@ def unit_name(container: str) -> str:
     return f"container-{container}.service"
 
 
+def liveness_lines(spec: ContainerSpec) -> list[str]:
+    """With a watchdog: the container's PID 1 (ng-supervise) says READY=1 after the agent's
+    first heartbeat and WATCHDOG=1 while it keeps beating (conmon forwards both,
+    NotifyAccess=all); without a ping for WatchdogSec systemd kills conmon (SIGKILL: no
+    core dump) and restarts the unit. The container, in a scope of its own, outlives
+    conmon: ExecStopPost removes it at once (else --replace would wait out its stop
+    timeout). ExecStartPost runs the full health check once, so Podman reads "healthy"
+    from the start instead of after the first (long) interval."""
+    if not spec.watchdog_sec:
+        return []
+    name = shlex.quote(spec.name)
+    return [f"WatchdogSec={spec.watchdog_sec}", "WatchdogSignal=SIGKILL",
+            f"ExecStartPost=-/usr/bin/podman healthcheck run {name}",
+            "ExecStopPost=-/usr/bin/podman rm --force --ignore --time 0 "
+            "--cidfile=%t/%n.ctr-id"]
+
+
 def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
     """A unit like ``podman generate systemd --new`` writes: every (re)start creates a
     fresh container, so secrets, code and release markers are re-read; Restart=always
-    brings it back after a crash, after --health-on-failure=kill, and after a reboot."""
+    brings it back after a crash, after --health-on-failure=kill, after the watchdog's
+    kill (a hung or deaf agent) and after a reboot."""
+    notify = "--sdnotify=container" if spec.watchdog_sec else "--sdnotify=conmon"
     run = shlex.join(["/usr/bin/podman", "run", "--cidfile=%t/%n.ctr-id",
-                      "--cgroups=no-conmon", "--rm", "--sdnotify=conmon", "--replace",
+                      "--cgroups=no-conmon", "--rm", notify, "--replace",
                       "--detach", *run_args(spec)])
     stop = "/usr/bin/podman stop --ignore --time 10 --cidfile=%t/%n.ctr-id"
-    # No ExecStopPost `podman rm`: --rm removes the container when it stops, and --replace
-    # takes over a name a crash left behind; one podman process less per restart.
+    # Without a watchdog no ExecStopPost `podman rm`: --rm removes the container when it
+    # stops, and --replace takes over a name a crash left behind.
     wanted_by = "multi-user.target" if rootful else "default.target"
     # systemd expands % and $ in ExecStart; a literal % or $ in a flag must be doubled.
     run = run.replace("%", "%%").replace("%%t/%%n", "%t/%n").replace("%%h/", "%h/")
@@ -144,6 +166,7 @@ def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:
         f"ExecStop={stop}",
         "Type=notify",
         "NotifyAccess=all",
+        *liveness_lines(spec),
         "",
         "[Install]",
         f"WantedBy={wanted_by}",
@@ -237,6 +260,23 @@ def watcher_service(*, rootful: bool = True) -> str:
         f"{args}",
         "TimeoutStartSec=120",
         "Nice=10",
+        "",
+    ])
+
+
+def watcher_dropin(*, rootful: bool = True) -> str:
+    """The watcher's drop-in for the agent's unit: a pass right after each start (a crash's
+    restart, a watchdog's or a health check's kill, a reboot), after the unit's own
+    ExecStartPost health check, and one when the unit fails for good. --no-block: the
+    agent's start never waits for a pass, nor for Telegram."""
+    systemctl_path = "/usr/bin/systemctl" + ("" if rootful else " --user")
+    return "\n".join([
+        "# Written by nightguard-deploy (alerts); removed when alerts are turned off.",
+        "[Unit]",
+        f"OnFailure={WATCH_UNIT}.service",
+        "",
+        "[Service]",
+        f"ExecStartPost=-{systemctl_path} start --no-block {WATCH_UNIT}.service",
         "",
     ])
 

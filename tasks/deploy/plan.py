@@ -26,6 +26,7 @@ from .commands import (
     content_hash,
     markers_text,
     systemd_unit,
+    watcher_dropin,
     watcher_service,
     watcher_timer,
 )
@@ -144,6 +145,12 @@ def build_needs_network(settings: Settings) -> bool:
     return any(line.strip() and not line.strip().startswith("#") for line in lines)
 
 
+def watchdog_seconds(settings: Settings) -> int:
+    """health.watchdog in whole seconds; 0 when "off" (validated at load)."""
+    text = str(settings["health.watchdog"]).strip()
+    return 0 if text == "off" else int(parse_duration(text))
+
+
 def desired_state(settings: Settings, digests: dict[str, str],
                   manifest: dict[str, str] | None = None, podman: str | None = None,
                   base_id: str | None = None) -> Desired:
@@ -158,7 +165,11 @@ def desired_state(settings: Settings, digests: dict[str, str],
     tag = image_tag(settings, base_id)
     ref = f"{settings['image_name']}:{tag}"
     compose = load_compose(settings.path("compose_file"))
+    watchdog = watchdog_seconds(settings)
+    liveness = [("NG_WATCHDOG_SEC", str(watchdog)),
+                ("NG_LIVENESS_GRACE", f"{parse_duration(settings['health.start_period']):g}")]
     environment = [("NG_HEARTBEAT_MAX_AGE", str(settings["health.heartbeat_max_age"])),
+                   *(liveness if watchdog else []),
                    ("NG_REQUIRED_SECRETS", ",".join(settings.secret_names)),
                    *sorted(settings["agent_env"].items())]
     spec = ContainerSpec(
@@ -172,6 +183,7 @@ def desired_state(settings: Settings, digests: dict[str, str],
         health_retries=settings["health.retries"],
         health_start_period=settings["health.start_period"],
         environment=tuple(environment), command=tuple(shlex.split(settings["agent_command"])),
+        watchdog_sec=watchdog,
     )
     label = secrets_label(digests)
     spec_hash = spec.spec_hash()
@@ -400,7 +412,8 @@ def desired_watcher(settings: Settings) -> dict | None:
     rootful = not settings["rootless"]
     return {"version": watcher_source()[1], "config": config,
             "service": watcher_service(rootful=rootful),
-            "timer": watcher_timer(config["interval"])}
+            "timer": watcher_timer(config["interval"]),
+            "dropin": watcher_dropin(rootful=rootful)}
 
 
 def watcher_action(wanted: dict | None, facts: dict) -> str | None:
@@ -414,6 +427,7 @@ def watcher_action(wanted: dict | None, facts: dict) -> str | None:
             and installed.get("config") == wanted["config"]
             and (installed.get("service") or "").strip() == wanted["service"].strip()
             and (installed.get("timer") or "").strip() == wanted["timer"].strip()
+            and (installed.get("dropin") or "").strip() == wanted["dropin"].strip()
             and installed.get("enabled"))
     return None if same else "update"
 

@@ -57,7 +57,8 @@ def describe(op: str, args: dict) -> str:
     if op == "run":
         return shell_join(args["argv"])
     shown = {k: v for k, v in args.items()
-             if k not in ("text", "state", "audit", "config", "service", "timer", "version")}
+             if k not in ("text", "state", "audit", "config", "service", "timer", "dropin",
+                           "version")}
     return f"{op} {shown}" if shown else op
 
 

@@ -21,15 +21,16 @@ from .base import (
 )
 from .watch_send import bot_token, telegram_send
 
-# The same file, run by a systemd timer (imported as the module `watcher`, or run as
-# `python3 watcher.py alerts.json`), does one watch pass (see watch_main). Why a timer and
-# not the agent unit's own hooks (ExecStopPost=, OnFailure=): a hang never stops the unit,
-# so no hook runs for it, only the health check notices; OnFailure= does not fire while
-# Restart=always restarts; swap, disk and the dead-man ping need a clock anyway; and a hook
-# runs in the agent's stop path, where a slow Telegram would hold up its restart. systemd
-# resets ExecMainStatus when the new main process starts, so a pass finds a restart's exit
-# reason in systemd's own journal lines about the unit.
-WATCH_FILES = ("watch_timer", "watch_service", "watcher", "alerts_args")
+# The same file, run by systemd (imported as the module `watcher`, or run as
+# `python3 watcher.py alerts.json`), does one watch pass (see watch_main). A pass runs
+# when something happened and on a slow clock: the watcher's drop-in for the agent's unit
+# starts one (--no-block: nothing waits for Telegram) after each start of the agent - a
+# crash's, a watchdog kill's, a health kill's, a reboot's - and when the unit fails for
+# good (OnFailure=); the timer's passes cover swap, disk, a failing full health check and
+# the dead-man ping. systemd resets ExecMainStatus when the new main process starts, so a
+# pass finds a restart's exit reason in systemd's own journal lines about the unit.
+WATCH_FILES = ("watch_timer", "watch_service", "watch_dropin", "watcher", "alerts_args")
+UNIT_FILES = (("watch_service", "service"), ("watch_timer", "timer"), ("watch_dropin", "dropin"))
 
 
 def watcher_facts(paths):
@@ -41,6 +42,7 @@ def watcher_facts(paths):
             "config": (read_json(paths["alerts_args"], {}) or {}).get("config"),
             "service": read_text(paths["watch_service"]),
             "timer": read_text(paths["watch_timer"]),
+            "dropin": read_text(paths["watch_dropin"]),
             "enabled": os.path.lexists(paths["watch_timer_wants"])}
 
 
@@ -54,6 +56,10 @@ def op_watcher(s, req):
         if os.path.lexists(p["watch_timer_wants"]) or os.path.exists(p["watch_timer"]):
             sh(["systemctl", *user, "disable", "--now", "--quiet", timer])
         removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
+        try:
+            os.rmdir(os.path.dirname(p["watch_dropin"]))  # the drop-in's dir, when empty
+        except OSError:
+            pass
         _unlink(p["alerts_state"] + ".lock")
         _drop_bytecode(p["watcher"])
         code, _, err = sh(["systemctl", *user, "daemon-reload"])
@@ -72,12 +78,11 @@ def op_watcher(s, req):
     if read_json(p["alerts_args"], None) != args:
         write_json(p["alerts_args"], args)
         changed.append("args")
-    units = [key for key, text in (("watch_service", req["service"]),
-                                   ("watch_timer", req["timer"]))
-             if read_text(p[key]) != text.strip()]
-    for key in units:
-        os.makedirs(os.path.dirname(p[key]), exist_ok=True)
-        write_private(p[key], req["service" if key == "watch_service" else "timer"], 0o644)
+    units = [key for key, name in UNIT_FILES if read_text(p[key]) != req[name].strip()]
+    for key, name in UNIT_FILES:
+        if key in units:
+            os.makedirs(os.path.dirname(p[key]), exist_ok=True)
+            write_private(p[key], req[name], 0o644)
     if units:
         code, _, err = sh(["systemctl", *user, "daemon-reload"])
         if code != 0:

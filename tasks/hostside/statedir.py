@@ -48,7 +48,9 @@ def default_paths(a):
              "alerts_state": f"{state}/alerts-state.json",
              "watch_service": f"{units}/{WATCH_UNIT}.service",
              "watch_timer": f"{units}/{WATCH_UNIT}.timer",
-             "watch_timer_wants": f"{units}/timers.target.wants/{WATCH_UNIT}.timer"}
+             "watch_timer_wants": f"{units}/timers.target.wants/{WATCH_UNIT}.timer",
+             # a pass right after each start of the agent (the watcher's own drop-in)
+             "watch_dropin": f"{units}/{unit}.d/{WATCH_UNIT}.conf"}
     paths.update(a.get("paths") or {})
     return paths
 

@@ -3,7 +3,6 @@ its entry point, run by the nightguard-watch timer."""
 
 import fcntl
 import os
-import re
 import socket
 import sys
 import time
@@ -13,16 +12,17 @@ from .host_facts import host_memory, unit_status
 from .podman_store import container_state
 from .statedir import default_paths, lock_is_free
 from .verdict import agent_status
-from .watch_rules import ping_due, rate_limit, transitions
+from .watch_rules import exits_in_journal, ping_due, rate_limit, transitions
 from .watch_send import bot_token, send_ping, telegram_send
 
 OUTBOX_MAX = 20  # messages kept for the next pass when Telegram cannot be reached
-EXIT_LINE = re.compile(r"Main process exited, code=(\w+), status=(\d+)/(\S+)")
+
 
 
 def restart_exits(args, since):
     """(code, status, name) of each exit of the unit's main process since `since`, from
-    the journal lines systemd itself wrote about the unit."""
+    the journal lines systemd itself wrote about the unit; an exit that follows systemd's
+    "Watchdog timeout (limit 10s)!" is ("watchdog", "10s", name)."""
     unit = args["unit"]
     if args.get("rootless"):
         argv = ["journalctl", "--user", "-u", unit]
@@ -30,7 +30,7 @@ def restart_exits(args, since):
         argv = ["journalctl", "_PID=1", f"UNIT={unit}"]
     code, out, _ = sh(argv + ["--since", f"@{int(since)}", "-o", "cat", "--no-pager",
                               "-q", "-n", "200"], 30)
-    return [list(m.groups()) for m in EXIT_LINE.finditer(out)] if code == 0 else []
+    return exits_in_journal(out) if code == 0 else []
 
 
 def observe(args, paths, state, now_t):

@@ -1,13 +1,39 @@
 """The watcher's pure rules: a state, what one pass saw and the settings in; the
 new state and the messages out (unit-tested table by table)."""
 
+import re
+
+EXIT_LINE = re.compile(r"Main process exited, code=(\w+), status=(\d+)/(\S+)")
+WATCHDOG_LINE = re.compile(r"Watchdog timeout \(limit ([^)]+)\)")
 STARTING_GRACE = 600  # "starting" for this long (no healthy check) counts as down
 SWAP_HYSTERESIS = 5  # percentage points below the threshold before "swap back to normal"
 
 
+def exits_in_journal(text):
+    """[code, status, name] of each "Main process exited" line systemd wrote about the
+    unit; one that follows "Watchdog timeout (limit 10s)!" is ["watchdog", "10s", name]."""
+    exits, watchdog = [], None
+    for line in text.splitlines():
+        found = WATCHDOG_LINE.search(line)
+        if found:
+            watchdog = found.group(1)
+            continue
+        found = EXIT_LINE.search(line)
+        if found:
+            code, status, name = found.groups()
+            exits.append(["watchdog", watchdog, name] if watchdog else [code, status, name])
+            watchdog = None
+    return exits
+
+
 def describe_exit(code, status, name, was_unhealthy):
     """(kind, text) of one exit of the unit's main process, from systemd's line
-    "Main process exited, code=exited, status=3/NOTIMPLEMENTED"."""
+    "Main process exited, code=exited, status=3/NOTIMPLEMENTED" (code "watchdog", status
+    its limit, when systemd's watchdog killed it first)."""
+    if code == "watchdog":
+        return "hang", (f"stopped showing signs of life (its heartbeat or its polling "
+                        f"stalled for longer than allowed), killed by systemd's watchdog "
+                        f"({status} without a liveness ping)")
     if (code == "exited" and status == "137") or (code == "killed" and name == "KILL"):
         if was_unhealthy:
             return "health kill", "killed after failing its health check (SIGKILL, exit 137)"

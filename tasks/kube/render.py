@@ -30,7 +30,11 @@ Decisions:
     409 Conflict from Telegram.
   * /data is that claim (``DATA_SIZE``, the cluster's default storage class), not an
     emptyDir: the agent's data outlives a pod, as the VM's data dir outlives a container.
-  * The probe is an exec livenessProbe running the compose file's health check:
+  * The probe is an exec livenessProbe. With health.watchdog on (the VM's liveness is then
+    systemd's watchdog, fed by ng-supervise while the heartbeat is fresh) it runs that same
+    rule, ``ng-supervise --alive``, every watchdog/2 s, failing after 2 misses - about the
+    watchdog's bound; the full health check stays the VM's (a cluster has its own
+    monitoring). With the watchdog off it runs the compose file's health check:
     periodSeconds = health.interval, timeoutSeconds = health.timeout, failureThreshold =
     health.retries, initialDelaySeconds = health.start_period. No startupProbe: Podman 4.3
     ignores it, while initialDelaySeconds is Podman's start period and, on a cluster, the
@@ -88,6 +92,7 @@ CPU_REQUEST = "250m"
 SECRETS_MOUNT = "/run/secrets"
 SECRET_FILE_MODE = 0o444
 TMP_MOUNT = "/tmp"
+SUPERVISE = "/usr/local/bin/ng-supervise"  # the image's PID 1 (Dockerfile.nightguard)
 TMP_SIZE = "16Mi"
 # python-telegram-bot waits up to 30 s between failed polls, and a stop waits that pause
 # out before it confirms the fetched updates; Recreate makes the new pod wait for this.
@@ -241,6 +246,19 @@ def _quantity_bytes(text: str) -> int:
 
 
 # -- manifests -------------------------------------------------------------------------------
+def liveness_probe(settings: Settings, spec: ContainerSpec) -> dict:
+    """The heartbeat contract's rule where a watchdog feeds the VM's liveness, else the full
+    health check at its own pace (the module's docstring says why)."""
+    probe = {"initialDelaySeconds": whole_seconds(settings, "health.start_period", 0),
+             "timeoutSeconds": whole_seconds(settings, "health.timeout", 1)}
+    if spec.watchdog_sec:
+        return {"exec": {"command": [SUPERVISE, "--alive"]}, **probe,
+                "periodSeconds": max(1, spec.watchdog_sec // 2), "failureThreshold": 2}
+    return {"exec": {"command": probe_command(spec.health_cmd)}, **probe,
+            "periodSeconds": whole_seconds(settings, "health.interval", 1),
+            "failureThreshold": settings["health.retries"]}
+
+
 def _container(settings: Settings, spec: ContainerSpec, name: str, image: str,
                cpu: str) -> dict:
     """The agent's container: the deploy's command, environment, limits and health check."""
@@ -257,13 +275,7 @@ def _container(settings: Settings, spec: ContainerSpec, name: str, image: str,
             "requests": {"cpu": cpu_request(settings, cpu),
                          "memory": memory_quantity(settings.size("limits.memory_reservation"))},
         },
-        "livenessProbe": {
-            "exec": {"command": probe_command(spec.health_cmd)},
-            "initialDelaySeconds": whole_seconds(settings, "health.start_period", 0),
-            "periodSeconds": whole_seconds(settings, "health.interval", 1),
-            "timeoutSeconds": whole_seconds(settings, "health.timeout", 1),
-            "failureThreshold": settings["health.retries"],
-        },
+        "livenessProbe": liveness_probe(settings, spec),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,

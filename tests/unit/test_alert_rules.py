@@ -13,6 +13,7 @@ from tasks.hostside.verdict import agent_status
 from tasks.hostside.watch_rules import (
     STARTING_GRACE,
     describe_exit,
+    exits_in_journal,
     ping_due,
     rate_limit,
     transitions,
@@ -25,7 +26,7 @@ CONF = watcher_config(load_settings(environ={
 
 def test_the_rules_get_the_settings_the_laptop_writes():
     assert CONF["crash_loop"] == {"restarts": 3, "minutes": 10}
-    assert (CONF["interval"], CONF["ping_every"]) == (30, 300)
+    assert (CONF["interval"], CONF["ping_every"]) == (300, 300)
     assert (CONF["swap_percent"], CONF["disk_free_mb"]) == (80, 1024)
     assert CONF["rate_limit"] == {"messages": 10, "minutes": 60}
     # the token's secret is named; no value of it is among the watcher's arguments
@@ -182,9 +183,28 @@ def test_agent_status_says_what_the_check_said():
      ("crash", "killed by SIGKILL (exit 137: out of memory, or a kill)")),
     (("killed", "15", "TERM"), False, ("crash", "killed by signal TERM")),
     (("dumped", "11", "SEGV"), False, ("crash", "crashed with a core dump (signal SEGV)")),
+    (("watchdog", "10s", "KILL"), False,
+     ("hang", "stopped showing signs of life (its heartbeat or its polling stalled for longer "
+              "than allowed), killed by systemd's watchdog (10s without a liveness ping)")),
 ])
 def test_describe_exit(exit_line, unhealthy, expected):
     assert describe_exit(*exit_line, was_unhealthy=unhealthy) == expected
+
+
+def test_exits_in_journal_tell_a_watchdogs_kill_from_a_crash():
+    # systemd 252's own lines about the unit (journalctl -o cat), two restarts
+    journal = "\n".join([
+        "container-ng.service: Main process exited, code=exited, status=3/NOTIMPLEMENTED",
+        "container-ng.service: Failed with result 'exit-code'.",
+        "container-ng.service: Scheduled restart job, restart counter is at 1.",
+        "container-ng.service: Watchdog timeout (limit 10s)!",
+        "container-ng.service: Killing process 4242 (conmon) with signal SIGKILL.",
+        "container-ng.service: Main process exited, code=killed, status=9/KILL",
+        "container-ng.service: Failed with result 'watchdog'.",
+    ])
+    assert exits_in_journal(journal) == [["exited", "3", "NOTIMPLEMENTED"],
+                                         ["watchdog", "10s", "KILL"]]
+    assert exits_in_journal("") == []
 
 
 # -- the rate limit ------------------------------------------------------------------------
@@ -253,17 +273,19 @@ def test_the_watcher_is_installed_updated_or_removed_where_it_differs():
                                      "NIGHTGUARD_ALERTS_CHAT_ID": "4242"})
     wanted = desired_watcher(enabled)
     assert wanted["version"] == watcher_source()[1]  # the watcher's own, not the helper's
-    assert "OnUnitActiveSec=30s" in wanted["timer"] and "Type=oneshot" in wanted["service"]
+    assert "OnUnitActiveSec=300s" in wanted["timer"] and "Type=oneshot" in wanted["service"]
+    assert "ExecStartPost=-/usr/bin/systemctl start --no-block nightguard-watch.service" in \
+        wanted["dropin"].splitlines() and "OnFailure=nightguard-watch.service" in wanted["dropin"]
     assert desired_watcher(load_settings(environ={})) is None
     installed = {"present": True, "version": wanted["version"], "config": wanted["config"],
                  "service": wanted["service"].strip(), "timer": wanted["timer"].strip(),
-                 "enabled": True}
+                 "dropin": wanted["dropin"].strip(), "enabled": True}
     assert watcher_action(wanted, {"watcher": installed}) is None
     assert watcher_action(wanted, {}) == "install"
     assert watcher_action(wanted, {"watcher": {"present": False}}) == "install"
     for change in ({"version": "fedcba9876543210"}, {"enabled": False},
                    {"config": dict(wanted["config"], chat_id="1")},
-                   {"timer": "[Timer]\nOnUnitActiveSec=60s"}):
+                   {"timer": "[Timer]\nOnUnitActiveSec=60s"}, {"dropin": None}):
         assert watcher_action(wanted, {"watcher": dict(installed, **change)}) == "update"
     assert watcher_action(None, {"watcher": installed}) == "remove"
     assert watcher_action(None, {"watcher": {"present": False}}) is None

@@ -98,14 +98,14 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert host.paths["watcher"].read_bytes() == watcher_program()
     args = json.loads(host.paths["alerts_args"].read_text())
     assert stat.S_IMODE(host.paths["alerts_args"].stat().st_mode) == 0o600
-    assert args["config"]["chat_id"] == CHAT and args["config"]["interval"] == 30
+    assert args["config"]["chat_id"] == CHAT and args["config"]["interval"] == 300
     assert args["unit"] == UNIT and args["container"] == "97layer-nightguard"
     service = host.paths["watch_service"].read_text()
     assert "Type=oneshot" in service
     assert "ExecStart=/usr/bin/python3 -I -S -c \"import sys; sys.path.append(" \
            "'/var/lib/nightguard'); import watcher; sys.exit(watcher.watch_main(sys.argv[1:]))" \
            "\" /var/lib/nightguard/alerts.json" in service
-    assert "OnUnitActiveSec=30s" in host.paths["watch_timer"].read_text()
+    assert "OnUnitActiveSec=300s" in host.paths["watch_timer"].read_text()
     assert host.paths["watch_timer_wants"].is_symlink()
     assert ["enable", "--now", "--quiet", "nightguard-watch.timer"] in host.calls("systemctl")
     again = deploy(alert_settings(deploy, telegram))

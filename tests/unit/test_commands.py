@@ -170,6 +170,27 @@ def test_systemd_unit_exec_start_is_the_full_podman_run():
     assert "sudo" not in argv
 
 
+def test_with_a_watchdog_the_container_feeds_it_and_a_kill_leaves_nothing_behind():
+    spec = default_spec(watchdog_sec=10)
+    unit = commands.systemd_unit(spec)
+    lines = unit.splitlines()
+    assert "--sdnotify=container" in exec_start(unit)
+    assert "--sdnotify=conmon" not in unit
+    for line in ("WatchdogSec=10", "WatchdogSignal=SIGKILL", "NotifyAccess=all",
+                 "ExecStartPost=-/usr/bin/podman healthcheck run " + spec.name,
+                 "ExecStopPost=-/usr/bin/podman rm --force --ignore --time 0 "
+                 "--cidfile=%t/%n.ctr-id"):
+        assert line in lines, line
+    assert lines.index("ExecStart=" + unit.split("ExecStart=")[1].split("\n")[0]) < \
+        lines.index("ExecStartPost=-/usr/bin/podman healthcheck run " + spec.name)
+
+
+def test_without_a_watchdog_the_unit_is_as_before():
+    unit = commands.systemd_unit(default_spec(watchdog_sec=0))
+    assert "--sdnotify=conmon" in exec_start(unit)
+    assert "Watchdog" not in unit and "ExecStartPost" not in unit and "ExecStopPost" not in unit
+
+
 def test_systemd_unit_escapes_a_literal_percent():
     spec = default_spec(health_cmd="test $(date +%s) -gt 0",
                         environment=(("RATE", "50%"),))

@@ -141,7 +141,7 @@ def test_long_form_secrets_are_understood(compose_settings, shipped):
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("interval", "60s", "healthcheck.interval: 60s differs from nightguard.health.interval 30s"),
+    ("interval", "60s", "healthcheck.interval: 60s differs from nightguard.health.interval 5m"),
     ("interval", "30", "healthcheck.interval: '30' is not a duration"),
     ("timeout", "5s", "healthcheck.timeout: 5s differs from nightguard.health.timeout 10s"),
     ("start_period", "2m",

@@ -108,17 +108,32 @@ def test_memory_quantities(size, quantity):
     assert kube.memory_quantity(size) == quantity
 
 
-def test_probe_runs_the_compose_health_check_with_the_configured_timing():
+def test_probe_is_the_watchdogs_rule_at_the_watchdogs_pace():
     bundle, desired = bundle_for()
+    assert container_of(bundle)["livenessProbe"] == {
+        "exec": {"command": ["/usr/local/bin/ng-supervise", "--alive"]},
+        "initialDelaySeconds": 60, "periodSeconds": 5, "timeoutSeconds": 10,
+        "failureThreshold": 2,
+    }
+    assert "startupProbe" not in container_of(bundle)  # Podman 4.3 would ignore it
+    env = {e["name"]: e["value"] for e in container_of(bundle)["env"]}
+    assert env["NG_HEARTBEAT_MAX_AGE"] == "15"  # the probe reads the same limits
+    probe = container_of(bundle_for(settings_with(**{"health.watchdog": "30s"}))[0])
+    assert probe["livenessProbe"]["periodSeconds"] == 15
+
+
+def test_without_a_watchdog_the_probe_runs_the_compose_health_check():
+    bundle, desired = bundle_for(settings_with(**{"health.watchdog": "off",
+                                                  "health.interval": "30s"}))
     assert container_of(bundle)["livenessProbe"] == {
         "exec": {"command": ["python3", "/app/execution/system/health_check.py"]},
         "initialDelaySeconds": 60, "periodSeconds": 30, "timeoutSeconds": 10,
         "failureThreshold": 3,
     }
     assert desired.spec.health_cmd == "python3 /app/execution/system/health_check.py"
-    assert "startupProbe" not in container_of(bundle)  # Podman 4.3 would ignore it
-    other = settings_with(**{"health.interval": "20s", "health.timeout": "5s",
-                             "health.retries": "4", "health.start_period": "2m"})
+    other = settings_with(**{"health.watchdog": "off", "health.interval": "20s",
+                             "health.timeout": "5s", "health.retries": "4",
+                             "health.start_period": "2m"})
     probe = container_of(bundle_for(other)[0])["livenessProbe"]
     assert (probe["periodSeconds"], probe["timeoutSeconds"], probe["failureThreshold"],
             probe["initialDelaySeconds"]) == (20, 5, 4, 120)
@@ -263,7 +278,7 @@ def kube_values():
 @pytest.mark.parametrize(("overrides", "kwargs", "expected"), [
     ({"container_name": "Night_Guard"}, {},
      "command line: nightguard.container_name: 'Night_Guard' cannot name Kubernetes objects"),
-    ({"health.interval": "1500ms"}, {},
+    ({"health.interval": "1500ms", "health.watchdog": "off"}, {},
      "command line: nightguard.health.interval: 1500ms does not fit a probe"),
     ({"health.timeout": "0s"}, {},
      "command line: nightguard.health.timeout: 0s does not fit a probe"),

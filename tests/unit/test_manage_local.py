@@ -28,8 +28,8 @@ HOSTNAME = socket.gethostname()
 def install_watcher(helper) -> None:
     program, version = watcher_source()
     helper.call("watcher", step="alerts", action="install", config={"chat_id": "1"},
-                service=cmd.watcher_service(), timer=cmd.watcher_timer(30), version=version,
-                data=program)
+                service=cmd.watcher_service(), timer=cmd.watcher_timer(30),
+                dropin=cmd.watcher_dropin(), version=version, data=program)
 
 
 def remove(host, *, data=False, swap=False, who="ana@laptop") -> dict:
@@ -75,6 +75,7 @@ def test_remove_takes_the_deployment_off_and_keeps_data_swap_audit_and_others(fa
     assert ["stop", UNIT] in systemctl and ["disable", "--quiet", UNIT] in systemctl
     assert not host.paths["unit"].exists() and not os.path.lexists(host.paths["unit_wants"])
     assert not host.paths["watch_timer"].exists() and not host.paths["watcher"].exists()
+    assert not host.paths["watch_dropin"].exists()
     assert host.container() is None
     assert [n for n in host.image_names() if n.startswith(IMAGE + ":")] == []
     assert set(host.secret_values()) == {"someone_elses"}

@@ -101,6 +101,8 @@ class FakeHost:
             "watch_service": units / "nightguard-watch.service",
             "watch_timer": units / "nightguard-watch.timer",
             "watch_timer_wants": units / "timers.target.wants" / "nightguard-watch.timer",
+            "watch_dropin": units / "container-97layer-nightguard.service.d"
+                            / "nightguard-watch.conf",
             "tool_path": self.bin, "tool_root": root / "nothing",  # no real /usr/bin/podman
             "apt_locks": [root / "var/lib/dpkg/lock-frontend", root / "var/lib/dpkg/lock",
                           root / "var/lib/apt/lists/lock", root / "var/cache/apt/archives/lock"],
