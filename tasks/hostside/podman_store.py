@@ -3,8 +3,10 @@ host only) and the agent's container (its OCI config, pid file and health log), 
 the podman CLI as the fallback where a file is not where this Podman keeps it."""
 
 import base64
+import datetime
 import json
 import os
+import re
 
 from ..contract import HEARTBEAT_FILE, OUR_MOUNTS
 from .base import pid_alive, read_json, read_text, sh, version_tuple
@@ -98,6 +100,27 @@ def secret_value(paths, name, podman_version_text):
     return None if encoded is None else base64.b64decode(encoded)
 
 
+_ISO_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def iso_epoch(text):
+    """Podman's RFC 3339 times (nanoseconds, Z or an offset) as Unix time; None if not one."""
+    found = _ISO_TIME.match(str(text or "").strip())
+    if not found:
+        return None
+    whole, fraction, zone = found.groups()
+    stamp = datetime.datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    return stamp.timestamp() + float("0" + (fraction or ".0"))
+
+
+def passed_at(health):
+    """When the last health check started, if it passed (None otherwise)."""
+    log = (health or {}).get("Log") or []
+    if not log or log[-1].get("ExitCode") != 0:
+        return None
+    return iso_epoch(log[-1].get("Start"))
+
+
 def container_from_files(paths, name, containers):
     """The container's state from its OCI config, pid file and health log: what crun was
     really given (env, limits, mounts), without a podman process. None if not found."""
@@ -146,6 +169,7 @@ def container_from_files(paths, name, containers):
         "failing_streak": int((health or {}).get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in ((health or {}).get("Log") or [])[-3:]],
+        "health_passed_at": passed_at(health),
         "source": "files",
     }
 
@@ -176,6 +200,7 @@ def container_from_podman(name):
         "failing_streak": int(health.get("FailingStreak") or 0),
         "health_log": [{"exit": e.get("ExitCode"), "output": (e.get("Output") or "")[-300:]}
                        for e in (health.get("Log") or [])[-3:]],
+        "health_passed_at": passed_at(health),
         "started_at": state.get("StartedAt"),
         "source": "podman",
     }

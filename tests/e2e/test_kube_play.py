@@ -134,7 +134,7 @@ def played(vm, tmp_path_factory):
     # a quick probe (the export carries the settings): a frozen agent is seen in ~30 s;
     # the compose file must agree with the settings, so a copy says the same
     compose = (ROOT / "deployment/podman-compose.nightguard.yml").read_text()
-    compose = compose.replace("interval: 30s", "interval: 5s").replace(
+    compose = compose.replace("interval: 5m", "interval: 5s").replace(
         "retries: 3", "retries: 2").replace("start_period: 60s", "start_period: 10s")
     (work / "compose.yml").write_text(compose)
     env = inv_env(vm, make_env_file(work), ROOT, NIGHTGUARD_HEALTH_INTERVAL="5s",

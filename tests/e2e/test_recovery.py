@@ -1,5 +1,7 @@
-"""Automatic recovery with the production settings (check every 30 s, 3 retries, heartbeat
-older than 30 s = hung): crash -> back within 60 s; hang -> back within 5 minutes; RAM limit
+"""Automatic recovery with the production settings (systemd's watchdog fed while the
+heartbeat is younger than 15 s, 10 s without a ping = hung; the full check every 5 min):
+crash -> back within 60 s; hang -> back within 60 s on Debian 13 (45 s the target on
+Debian 12, tests/e2e/test_alerts.py); RAM limit
 crossed -> alive on swap; RAM+swap limit crossed -> OOM-killed by the kernel in the
 container's own cgroup, and back.
 
@@ -60,16 +62,12 @@ def test_crash_is_back_within_60_seconds(deployed, ssh_run):
 
 
 @pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
-def test_hang_is_restarted_within_5_minutes(deployed, ssh_run):
+def test_hang_is_restarted_by_the_watchdog(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
-    before = started_at(ssh_run, deployed)
-    control(ssh_run, deployed, "hang")
-    since = time.monotonic()  # frozen at its next loop turn; the process stays alive
-    assert wait_until(lambda: health_status(ssh_run, deployed) == "unhealthy"
-                      or started_at(ssh_run, deployed) != before, 240, 5)
-    seconds = back_healthy(ssh_run, deployed, before, since, 300)
-    assert seconds is not None, "hung agent not restarted and healthy within 5 minutes"
-    figure(f"{deployed['name']}: hang -> healthy", seconds)
+    seconds = fault_then_back(ssh_run, deployed, "hang", 120)
+    journal = checked(ssh_run, deployed, f"sudo -n journalctl -u container-{CONTAINER}.service "
+                                         f"-o cat --no-pager --since '-{int(seconds) + 60}s'")
+    assert "Watchdog timeout (limit 10s)!" in journal, journal[-2000:]
 
 
 def kernel_oom_lines(ssh_run, target, since_epoch: int) -> str:

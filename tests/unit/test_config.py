@@ -168,6 +168,10 @@ def test_unknown_environment_variable(tmp_path):
         ("env", "rootless", "maybe", "nightguard.rootless"),
         ("yaml", "app_dir", "relative/dir", "nightguard.app_dir"),
         ("env", "limits.swappiness", "101", "nightguard.limits.swappiness"),
+        ("yaml", "health.watchdog", "never", "nightguard.health.watchdog"),
+        ("env", "health.watchdog", "1s", "nightguard.health.watchdog"),
+        ("flag", "health.watchdog", "1500ms", "nightguard.health.watchdog"),
+        ("env", "health.watchdog", "2h", "nightguard.health.watchdog"),
     ],
 )
 def test_bad_value_names_key_and_source(tmp_path, layer, key, value, expected_key):
@@ -480,3 +484,11 @@ def test_alert_urls_that_are_fine(tmp_path):
                                "https://hc-ping.com/0f6b5b2e-8a1c-4b7e-9d1e-2f0c6a7b8c9d",
                                "NIGHTGUARD_ALERTS_API_BASE": "http://10.0.2.2:8081"})
     assert settings["alerts.ping_url"].endswith("8c9d")
+
+
+def test_the_watchdog_is_on_by_default_and_off_turns_it_off():
+    from tasks.deploy.plan import watchdog_seconds
+
+    assert watchdog_seconds(load_settings(environ={})) == 10
+    assert watchdog_seconds(load_settings(environ={"NIGHTGUARD_HEALTH_WATCHDOG": "off"})) == 0
+    assert watchdog_seconds(load_settings(environ={"NIGHTGUARD_HEALTH_WATCHDOG": "1m"})) == 60

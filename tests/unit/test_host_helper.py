@@ -967,3 +967,30 @@ def test_the_gate_reads_a_rejected_token_only_from_the_agents_own_regular_file(t
     beat.parent.symlink_to(outside.parent)  # nor a linked directory on the way
     (outside.parent / "heartbeat").write_text('{"token":"rejected"}\n')
     assert not token_rejected(*where)
+
+
+def test_gate_takes_the_units_own_check_at_start_instead_of_running_another(fake_host):
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+        # the unit's ExecStartPost check, once the agent said READY
+        helper.call("run", step="check", argv=["podman", "healthcheck", "run", CONTAINER])
+        checks = len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"])
+        answer = helper.call("gate", deadline=10)
+        assert answer["healthy"] is True
+        assert len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"]) == checks
+        # a restart in place after that check: the gate checks the new process itself
+        answer = helper.call("gate", deadline=10, since=time.time() + 1)
+    assert answer["healthy"] is True
+    assert len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"]) == checks + 1
+
+
+def test_podmans_times_are_read_with_nanoseconds_and_offsets():
+    from tasks.hostside.podman_store import iso_epoch, passed_at
+
+    assert iso_epoch("1970-01-01T00:00:10.5Z") == 10.5
+    assert iso_epoch("1970-01-01T01:00:10.123456789+01:00") == pytest.approx(10.123456789)
+    assert iso_epoch("yesterday") is None and iso_epoch(None) is None
+    log = {"Log": [{"Start": "1970-01-01T00:00:10Z", "ExitCode": 1},
+                   {"Start": "1970-01-01T00:00:20Z", "ExitCode": 0}]}
+    assert passed_at(log) == 20.0
+    assert passed_at({"Log": log["Log"][:1]}) is None and passed_at(None) is None
