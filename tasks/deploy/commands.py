@@ -118,16 +118,18 @@ def liveness_lines(spec: ContainerSpec) -> list[str]:
     first heartbeat and WATCHDOG=1 while it keeps beating (conmon forwards both,
     NotifyAccess=all); without a ping for WatchdogSec systemd kills conmon (SIGKILL: no
     core dump) and restarts the unit. The container, in a scope of its own, outlives
-    conmon: ExecStopPost removes it at once (else --replace would wait out its stop
-    timeout). ExecStartPost runs the full health check once, so Podman reads "healthy"
-    from the start instead of after the first (long) interval."""
+    conmon: after a watchdog kill ($SERVICE_RESULT) ExecStopPost removes it at once (else
+    --replace would wait out its stop timeout); after any other stop it is already gone,
+    and a podman process there would only cost seconds of every restart. ExecStartPost
+    runs the full health check once, so Podman reads "healthy" from the start instead of
+    after the first (long) interval."""
     if not spec.watchdog_sec:
         return []
     name = shlex.quote(spec.name)
     return [f"WatchdogSec={spec.watchdog_sec}", "WatchdogSignal=SIGKILL",
             f"ExecStartPost=-/usr/bin/podman healthcheck run {name}",
-            "ExecStopPost=-/usr/bin/podman rm --force --ignore --time 0 "
-            "--cidfile=%t/%n.ctr-id"]
+            "ExecStopPost=-/bin/sh -c 'test \"$$SERVICE_RESULT\" != watchdog || exec "
+            "/usr/bin/podman rm --force --ignore --time 0 --cidfile=%t/%n.ctr-id'"]
 
 
 def systemd_unit(spec: ContainerSpec, *, rootful: bool = True) -> str:

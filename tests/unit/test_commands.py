@@ -178,8 +178,8 @@ def test_with_a_watchdog_the_container_feeds_it_and_a_kill_leaves_nothing_behind
     assert "--sdnotify=conmon" not in unit
     for line in ("WatchdogSec=10", "WatchdogSignal=SIGKILL", "NotifyAccess=all",
                  "ExecStartPost=-/usr/bin/podman healthcheck run " + spec.name,
-                 "ExecStopPost=-/usr/bin/podman rm --force --ignore --time 0 "
-                 "--cidfile=%t/%n.ctr-id"):
+                 "ExecStopPost=-/bin/sh -c 'test \"$$SERVICE_RESULT\" != watchdog || exec "
+                 "/usr/bin/podman rm --force --ignore --time 0 --cidfile=%t/%n.ctr-id'"):
         assert line in lines, line
     assert lines.index("ExecStart=" + unit.split("ExecStart=")[1].split("\n")[0]) < \
         lines.index("ExecStartPost=-/usr/bin/podman healthcheck run " + spec.name)
