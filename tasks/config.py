@@ -144,9 +144,10 @@ DEFAULTS: dict[str, Any] = {
         "swappiness": 10,
     },
     "health": {
-        # liveness: systemd's watchdog, fed by the container's PID 1 while the agent's
-        # heartbeat is younger than heartbeat_max_age s ("off": the health check alone)
-        "watchdog": "10s",
+        # liveness: the container's PID 1 kills a hung or deaf agent (heartbeat older than
+        # heartbeat_max_age s) and feeds systemd's watchdog, which restarts a container
+        # frozen as a whole after this long ("off": the health check alone)
+        "watchdog": "30s",
         "heartbeat_max_age": 15,
         # the full health check (secrets, dirs, memory, disk, and the heartbeat again)
         "interval": "5m",

@@ -114,10 +114,12 @@ def unit_name(container: str) -> str:
 
 
 def liveness_lines(spec: ContainerSpec) -> list[str]:
-    """With a watchdog: the container's PID 1 (ng-supervise) says READY=1 after the agent's
-    first heartbeat and WATCHDOG=1 while it keeps beating (conmon forwards both,
-    NotifyAccess=all); without a ping for WatchdogSec systemd kills conmon (SIGKILL: no
-    core dump) and restarts the unit. The container, in a scope of its own, outlives
+    """With a watchdog: the container's PID 1 (ng-supervise) kills a hung or deaf agent
+    itself (the container exits 120/121 and Restart=always restarts it), says READY=1
+    after the agent's first heartbeat and WATCHDOG=1 at each check (conmon forwards both,
+    NotifyAccess=all); without a ping for WatchdogSec - the container frozen as a whole, or
+    ng-supervise stuck - systemd kills conmon (SIGKILL: no core dump) and restarts the
+    unit. The container, in a scope of its own, outlives
     conmon: after a watchdog kill ($SERVICE_RESULT) ExecStopPost removes it at once (else
     --replace would wait out its stop timeout); after any other stop it is already gone,
     and a podman process there would only cost seconds of every restart. ExecStartPost

@@ -31,9 +31,13 @@ def describe_exit(code, status, name, was_unhealthy):
     "Main process exited, code=exited, status=3/NOTIMPLEMENTED" (code "watchdog", status
     its limit, when systemd's watchdog killed it first)."""
     if code == "watchdog":
-        return "hang", (f"stopped showing signs of life (its heartbeat or its polling "
-                        f"stalled for longer than allowed), killed by systemd's watchdog "
-                        f"({status} without a liveness ping)")
+        return "hang", (f"the container stopped answering (no liveness ping for {status}: "
+                        f"frozen as a whole), killed by systemd's watchdog")
+    if code == "exited" and status == "120":
+        return "hang", "hung (its heartbeat stopped), killed by its supervisor"
+    if code == "exited" and status == "121":
+        return "deaf", "deaf (its loop ran but its polling made no progress), killed by its " \
+            "supervisor"
     if (code == "exited" and status == "137") or (code == "killed" and name == "KILL"):
         if was_unhealthy:
             return "health kill", "killed after failing its health check (SIGKILL, exit 137)"

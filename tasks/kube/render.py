@@ -32,8 +32,8 @@ Decisions:
     emptyDir: the agent's data outlives a pod, as the VM's data dir outlives a container.
   * The probe is an exec livenessProbe. With health.watchdog on (the VM's liveness is then
     systemd's watchdog, fed by ng-supervise while the heartbeat is fresh) it runs that same
-    rule, ``ng-supervise --alive``, every watchdog/2 s, failing after 2 misses - about the
-    watchdog's bound; the full health check stays the VM's (a cluster has its own
+    rule, ``ng-supervise --alive`` (on the VM ng-supervise applies it itself), every 5 s,
+    failing after 2 misses; the full health check stays the VM's (a cluster has its own
     monitoring). With the watchdog off it runs the compose file's health check:
     periodSeconds = health.interval, timeoutSeconds = health.timeout, failureThreshold =
     health.retries, initialDelaySeconds = health.start_period. No startupProbe: Podman 4.3
@@ -93,6 +93,7 @@ SECRETS_MOUNT = "/run/secrets"
 SECRET_FILE_MODE = 0o444
 TMP_MOUNT = "/tmp"
 SUPERVISE = "/usr/local/bin/ng-supervise"  # the image's PID 1 (Dockerfile.nightguard)
+LIVENESS_PERIOD = 5  # s between two `ng-supervise --alive` probes
 TMP_SIZE = "16Mi"
 # python-telegram-bot waits up to 30 s between failed polls, and a stop waits that pause
 # out before it confirms the fetched updates; Recreate makes the new pod wait for this.
@@ -253,7 +254,7 @@ def liveness_probe(settings: Settings, spec: ContainerSpec) -> dict:
              "timeoutSeconds": whole_seconds(settings, "health.timeout", 1)}
     if spec.watchdog_sec:
         return {"exec": {"command": [SUPERVISE, "--alive"]}, **probe,
-                "periodSeconds": max(1, spec.watchdog_sec // 2), "failureThreshold": 2}
+                "periodSeconds": LIVENESS_PERIOD, "failureThreshold": 2}
     return {"exec": {"command": probe_command(spec.health_cmd)}, **probe,
             "periodSeconds": whole_seconds(settings, "health.interval", 1),
             "failureThreshold": settings["health.retries"]}

@@ -183,9 +183,13 @@ def test_agent_status_says_what_the_check_said():
      ("crash", "killed by SIGKILL (exit 137: out of memory, or a kill)")),
     (("killed", "15", "TERM"), False, ("crash", "killed by signal TERM")),
     (("dumped", "11", "SEGV"), False, ("crash", "crashed with a core dump (signal SEGV)")),
-    (("watchdog", "10s", "KILL"), False,
-     ("hang", "stopped showing signs of life (its heartbeat or its polling stalled for longer "
-              "than allowed), killed by systemd's watchdog (10s without a liveness ping)")),
+    (("watchdog", "30s", "KILL"), False,
+     ("hang", "the container stopped answering (no liveness ping for 30s: frozen as a whole), "
+              "killed by systemd's watchdog")),
+    (("exited", "120", "n/a"), False, ("hang", "hung (its heartbeat stopped), killed by its "
+                                               "supervisor")),
+    (("exited", "121", "n/a"), False,
+     ("deaf", "deaf (its loop ran but its polling made no progress), killed by its supervisor")),
 ])
 def test_describe_exit(exit_line, unhealthy, expected):
     assert describe_exit(*exit_line, was_unhealthy=unhealthy) == expected

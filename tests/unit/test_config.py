@@ -489,6 +489,6 @@ def test_alert_urls_that_are_fine(tmp_path):
 def test_the_watchdog_is_on_by_default_and_off_turns_it_off():
     from tasks.deploy.plan import watchdog_seconds
 
-    assert watchdog_seconds(load_settings(environ={})) == 10
+    assert watchdog_seconds(load_settings(environ={})) == 30
     assert watchdog_seconds(load_settings(environ={"NIGHTGUARD_HEALTH_WATCHDOG": "off"})) == 0
     assert watchdog_seconds(load_settings(environ={"NIGHTGUARD_HEALTH_WATCHDOG": "1m"})) == 60

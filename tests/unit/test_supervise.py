@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,34 +103,44 @@ def test_ready_after_the_first_beat_then_pings_while_it_beats(tmp_path):
     assert "notify False" in out  # the socket is the supervisor's, not the agent's
 
 
-def test_a_stale_heartbeat_stops_the_pings_and_says_why(tmp_path):
-    proc, sock = start(tmp_path, BEATS=3, EVERY=0.2)
-    messages = sock.drain(1.6)
-    assert messages[:2] == ["READY=1", "WATCHDOG=1"], messages
-    sock.messages.clear()
-    assert sock.drain(3.5).count("WATCHDOG=1") <= 1  # stale 1.5 s after its last beat
-    assert sock.drain(2.0) == []
-    proc.send_signal(signal.SIGTERM)
-    code, _, err = finish(proc)
-    assert code == 0
-    assert "ng-supervise: the heartbeat is 2 s old (limit 1.5 s): no liveness ping" in err or \
-        "ng-supervise: the heartbeat is 3 s old (limit 1.5 s): no liveness ping" in err, err
-    assert err.count("no liveness ping") == 1  # said once, not every tick
+def test_a_hung_agent_is_killed_and_the_container_says_hung(tmp_path):
+    # three beats, then the agent sleeps on: stale 1.5 s after its last beat -> SIGKILL,
+    # exit 120, at that moment rather than at the next regular check
+    proc, sock = start(tmp_path, BEATS=3, EVERY=0.2, NG_WATCHDOG_SEC=20)
+    code, _, err = finish(proc, timeout=20)
+    messages = sock.drain(0.2)
+    assert code == 120, err
+    assert messages[0] == "READY=1", messages
+    assert re.search(r"ng-supervise: the heartbeat is \d+ s old \(limit 1.5 s\): the agent is "
+                     r"hung, killing it \(the container exits 120; systemd restarts it\)", err), err
+    assert err.count("killing it") == 1
 
 
-@pytest.mark.parametrize("content, pings", [
-    ('{"polled_at": NOW, "poll_timeout": 1}', True),
-    ('{"polled_at": 1000.0, "poll_timeout": 10}', False),  # a deaf bot
-    ('{"token": "rejected"}', True),  # alive: a restart cannot fix a revoked token
+def test_an_agent_that_never_beats_is_hung_after_its_grace(tmp_path):
+    proc, sock = start(tmp_path, FIRST=3600, NG_LIVENESS_GRACE=1)
+    code, _, err = finish(proc, timeout=20)
+    assert code == 120 and "no heartbeat file: the agent is hung" in err, err
+    assert "READY=1" not in sock.drain(0.1)  # never ready: systemd's start times out too
+
+
+@pytest.mark.parametrize("content, code", [
+    ('{"polled_at": 1000.0, "poll_timeout": 10}', 121),  # a deaf bot
+    ('{"polled_at": NOW, "poll_timeout": 0.5}', None),  # polling: alive
+    ('{"token": "rejected"}', None),  # alive: a restart cannot fix a revoked token
 ])
-def test_polling_progress_decides_the_pings(tmp_path, content, pings):
+def test_polling_progress_decides_life_and_death(tmp_path, content, code):
     proc, sock = start(tmp_path, CONTENT=content, NG_POLL_MARGIN=1)
     messages = sock.drain(2.5)
-    proc.send_signal(signal.SIGTERM)
-    _, _, err = finish(proc)
+    if code is None:
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+    got, _, err = finish(proc)
     assert messages[0] == "READY=1", messages
-    assert ("WATCHDOG=1" in messages) is pings, (messages, err)
-    assert ("polling made no progress" in err) is not pings, err
+    if code is None:
+        assert got == 0 and "WATCHDOG=1" in messages and "killing" not in err, err
+    else:
+        assert got == code and "polling made no progress for" in err and \
+            "the agent is deaf, killing it (the container exits 121" in err, err
 
 
 def test_sighup_restarts_the_agent_in_place_and_sigkills_one_that_ignores_term(tmp_path):

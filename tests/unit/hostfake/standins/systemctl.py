@@ -65,6 +65,12 @@ def expand(value: str, unit: str) -> list[str]:
 
 
 def run_line(argv: list[str]) -> int:
+    if argv[0].startswith("-"):  # systemd's "ignore a failure" prefix
+        run_line([argv[0][1:], *argv[1:]])
+        return 0
+    if argv[:2] == ["/bin/sh", "-c"]:  # a stop as systemd ends it: $SERVICE_RESULT success
+        return subprocess.run(argv, env={"SERVICE_RESULT": "success",
+                                         "PATH": CONFIG["bin"]}).returncode
     if os.path.basename(argv[0]) == "podman":
         return subprocess.run([os.path.join(CONFIG["bin"], "podman"), *argv[1:]]).returncode
     if argv[:2] == ["/bin/rm", "-f"]:
