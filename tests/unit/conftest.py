@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tasks import invoke_config
+from tasks.ssh import sshconfig
 from tests.unit import hermetic
 from tests.unit.hostfake import FakeHost, Isolation, check_isolated
 from tests.unit.hostfake.deployer import Deployer, copy_project
@@ -72,10 +74,15 @@ def pytest_unconfigure(config):
 @pytest.fixture(autouse=True)
 def not_this_machine(tmp_path_factory, monkeypatch):
     """Each unit test its own HOME: an empty folder with an empty .ssh, so nothing one test
-    leaves there (a known_hosts line, a key) reaches another."""
+    leaves there (a known_hosts line, a key) reaches another. The machine's /etc/ssh and
+    /etc/invoke.yaml are not read either (a test wanting one writes its own)."""
     home = tmp_path_factory.mktemp("home")
     (home / ".ssh").mkdir(mode=0o700)
     monkeypatch.setenv("HOME", str(home))
+    etc = SURROUNDINGS.folder() / "etc"  # never made: nothing in it
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", str(etc / "ssh" / "ssh_config"))
+    monkeypatch.setattr(sshconfig, "GLOBAL_KNOWN_HOSTS", str(etc / "ssh" / "ssh_known_hosts"))
+    monkeypatch.setattr(invoke_config, "SYSTEM_PREFIX", str(etc / "invoke"))
     return home
 
 
