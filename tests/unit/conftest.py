@@ -10,10 +10,8 @@ Every unit test runs in the fixed surroundings of tests/unit/hermetic.py (enviro
 PATH, HOME, time zone, current folder), whatever the machine has: see its docstring.
 """
 
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -48,23 +46,13 @@ SURROUNDINGS = hermetic.Surroundings()
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A unit test's setup, call and teardown run in hermetic's surroundings; the machine's
-    environment and current folder come back after it (an e2e test in the same run gets
-    them)."""
+    environment, current folder, umask and signal handlers come back after it (an e2e test
+    in the same run gets them)."""
     if not item.path.is_relative_to(hermetic.UNIT_DIR):
         yield
         return
-    saved, cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(SURROUNDINGS.environ())
-    time.tzset()
-    os.chdir(hermetic.ROOT)
-    try:
+    with SURROUNDINGS.applied():
         yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        time.tzset()
-        os.chdir(cwd)
 
 
 def pytest_unconfigure(config):

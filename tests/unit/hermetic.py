@@ -8,7 +8,8 @@ copy of the project - get them too) and puts the machine's back after it:
     COVERAGE_*) and TMPDIR are kept; every other one (NIGHTGUARD_*, NG_*, INVOKE_*,
     GOOGLE_*, CLOUDSDK_*, SSH_*, XDG_*, proxies, CI, USER, PYTHON*...) is gone. A test
     that wants one sets it itself (monkeypatch.setenv);
-  - LANG=C.UTF-8, TZ=UTC;
+  - LANG=C.UTF-8, TZ=UTC, umask 022, and SIGINT, SIGHUP, SIGTERM handled as by default
+    even where the run was started with them ignored (nohup, a background job);
   - HOME: an empty folder with an empty .ssh (conftest's not_this_machine gives each test
     its own), so no ~/.ssh/config, known_hosts, ~/.config/gcloud, ~/.invoke.yaml or git
     config of the user's is read;
@@ -25,10 +26,14 @@ skipping).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +49,11 @@ HIDDEN_PREFIXES = ("qemu-",)
 KEPT_PREFIXES = ("PYTEST_", "COV_CORE_", "COVERAGE_")
 KEPT_NAMES = ("TMPDIR",)
 FIXED = {"LANG": "C.UTF-8", "TZ": "UTC"}
+UMASK = 0o022
+# what each signal does in a process started normally (an ignored one stays ignored in
+# every child, so a test stopping a child with it would hang or pass for the wrong reason)
+SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL,
+           signal.SIGTERM: signal.SIG_DFL}
 
 
 def on_ci() -> bool:
@@ -90,6 +100,28 @@ class Surroundings:
         venv_bin = str(Path(sys.executable).parent)
         return {**kept, **FIXED, "HOME": str(base / "home"),
                 "PATH": os.pathsep.join((venv_bin, str(base / "bin")))}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """In the surroundings while inside; the machine's back after."""
+        saved, cwd, umask = dict(os.environ), os.getcwd(), os.umask(UMASK)
+        handlers = {number: signal.getsignal(number) for number in SIGNALS}
+        os.environ.clear()
+        os.environ.update(self.environ())
+        time.tzset()
+        os.chdir(ROOT)
+        for number, handler in SIGNALS.items():
+            signal.signal(number, handler)
+        try:
+            yield
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+            os.environ.clear()
+            os.environ.update(saved)
+            time.tzset()
+            os.chdir(cwd)
+            os.umask(umask)
 
     def remove(self) -> None:
         if self.base is not None:

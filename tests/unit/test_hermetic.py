@@ -4,15 +4,17 @@
 here sees none. Then pytest is started with a hostile machine around it - NIGHTGUARD_*,
 NG_*, INVOKE_*, GOOGLE_* and proxy variables set to junk, a HOME whose ~/.ssh/config sends
 every host elsewhere, a PATH whose podman, ssh and gcloud answer garbage, CI set, another
-current folder - and a few representative files of the tier (ssh_config and settings
-resolution, this file's check) must pass in it. A self-test feeds ``leaks`` a machine's
-surroundings and watches it find them.
+current folder, umask 077, SIGINT and SIGHUP ignored (as under nohup) - and a few
+representative files of the tier (ssh_config and settings resolution, this file's check)
+must pass in it. A self-test feeds ``leaks`` a machine's surroundings and watches it find
+them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,9 @@ def leaks(environ: dict[str, str], cwd: str) -> list[str]:
 def test_a_unit_test_sees_nothing_of_the_machine():
     assert leaks(dict(os.environ), os.getcwd()) == []
     assert time.localtime(0).tm_gmtoff == 0  # TZ=UTC is in force, not only set
+    assert os.umask(hermetic.UMASK) == hermetic.UMASK
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     # the programs a test needs for real are still there, from the system's folders
     assert Path(shutil.which("sh")).resolve() == Path(hermetic.tool("sh")).resolve()
     print(f"{PROBE} as pytest found it: {hermetic.MACHINE_ENV.get(PROBE)}")
@@ -103,13 +108,21 @@ def hostile_machine(tmp_path: Path) -> dict[str, str]:
             "HTTPS_PROXY": "http://127.0.0.1:9", "TZ": "Pacific/Kiritimati", "USER": "nobody"}
 
 
+def hostile_process() -> None:
+    """Run in the child before pytest starts: what a background job or nohup gives it."""
+    os.umask(0o077)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def test_representative_unit_tests_pass_on_a_hostile_machine(tmp_path):
     unit = hermetic.UNIT_DIR
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-c", str(hermetic.ROOT / "pyproject.toml"),
          "--rootdir", str(hermetic.ROOT), "-p", "no:cacheprovider", "-n", "0", "-q", "-s",
          "--durations=0", "--durations-min=60", *(str(unit / test) for test in REPRESENTATIVE)],
-        cwd=tmp_path, env=hostile_machine(tmp_path), capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, env=hostile_machine(tmp_path), preexec_fn=hostile_process,
+        capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert f"{PROBE} as pytest found it: set-before-pytest" in done.stdout  # it was there
     assert " passed" in done.stdout and "skipped" not in done.stdout
