@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.unit import hermetic
 
 ALLOWED = {"HOME", "PATH", *hermetic.FIXED}
@@ -83,6 +85,15 @@ def test_leaks_finds_a_machine_s_surroundings(tmp_path):
     assert "PATH has /usr/local/bin" in found and "PATH has /usr/bin" in found
     assert f"HOME {tmp_path} is not an empty folder with an empty .ssh" in found
     assert "current folder /tmp" in found
+
+
+def test_a_missing_program_is_a_skip_but_a_failure_on_ci(monkeypatch):
+    monkeypatch.delitem(hermetic.MACHINE_ENV, "CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-such-program-ng is not in /usr/sbin"):
+        hermetic.tool("no-such-program-ng")
+    monkeypatch.setitem(hermetic.MACHINE_ENV, "CI", "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="CI needs no-such-program-ng"):
+        hermetic.tool("no-such-program-ng")
 
 
 def hostile_machine(tmp_path: Path) -> dict[str, str]:
