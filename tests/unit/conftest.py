@@ -6,8 +6,8 @@ change the machine. `fake_host` therefore fails the test loudly, before any help
 unless the stand-ins come first on the helper's PATH, nothing outside the temp folder is on
 it, and every path the helper knows points into the temp folder.
 
-Every unit test runs in the fixed surroundings of tests/unit/hermetic.py (environment,
-PATH, HOME, time zone, current folder), whatever the machine has: see its docstring.
+Every unit test runs in the fixed surroundings of tests/unit/hermetic.py (environment, PATH,
+HOME, time zone, umask, signals, current folder), whatever the machine has: see its docstring.
 """
 
 import subprocess
