@@ -13,6 +13,7 @@ it), a connection refused until sshd listens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -427,7 +428,7 @@ def forward_later(seconds: float, port: int, to_port: int) -> threading.Timer:
     """From ``seconds`` on, 127.0.0.1:port carries connections to to_port: an sshd that
     starts listening a while after the VM got its address."""
     def pump(src: socket.socket, dst: socket.socket) -> None:
-        with src, dst:
+        with src, dst, contextlib.suppress(OSError):  # a side reset at the end: done
             while data := src.recv(65536):
                 dst.sendall(data)
 
