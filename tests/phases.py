@@ -1,7 +1,8 @@
 """A pytest plugin that records when each test's setup, call and teardown ran, on which
 xdist worker and in which VM group, to the JSON-lines file ``NG_PHASES_FILE`` names (CI
-sets it; unset, it records nothing). ``bench/ci_phases.py`` turns the file into the
-suite's phase table: bootstrap, the unit tier, each VM's boot and drills."""
+sets it; unset, it records nothing). The variable is read once, when pytest starts: the
+unit tier runs each test without it. ``bench/ci_phases.py`` turns the file into the suite's
+phase table: bootstrap, the unit tier, each VM's boot and drills."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import os
 
 import pytest
 
+_PATH = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    config.stash[_PATH] = os.environ.get("NG_PHASES_FILE", "")
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     yield
-    path = os.environ.get("NG_PHASES_FILE")
+    path = item.config.stash.get(_PATH, "")
     if not path:
         return
     group = item.get_closest_marker("xdist_group")

@@ -5,15 +5,19 @@ These tests run as root on CI, where the machine's real systemctl, swapon or apt
 change the machine. `fake_host` therefore fails the test loudly, before any helper starts,
 unless the stand-ins come first on the helper's PATH, nothing outside the temp folder is on
 it, and every path the helper knows points into the temp folder.
+
+Every unit test runs in the fixed surroundings of tests/unit/hermetic.py (environment, PATH,
+HOME, time zone, umask, signals, current folder), whatever the machine has: see its docstring.
 """
 
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tasks import invoke_config
+from tasks.ssh import sshconfig
+from tests.unit import hermetic
 from tests.unit.hostfake import FakeHost, Isolation, check_isolated
 from tests.unit.hostfake.deployer import Deployer, copy_project
 
@@ -36,17 +40,37 @@ while os.getppid() == parent:
 """
 
 
+SURROUNDINGS = hermetic.Surroundings()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A unit test's setup, call and teardown run in hermetic's surroundings; the machine's
+    environment, current folder, umask and signal handlers come back after it (an e2e test
+    in the same run gets them)."""
+    if not item.path.is_relative_to(hermetic.UNIT_DIR):
+        yield
+        return
+    with SURROUNDINGS.applied():
+        yield
+
+
+def pytest_unconfigure(config):
+    SURROUNDINGS.remove()
+
+
 @pytest.fixture(autouse=True)
 def not_this_machine(tmp_path_factory, monkeypatch):
-    """No unit test reads the developer's machine: HOME is an empty folder (no
-    ~/.ssh/config, ~/.invoke.yaml or known_hosts of theirs) and no NIGHTGUARD_* or
-    INVOKE_* variable of their shell is set. A test wanting one sets it itself."""
-    for name in list(os.environ):
-        if name.startswith(("NIGHTGUARD_", "INVOKE_")):
-            monkeypatch.delenv(name)
+    """Each unit test its own HOME: an empty folder with an empty .ssh, so nothing one test
+    leaves there (a known_hosts line, a key) reaches another. The machine's /etc/ssh and
+    /etc/invoke.yaml are not read either (a test wanting one writes its own)."""
     home = tmp_path_factory.mktemp("home")
+    (home / ".ssh").mkdir(mode=0o700)
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # no agent of theirs either
+    etc = SURROUNDINGS.folder() / "etc"  # never made: nothing in it
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", str(etc / "ssh" / "ssh_config"))
+    monkeypatch.setattr(sshconfig, "GLOBAL_KNOWN_HOSTS", str(etc / "ssh" / "ssh_known_hosts"))
+    monkeypatch.setattr(invoke_config, "SYSTEM_PREFIX", str(etc / "invoke"))
     return home
 
 
@@ -57,7 +81,7 @@ def container_pids(tmp_path_factory):
     target = tmp_path_factory.mktemp("pid1") / "hup-target"
     target.write_text("")
     live = subprocess.Popen([sys.executable, "-S", "-c", PID1, str(target)])
-    ended = subprocess.Popen([shutil.which("true") or "/bin/true"])
+    ended = subprocess.Popen([sys.executable, "-S", "-c", ""])
     ended.wait()
     yield live.pid, ended.pid, target
     live.kill()

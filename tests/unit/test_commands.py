@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from tasks.deploy import commands
 from tasks.deploy.commands import ContainerSpec
+from tests.unit.hermetic import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH = "python3 /app/execution/system/health_check.py"
@@ -299,15 +299,15 @@ def test_watcher_units_hold_no_secret_and_import_the_watcher():
     assert "Unit=nightguard-watch.service" in timer and "WantedBy=timers.target" in timer
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is absent")
 def test_systemd_accepts_the_watcher_units(tmp_path):
+    analyze = tool("systemd-analyze")
     (tmp_path / "nightguard-watch.service").write_text(commands.watcher_service())
     (tmp_path / "nightguard-watch.timer").write_text(commands.watcher_timer(30))
     (tmp_path / "broken.service").write_text('[Service]\nExecStart=/bin/true "x\n')
-    done = subprocess.run(["systemd-analyze", "verify", "--man=no", "nightguard-watch.timer",
+    done = subprocess.run([analyze, "verify", "--man=no", "nightguard-watch.timer",
                            "nightguard-watch.service"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
-    broken = subprocess.run(["systemd-analyze", "verify", "--man=no", "./broken.service"],
+    broken = subprocess.run([analyze, "verify", "--man=no", "./broken.service"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert broken.returncode != 0  # the check itself can fail

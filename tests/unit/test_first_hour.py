@@ -312,5 +312,7 @@ def test_health_screen_says_last_exit_once_and_each_check_once(monkeypatch):
 # -- the unit tier and the developer's machine --------------------------------------------------
 def test_the_unit_tier_reads_nothing_of_this_machine(not_this_machine):
     assert not [n for n in os.environ if n.startswith(("NIGHTGUARD_", "INVOKE_"))]
-    assert Path.home() == not_this_machine and not any(not_this_machine.iterdir())
+    assert Path.home() == not_this_machine
+    assert [p.name for p in not_this_machine.iterdir()] == [".ssh"]  # an empty ~/.ssh only
+    assert not any((not_this_machine / ".ssh").iterdir())
     assert "SSH_AUTH_SOCK" not in os.environ

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tasks.sandbox import qemu, support
+from tests.unit import hermetic
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a laptop without apt has that bootstrap and the tasks use; ssh comes with macOS.
@@ -203,8 +204,8 @@ def test_sandbox_checks_on_linux(monkeypatch, tmp_path):
     assert "needs root" in support.build_problem(tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("ps") is None, reason="no ps")
 def test_qemu_pid_without_proc_asks_ps(monkeypatch, tmp_path):
+    hermetic.tool("ps")
     monkeypatch.setattr(qemu, "PROCFS", False)  # as on macOS
     monkeypatch.setenv("NG_SANDBOX_DIR", str(tmp_path))
     state = tmp_path / "mac"
@@ -233,8 +234,11 @@ def _base_python() -> str:
 
 
 def _pip_cache() -> str | None:
+    """The machine's pip cache (not the test's empty HOME's): packages come from there."""
+    machine = {**os.environ, "HOME": hermetic.MACHINE_ENV.get("HOME", ""),
+               **hermetic.machine_pip_env()}
     done = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True,
-                          text=True)
+                          text=True, env=machine)
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -255,6 +259,7 @@ def laptop(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("NIGHTGUARD_", "NG_", "PYTHON", "VIRTUAL_ENV"))}
     cache = _pip_cache()
+    env.update(hermetic.machine_pip_env())  # where packages come from is the machine's to say
     env.update(PATH=str(bin_dir), XDG_CACHE_HOME=str(tmp / "cache"),
                **({"PIP_CACHE_DIR": cache} if cache else {}))
     done = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=repo, env=env,

@@ -13,11 +13,11 @@ it), a connection refused until sshd listens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,13 +41,9 @@ from tasks.ssh.hostlink import PipeClosed, helper_source
 from tasks.ssh.remote import Remote
 from tasks.ssh.targets import resolve_target
 from tests.fake_gce import FakeGce
+from tests.unit.hermetic import tool
 
-SSHD = "/usr/sbin/sshd"
 SECRET = "tg-7fd1c2a9-secret-only-on-stdin"
-
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(SSHD),
-    reason=f"{SSHD} is absent (install openssh-server; scripts/bootstrap.sh does)")
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,8 @@ def free_port() -> int:
 
 
 def keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)],
+    subprocess.run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", "", "-f",
+                    str(path)],
                    check=True, capture_output=True)
     return path.with_suffix(".pub").read_text().strip()
 
@@ -92,8 +89,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, deadline: float = 10.0) -> 
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory) -> Server:
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen is absent (install openssh-client)")
+    sshd_bin = tool("sshd")  # the real OpenSSH server and client, from the system's folders
     base = tmp_path_factory.mktemp("sshd")
     host_pub = keygen(base / "host_ed25519")
     client_pub = keygen(base / "client_ed25519")
@@ -124,11 +120,11 @@ LogLevel ERROR
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     # OpenSSH 9.8+ shuts out an address after a few refused logins: the login wait's tests
     # would lock every later test out of 127.0.0.1. Older sshd does not know the option.
-    if subprocess.run([SSHD, "-t", "-f", str(base / "sshd_config"), "-o",
+    if subprocess.run([sshd_bin, "-t", "-f", str(base / "sshd_config"), "-o",
                        "PerSourcePenalties=no"], capture_output=True).returncode == 0:
         with open(base / "sshd_config", "a") as config:
             config.write("PerSourcePenalties no\n")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(base / "sshd_config")],
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(base / "sshd_config")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_port(port, proc)
@@ -209,10 +205,11 @@ def test_a_secret_in_the_pipe_never_shows_in_the_process_list(remote, tmp_path):
     target = tmp_path / "secret.out"
     samples: list[str] = []
     stop = threading.Event()
+    ps = tool("ps")
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(subprocess.run(["ps", "-eo", "args"], capture_output=True,
+            samples.append(subprocess.run([ps, "-eo", "args"], capture_output=True,
                                           text=True).stdout)
             time.sleep(0.05)
 
@@ -431,7 +428,7 @@ def forward_later(seconds: float, port: int, to_port: int) -> threading.Timer:
     """From ``seconds`` on, 127.0.0.1:port carries connections to to_port: an sshd that
     starts listening a while after the VM got its address."""
     def pump(src: socket.socket, dst: socket.socket) -> None:
-        with src, dst:
+        with src, dst, contextlib.suppress(OSError):  # a side reset at the end: done
             while data := src.recv(65536):
                 dst.sendall(data)
 
@@ -709,10 +706,10 @@ Host tunnelled
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
     """A running ssh-agent of the test's own; SSH_AUTH_SOCK points at it."""
-    if shutil.which("ssh-agent") is None or shutil.which("ssh-add") is None:
-        pytest.skip("ssh-agent / ssh-add are absent (install openssh-client)")
+    tool("ssh-add")
     sock = tmp_path / "agent.sock"
-    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([tool("ssh-agent"), "-D", "-a", str(sock)],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not sock.exists() and time.monotonic() < deadline:
@@ -724,7 +721,7 @@ def agent(tmp_path, monkeypatch):
 
 
 def ssh_add(*args: str) -> None:
-    subprocess.run(["ssh-add", "-q", *args], check=True, capture_output=True)
+    subprocess.run([tool("ssh-add"), "-q", *args], check=True, capture_output=True)
 
 
 def test_the_agents_key_logs_in_when_no_key_file_is_set(sshd, tmp_path, agent):
@@ -765,7 +762,7 @@ def test_the_users_known_hosts_serve_when_the_project_has_no_pin(sshd, tmp_path,
     user_file = own_home / ".ssh" / "known_hosts"
     user_file.write_text(host_line(sshd))
     if hashed:
-        subprocess.run(["ssh-keygen", "-H", "-f", str(user_file)], check=True,
+        subprocess.run([tool("ssh-keygen"), "-H", "-f", str(user_file)], check=True,
                        capture_output=True)
         assert user_file.read_text().startswith("|1|")
     target = resolve_target(ssh_settings(tmp_path, sshd, **{
@@ -807,15 +804,15 @@ def test_a_revoked_key_is_refused_even_where_it_is_listed(sshd, tmp_path):
 
 def test_the_unknown_key_error_shows_its_fingerprint_and_the_command_that_pins_it(sshd,
                                                                                   tmp_path):
-    if shutil.which("ssh-keyscan") is None:
-        pytest.skip("ssh-keyscan is absent (install openssh-client)")
+    tool("ssh-keyscan")  # the command the message names is run as given, from PATH
     known_hosts = tmp_path / "pins" / "known_hosts"  # its directory does not exist yet
     with Remote(sshd.target(known_hosts=str(known_hosts)), connect_timeout=5,
                 out=io.StringIO()) as handle:
         with pytest.raises(StepFailed) as info:
             handle.open_pipe(["true"], step="facts")
     message = str(info.value)
-    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(sshd.dir / "host_ed25519.pub")],
+    fingerprint = subprocess.run([tool("ssh-keygen"), "-lf",
+                                  str(sshd.dir / "host_ed25519.pub")],
                                  capture_output=True, text=True, check=True).stdout.split()[1]
     assert f"it offered ssh-ed25519 {fingerprint}:" in message
     command = message.split("pin it with `")[1].rstrip("`")

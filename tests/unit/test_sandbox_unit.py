@@ -99,7 +99,12 @@ def test_status_logic(disk, running, answers, expected):
 def test_status_of_an_unknown_sandbox_is_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("NG_SANDBOX_DIR", str(tmp_path))
     assert sandbox.status("nope") == "absent"
+    # where QEMU can run (said here, not found on this machine's PATH)
+    monkeypatch.setattr(sandbox.support, "boot_problem", lambda: None)
     with pytest.raises(RuntimeError, match="sandbox nope is not up: run `inv sandbox.up`"):
+        sandbox.target("nope")
+    monkeypatch.setattr(sandbox.support, "boot_problem", lambda: "no QEMU here")
+    with pytest.raises(RuntimeError, match="not up, and cannot run here: no QEMU here"):
         sandbox.target("nope")
 
 
