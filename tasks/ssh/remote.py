@@ -162,15 +162,15 @@ class SshPipe:
         while self.channel.recv_stderr_ready():
             self.errors = (self.errors + self.channel.recv_stderr(65536))[-8192:]
 
-    def readline(self, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
+    def _fill(self, deadline: float) -> None:
+        """More bytes into the buffer, waiting until ``deadline`` at most."""
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
             self.channel.settimeout(min(left, 0.5))
             try:
-                chunk = self.channel.recv(65536)
+                chunk = self.channel.recv(262144)
             except TimeoutError:
                 self._drain_stderr()
                 continue
@@ -180,6 +180,19 @@ class SshPipe:
                 self._drain_stderr()
                 raise PipeClosed()
             self.buffer += chunk
+            return
+
+    def read_exact(self, size: int, timeout: float) -> bytes:
+        """``size`` raw bytes (a frame of a stream), each wait at most ``timeout``."""
+        while len(self.buffer) < size:
+            self._fill(time.monotonic() + timeout)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            self._fill(deadline)
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line + b"\n"
 
