@@ -26,7 +26,9 @@ OP_NAMES = frozenset({
     "facts", "apt_wait", "provision", "swap", "rm_env", "sync", "release", "restore_code",
     "secret_put", "secret_restore", "secret_forget", "run", "install_unit", "write_file",
     "dirs", "reload", "gate", "health", "logs", "history", "finish", "unlock", "base",
-    "watcher", "alert_test", "exec", "remove_plan", "remove"})
+    "watcher", "alert_test", "exec", "remove_plan", "remove",
+    # the agent's data dir: a backup streamed out, a restore put in place (ops_data.py)
+    "data_backup", "data_upload", "data_unpack", "data_swap", "data_settle", "data_undo"})
 # ops a read-only session may run (alert_test sends a message and exec runs a command in the
 # container: neither changes anything of the deployment's)
 READ_ONLY_OPS = frozenset({"facts", "health", "logs", "history", "unlock", "alert_test",
