@@ -135,6 +135,9 @@ DEFAULTS: dict[str, Any] = {
     # tasks which do not read the store still mask them (tasks/deploy/fingerprints.py)
     "fingerprints_file": ".nightguard/secret-fingerprints.json",
     "keep_images": 3,
+    # `inv data.backup`: where the backups go (relative: to the project) and how many of a
+    # host's are kept there
+    "data": {"keep": 7, "out": "backups"},
     "limits": {
         "memory": "700m",
         "memory_reservation": "500m",

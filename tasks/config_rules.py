@@ -102,7 +102,8 @@ def _validate_durations_and_counts(settings: Settings, fail) -> None:
         except ValueError as exc:
             fail(key, str(exc))
     for key in ("health.retries", "health.heartbeat_max_age", "health.deadline",
-                "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images"):
+                "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images",
+                "data.keep"):
         if settings[key] < 1:
             fail(key, "must be at least 1")
     for key in _string_keys(settings.values):
