@@ -14,6 +14,8 @@ SWAPFILE = "/swapfile"
 HEARTBEAT_FILE = "/tmp/nightguard/heartbeat"  # in the container; NG_HEARTBEAT_FILE moves it
 WATCHER_FILE = "watcher.py"  # in the state dir: the watcher's program
 ALERTS_ARGS_FILE = "alerts.json"  # in the state dir: its arguments (root only, no token)
+DATA_PAUSED_FILE = "data-paused.json"  # in the state dir while a backup has the agent paused
+DATA_JOURNAL_FILE = "data-restore.json"  # in the state dir while a restore is not settled
 
 # -- constants both sides apply ----------------------------------------------------------------
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
@@ -28,7 +30,8 @@ OP_NAMES = frozenset({
     "dirs", "reload", "gate", "health", "logs", "history", "finish", "unlock", "base",
     "watcher", "alert_test", "exec", "remove_plan", "remove",
     # the agent's data dir: a backup streamed out, a restore put in place (ops_data.py)
-    "data_backup", "data_upload", "data_unpack", "data_swap", "data_settle", "data_undo"})
+    "data_backup", "data_upload", "data_unpack", "data_swap", "data_settle", "data_undo",
+    "data_heal"})
 # ops a read-only session may run (alert_test sends a message and exec runs a command in the
 # container: neither changes anything of the deployment's)
 READ_ONLY_OPS = frozenset({"facts", "health", "logs", "history", "unlock", "alert_test",
@@ -82,6 +85,7 @@ class Facts(TypedDict, total=False):
     apt_sources: list[list[Any]]  # only when a basic tool is missing
     apt_reachable: dict[str, bool]  # idem
     apt_busy: list[dict[str, Any]]
+    data_unfinished: list[str]  # "backup" (agent left paused), "restore" (cut after its swap)
 
 
 class Health(TypedDict):

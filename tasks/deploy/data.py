@@ -83,8 +83,10 @@ def run_backup(settings: Settings, remote: Remote, folder: Path) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     say_skipped(remote, answer)
+    how = "while it copied the files on the host" if answer.get("copy") == "snapshot" else \
+        "while the archive was made and sent (no room on the host's disk for a copy)"
     agent = "the agent was not running" if paused is None else \
-        f"the agent was paused {paused:.2f} s"
+        f"the agent was paused {paused:.2f} s {how}"
     print(f"backup: {describe(manifest)}; {final.stat().st_size / 1e6:.1f} MB written; "
           f"{agent}; helper peak memory {answer.get('peak_rss_kb', 0) / 1024:.0f} MB",
           file=remote.out)

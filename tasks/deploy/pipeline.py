@@ -203,6 +203,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
     started = time.monotonic()
     with HostSession(remote, settings, command=command) as host:
         facts = read_facts(host, settings)
+        if facts.get("data_unfinished") and not remote.dry_run:
+            apply.finish_data_task(host, facts["data_unfinished"])
         digests = secret_digests(facts, values.values)
         desired = desired_state(settings, digests, manifest, expected_podman(facts),
                                 base_id(facts))

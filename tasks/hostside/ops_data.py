@@ -2,11 +2,14 @@
 by a rename with the old tree kept aside.
 
 Backup (``data_backup``): the container is paused (``podman pause``: the cgroup freezer,
-nothing of the agent runs, nothing is lost) while the tree is read, so the copy is the
-tree of one moment; the tar is gzipped as it is made and sent in frames of 256 kB
-(``Session.send_bytes``): the archive never exists whole on the host, in memory or on disk.
-A marker in the state dir says the agent is paused; if the helper dies before it unpauses,
-the next data op (or `inv health`'s fix, ``podman unpause``) finds it.
+nothing of the agent runs, nothing is lost) while each file is copied into a root-only
+snapshot dir in the state dir (at disk speed), and unpaused; then the tar is made from the
+copies, gzipped as it is made and sent in frames of 256 kB (``Session.send_bytes``), each
+copy removed once sent: the archive never exists whole on the host, in memory or on disk,
+and compression and the network do not lengthen the agent's pause. Without room on the
+disk for the copy, the tar is made and sent while the agent is paused. A marker in the
+state dir says the agent is paused; if the helper dies before it unpauses, the next data
+op (or a deploy, from its facts) unpauses it.
 
 Restore: ``data_upload`` appends the archive to a root-only file in the state dir,
 ``data_unpack`` writes it as a new tree beside the data dir (same filesystem, every file's
@@ -26,6 +29,7 @@ import stat
 import tarfile
 import time
 
+from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE
 from .base import OpError, _unlink, now, read_json, read_text, sh, write_json
 from .datatree import MANIFEST_NAME, TreeReader, TreeWriter, tree_size
 from .nofollow import open_dir_nofollow, remove_tree_at
@@ -33,9 +37,9 @@ from .podman_store import container_state
 
 FORMAT = 1
 FRAME = 256 * 1024
-PAUSED_MARKER = "data-paused.json"
-JOURNAL = "data-restore.json"
 UPLOAD = "data-upload.tar.gz"
+SNAPSHOT = "data-snapshot"  # in the state dir: the paused copy, gone once it is sent
+SNAPSHOT_MARGIN = 256 << 20  # the disk keeps this much free besides the copy
 
 
 def data_paths(s):
@@ -43,9 +47,10 @@ def data_paths(s):
     data_dir = s.args["data_dir"].rstrip("/")
     return {"data": data_dir, "staging": data_dir + ".ng-restore",
             "previous": data_dir + ".ng-previous", "failed": data_dir + ".ng-failed",
-            "journal": os.path.join(s.paths["state"], JOURNAL),
-            "paused": os.path.join(s.paths["state"], PAUSED_MARKER),
-            "upload": os.path.join(s.paths["state"], UPLOAD)}
+            "journal": os.path.join(s.paths["state"], DATA_JOURNAL_FILE),
+            "paused": os.path.join(s.paths["state"], DATA_PAUSED_FILE),
+            "upload": os.path.join(s.paths["state"], UPLOAD),
+            "snapshot": os.path.join(s.paths["state"], SNAPSHOT)}
 
 
 class FrameWriter(io.RawIOBase):
@@ -112,10 +117,16 @@ def heal(s, where):
         put_back(s, where, journal)
         done.append("an interrupted restore was undone: the data dir is back as it was "
                     "before it")
-    if os.path.lexists(where["staging"]):
-        _remove_tree(where["staging"])
+    for leftover in ("staging", "snapshot"):
+        if os.path.lexists(where[leftover]):
+            _remove_tree(where[leftover])
     _unlink(where["upload"])
     return done
+
+
+def op_data_heal(s, req):
+    """What an interrupted backup or restore left, repaired (a deploy asks, from facts)."""
+    return {"healed": heal(s, data_paths(s))}
 
 
 def _remove_tree(path):
@@ -149,32 +160,67 @@ def op_data_backup(s, req):
         os.close(root_fd)
 
 
-def _stream_backup(s, req, where, root_fd, healed):
-    total, done, shown = tree_size(root_fd), [0], [time.monotonic()]
+def snapshot_dir(s, where, total):
+    """A root-only directory in the state dir for the paused copy, as a descriptor; None
+    when the disk lacks room for it (the tar is then made while the agent is paused)."""
+    if os.path.lexists(where["snapshot"]):
+        _remove_tree(where["snapshot"])
+    disk = os.statvfs(s.paths["state"])
+    if disk.f_bavail * disk.f_frsize < total + SNAPSHOT_MARGIN:
+        return None
+    os.mkdir(where["snapshot"], 0o700)
+    return os.open(where["snapshot"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _counter(s, req, total, verb):
+    done, shown = [0], [time.monotonic()]
 
     def counted(n):
         done[0] += n
         if time.monotonic() - shown[0] > 2:
             shown[0] = time.monotonic()
-            s.progress(req["id"], f"{done[0] / 1e6:.1f} of {total / 1e6:.1f} MB read")
+            s.progress(req["id"], f"{done[0] / 1e6:.1f} of {total / 1e6:.1f} MB {verb}")
 
+    return done, counted
+
+
+def _stream_backup(s, req, where, root_fd, healed):
+    total = tree_size(root_fd)
+    snap_fd = snapshot_dir(s, where, total) if req.get("snapshot", True) else None
+    done, counted = _counter(s, req, total, "sent" if snap_fd is not None else "read")
     out = FrameWriter(s, req["id"])
     zipped = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=int(req.get("level", 6)),
                            mtime=0)
     tar = tarfile.open(fileobj=zipped, mode="w|", format=tarfile.PAX_FORMAT)
-    tree = TreeWriter(tar, on_read=counted, stop=s.gone.is_set)
+    tree = TreeWriter(tar, on_read=counted, stop=s.gone.is_set, snapshot_fd=snap_fd)
     root_st = os.fstat(root_fd)
-    paused = pause_agent(s, where) if req.get("pause", True) else None
     try:
-        tree.add_tree(root_fd)
+        paused = pause_agent(s, where) if req.get("pause", True) else None
+        try:
+            tree.add_tree(root_fd)
+        finally:
+            outage = None if paused is None else time.monotonic() - paused
+            if paused is not None:
+                unpause_agent(s, where)
+        tree.flush()
     finally:
-        outage = None if paused is None else time.monotonic() - paused
-        if paused is not None:
-            unpause_agent(s, where)
+        if snap_fd is not None:
+            os.close(snap_fd)
+            _remove_tree(where["snapshot"])
     manifest = dict(tree.manifest_part(), format=FORMAT, created=now(),
                     identity=req.get("identity") or {}, host=host_identity(),
                     release=_release(s), owner=[root_st.st_uid, root_st.st_gid],
                     data_dir=where["data"])
+    _end_archive(tar, zipped, out, manifest)
+    return {"files": len(tree.files), "bytes": done[0], "links": tree.links,
+            "skipped": tree.skipped, "sent": out.sent, "paused_s": outage,
+            "copy": "snapshot" if snap_fd is not None else "while paused",
+            "host": manifest["host"], "release": manifest["release"], "healed": healed,
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def _end_archive(tar, zipped, out, manifest):
+    """The manifest as the last member, then the tar's and gzip's ends, all sent."""
     blob = json.dumps(manifest, sort_keys=True, indent=1).encode()
     info = tarfile.TarInfo(MANIFEST_NAME)
     info.size, info.mode, info.mtime = len(blob), 0o644, int(time.time())
@@ -182,10 +228,6 @@ def _stream_backup(s, req, where, root_fd, healed):
     tar.close()
     zipped.close()
     out.finish()
-    return {"files": len(tree.files), "bytes": done[0], "links": tree.links,
-            "skipped": tree.skipped, "sent": out.sent, "paused_s": outage,
-            "host": manifest["host"], "release": manifest["release"], "healed": healed,
-            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
 def host_identity():

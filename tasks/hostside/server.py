@@ -11,6 +11,7 @@ from .base import OpError
 from .ops_alerts import op_alert_test, op_watcher
 from .ops_data import (
     op_data_backup,
+    op_data_heal,
     op_data_settle,
     op_data_swap,
     op_data_undo,
@@ -37,7 +38,7 @@ OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": 
        "alert_test": op_alert_test, "apt_wait": op_apt_wait, "exec": op_exec,
        "remove_plan": op_remove_plan, "remove": op_remove, "data_backup": op_data_backup,
        "data_upload": op_data_upload, "data_unpack": op_data_unpack, "data_swap": op_data_swap,
-       "data_settle": op_data_settle, "data_undo": op_data_undo}
+       "data_settle": op_data_settle, "data_undo": op_data_undo, "data_heal": op_data_heal}
 READ_ONLY = READ_ONLY_OPS
 
 

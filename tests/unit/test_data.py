@@ -130,6 +130,36 @@ def unpack(blob: bytes, into: Path, expected: dict) -> None:
         os.close(fd)
 
 
+def test_a_snapshot_copy_makes_the_same_archive_as_a_direct_one(tmp_path):
+    root = tmp_path / "data"
+    agent_tree(root, tmp_path / "root-only" / "shadow")
+    (tmp_path / "snap").mkdir()
+    direct = write_tree(root)
+    buffer = io.BytesIO()
+    tar = tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    snap = os.open(tmp_path / "snap", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        writer = datatree.TreeWriter(tar, snapshot_fd=snap)
+        writer.add_tree(fd)
+        assert len(list((tmp_path / "snap").iterdir())) == 2  # the copies, before the tar
+        assert buffer.getvalue() == b""
+        writer.flush()
+    finally:
+        os.close(fd)
+        os.close(snap)
+    tar.close()
+    assert list((tmp_path / "snap").iterdir()) == []
+    with tarfile.open(fileobj=io.BytesIO(direct), mode="r:gz") as one, \
+            tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as two:
+        first = [(m.name, m.type, m.size, m.mode, m.linkname) for m in one
+                 if m.name != datatree.MANIFEST_NAME]
+        second = [(m.name, m.type, m.size, m.mode, m.linkname) for m in two]
+    assert first == second
+    assert writer.files["state.db"]["sha256"] == hashlib.sha256(
+        (root / "state.db").read_bytes()).hexdigest()
+
+
 def test_a_tree_comes_back_whole_and_links_stay_links(tmp_path):
     root = tmp_path / "data"
     agent_tree(root, tmp_path / "root-only" / "shadow")
@@ -264,7 +294,8 @@ def test_backup_then_restore_through_the_gate(deploy, host, tmp_path):
     assert SECRET not in gzip.decompress(path.read_bytes())
     assert "skipped: pipe: special file (fifo)" in text
     assert f"link kept as a link (not followed): shadow -> {tmp_path / 'secret'}" in text
-    assert "the agent was paused" in text
+    assert "the agent was paused" in text and "while it copied the files on the host" in text
+    assert not (host.paths["state"] / "data-snapshot").exists()
     podman = [c[0] for c in host.calls("podman") if c[:1] in (["pause"], ["unpause"])]
     assert podman == ["pause", "unpause"]
     assert not (host.paths["state"] / "data-paused.json").exists()
@@ -320,7 +351,9 @@ def test_a_restore_cut_after_its_swap_is_undone_by_the_next_run(deploy, host, tm
         # the client goes away here: no gate, no settle
     assert not (host.data_dir / "now.txt").exists()
     assert host.audit()[-1]["outcome"] == "interrupted"
-    data.run_backup(settings, deploy.remote(), tmp_path / "backups")
+    with host.helper(mode="read") as look:
+        assert look.call("facts")["data_unfinished"] == ["restore"]
+    deploy()  # a deploy notices it first (as would the next data.backup or data.restore)
     assert "an interrupted restore was undone" in deploy.last.text
     assert (host.data_dir / "now.txt").read_text() == "the current data"
     assert not (host.paths["state"] / "data-restore.json").exists()
