@@ -47,6 +47,7 @@ from .hostlink import PipeClosed
 # A host being set up is tried again this often: a VM's guest agent writes the login key
 # within a minute or so; trying more often would only fill sshd's log with refusals.
 LOGIN_RETRY_EVERY = 3.0
+SEND_TIMEOUT = 300.0  # the longest a send may wait for the host to take what it is sent
 
 
 def shown_duration(seconds: float) -> str:
@@ -152,6 +153,9 @@ class SshPipe:
         self.errors = b""
 
     def send(self, data: bytes) -> None:
+        # the channel keeps the last read's timeout (half a second): a large request would
+        # fail as soon as the host's window is full that long, so sending has its own
+        self.channel.settimeout(SEND_TIMEOUT)
         try:
             self.channel.sendall(data)
         except (OSError, EOFError, paramiko.SSHException):
