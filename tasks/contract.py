@@ -16,6 +16,9 @@ WATCHER_FILE = "watcher.py"  # in the state dir: the watcher's program
 ALERTS_ARGS_FILE = "alerts.json"  # in the state dir: its arguments (root only, no token)
 DATA_PAUSED_FILE = "data-paused.json"  # in the state dir while a backup has the agent paused
 DATA_JOURNAL_FILE = "data-restore.json"  # in the state dir while a restore is not settled
+# beside the data dir (<data_dir><suffix>): a restore's new tree, the old one kept aside, a
+# restored one that failed its gate
+DATA_SIBLINGS = (".ng-restore", ".ng-previous", ".ng-failed")
 
 # -- constants both sides apply ----------------------------------------------------------------
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"

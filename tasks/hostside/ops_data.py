@@ -29,7 +29,7 @@ import stat
 import tarfile
 import time
 
-from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE
+from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE, DATA_SIBLINGS
 from .base import OpError, _unlink, now, read_json, read_text, sh, write_json
 from .datatree import MANIFEST_NAME, TreeReader, TreeWriter, tree_size
 from .nofollow import open_dir_nofollow, remove_tree_at
@@ -45,8 +45,8 @@ SNAPSHOT_MARGIN = 256 << 20  # the disk keeps this much free besides the copy
 def data_paths(s):
     """The data dir and its two siblings on the same filesystem (renames stay atomic)."""
     data_dir = s.args["data_dir"].rstrip("/")
-    return {"data": data_dir, "staging": data_dir + ".ng-restore",
-            "previous": data_dir + ".ng-previous", "failed": data_dir + ".ng-failed",
+    staging, previous, failed = (data_dir + suffix for suffix in DATA_SIBLINGS)
+    return {"data": data_dir, "staging": staging, "previous": previous, "failed": failed,
             "journal": os.path.join(s.paths["state"], DATA_JOURNAL_FILE),
             "paused": os.path.join(s.paths["state"], DATA_PAUSED_FILE),
             "upload": os.path.join(s.paths["state"], UPLOAD),
@@ -85,17 +85,18 @@ class FrameWriter(io.RawIOBase):
 
 # -- pausing the agent --------------------------------------------------------------------------
 def pause_agent(s, where):
-    """Pause the running container; returns the monotonic time it was paused (None when it
-    was not running: nothing writes the data dir then)."""
+    """Pause the running container; returns the monotonic time the pause was asked for
+    (None when it was not running: nothing writes the data dir then)."""
     found = container_state(s.paths, s.args["container"])
     if not found or not found.get("running"):
         return None
     write_json(where["paused"], {"container": s.args["container"], "at": now()})
+    asked = time.monotonic()
     code, _, err = sh(["podman", "pause", s.args["container"]], 60)
     if code != 0:
         _unlink(where["paused"])
         raise OpError(f"could not pause the agent for a consistent copy: {err.strip()[-200:]}")
-    return time.monotonic()
+    return asked
 
 
 def unpause_agent(s, where):
@@ -199,9 +200,9 @@ def _stream_backup(s, req, where, root_fd, healed):
         try:
             tree.add_tree(root_fd)
         finally:
-            outage = None if paused is None else time.monotonic() - paused
-            if paused is not None:
+            if paused is not None:  # the outage: from `podman pause` to unpause's return
                 unpause_agent(s, where)
+            outage = None if paused is None else time.monotonic() - paused
         tree.flush()
     finally:
         if snap_fd is not None:

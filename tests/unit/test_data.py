@@ -21,7 +21,7 @@ import pytest
 
 from tasks.config import load_settings
 from tasks.deploy import backup as bk
-from tasks.deploy import data
+from tasks.deploy import data, manage
 from tasks.errors import ConfigError, StepFailed
 from tasks.hostside import datatree
 from tests.unit.hostfake import CONTAINER, UNIT
@@ -318,6 +318,9 @@ def test_backup_then_restore_through_the_gate(deploy, host, tmp_path):
         ("data.restore", "ok", path.name)
     assert ["stop", UNIT] in host.calls("systemctl") and ["start", UNIT] in \
         host.calls("systemctl")
+    manage.run_remove(settings, deploy.remote(), data=True, yes=True)
+    assert f"and {previous} (kept aside by a restore)" in deploy.last.text
+    assert not host.data_dir.exists() and not previous.exists()
 
 
 def test_an_unhealthy_agent_on_the_restored_tree_gets_the_old_one_back(deploy, host, tmp_path):
@@ -379,3 +382,42 @@ def test_a_backup_cut_half_way_leaves_no_file_and_the_agent_unpaused(deploy, hos
     assert list((tmp_path / "backups").iterdir()) == []
     assert not (host.paths["state"] / "data-paused.json").exists()
     assert host.audit()[-1]["outcome"].startswith("failed")
+
+
+# -- the SSH pipe under a large request and a framed stream -----------------------------------
+class SlowChannel:
+    """A channel whose sendall fails as a socket does when its timeout is shorter than the
+    host's pause in reading (a full window), and whose recv hands out what it was given."""
+
+    def __init__(self, incoming: bytes):
+        self.timeout, self.incoming, self.sent = None, incoming, b""
+
+    def settimeout(self, value):
+        self.timeout = value
+
+    def sendall(self, data):
+        if self.timeout is not None and self.timeout < 5:
+            raise TimeoutError("timed out")
+        self.sent += data
+
+    def recv(self, size):
+        chunk, self.incoming = self.incoming[:min(size, 1000)], self.incoming[min(size, 1000):]
+        return chunk
+
+    def recv_stderr_ready(self):
+        return False
+
+
+def test_the_ssh_pipe_sends_a_large_request_after_a_short_read_and_reads_frames_exactly():
+    from tasks.ssh.remote import SshPipe, Stats
+
+    frame = bytes(range(256)) * 40 + b"\n\n"
+    channel = SlowChannel(b'{"hello": true}\n' + b'{"id": 1, "bytes": %d}\n' % len(frame) +
+                          frame + b'{"id": 1, "ok": true}\n')
+    pipe = SshPipe(channel, Stats())
+    assert pipe.readline(10) == b'{"hello": true}\n'  # leaves the channel at a short timeout
+    pipe.send(b"x" * (4 << 20))
+    assert len(channel.sent) == 4 << 20
+    assert json.loads(pipe.readline(10)) == {"id": 1, "bytes": len(frame)}
+    assert pipe.read_exact(len(frame), 10) == frame
+    assert json.loads(pipe.readline(10)) == {"id": 1, "ok": True}
