@@ -247,6 +247,7 @@ def op_data_upload(s, req):
     """One piece of the archive, appended to a root-only file in the state dir."""
     where = data_paths(s)
     if req.get("first"):
+        must_be_deployed(s)
         s.data_healed = heal(s, where)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if req.get("first")
                                                         else os.O_APPEND)
@@ -279,12 +280,16 @@ def restore_owner(where, manifest_owner):
     return None
 
 
+def must_be_deployed(s):
+    if not os.path.exists(s.paths["unit"]):
+        raise OpError("the agent is not deployed on this host (no unit): run `inv deploy` "
+                      "first, then restore; nothing was changed")
+
+
 def op_data_unpack(s, req):
     """The uploaded archive as a new tree beside the data dir, every file checked."""
     where = data_paths(s)
-    if not os.path.exists(s.paths["unit"]):
-        raise OpError("the agent is not deployed on this host (no unit): run `inv deploy` "
-                      "first, then restore")
+    must_be_deployed(s)
     if req.get("size") is not None and os.path.getsize(where["upload"]) != req["size"]:
         raise OpError("the archive did not arrive whole")
     if os.path.lexists(where["staging"]):
@@ -303,6 +308,7 @@ def op_data_unpack(s, req):
     except (OpError, OSError, tarfile.TarError, EOFError) as exc:
         os.close(root_fd)
         _remove_tree(where["staging"])
+        _unlink(where["upload"])
         raise OpError(f"restore refused, nothing changed: {exc}") from None
     os.close(root_fd)
     _unlink(where["upload"])

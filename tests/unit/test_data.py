@@ -323,6 +323,20 @@ def test_backup_then_restore_through_the_gate(deploy, host, tmp_path):
     assert not host.data_dir.exists() and not previous.exists()
 
 
+def test_a_restore_onto_a_host_without_the_agent_is_one_line_and_changes_nothing(
+        deploy, host, tmp_path):
+    deploy()
+    settings = deploy.settings()
+    fill(host.data_dir, tmp_path / "secret")
+    path = data.run_backup(settings, deploy.remote(), tmp_path / "backups")
+    manage.run_remove(settings, deploy.remote(), data=True, yes=True)
+    with pytest.raises(StepFailed, match="step 'upload' failed: the agent is not deployed on "
+                       "this host .*nothing was changed"):
+        data.run_restore(settings, deploy.remote(), path, bk.read_backup(path))
+    assert not host.data_dir.exists()
+    assert sorted(p.name for p in host.paths["state"].iterdir()) == ["audit.log", "lock"]
+
+
 def test_an_unhealthy_agent_on_the_restored_tree_gets_the_old_one_back(deploy, host, tmp_path):
     deploy()
     settings = deploy.settings(**{"health.deadline": 2})
