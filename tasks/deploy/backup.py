@@ -1,4 +1,6 @@
-"""The backup file on the laptop: its name, its check, and how many are kept.
+"""The backup file on the laptop: its name, its check, how many are kept, and taking one
+through a host session (``take_backup``: `inv data.backup`, and a deploy that builds or pulls
+an image when ``nightguard.data.backup_before_deploy`` is on).
 
 A backup is ``nightguard-data-<host>-<UTC time>.tar.gz``: the data dir's tree under
 ``data/`` and, as the last member, ``nightguard-backup.json`` - the manifest the host wrote
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import secrets
 import tarfile
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..config import Settings
+from ..config import PROJECT_ROOT, Settings
 from ..errors import ConfigError
 
 ARCHIVE_ROOT = "data"
@@ -172,3 +176,79 @@ def describe(manifest: dict) -> str:
     host = (manifest.get("host") or {}).get("hostname", "?")
     return (f"{len(files)} file(s), {size / 1e6:.1f} MB, {len(manifest.get('links') or {})} "
             f"link(s), from {host} at {manifest.get('created', '?')} ({release})")
+
+
+# -- taking one (the host's stream into a checked file) ----------------------------------------
+def out_folder(settings: Settings, out: str | None = None) -> Path:
+    """``--out`` (relative: to the current folder), else ``nightguard.data.out``
+    (relative: to the project)."""
+    folder = Path(out) if out else Path(settings["data.out"])
+    return folder if folder.is_absolute() else (Path.cwd() if out else PROJECT_ROOT) / folder
+
+
+def take_backup(session, settings: Settings, folder: Path,
+                missing_ok: bool = False) -> tuple[Path | None, dict, dict]:
+    """The data dir streamed by the host helper of ``session`` (a HostSession) into a file
+    in ``folder``, checked against its manifest, then named; a cut stream leaves no file.
+    With ``missing_ok`` a host without a data dir yet gives (None, answer, {})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{backup_name('partial')}.{secrets.token_hex(4)}.partial"
+    remote = session.remote
+    try:
+        with remote.step("backup", settings["data_dir"]), \
+                open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                     "wb") as sink:
+            answer = session.call("data_backup", step="backup", sink=sink.write,
+                                  identity=deployment_identity(settings),
+                                  missing_ok=missing_ok)
+        if answer.get("absent"):
+            return None, answer, {}
+        with remote.step("check", "the file against its manifest"):
+            manifest = read_backup(partial)
+        final = folder / backup_name(answer["host"]["hostname"])
+        partial.rename(final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return final, answer, manifest
+
+
+def backup_audit(final: Path, answer: dict) -> dict:
+    paused = answer.get("paused_s")
+    return {"backup": final.name, "files": answer.get("files"),
+            "paused_s": None if paused is None else round(paused, 3),
+            "skipped": len(answer.get("skipped") or [])}
+
+
+def report_backup(out, settings: Settings, folder: Path, final: Path, answer: dict,
+                  manifest: dict) -> None:
+    """What was kept as a link, skipped, how long the agent was paused; older backups of
+    the host beyond ``nightguard.data.keep`` removed."""
+    for words in answer.get("healed") or []:
+        print(f"  ! {words}", file=out)
+    for rel, target in sorted((answer.get("links") or {}).items()):
+        print(f"  link kept as a link (not followed): {rel} -> {target}", file=out)
+    for item in answer.get("skipped") or []:
+        print(f"  skipped: {item['path']}: {item['why']}", file=out)
+    paused = answer.get("paused_s")
+    how = "while it copied the files on the host" if answer.get("copy") == "snapshot" else \
+        "while the archive was made and sent (no room on the host's disk for a copy)"
+    agent = "the agent was not running" if paused is None else \
+        f"the agent was paused {paused:.2f} s {how}"
+    print(f"backup: {describe(manifest)}; {final.stat().st_size / 1e6:.1f} MB written; "
+          f"{agent}; helper peak memory {answer.get('peak_rss_kb', 0) / 1024:.0f} MB",
+          file=out)
+    for gone in prune(folder, answer["host"]["hostname"], settings["data.keep"]):
+        print(f"  removed an older backup (data.keep={settings['data.keep']}): {gone.name}",
+              file=out)
+
+
+def backup_before_deploy(session, settings: Settings) -> None:
+    """``nightguard.data.backup_before_deploy``: the data dir to ``nightguard.data.out``
+    inside the deploy's own session, before a new image replaces the agent."""
+    folder = out_folder(settings)
+    final, answer, manifest = take_backup(session, settings, folder, missing_ok=True)
+    if final is None:
+        print("  backup before deploy: no data dir on the host yet", file=session.remote.out)
+        return
+    report_backup(session.remote.out, settings, folder, final, answer, manifest)
+    print(f"  backup before deploy: {final}", file=session.remote.out)

@@ -21,25 +21,25 @@ Config keys: ``nightguard.data.keep``, ``nightguard.data.out``, ``nightguard.dat
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 from invoke import Collection, task
 
 from ..cli import TARGET_HELP, one_line_errors, settings_for
-from ..config import PROJECT_ROOT, Settings
+from ..config import Settings
 from ..errors import StepFailed
 from ..ssh.remote import Remote
 from ..ssh.targets import open_remote
 from . import apply
 from .backup import (
-    backup_name,
+    backup_audit,
     check_identity,
     deployment_identity,
     describe,
-    prune,
+    out_folder,
     read_backup,
+    report_backup,
+    take_backup,
 )
 from .envfile import SecretValues
 from .session import HostSession
@@ -47,52 +47,12 @@ from .session import HostSession
 UPLOAD_CHUNK = 4 << 20  # a restore travels in pieces of this size (the host's memory)
 
 
-def out_folder(settings: Settings, out: str | None) -> Path:
-    folder = Path(out) if out else Path(settings["data.out"])
-    return folder if folder.is_absolute() else (Path.cwd() if out else PROJECT_ROOT) / folder
-
-
-def say_skipped(remote: Remote, answer: dict) -> None:
-    for words in answer.get("healed") or []:
-        print(f"  ! {words}", file=remote.out)
-    for rel, target in sorted((answer.get("links") or {}).items()):
-        print(f"  link kept as a link (not followed): {rel} -> {target}", file=remote.out)
-    for item in answer.get("skipped") or []:
-        print(f"  skipped: {item['path']}: {item['why']}", file=remote.out)
-
-
 def run_backup(settings: Settings, remote: Remote, folder: Path) -> Path:
     """Stream the data dir into a file in ``folder``; returns its path once checked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{backup_name('partial')}.{secrets.token_hex(4)}.partial"
-    try:
-        with HostSession(remote, settings, command="data.backup") as session:
-            with remote.step("backup", settings["data_dir"]), \
-                    open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                         "wb") as sink:
-                answer = session.call("data_backup", step="backup", sink=sink.write,
-                                      identity=deployment_identity(settings))
-            with remote.step("check", "the file against its manifest"):
-                manifest = read_backup(partial)
-            final = folder / backup_name(answer["host"]["hostname"])
-            partial.rename(final)
-            paused = answer.get("paused_s")
-            session.finish("ok", backup=final.name, files=answer.get("files"),
-                           paused_s=None if paused is None else round(paused, 3),
-                           skipped=len(answer.get("skipped") or []))
-    finally:
-        partial.unlink(missing_ok=True)
-    say_skipped(remote, answer)
-    how = "while it copied the files on the host" if answer.get("copy") == "snapshot" else \
-        "while the archive was made and sent (no room on the host's disk for a copy)"
-    agent = "the agent was not running" if paused is None else \
-        f"the agent was paused {paused:.2f} s {how}"
-    print(f"backup: {describe(manifest)}; {final.stat().st_size / 1e6:.1f} MB written; "
-          f"{agent}; helper peak memory {answer.get('peak_rss_kb', 0) / 1024:.0f} MB",
-          file=remote.out)
-    for gone in prune(folder, answer["host"]["hostname"], settings["data.keep"]):
-        print(f"  removed an older backup (data.keep={settings['data.keep']}): {gone.name}",
-              file=remote.out)
+    with HostSession(remote, settings, command="data.backup") as session:
+        final, answer, manifest = take_backup(session, settings, folder)
+        session.finish("ok", **backup_audit(final, answer))
+    report_backup(remote.out, settings, folder, final, answer, manifest)
     return final
 
 

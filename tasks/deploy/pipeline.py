@@ -30,6 +30,7 @@ from ..config import Settings
 from ..errors import ConfigError, StepFailed
 from ..ssh.remote import Remote
 from . import apply
+from .backup import backup_before_deploy
 from .compose import check_compose
 from .envfile import SecretValues
 from .plan import (
@@ -219,6 +220,9 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
                   file=remote.out)
             return {"changed": False, "version": desired.version}
         print_plan(remote, settings, plan)
+        if settings["data.backup_before_deploy"] and (plan.build_image or plan.base) \
+                and not remote.dry_run:
+            backup_before_deploy(host, settings)
         audit = {"version": desired.version, "changes": plan.lines(settings),
                  "previous": (facts.get("state") or {}).get("verified")}
         desired, replaced = apply_plan(host, settings, values, desired, plan, facts, watcher)

@@ -150,6 +150,8 @@ def op_data_backup(s, req):
     try:
         root_fd = open_dir_nofollow(where["data"])
     except FileNotFoundError:
+        if req.get("missing_ok"):
+            return {"absent": True, "healed": healed}
         raise OpError(f"there is no data dir {where['data']} on this host: nothing to back "
                       "up") from None
     except OSError as exc:

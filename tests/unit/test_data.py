@@ -337,6 +337,24 @@ def test_a_restore_onto_a_host_without_the_agent_is_one_line_and_changes_nothing
     assert sorted(p.name for p in host.paths["state"].iterdir()) == ["audit.log", "lock"]
 
 
+def test_a_backup_before_a_deploy_that_builds_an_image_and_none_before_a_no_op(
+        deploy, project, host, tmp_path):
+    settings = deploy.settings(**{"data.backup_before_deploy": True,
+                                  "data.out": str(tmp_path / "auto")})
+    deploy(settings)
+    assert "backup before deploy: no data dir on the host yet" in deploy.last.text
+    fill(host.data_dir, tmp_path / "secret")
+    deploy(settings)
+    assert "backup before deploy" not in deploy.last.text  # nothing changed: no backup
+    dockerfile = project / "deployment" / "Dockerfile.nightguard"
+    dockerfile.write_text(dockerfile.read_text() + "\n# a change\n")
+    deploy(settings)
+    made = sorted((tmp_path / "auto").glob("nightguard-data-*.tar.gz"))
+    assert len(made) == 1 and f"backup before deploy: {made[0]}" in deploy.last.text
+    assert sorted(bk.read_backup(made[0])["files"]) == ["big.bin", "memory/chat.json"]
+    assert host.audit()[-1]["command"] == "deploy" and "backup" in host.audit()[-1]["steps"]
+
+
 def test_an_unhealthy_agent_on_the_restored_tree_gets_the_old_one_back(deploy, host, tmp_path):
     deploy()
     settings = deploy.settings(**{"health.deadline": 2})
@@ -382,17 +400,14 @@ def test_a_backup_cut_half_way_leaves_no_file_and_the_agent_unpaused(deploy, hos
     settings = deploy.settings()
     fill(host.data_dir, tmp_path / "secret")
     (host.paths["state"] / "data-paused.json").write_text("{}")  # a helper killed mid-copy
-    calls = {"n": 0}
-    real = data.read_backup
 
     def broken(path):
-        calls["n"] += 1
         raise bk.BackupRefused("b: truncated; nothing was changed")
 
-    monkeypatch.setattr(data, "read_backup", broken)
+    monkeypatch.setattr(bk, "read_backup", broken)
     with pytest.raises(ConfigError, match="truncated"):
         data.run_backup(settings, deploy.remote(), tmp_path / "backups")
-    monkeypatch.setattr(data, "read_backup", real)
+    monkeypatch.undo()
     assert list((tmp_path / "backups").iterdir()) == []
     assert not (host.paths["state"] / "data-paused.json").exists()
     assert host.audit()[-1]["outcome"].startswith("failed")
