@@ -450,3 +450,22 @@ def test_the_ssh_pipe_sends_a_large_request_after_a_short_read_and_reads_frames_
     assert json.loads(pipe.readline(10)) == {"id": 1, "bytes": len(frame)}
     assert pipe.read_exact(len(frame), 10) == frame
     assert json.loads(pipe.readline(10)) == {"id": 1, "ok": True}
+
+
+def test_a_client_gone_mid_stream_leaves_the_agent_running_and_no_copy_behind(deploy, host):
+    deploy()
+    (host.data_dir / "big").mkdir()
+    for n in range(8):
+        (host.data_dir / "big" / f"{n}.bin").write_bytes(os.urandom(1 << 20))
+    with host.helper(command="data.backup") as helper:
+        helper.start("data_backup", identity=IDENTITY)
+        while "bytes" not in (message := helper.next_message(20)):
+            assert "progress" in message, message
+        helper.pipe.shutdown_write()  # Ctrl-C: the task ends the helper's input
+        assert helper.pipe.wait(20) == 0
+    assert [c[0] for c in host.calls("podman") if c[:1] in (["pause"], ["unpause"])] == \
+        ["pause", "unpause"]
+    assert not (host.paths["state"] / "data-snapshot").exists()
+    assert not (host.paths["state"] / "data-paused.json").exists()
+    last = host.audit()[-1]
+    assert (last["command"], last["outcome"]) == ("data.backup", "interrupted")
