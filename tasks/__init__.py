@@ -19,7 +19,7 @@ from invoke import Collection
 from . import show_config
 from .cli import use_flag_scheme
 from .config import DEFAULTS
-from .deploy import alerts, deploy, health, history, manage, secrets, steps
+from .deploy import alerts, data, deploy, health, history, manage, secrets, steps
 from .gcp import ssh as gcp_ssh
 from .gcp import tasks as vm
 from .kube import tasks as kube
@@ -37,7 +37,7 @@ ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,
                     steps.sync, history.rollback, history.history, manage.exec_, manage.remove):
     ns.add_task(module_task)
-for collection in (secrets.ns, alerts.ns, steps.host_ns, steps.compose_ns, sandbox.ns, vm.ns,
-                   kube.ns):
+for collection in (secrets.ns, alerts.ns, data.ns, steps.host_ns, steps.compose_ns, sandbox.ns,
+                   vm.ns, kube.ns):
     ns.add_collection(collection)
 use_flag_scheme(ns)  # one set of short flags for every task (tasks.cli.SHORT_FLAGS)

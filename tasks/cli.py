@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import os
+import sys
 import textwrap
 from typing import Any
 
-from invoke import Collection, Task
+from invoke import Collection, Program, Task
 from invoke.exceptions import Exit
 from invoke.parser import Argument
 
@@ -120,10 +122,24 @@ def one_line_errors(func):
 
 
 # -- the flags of every task --------------------------------------------------------------
+_ROOT: list[Collection] = []  # the collection use_flag_scheme was given (the root)
+
+
+def print_task_help(task_name: str) -> None:
+    """`inv --help TASK`, then exit 0 (Invoke's parser gives a task's first positional
+    argument the `-h` that follows it: `inv data.restore -h` must still mean help)."""
+    binary = "nightguard" if os.path.basename(sys.argv[0] or "") == "nightguard" else "inv"
+    Program(namespace=_ROOT[0], binary=binary).run([binary, "--help", task_name])
+
+
 class CheckedArgument(Argument):
     """A typed flag given a value of another type: one line and exit 2, not a traceback."""
 
+    task_name = ""
+
     def set_value(self, value: Any, cast: bool = True) -> None:
+        if self.positional and value in ("-h", "--help") and _ROOT and self.task_name:
+            print_task_help(self.task_name)
         try:
             super().set_value(value, cast=cast)
         except (TypeError, ValueError):
@@ -159,6 +175,7 @@ class NightGuardTask(Task):
                                  help=HOST_FLAG_HELP[name]))
         for arg in args:
             arg.__class__ = CheckedArgument
+            arg.task_name = getattr(self, "qualified_name", self.name)
         return args
 
     def __call__(self, *args, **kwargs):
@@ -172,8 +189,10 @@ class NightGuardTask(Task):
 
 def use_flag_scheme(collection: Collection) -> None:
     """Give every task under ``collection`` the flag scheme, and its help the table."""
+    _ROOT[:] = [collection]
     for name in collection.task_names:
         task = collection[name]
+        task.qualified_name = name
         if not isinstance(task, NightGuardTask):
             task.__class__ = NightGuardTask
             task.__doc__ = f"{(task.__doc__ or '').rstrip()}\n\n{SHORT_FLAGS_LINE}"

@@ -135,6 +135,10 @@ DEFAULTS: dict[str, Any] = {
     # tasks which do not read the store still mask them (tasks/deploy/fingerprints.py)
     "fingerprints_file": ".nightguard/secret-fingerprints.json",
     "keep_images": 3,
+    # `inv data.backup`: where the backups go (relative: to the project) and how many of a
+    # host's are kept there; backup_before_deploy: a backup there before every deploy that
+    # builds or pulls an image (a deploy that changes nothing costs nothing more)
+    "data": {"keep": 7, "out": "backups", "backup_before_deploy": False},
     "limits": {
         "memory": "700m",
         "memory_reservation": "500m",

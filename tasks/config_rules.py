@@ -110,7 +110,8 @@ def _validate_durations_and_counts(settings: Settings, fail) -> None:
         if seconds != int(seconds) or not 2 <= seconds <= 3600:
             fail("health.watchdog", f"{watchdog}: whole seconds from 2s to 1h, or off")
     for key in ("health.retries", "health.heartbeat_max_age", "health.deadline",
-                "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images"):
+                "ssh.port", "ssh.connect_timeout", "ssh.command_timeout", "keep_images",
+                "data.keep"):
         if settings[key] < 1:
             fail(key, "must be at least 1")
     for key in _string_keys(settings.values):

@@ -14,6 +14,11 @@ SWAPFILE = "/swapfile"
 HEARTBEAT_FILE = "/tmp/nightguard/heartbeat"  # in the container; NG_HEARTBEAT_FILE moves it
 WATCHER_FILE = "watcher.py"  # in the state dir: the watcher's program
 ALERTS_ARGS_FILE = "alerts.json"  # in the state dir: its arguments (root only, no token)
+DATA_PAUSED_FILE = "data-paused.json"  # in the state dir while a backup has the agent paused
+DATA_JOURNAL_FILE = "data-restore.json"  # in the state dir while a restore is not settled
+# beside the data dir (<data_dir><suffix>): a restore's new tree, the old one kept aside, a
+# restored one that failed its gate
+DATA_SIBLINGS = (".ng-restore", ".ng-previous", ".ng-failed")
 
 # -- constants both sides apply ----------------------------------------------------------------
 MIN_PODMAN = (4, 3)  # --health-on-failure; see the README's "Host requirements"
@@ -26,7 +31,10 @@ OP_NAMES = frozenset({
     "facts", "apt_wait", "provision", "swap", "rm_env", "sync", "release", "restore_code",
     "secret_put", "secret_restore", "secret_forget", "run", "install_unit", "write_file",
     "dirs", "reload", "gate", "health", "logs", "history", "finish", "unlock", "base",
-    "watcher", "alert_test", "exec", "remove_plan", "remove"})
+    "watcher", "alert_test", "exec", "remove_plan", "remove",
+    # the agent's data dir: a backup streamed out, a restore put in place (ops_data.py)
+    "data_backup", "data_upload", "data_unpack", "data_swap", "data_settle", "data_undo",
+    "data_heal"})
 # ops a read-only session may run (alert_test sends a message and exec runs a command in the
 # container: neither changes anything of the deployment's)
 READ_ONLY_OPS = frozenset({"facts", "health", "logs", "history", "unlock", "alert_test",
@@ -80,6 +88,7 @@ class Facts(TypedDict, total=False):
     apt_sources: list[list[Any]]  # only when a basic tool is missing
     apt_reachable: dict[str, bool]  # idem
     apt_busy: list[dict[str, Any]]
+    data_unfinished: list[str]  # "backup" (agent left paused), "restore" (cut after its swap)
 
 
 class Health(TypedDict):

@@ -224,6 +224,15 @@ def record_release(host: HostSession, settings: Settings, release: dict, outcome
     host.finish(outcome, release=entry, keep=settings["keep_images"], prune=prune, **audit)
 
 
+def finish_data_task(host: HostSession, unfinished: list[str]) -> None:
+    """A data backup or restore was cut (the agent left paused, a restore's swap not
+    settled): the host repairs it first, and says what it did."""
+    with host.remote.step("data", f"an interrupted data.{'/'.join(unfinished)} first"):
+        healed = host.call("data_heal", step="data repair").get("healed") or []
+    for words in healed:
+        print(f"  ! {words}", file=host.remote.out)
+
+
 def forget_unused_secrets(host: HostSession) -> None:
     """After a rollback: drop kept secret values no kept release runs with."""
     host.call("secret_forget", step="secrets", record=False)

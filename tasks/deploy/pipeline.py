@@ -30,6 +30,7 @@ from ..config import Settings
 from ..errors import ConfigError, StepFailed
 from ..ssh.remote import Remote
 from . import apply
+from .backup import backup_before_deploy
 from .compose import check_compose
 from .envfile import SecretValues
 from .plan import (
@@ -203,6 +204,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
     started = time.monotonic()
     with HostSession(remote, settings, command=command) as host:
         facts = read_facts(host, settings)
+        if facts.get("data_unfinished") and not remote.dry_run:
+            apply.finish_data_task(host, facts["data_unfinished"])
         digests = secret_digests(facts, values.values)
         desired = desired_state(settings, digests, manifest, expected_podman(facts),
                                 base_id(facts))
@@ -217,6 +220,9 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
                   file=remote.out)
             return {"changed": False, "version": desired.version}
         print_plan(remote, settings, plan)
+        if settings["data.backup_before_deploy"] and (plan.build_image or plan.base) \
+                and not remote.dry_run:
+            backup_before_deploy(host, settings)
         audit = {"version": desired.version, "changes": plan.lines(settings),
                  "previous": (facts.get("state") or {}).get("verified")}
         desired, replaced = apply_plan(host, settings, values, desired, plan, facts, watcher)

@@ -3,6 +3,7 @@ shape is ``tasks.contract.Facts``)."""
 
 import os
 
+from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE
 from .aptlock import apt_holders, reachable
 from .base import _listdir, read_json, read_text, write_private
 from .host_facts import apt_sources, find_tools, host_memory, os_release, podman_version, swap_facts
@@ -65,4 +66,7 @@ def op_facts(s, req):
                                   for _, h, p in facts["apt_sources"][:4]}
     # always (four F_GETLK calls): whatever the plan installs, the deploy waits for it first
     facts["apt_busy"] = apt_holders(paths)
+    facts["data_unfinished"] = [what for what, name in (("backup", DATA_PAUSED_FILE),
+                                                        ("restore", DATA_JOURNAL_FILE))
+                                if os.path.exists(os.path.join(paths["state"], name))]
     return facts

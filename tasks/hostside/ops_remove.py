@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from ..contract import COPY_SEP, WATCH_UNIT
+from ..contract import COPY_SEP, DATA_SIBLINGS, WATCH_UNIT
 from .base import OpError, _listdir, _unlink, end_process, read_text, sh, write_private
 from .host_facts import swap_facts, unit_status
 from .nofollow import open_dir_nofollow, remove_tree_at
@@ -106,9 +106,13 @@ def removal(s, req):
     if [n for n in _listdir(p["state"]) if n not in STATE_KEPT + STATE_UNCOUNTED]:
         found.append(("state", f"the deploy state in {p['state']} (releases, records; "
                       "its audit.log stays)"))
-    if os.path.lexists(a["data_dir"]):
+    aside = [a["data_dir"].rstrip("/") + suffix for suffix in DATA_SIBLINGS
+             if os.path.lexists(a["data_dir"].rstrip("/") + suffix)]
+    if os.path.lexists(a["data_dir"]) or aside:
         if req.get("delete_data"):
-            found.append(("data_dir", f"the data dir {a['data_dir']} (the agent's data)"))
+            also = f", and {', '.join(aside)} (kept aside by a restore)" if aside else ""
+            found.append(("data_dir", f"the data dir {a['data_dir']} (the agent's data)"
+                                      f"{also}"))
         else:
             kept.append(f"the data dir {a['data_dir']} (`inv remove --data` deletes it)")
     present = swap_present(p)[1]
@@ -197,7 +201,9 @@ def op_remove(s, req):
                 if name not in STATE_KEPT:
                     remove_path(s, os.path.join(p["state"], name))
         elif key == "data_dir":
-            remove_path(s, a["data_dir"])
+            for path in (a["data_dir"], *(a["data_dir"].rstrip("/") + suffix
+                                          for suffix in DATA_SIBLINGS)):
+                remove_path(s, path)
         elif key == "swap":
             if swap_present(p)[0]:
                 checked(["swapoff", p["swapfile"]], "swapoff", 600)

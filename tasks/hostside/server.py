@@ -9,6 +9,15 @@ import threading
 from ..contract import READ_ONLY_OPS
 from .base import OpError
 from .ops_alerts import op_alert_test, op_watcher
+from .ops_data import (
+    op_data_backup,
+    op_data_heal,
+    op_data_settle,
+    op_data_swap,
+    op_data_undo,
+    op_data_unpack,
+    op_data_upload,
+)
 from .ops_facts import op_facts
 from .ops_history import op_finish, op_history, op_release, op_unlock
 from .ops_image import op_base
@@ -27,7 +36,9 @@ OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": 
        "health": op_health, "logs": op_logs, "history": op_history, "finish": op_finish,
        "unlock": op_unlock, "base": op_base, "watcher": op_watcher,
        "alert_test": op_alert_test, "apt_wait": op_apt_wait, "exec": op_exec,
-       "remove_plan": op_remove_plan, "remove": op_remove}
+       "remove_plan": op_remove_plan, "remove": op_remove, "data_backup": op_data_backup,
+       "data_upload": op_data_upload, "data_unpack": op_data_unpack, "data_swap": op_data_swap,
+       "data_settle": op_data_settle, "data_undo": op_data_undo, "data_heal": op_data_heal}
 READ_ONLY = READ_ONLY_OPS
 
 

@@ -39,6 +39,18 @@ class Session:
             except (BrokenPipeError, OSError, ValueError):
                 self.gone.set()
 
+    def send_bytes(self, request_id, data):
+        """A frame of raw bytes for a request (a backup's stream): a header line naming its
+        length, then the bytes; the client reads exactly that many."""
+        header = (json.dumps({"id": request_id, "bytes": len(data)}) + "\n").encode()
+        with self.write_lock:
+            try:
+                self.stdout.write(header)
+                self.stdout.write(data)
+                self.stdout.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.gone.set()
+
     def progress(self, request_id, text):
         self.send({"id": request_id, "progress": text[-500:]})
 

@@ -71,6 +71,7 @@ class LocalPipe:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         self.lines: queue.Queue = queue.Queue()
+        self.pending = b""  # the rest of a line read into by read_exact
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
@@ -92,7 +93,10 @@ class LocalPipe:
         except (BrokenPipeError, ValueError):
             raise PipeClosed() from None
 
-    def readline(self, timeout: float) -> bytes:
+    def _next(self, timeout: float) -> bytes:
+        if self.pending:
+            line, self.pending = self.pending, b""
+            return line
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
@@ -101,6 +105,17 @@ class LocalPipe:
             self.lines.put(None)
             raise PipeClosed()
         return line
+
+    def readline(self, timeout: float) -> bytes:
+        return self._next(timeout)
+
+    def read_exact(self, size: int, timeout: float) -> bytes:
+        """``size`` raw bytes (a frame); the lines they were read as are joined back."""
+        data = b""
+        while len(data) < size:
+            data += self._next(timeout)
+        data, self.pending = data[:size], data[size:]
+        return data
 
     def shutdown_write(self) -> None:
         try:
@@ -183,7 +198,8 @@ class HostLink:
         return f"the host helper ended: {last[0][:300]}"
 
     def call(self, op: str, *, step: str, timeout: float, data: bytes | None = None,
-             **args) -> Answer:
+             sink=None, **args) -> Answer:
+        """One request and its answer; ``sink`` takes the raw frames the op streams."""
         request_id = next(self.ids)
         request = dict(args, id=request_id, op=op, step=step)
         if data is not None:
@@ -193,6 +209,9 @@ class HostLink:
             progress = []
             while True:
                 message = self._read(timeout)
+                if "bytes" in message and sink is not None:
+                    sink(self.pipe.read_exact(int(message["bytes"]), timeout))
+                    continue
                 if "progress" in message:
                     text = self.redact(message["progress"])
                     progress.append(text)

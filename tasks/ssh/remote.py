@@ -47,6 +47,7 @@ from .hostlink import PipeClosed
 # A host being set up is tried again this often: a VM's guest agent writes the login key
 # within a minute or so; trying more often would only fill sshd's log with refusals.
 LOGIN_RETRY_EVERY = 3.0
+SEND_TIMEOUT = 300.0  # the longest a send may wait for the host to take what it is sent
 
 
 def shown_duration(seconds: float) -> str:
@@ -152,6 +153,9 @@ class SshPipe:
         self.errors = b""
 
     def send(self, data: bytes) -> None:
+        # the channel keeps the last read's timeout (half a second): a large request would
+        # fail as soon as the host's window is full that long, so sending has its own
+        self.channel.settimeout(SEND_TIMEOUT)
         try:
             self.channel.sendall(data)
         except (OSError, EOFError, paramiko.SSHException):
@@ -162,15 +166,15 @@ class SshPipe:
         while self.channel.recv_stderr_ready():
             self.errors = (self.errors + self.channel.recv_stderr(65536))[-8192:]
 
-    def readline(self, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
+    def _fill(self, deadline: float) -> None:
+        """More bytes into the buffer, waiting until ``deadline`` at most."""
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
             self.channel.settimeout(min(left, 0.5))
             try:
-                chunk = self.channel.recv(65536)
+                chunk = self.channel.recv(262144)
             except TimeoutError:
                 self._drain_stderr()
                 continue
@@ -180,6 +184,19 @@ class SshPipe:
                 self._drain_stderr()
                 raise PipeClosed()
             self.buffer += chunk
+            return
+
+    def read_exact(self, size: int, timeout: float) -> bytes:
+        """``size`` raw bytes (a frame of a stream), each wait at most ``timeout``."""
+        while len(self.buffer) < size:
+            self._fill(time.monotonic() + timeout)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            self._fill(deadline)
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line + b"\n"
 

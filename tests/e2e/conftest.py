@@ -43,7 +43,7 @@ def pytest_configure(config):
 # The shared VMs carry state from file to file: the checks of a pristine sandbox come
 # first, the reboot drills last.
 FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_single_steps.py", "test_security.py",
-              "test_secrets.py", "test_interrupts.py", "test_agent_telegram.py",
+              "test_data.py", "test_secrets.py", "test_interrupts.py", "test_agent_telegram.py",
               "test_alerts.py", "test_rootless.py",
               "test_kube_play.py", "test_recovery.py", "test_bare_host.py")
 

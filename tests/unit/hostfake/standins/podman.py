@@ -13,7 +13,8 @@ and, for what the helper reads of the container's cgroup, <proc>/<pid>/cgroup an
 <cgroup>/machine.slice/libpod-<id>.scope/container/memory.max (and swap, usage).
 
 Commands: version, images, build, pull, import, rmi, image prune/inspect, secret
-create/rm/ls/inspect, run, rm, stop, container inspect, healthcheck run, logs, exec. The version
+create/rm/ls/inspect, run, rm, stop, container inspect, healthcheck run, logs, exec, pause,
+unpause (a file "paused" beside the container's run files while it is paused). The version
 (config "version", or the control file "version") decides what Podman < 4.7 lacks:
 `secret create --replace` and `secret inspect --showsecret` are unknown flags there, as on
 a real 4.3.
@@ -656,11 +657,37 @@ def cmd_logs(args):
         print(f"{iso_now()} {line}" if "--timestamps" in found else line)
 
 
+def cmd_pause(args):
+    """pause/unpause: a marker beside the container's run files (the freezer's state)."""
+    _, names = options(args)
+    for entry in targets({}, names):
+        marker = f"{run_dir(entry['id'])}/paused"
+        if not running(entry["id"]):
+            die(f"Error: \"{entry['id']}\" is not running, can't pause: container state "
+                "improper")
+        fail_if_told("pause", args)
+        os.makedirs(run_dir(entry["id"]), exist_ok=True)
+        with open(marker, "w") as handle:
+            handle.write(str(time.time()))
+        print(entry["id"])
+
+
+def cmd_unpause(args):
+    _, names = options(args)
+    for entry in targets({}, names):
+        marker = f"{run_dir(entry['id'])}/paused"
+        if not os.path.exists(marker):
+            die(f"Error: \"{entry['id']}\" is not paused, can't unpause: container state "
+                "improper")
+        os.unlink(marker)
+        print(entry["id"])
+
+
 COMMANDS = {"version": cmd_version, "images": cmd_images, "build": cmd_build,
             "rmi": cmd_rmi, "secret": cmd_secret, "run": cmd_run, "rm": cmd_rm,
             "stop": cmd_stop, "container": cmd_container, "healthcheck": cmd_healthcheck,
             "logs": cmd_logs, "import": cmd_import, "pull": cmd_pull, "image": cmd_image,
-            "exec": cmd_exec}
+            "exec": cmd_exec, "pause": cmd_pause, "unpause": cmd_unpause}
 
 if __name__ == "__main__":
     record("podman", sys.argv[1:])

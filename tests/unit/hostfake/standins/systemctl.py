@@ -6,13 +6,14 @@
                      timers.target.wants beside it) -> the unit file; --now starts it
   disable [--now] UNIT  removes the link; --now stops it
   stop UNIT          ExecStop/ExecStopPost when it is active; then it is inactive
+  start UNIT         as restart below, when the unit is not active
   reset-failed UNIT  nothing (the stand-in keeps no failed record)
   restart UNIT       as systemd does with the unit *as last loaded* (a unit file changed
                      without daemon-reload is not seen): ExecStop/ExecStopPost when it is
                      active, then ExecStartPre and ExecStart; podman lines run the podman
                      stand-in, %t is the fake run dir
   show -p A,B UNIT   A=... lines (ActiveState, NRestarts from the control file "unit")
-Control files: fail-daemon-reload, fail-enable, fail-restart, fail-stop, "restart"
+Control files: fail-daemon-reload, fail-enable, fail-restart, fail-start, fail-stop, "restart"
 ({"sleep": s} before the restart begins), "unit" ({"NRestarts": n}).
 State (what systemd keeps in memory): config "systemd_state", a JSON file.
 """
@@ -137,6 +138,10 @@ def main(argv: list[str]) -> None:
             state["active"][unit] = "inactive"
     elif command == "restart":
         restart(rest[0], state)
+    elif command == "start":  # as restart, when the unit is not active already
+        fail_if_told("start", argv)
+        if state["active"].get(rest[0]) != "active":
+            restart(rest[0], state)
     elif command == "stop":
         fail_if_told("stop", argv)
         unit = rest[0]
