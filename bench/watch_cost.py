@@ -30,7 +30,8 @@ How each figure is taken (medians, min-max, n):
             --version` and prints a healthy unit (systemd's side of the D-Bus call is not
             counted); the container's state comes from Podman's real files.
   pings     ng-supervise (the container's PID 1) and conmon at rest, with NOTIFY_SOCKET a
-            datagram socket the bench binds and NG_WATCHDOG_SEC=10 (a ping every 2.5 s):
+            datagram socket the bench binds and the deploy's NG_WATCHDOG_SEC (a check and
+            a ping every WatchdogSec/2, or sooner when the last beat would go stale):
             CPU from /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat's clock ticks
             cross-check it) over windows of --window s; per ping = CPU / WATCHDOG=1 datagrams
             that reached the socket. conmon forwards each ping (at rest it does nothing else).
@@ -97,7 +98,7 @@ def design_rows(fig: dict) -> list[dict]:
             event("new", "watcher pass every 5 min", fig["pass_s"], NEW_EVERY),
             event("new", "check + pass at each start (none at rest)",
                   fig["check_s"] + fig["pass_s"], None),
-            steady("new", "ng-supervise: WATCHDOG=1 every 2.5 s", fig["supervisor_h"]),
+            steady("new", "ng-supervise: a check and a WATCHDOG=1 at rest", fig["supervisor_h"]),
             steady("new", "conmon forwarding the pings", fig["conmon_h"])]
     for design in ("old", "new"):
         total = sum(r["cpu_s_h"] for r in rows if r["design"] == design)

@@ -502,7 +502,7 @@ def measure_all(args) -> tuple[dict, list[str]]:
               "importing the watcher; pings: /proc/PID/task/*/schedstat of ng-supervise "
               "and conmon over each window, divided by the pings received.",
               "A ping's CPU is ng-supervise's whole wake-up (a Python process waking from "
-              "sigtimedwait every 2.5 s with cold caches), not only its stat, read and "
+              "sigtimedwait between checks with cold caches), not only its stat, read and "
               f"datagram. Cross-check over all windows: schedstat {whole['schedstat_h']:.3f}"
               f" CPU-s/h, `perf stat -e task-clock` {perf}, /proc/PID/stat ticks "
               f"{whole['ticks_h']:.3f} (10 ms steps: too coarse for a few ms a window).",
