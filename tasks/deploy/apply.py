@@ -147,9 +147,17 @@ def restart(host: HostSession, settings: Settings) -> None:
     argv = cmd.systemctl("restart", cmd.unit_name(settings["container_name"]),
                          rootful=not settings["rootless"])
     with host.remote.step("container", "restart"):
-        # left to finish when the client goes away: systemd completes it anyway
-        host.call("run", step="restart", argv=argv, timeout=360, on_interrupt="finish",
-                  unit_journal=True)
+        # left to finish when the client goes away: systemd completes it anyway. A start
+        # that fails (an agent that exits before its first beat: no READY) is not the end:
+        # systemd keeps restarting it, and the health gate that follows says what is wrong
+        # and puts the last healthy release back
+        answer = host.call("run", step="restart", argv=argv, timeout=360,
+                           on_interrupt="finish", unit_journal=True, check=False)
+    if answer.get("exit"):
+        for line in (answer.get("tail") or [])[-5:]:
+            print(f"    | {host.remote.redact(line)}", file=host.remote.out)
+        print(f"    the unit did not start (systemctl exited {answer['exit']}): the health "
+              "gate decides", file=host.remote.out)
 
 
 def reload_agent(host: HostSession, settings: Settings, markers_text: str) -> dict:

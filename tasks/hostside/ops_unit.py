@@ -32,10 +32,10 @@ def op_run(s, req):
     code, tail, killed = run_streaming(s, req["id"], req["argv"], req.get("timeout", 600),
                                        req.get("on_interrupt", "kill"), req.get("data"),
                                        req.get("env"))
+    if code != 0 and req.get("unit_journal"):  # systemctl's own words say nothing
+        tail = tail + logs_tail(s.args, started, 12).splitlines()
     if code != 0 and req.get("check") is not False:
         why = killed or f"exited {code}"
-        if req.get("unit_journal"):  # systemctl's own words say nothing: the unit's do
-            tail = tail + logs_tail(s.args, started, 12).splitlines()
         raise OpError(f"`{' '.join(req['argv'][:3])} ...` {why}", tail[-15:])
     return {"exit": code, "tail": tail[-15:]}
 

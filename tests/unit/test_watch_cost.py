@@ -72,7 +72,8 @@ def test_the_design_table_is_markdown_with_one_row_each():
                         "share of 900 CPU-s/h |")
     assert lines[1] == "| --- | --- | --- | --- | --- | --- |"
     assert "| old | health check every 30 s | 60.0 ms | 120 | 7.20 | 0.80% |" in lines
-    assert "| new | ng-supervise: a check and a WATCHDOG=1 at rest | - | - | 0.40 | 0.044% |" in lines
+    assert "| new | ng-supervise: a check and a WATCHDOG=1 at rest | - | - | 0.40 | 0.044% |" \
+        in lines
     assert "| old | total | - | - | 10.8 | 1.20% |" in lines
     assert len(lines) == 2 + 10
 
