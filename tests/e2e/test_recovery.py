@@ -62,7 +62,7 @@ def test_crash_is_back_within_60_seconds(deployed, ssh_run):
 
 
 @pytest.mark.parametrize("deployed", ["trixie"], indirect=True)
-def test_hang_is_restarted_by_the_watchdog(deployed, ssh_run):
+def test_hang_is_killed_by_its_supervisor_and_restarted(deployed, ssh_run):
     assert wait_until(lambda: health_status(ssh_run, deployed) == "healthy", 120, 2)
     seconds = fault_then_back(ssh_run, deployed, "hang", 120)
     journal = checked(ssh_run, deployed, f"sudo -n journalctl -u container-{CONTAINER}.service "
