@@ -137,7 +137,8 @@ def op_gate(s, req):
     wait_first_beat(p, container, time.monotonic() + req["deadline"] / 2, s.gone,
                     newer_than=req.get("since") or 0)
     last = ""
-    checked = recent_pass(p, a["container"], req.get("since") or 0)
+    # after a restart in place (`since`) no check of the unit's can be the new process's
+    checked = not req.get("since") and recent_pass(p, a["container"])
     while time.monotonic() < deadline and not s.gone.is_set():
         if checked:  # the unit's own check at start passed: no second one
             code, out, err = 0, "", ""
@@ -169,14 +170,15 @@ def op_gate(s, req):
     return result
 
 
-def recent_pass(paths, name, since, fresh=60):
-    """Whether Podman's last health check of the container passed, began after `since` and
-    at most `fresh` s ago: the check the unit runs once the agent said READY (with a
-    watchdog), so the gate need not run the same check again a second later."""
-    container = container_state(paths, name, want_health=True) or {}
+def recent_pass(paths, name, fresh=60):
+    """Whether Podman's last health check of the container passed at most `fresh` s ago:
+    the check the unit runs once the agent said READY (with a watchdog), so the gate need
+    not run the same check again a second later. Read from Podman's files only: where
+    they lack the health log, the gate runs its own check rather than a `podman inspect`."""
+    container = container_state(paths, name) or {}
     passed = container.get("health_passed_at")
     return bool(container.get("running") and container.get("health") == "healthy" and passed
-                and passed >= max(since, time.time() - fresh))
+                and passed >= time.time() - fresh)
 
 
 def heartbeat_path(paths, container):
