@@ -4,9 +4,10 @@ the end of every run).
 
     .venv/bin/python bench/ci_phases.py [build/ci/phases.jsonl] [--top N]
 
-Prints, in seconds: the wall time of the bootstrap and of the test run; per worker, its
-busy time; per VM group (the xdist groups of tests/e2e/conftest.py), its span, the time
-its VMs took to come up (the setups that booted one) and each file's drills; the unit
+Prints, in seconds: the wall time of the bootstrap and of the test run; how busy the
+machine's cores were meanwhile (percent, from the /proc/stat counters each line carries);
+per worker, its busy time; per VM group (the xdist groups of tests/e2e/conftest.py), its
+span, the time its VMs took to come up (the setups that booted one) and each file's drills; the unit
 tier's time; and the N slowest tests (setup + call + teardown).
 """
 
@@ -37,11 +38,30 @@ def busy(records: list[dict]) -> float:
     return sum(r["stop"] - r["start"] for r in records)
 
 
+def host_busy(records: list[dict]) -> tuple[float, float] | None:
+    """(percent busy, cores) of the host between the first and the last line that carries
+    CPU counters; None when fewer than two do."""
+    counted = sorted((r for r in records if len(r.get("cpu") or ()) == 2),
+                     key=lambda r: r["stop"])
+    if len(counted) < 2:
+        return None
+    first, last = counted[0], counted[-1]
+    busy_ticks = last["cpu"][0] - first["cpu"][0]
+    total_ticks = last["cpu"][1] - first["cpu"][1]
+    seconds = last["stop"] - first["stop"]
+    if total_ticks <= 0 or seconds <= 0:
+        return None
+    return 100 * busy_ticks / total_ticks, total_ticks / 100 / seconds  # USER_HZ is 100
+
+
 def table(tests: list[dict], phases: list[dict], top: int) -> list[str]:
     lines = [f"{'phase':48} {'seconds':>9}"]
     for phase in phases:
         lines.append(f"{phase['phase']:48} {phase['stop'] - phase['start']:9.0f}")
     lines.append(f"{'tests (wall, first start to last stop)':48} {span(tests):9.0f}")
+    cpu = host_busy(tests)
+    if cpu:
+        lines.append(f"{f'  host CPU busy meanwhile, % of {cpu[1]:.0f} cores':48} {cpu[0]:9.0f}")
     by_worker = defaultdict(list)
     by_group = defaultdict(list)
     for record in tests:

@@ -1,7 +1,9 @@
 """Fixtures for end-to-end tests against real sandbox VMs (QEMU, see tasks/sandbox.py).
 
-One shared VM per flavour per test session (booting one costs about a minute under TCG):
-    sandbox_bookworm, sandbox_trixie   session-scoped, names e2e-bookworm / e2e-trixie
+Shared VMs, booted once per test session (a boot costs about a minute under TCG):
+    sandbox_bookworm, sandbox_trixie   the Debian 12 / Debian 13 VM of the requesting file:
+                                       e2e-trixie; e2e-bookworm, or e2e-bookworm-b for the
+                                       files in SECOND_BOOKWORM (see shared_vm)
     sandbox                            parametrized over both (ids bookworm, trixie)
     fresh_sandbox(os_flavour)          factory for a throw-away VM a test may reboot or
                                        break; destroyed after the test (keywords go to
@@ -14,11 +16,14 @@ no way to build one: tasks/sandbox/support.py says why); in CI (the CI environme
 variable is set) that fails the run instead of turning it green with skips. The first run
 on a machine builds the images (a few minutes per flavour), later runs only boot.
 
-The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml): every
-test of one VM is in one xdist group - the Debian 12 VM's, the Debian 13 VM's, the fresh
-VMs' - so each VM is driven by one worker in one stretch, in FILE_ORDER, while the other
-worker drives another VM (most of a drill is waiting on the guest's clocks: health checks,
-restart delays, timers). `-n 0` runs everything in one process, in the same order.
+The suite runs on four pytest-xdist workers (`-n 4 --dist loadgroup --no-loadscope-reorder`,
+pyproject.toml): every test of one VM is in one xdist group - the two Debian 12 VMs', the
+Debian 13 VM's, the fresh VMs' - so each VM is driven by one worker in one stretch, in
+FILE_ORDER, while the other workers drive the others (most of a drill is waiting on the
+guest's clocks: health checks, restart delays, timers). The groups are handed out in
+GROUP_ORDER, the unit tier's tests after them, to whichever worker is free (each group
+takes 15-25 minutes under TCG; see bench/ci_phases.py). `-n 0` runs everything in one
+process, in the same order.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns);
 NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
 """
@@ -54,48 +59,62 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.xdist_group(_group(item)))  # read by xdist's loadgroup
 
 
+# Handed out in this order (xdist's loadgroup, no reordering by size): the longest first,
+# the unit tier's tests (no group) last, as the filler of whichever worker is free.
+GROUP_ORDER = ("vm-bookworm", "vm-bookworm-b", "vm-fresh", "vm-trixie")
+
+
 @pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their fixtures' params
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
 
     def rank(item):
         name = os.path.basename(str(item.fspath))
-        inside = str(item.fspath).startswith(here)
-        # every file's tests on the Debian 12 VM, then on the Debian 13 one, then the tests
-        # that make VMs of their own: each shared VM busy in one stretch (see _wanted)
-        wanted = _wanted(item)
-        flavour = 0 if SHARED["bookworm"] in wanted else 1 if wanted else 2
-        return (inside, flavour,
+        if not str(item.fspath).startswith(here):
+            return (len(GROUP_ORDER), 0, False)
+        # each shared VM busy in one stretch: its files in FILE_ORDER, reboots last
+        return (GROUP_ORDER.index(_group(item)),
                 FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER),
                 item.get_closest_marker("reboots") is not None)  # the VM's last test
 
     items.sort(key=rank)  # stable: the order inside each file stays
 
 
+# Debian 12's drills take twice as long as Debian 13's, so they run on two VMs at once:
+# these files drive e2e-bookworm-b (each deploys what it needs first), the others
+# e2e-bookworm.
+SECOND_BOOKWORM = frozenset({"test_interrupts.py", "test_agent_telegram.py", "test_alerts.py"})
+FLAVOURS = ("bookworm", "trixie")
+
+
+def shared_vm(path, flavour: str) -> str:
+    """The shared VM of `flavour` that the tests of the file at `path` drive."""
+    if flavour == "bookworm" and os.path.basename(str(path)) in SECOND_BOOKWORM:
+        return "e2e-bookworm-b"
+    return f"e2e-{flavour}"
+
+
 # A shared VM that the running test does not use is paused (QEMU's `stop`): an idle guest
 # under emulation still costs a core's worth of CPU now and then (its timers, Podman's
 # health checks), which the 2-core machine needs for the VM under test.
-SHARED = {"bookworm": "e2e-bookworm", "trixie": "e2e-trixie"}
 _paused: set[str] = set()
 _mine: set[str] = set()  # the shared VMs this process booted
+_up: dict[str, dict] = {}  # name -> target, for the whole session
 
 
 def _wanted(item) -> set[str]:
     names = set(getattr(item, "fixturenames", ()))
-    wanted = {vm for flavour, vm in SHARED.items() if f"sandbox_{flavour}" in names}
+    flavours = {flavour for flavour in FLAVOURS if f"sandbox_{flavour}" in names}
     for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-        if isinstance(value, str) and value in SHARED:
-            wanted.add(SHARED[value])
-    return wanted
+        if isinstance(value, str) and value in FLAVOURS:
+            flavours.add(value)
+    return {shared_vm(item.fspath, flavour) for flavour in flavours}
 
 
 def _group(item) -> str:
     """The VM a test drives: one xdist group each, so one worker drives it."""
-    wanted = _wanted(item)
-    for flavour, vm in SHARED.items():
-        if vm in wanted:
-            return f"vm-{flavour}"
-    return "vm-fresh"
+    wanted = sorted(_wanted(item))
+    return "vm-" + wanted[0].removeprefix("e2e-") if wanted else "vm-fresh"
 
 
 def _resume(vm: str) -> None:
@@ -120,6 +139,9 @@ def pytest_runtest_setup(item):
 def pytest_sessionfinish(session, exitstatus):
     for vm in list(_paused):  # kept VMs (NG_E2E_KEEP=1) must answer the next run
         _resume(vm)
+    if os.environ.get("NG_E2E_KEEP") != "1":
+        for vm in sorted(_mine):
+            sb.down(vm, destroy=True)
 
 
 def _require_sandbox(flavour="bookworm"):
@@ -145,29 +167,33 @@ def ssh_run():
     return run_over_ssh
 
 
-def _shared(name, flavour):
-    _require_sandbox(flavour)
-    if qemu.pid(name) is not None:
-        _resume(name)  # left paused by an earlier run
-    target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
-    target["name"] = name
-    _mine.add(name)
-    yield target
-    if os.environ.get("NG_E2E_KEEP") != "1":
-        sb.down(name, destroy=True)
+def _shared(request, flavour: str) -> dict:
+    """The requesting file's shared VM of `flavour`, booted at its first use."""
+    name = shared_vm(request.path, flavour)
+    if name not in _up:
+        _require_sandbox(flavour)
+        if qemu.pid(name) is not None:
+            _resume(name)  # left paused by an earlier run
+        target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
+        target["name"] = name
+        _mine.add(name)
+        _up[name] = target
+    return _up[name]
 
 
-@pytest.fixture(scope="session")
-def sandbox_bookworm():
-    yield from _shared("e2e-bookworm", "bookworm")
+# Module-scoped, so that each file gets its own VM; the VMs themselves live for the
+# session (pytest_sessionfinish takes them down).
+@pytest.fixture(scope="module")
+def sandbox_bookworm(request):
+    return _shared(request, "bookworm")
 
 
-@pytest.fixture(scope="session")
-def sandbox_trixie():
-    yield from _shared("e2e-trixie", "trixie")
+@pytest.fixture(scope="module")
+def sandbox_trixie(request):
+    return _shared(request, "trixie")
 
 
-@pytest.fixture(params=["bookworm", "trixie"])
+@pytest.fixture(params=list(FLAVOURS))
 def sandbox(request):
     return request.getfixturevalue(f"sandbox_{request.param}")
 

@@ -46,9 +46,23 @@ def test_the_plugin_records_and_the_script_reads_a_real_run(tmp_path):
     records = [json.loads(line) for line in phases.read_text().splitlines()]
     assert [r["when"] for r in records] == ["setup", "call", "teardown"]
     assert all(r["group"] == "unit" and r["worker"] == "main" for r in records)
+    busy, total = records[-1]["cpu"]
+    assert 0 < busy < total and total >= records[0]["cpu"][1]
     shown = subprocess.run([sys.executable, str(ROOT / "bench" / "ci_phases.py"), str(phases)],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "test_x.py::test_one" in shown.stdout
     missing = subprocess.run([sys.executable, str(ROOT / "bench" / "ci_phases.py"),
                               str(tmp_path / "none.jsonl")], capture_output=True, text=True)
     assert missing.returncode == 1 and "not found" in missing.stdout
+
+
+def test_the_host_cpu_line_is_the_busy_share_between_the_first_and_last_counters():
+    # 200 s on 2 cores at 100 ticks a second: 40,000 ticks, 30,000 of them busy
+    tests = [dict(rec("tests/unit/test_a.py::t", "call", 0, 10), cpu=[1000, 4000]),
+             dict(rec("tests/e2e/test_b.py::u", "call", 10, 110, "vm-trixie"), cpu=[9000, 20000]),
+             dict(rec("tests/e2e/test_b.py::v", "call", 110, 210, "vm-trixie"),
+                  cpu=[31000, 44000])]
+    assert ci_phases.host_busy(tests) == (75.0, 2.0)
+    line = next(line for line in ci_phases.table(tests, [], top=1) if "host CPU" in line)
+    assert "% of 2 cores" in line and line.endswith(" 75")
+    assert ci_phases.host_busy([rec("a", "call", 0, 1)]) is None  # older files: no counters
