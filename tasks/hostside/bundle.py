@@ -24,8 +24,8 @@ HERE = Path(__file__).parent
 CONTRACT = HERE.parent / "contract.py"
 
 # readers both programs need, lowest first
-SHARED = ("base", "statedir", "host_facts", "podman_store", "verdict")
-HELPER = (*SHARED, "aptlock", "nofollow", "session", "watch_send", "ops_alerts", "ops_facts",
+SHARED = ("base", "nofollow", "statedir", "host_facts", "podman_store", "agent_beat", "verdict")
+HELPER = (*SHARED, "aptlock", "session", "watch_send", "ops_alerts", "ops_facts",
           "ops_provision", "ops_sync", "ops_secrets", "ops_image", "ops_unit", "ops_history",
           "ops_remove", "datatree", "ops_data", "server")
 WATCHER = (*SHARED, "watch_send", "watch_rules", "watch_main")

@@ -2,12 +2,12 @@
 unit file, a root-only file the unit reads, a restart in place, the health gate, and
 the health and logs `inv health` / `inv logs` read."""
 
-import json
 import os
 import signal
 import time
 
 from ..contract import HEARTBEAT_FILE
+from .agent_beat import token_state
 from .base import (
     OpError,
     pid_alive,
@@ -19,7 +19,6 @@ from .base import (
     write_private,
 )
 from .host_facts import cgroup_limits, host_memory, logs_tail, swap_facts, unit_status
-from .nofollow import read_nofollow
 from .ops_alerts import alerts_summary
 from .podman_store import container_state, image_info
 from .statedir import last_audit, lock_holder, lock_is_free
@@ -189,25 +188,8 @@ def heartbeat_path(paths, container):
 
 
 def token_rejected(paths, container):
-    """The agent says Telegram refused its token (``{"token": "rejected"}`` in its
-    heartbeat: the contract in execution/system/heartbeat.py). The agent owns that file: it
-    is read without following a link (one to a host file would resolve outside the
-    container) and never more than 4 kB of it."""
-    root = os.path.join(paths.get("proc", "/proc"), str(container["pid"]), "root")
-    name = (container.get("heartbeat_file") or HEARTBEAT_FILE).lstrip("/")
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        found = read_nofollow(root_fd, name, 4096)
-    finally:
-        os.close(root_fd)
-    try:
-        beat = json.loads(found[0]) if found else None
-    except ValueError:
-        return False
-    return isinstance(beat, dict) and beat.get("token") == "rejected"
+    """The agent says Telegram refused its token (agent_beat.token_state)."""
+    return token_state(paths, container) == "rejected"
 
 
 def wait_first_beat(paths, container, until, gone, newer_than=0):

@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 
+from .agent_beat import token_state
 from .base import now, read_json, sh, write_json
 from .host_facts import host_memory, unit_status
 from .podman_store import container_state
@@ -50,7 +51,9 @@ def observe(args, paths, state, now_t):
         exits = restart_exits(args, (state.get("last_pass_t") or now_t) - 300)
     memory = host_memory(paths)
     swap_total, swap_free = memory.get("swap_total") or 0, memory.get("swap_free") or 0
+    running = bool(container and container.get("running"))
     return {"status": status, "detail": detail, "nrestarts": count, "exits": exits,
+            "token": token_state(paths, container) if running else None,
             "swap_pct": 100.0 * (swap_total - swap_free) / swap_total if swap_total else None,
             "disk_free_mb": int(memory["disk_free"] // (1024 * 1024)),
             "host": socket.gethostname()}

@@ -60,7 +60,8 @@ def transitions(state, obs, conf, now_t):
     """One pass: (new state, [(kind, text)]). One message per transition: healthy ->
     unhealthy / down, a restart (with its exit reason), a crash loop (N restarts in M
     minutes; restarts inside a loop say nothing more), swap or disk over a threshold and
-    back, and back to healthy once the owner was told of a problem (not inside a loop)."""
+    back, the bot's token refused by Telegram and accepted again, and back to healthy once
+    the owner was told of a problem (not inside a loop)."""
     state = dict(state)
     out = []
     host = obs.get("host") or "the host"
@@ -76,6 +77,7 @@ def transitions(state, obs, conf, now_t):
     failing = prev == "unhealthy" or bool(state.get("failing"))
     looping = restart_rules(state, obs, conf, now_t, failing, say)
     health_rules(state, obs, prev, looping, now_t, say)
+    token_rules(state, obs, say)
     host_rules(state, obs, conf, say)
     return state, out
 
@@ -134,6 +136,22 @@ def health_rules(state, obs, prev, looping, now_t, say):
         state["failing"] = cur == "unhealthy"
 
 
+def token_rules(state, obs, say):
+    """Telegram refusing the bot's token, as the agent says in its heartbeat ("token":
+    "rejected"): it stopped polling and stays up, so no restart will tell the owner and none
+    can fix it. One message, and one when a heartbeat says otherwise again (a rotated
+    token); no heartbeat to read (obs "token" None) changes nothing."""
+    token = obs.get("token")
+    if token == "rejected" and not state.get("token_rejected"):
+        say("token", "TOKEN REJECTED: Telegram refuses the bot's token (revoked or "
+            "replaced?). The agent stopped polling and stays up; a restart cannot fix it: "
+            "put the new token in its source and run `inv secrets.rotate`.")
+        state["token_rejected"] = True
+    elif token == "accepted" and state.get("token_rejected"):
+        say("token ok", "the bot's token is accepted again; the agent polls.")
+        state["token_rejected"] = False
+
+
 def host_rules(state, obs, conf, say):
     """The host: swap over its threshold and back (with hysteresis), disk below its floor
     and back."""
@@ -180,10 +198,12 @@ def rate_limit(state, messages, conf, now_t, summary):
 
 def ping_due(state, obs_status, conf, now_t):
     """The dead-man switch: "ok" every ping_every while healthy, "fail" when it is not
-    (at once on the change, then at the same pace); None while starting or unset."""
+    (at once on the change, then at the same pace) or when Telegram refuses the bot's token
+    (up, but of no use); None while starting or unset."""
     if not conf.get("ping_url"):
         return None
-    if state.get("crash_loop") or state.get("stuck") or obs_status in ("unhealthy", "down"):
+    if state.get("crash_loop") or state.get("stuck") or state.get("token_rejected") or \
+            obs_status in ("unhealthy", "down"):
         kind = "fail"
     elif obs_status == "healthy":
         kind = "ok"

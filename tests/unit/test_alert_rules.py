@@ -36,10 +36,11 @@ def test_the_rules_get_the_settings_the_laptop_writes():
                          "rate_limit"}
 
 
-def seen(status="healthy", n=0, exits=(), swap=10.0, disk=5000, detail="") -> dict:
+def seen(status="healthy", n=0, exits=(), swap=10.0, disk=5000, detail="",
+         token="accepted") -> dict:
     return {"status": status, "detail": detail or f"detail of {status}", "nrestarts": n,
             "exits": [list(e) for e in exits], "swap_pct": swap, "disk_free_mb": disk,
-            "host": "vm1"}
+            "host": "vm1", "token": token}
 
 
 CRASH = ("exited", "3", "NOTIMPLEMENTED")
@@ -96,6 +97,13 @@ TABLE = {
     "disk under the floor and back above it with a margin": (
         [seen(disk=5000), seen(disk=900), seen(disk=1100), seen(disk=1200)],
         [[], ["disk"], [], ["disk ok"]]),
+    "a refused token: once, the agent up all along; accepted again after a rotation": (
+        [seen(), seen(token="rejected"), seen(token="rejected"), seen(token="rejected"),
+         seen("starting", token=None), seen()],
+        [[], ["token"], [], [], [], ["token ok"]]),
+    "no heartbeat to read says nothing of the token": (
+        [seen(token="rejected"), seen("down", token=None), seen("down", token=None)],
+        [["token"], ["down"], []]),
     "no swap at all is no swap alert": (
         [seen(swap=None), seen(swap=None)], [[], []]),
 }
@@ -126,6 +134,15 @@ def test_a_restart_says_why_it_exited():
     assert "killed by SIGKILL (exit 137: out of memory, or a kill)" in texts[0]
     _, texts, _ = run([seen(), seen("starting", 1, [])])
     assert texts == ["Night Guard on vm1: RESTARTED: the exit reason is not in the journal."]
+
+
+def test_a_refused_token_says_what_to_do():
+    _, texts, state = run([seen(), seen(token="rejected")])
+    assert texts == ["Night Guard on vm1: TOKEN REJECTED: Telegram refuses the bot's token "
+                     "(revoked or replaced?). The agent stopped polling and stays up; a restart "
+                     "cannot fix it: put the new token in its source and run "
+                     "`inv secrets.rotate`."]
+    assert state["token_rejected"] is True
 
 
 def test_a_crash_loop_is_one_message_and_the_way_back_waits_for_its_end():
@@ -261,6 +278,7 @@ def pinged(kind, at, ok=True):
     (pinged("ok", 0, ok=False), "healthy", 30, "ok"),  # not delivered: again
     ({"crash_loop": True}, "healthy", 0, "fail"),
     ({"stuck": True}, "starting", 0, "fail"),
+    ({"token_rejected": True}, "healthy", 0, "fail"),  # up, but of no use
 ])
 def test_ping_due(state, status, now, expected):
     assert ping_due(state, status, CONF, now) == expected

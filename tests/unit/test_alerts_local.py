@@ -176,6 +176,27 @@ def test_a_hang_is_unhealthy_then_killed_then_healthy(watched, telegram, ping):
     assert [p.path for p in ping.pings] == [ping.path, ping.path + "/fail", ping.path]
 
 
+def test_a_refused_token_is_one_message_and_a_failed_ping_with_no_restart(watched, telegram,
+                                                                           ping):
+    host = watched
+    beat = host.paths["proc"] / str(host.standin_config["live_pid"]) / \
+        "root/tmp/nightguard/heartbeat"
+    beat.parent.mkdir(parents=True, exist_ok=True)
+    beat.write_text('{"token":"rejected"}\n')  # what the agent writes on a 401
+    assert passes(host, 2) == ["watch: healthy; sent token; ping fail delivered",
+                               "watch: healthy"]
+    assert texts(telegram) == [f"Night Guard on {HOST}: TOKEN REJECTED: Telegram refuses the "
+                               "bot's token (revoked or replaced?). The agent stopped polling "
+                               "and stays up; a restart cannot fix it: put the new token in "
+                               "its source and run `inv secrets.rotate`."]
+    assert ping.kinds() == ["ok", "fail"]
+    assert host.alerts_state()["nrestarts"] == 0
+    beat.write_text('{"polled_at":1.0,"poll_timeout":10}\n')  # a rotated token: polling
+    assert passes(host) == ["watch: healthy; sent token ok; ping ok delivered"]
+    assert texts(telegram)[-1] == f"Night Guard on {HOST}: the bot's token is accepted " \
+                                  "again; the agent polls."
+
+
 def test_a_crash_loop_is_one_message(watched, telegram):
     host = watched
     for count in (1, 2, 3, 4):
