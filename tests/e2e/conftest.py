@@ -18,7 +18,7 @@ on a machine builds the images (a few minutes per flavour), later runs only boot
 
 The suite runs on four pytest-xdist workers (`-n 4 --dist loadgroup --no-loadscope-reorder`,
 pyproject.toml): every test of one VM is in one xdist group - the two Debian 12 VMs', the
-Debian 13 VM's, the fresh VMs' - so each VM is driven by one worker in one stretch, in
+Debian 13 VM's, each file's fresh VMs' - so each VM is driven by one worker in one stretch, in
 FILE_ORDER, while the other workers drive the others (most of a drill is waiting on the
 guest's clocks: health checks, restart delays, timers). The groups are handed out in
 GROUP_ORDER, the unit tier's tests after them, to whichever worker is free (each group
@@ -60,8 +60,9 @@ def pytest_itemcollected(item):
 
 
 # Handed out in this order (xdist's loadgroup, no reordering by size): the longest first,
-# the unit tier's tests (no group) last, as the filler of whichever worker is free.
-GROUP_ORDER = ("vm-bookworm", "vm-bookworm-b", "vm-fresh", "vm-trixie")
+# then any other file's fresh VMs, the unit tier's tests (no group) last, as the filler of
+# whichever worker is free.
+GROUP_ORDER = ("vm-bookworm", "vm-bookworm-b", "vm-fresh-bare_host", "vm-trixie")
 
 
 @pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their fixtures' params
@@ -71,9 +72,10 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = os.path.basename(str(item.fspath))
         if not str(item.fspath).startswith(here):
-            return (len(GROUP_ORDER), 0, False)
+            return (len(GROUP_ORDER) + 1, 0, False)
+        group = _group(item)
         # each shared VM busy in one stretch: its files in FILE_ORDER, reboots last
-        return (GROUP_ORDER.index(_group(item)),
+        return (GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER),
                 FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER),
                 item.get_closest_marker("reboots") is not None)  # the VM's last test
 
@@ -112,9 +114,12 @@ def _wanted(item) -> set[str]:
 
 
 def _group(item) -> str:
-    """The VM a test drives: one xdist group each, so one worker drives it."""
+    """The VM a test drives: one xdist group each, so one worker drives it; the tests that
+    make VMs of their own, one group per file (vm-fresh-bare_host, ...)."""
     wanted = sorted(_wanted(item))
-    return "vm-" + wanted[0].removeprefix("e2e-") if wanted else "vm-fresh"
+    if wanted:
+        return "vm-" + wanted[0].removeprefix("e2e-")
+    return "vm-fresh-" + os.path.basename(str(item.fspath))[:-3].removeprefix("test_")
 
 
 def _resume(vm: str) -> None:

@@ -22,4 +22,4 @@ def test_debian_12_files_are_split_over_two_vms_and_debian_13_has_one():
     assert e2e.shared_vm(E2E / "test_alerts.py", "trixie") == "e2e-trixie"
     groups = {"vm-" + e2e.shared_vm(E2E / name, flavour).removeprefix("e2e-")
               for name in e2e.FILE_ORDER for flavour in e2e.FLAVOURS}
-    assert groups | {"vm-fresh"} == set(e2e.GROUP_ORDER)
+    assert groups | {"vm-fresh-bare_host"} == set(e2e.GROUP_ORDER)
