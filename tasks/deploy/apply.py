@@ -160,22 +160,30 @@ def restart(host: HostSession, settings: Settings) -> None:
               "gate decides", file=host.remote.out)
 
 
-def reload_agent(host: HostSession, settings: Settings, markers_text: str) -> dict:
+def reload_agent(host: HostSession, settings: Settings, markers_text: str,
+                 full_check: bool = False) -> dict:
     """A code-only change: the markers, then the agent restarted inside its container;
-    then the gate, which waits for a heartbeat of the new process."""
+    then the gate, which waits for the new process's own first heartbeat - and runs the
+    full health check too when the change touched the check's own code (`full_check`)."""
     write_markers(host, markers_text)
     with host.remote.step("agent", "restart in place"):
         at = host.call("reload", step="reload").get("at", 0)
-    return wait_healthy(host, settings, since=at)
+    return wait_healthy(host, settings, since=at, full_check=full_check)
 
 
-def wait_healthy(host: HostSession, settings: Settings, since: float = 0) -> dict:
+def wait_healthy(host: HostSession, settings: Settings, since: float = 0,
+                 full_check: bool = True) -> dict:
     """Verify the limits in force, then wait for healthy; returns the gate's answer.
-    `since`: the agent must have beaten after this moment (a restart in place)."""
+    `since`: the agent must have beaten after this moment (a restart in place); then
+    without `full_check` its first beat is the answer, no `podman healthcheck run`."""
     deadline = settings["health.deadline"]
     with host.remote.step("health", f"deadline {deadline}s"):
         answer = host.call("gate", step="health", changes=False, record=True,
-                           deadline=deadline, timeout=deadline + 60, since=since)
+                           deadline=deadline, timeout=deadline + 60, since=since,
+                           full=full_check)
+    if answer.get("healthy") and answer.get("checked"):
+        print(f"    healthy: {answer['checked']} (the code changed, not the check)",
+              file=host.remote.out)
     if answer.get("container") and answer.get("cgroup") is not None:
         drift = limit_drift(settings, answer["container"], answer.get("cgroup") or {})
         if drift:

@@ -45,6 +45,7 @@ from .plan import (
     plan_container,
     previous_release,
     secret_digests,
+    touches_health_check,
 )
 from .secretstore import load_secret_values
 from .session import HostSession, now
@@ -184,7 +185,8 @@ def restart_and_gate(host: HostSession, settings: Settings, desired: Desired,
                      plan: Plan) -> dict:
     """Reload, or recreate, or only write what changed; then the health gate's answer."""
     if plan.reload:
-        return apply.reload_agent(host, settings, desired.markers_text)
+        return apply.reload_agent(host, settings, desired.markers_text,
+                                  full_check=touches_health_check(plan.delta))
     if plan.restart:
         return apply.recreate_and_wait(host, settings, desired.unit_text,
                                        desired.markers_text, unit_changed=plan.write_unit)

@@ -304,6 +304,15 @@ def limit_drift(settings: Settings, container: dict, cgroup: dict) -> list[str]:
     return drift
 
 
+# The code the image's HEALTHCHECK runs (Dockerfile.nightguard): a restart in place that
+# changes it gets the full check in its gate, not only the new process's first beat.
+HEALTH_CHECK_CODE = ("execution/system/health_check.py", "execution/system/heartbeat.py")
+
+
+def touches_health_check(delta: Delta) -> bool:
+    return any(path in HEALTH_CHECK_CODE for path in (*delta.changed, *delta.deleted))
+
+
 # -- the plan ---------------------------------------------------------------------------------
 @dataclass
 class Plan:

@@ -169,6 +169,9 @@ def test_one_line_change_sends_about_that_file_and_restarts_the_agent(sandbox, e
     assert sent < 6_000, done.stdout  # the file and small requests, not the tree or the helper
     assert inspect(ssh_run, sandbox)["Id"] == container  # the same container...
     assert agent_starts(ssh_run, sandbox) == starts + 1  # ...with a new agent process
+    # gated by that process's own first beat (the kernel's start time of ng-supervise's new
+    # child), not by a `podman healthcheck run`: the change did not touch the check
+    assert "healthy: the restarted agent's first heartbeat" in done.stdout, done.stdout
     assert markers(ssh_run, sandbox)["NG_RELEASE_VERSION"] == \
         audit(ssh_run, sandbox)[-1]["version"]
     assert "no changes" in inv(["deploy"], env).stdout

@@ -21,13 +21,27 @@ from tests.unit import hermetic
 from tests.unit.hostfake import FakeHost, Isolation, check_isolated
 from tests.unit.hostfake.deployer import Deployer, copy_project
 
-# The container's PID 1 stand-in: sleeps; on SIGHUP (an agent restarted in place) it
-# touches the heartbeat file named in HUP_TARGET, as the restarted agent would beat. It ends
-# with pytest, even a killed one, so an aborted run leaves no process behind.
+# The container's PID 1 stand-in: sleeps; on SIGHUP (an agent restarted in place) it shows
+# a new child in the fake host's /proc, as the kernel would (task/PID/children, the child's
+# stat with its start time since boot), and then touches the heartbeat file named in
+# HUP_TARGET (<proc>/PID/root/...), as the restarted agent would beat. It ends with pytest,
+# even a killed one, so an aborted run leaves no process behind.
 PID1 = """import os, signal, sys, time
+NEW_CHILD = 4000000
 def hup(signum, frame):
     try:
         target = open(sys.argv[1]).read().strip()
+        piddir = target.split("/root/")[0]
+        pid = os.path.basename(piddir)
+        proc = os.path.dirname(piddir)
+        os.makedirs(f"{piddir}/task/{pid}", exist_ok=True)
+        os.makedirs(f"{proc}/{NEW_CHILD}", exist_ok=True)
+        ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+        with open(f"{proc}/{NEW_CHILD}/stat", "w") as handle:
+            handle.write(f"{NEW_CHILD} (python3 x) S 1 " + "0 " * 17 + f"{ticks} 0 0\\n")
+        with open(f"{piddir}/task/{pid}/children", "w") as handle:
+            handle.write(f"{NEW_CHILD} ")
+        time.sleep(0.1)  # the new agent starts up before its first beat
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "w") as handle:
             handle.write(str(time.time()))

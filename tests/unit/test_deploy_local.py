@@ -170,6 +170,22 @@ def test_a_one_file_change_syncs_that_file_and_restarts_the_agent_in_place(deplo
     assert third == {"changed": False, "version": second["version"]}  # it knows the reload
 
 
+def test_a_code_change_is_gated_by_the_new_agents_first_beat_unless_it_touches_the_check(
+        deploy, host):
+    deploy()
+    checks = len([c for c in host.calls("podman") if c[0] == "healthcheck"])
+    agent = deploy.project / "execution/system/night_guard.py"
+    agent.write_text(agent.read_text() + "# changed\n")
+    deploy()
+    assert "healthy: the restarted agent's first heartbeat (the code changed, not the " \
+           "check)" in deploy.last.text
+    assert len([c for c in host.calls("podman") if c[0] == "healthcheck"]) == checks
+    (deploy.project / AGENT).write_text("print('the check changed')\n")  # health_check.py
+    deploy()
+    assert "first heartbeat" not in deploy.last.text
+    assert len([c for c in host.calls("podman") if c[0] == "healthcheck"]) == checks + 1
+
+
 def test_a_deleted_file_is_removed_from_the_host(deploy, host):
     deploy()
     (deploy.project / AGENT).unlink()

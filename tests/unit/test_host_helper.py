@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -982,6 +983,47 @@ def test_gate_takes_the_units_own_check_at_start_instead_of_running_another(fake
         answer = helper.call("gate", deadline=10, since=time.time() + 1)
     assert answer["healthy"] is True
     assert len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"]) == checks + 1
+
+
+def test_after_a_restart_in_place_the_gate_waits_for_the_new_agents_own_beat(fake_host):
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+        checks = len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"])
+        at = helper.call("reload", step="reload")["at"]  # SIGHUP: a new child, then its beat
+        answer = helper.call("gate", deadline=10, since=at)
+    assert answer["healthy"] is True, answer
+    assert answer["checked"] == "the restarted agent's first heartbeat"
+    assert len([a for a in fake_host.calls("podman") if a[0] == "healthcheck"]) == checks
+
+
+def test_a_beat_older_than_the_new_agent_is_not_its_beat(tmp_path):
+    from tasks.hostside.ops_unit import agent_started, new_agent_beat
+
+    proc, pid1, child = tmp_path / "proc", 7, 4000001
+    beat = proc / str(pid1) / "root/tmp/nightguard/heartbeat"
+    beat.parent.mkdir(parents=True)
+    (proc / str(pid1) / "task" / str(pid1)).mkdir(parents=True)
+    paths, container = {"proc": str(proc)}, {"pid": pid1}
+    assert agent_started(paths, pid1) is None  # no children file: /proc cannot tell
+    assert not new_agent_beat(paths, container, 0, time.monotonic() + 5, threading.Event())
+    ticks = int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+    (proc / str(child)).mkdir()
+    (proc / str(child) / "stat").write_text(f"{child} (a (b) c) S 1 " + "0 " * 17 +
+                                            f"{ticks} 0\n")  # a command name with ")" in it
+    (proc / str(pid1) / "task" / str(pid1) / "children").write_text(f"{child} ")
+    started = agent_started(paths, pid1)
+    assert abs(started - time.time()) < 0.5
+    beat.write_text("1")
+    os.utime(beat, (started - 1, started - 1))  # the old process's last beat
+    until = time.monotonic() + 0.5
+    assert not new_agent_beat(paths, container, started - 2, until, threading.Event())
+    assert time.monotonic() >= until  # it waited for a newer one to its bound
+    os.utime(beat, (started + 1, started + 1))
+    assert new_agent_beat(paths, container, started - 2, time.monotonic() + 5,
+                          threading.Event())
+    # a child older than the restart is not the restarted agent
+    assert not new_agent_beat(paths, container, started + 60, time.monotonic() + 0.3,
+                              threading.Event())
 
 
 def test_podmans_times_are_read_with_nanoseconds_and_offsets():
