@@ -16,14 +16,15 @@ no way to build one: tasks/sandbox/support.py says why); in CI (the CI environme
 variable is set) that fails the run instead of turning it green with skips. The first run
 on a machine builds the images (a few minutes per flavour), later runs only boot.
 
-The suite runs on four pytest-xdist workers (`-n 4 --dist loadgroup --no-loadscope-reorder`,
+The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`,
 pyproject.toml): every test of one VM is in one xdist group - the two Debian 12 VMs', the
-Debian 13 VM's, each file's fresh VMs' - so each VM is driven by one worker in one stretch, in
-FILE_ORDER, while the other workers drive the others (most of a drill is waiting on the
-guest's clocks: health checks, restart delays, timers). The groups are handed out in
-GROUP_ORDER, the unit tier's tests after them, to whichever worker is free (each group
-takes 15-25 minutes under TCG; see bench/ci_phases.py). `-n 0` runs everything in one
-process, in the same order.
+Debian 13 VM's, each file's fresh VMs' - so each VM is driven by one worker in one
+stretch, in FILE_ORDER, while the other worker drives another. The groups are handed out
+in GROUP_ORDER, the unit tier's tests after them, to whichever worker is free: the two
+Debian 12 halves first, then the cloud-like fresh VMs and Debian 13 to whichever half ends
+first. Two workers, not more: the machine has two cores and each VM (single-threaded TCG,
+tasks/sandbox/qemu.py) keeps one busy; four VMs at once made every drill 2.5-3.5x slower.
+`-n 0` runs everything in one process, in the same order.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns);
 NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
 """
