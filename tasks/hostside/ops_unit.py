@@ -107,30 +107,40 @@ def op_reload(s, req):
     return {"at": at}
 
 
-def op_gate(s, req):
-    """The container's limits as crun applied them, then health: `podman healthcheck run`
-    until it passes or the deadline. An agent that keeps exiting fails the gate at once
-    (systemd's restart counter tells), with what it printed before it died."""
+def running_container(s, started, deadline):
+    """(container, None) once the agent's container runs, or (container, failed answer):
+    an agent that keeps exiting fails at once (systemd's restart counter tells), with what
+    it printed before it died."""
     a, p = s.args, s.paths
-    started = time.time()
-    deadline = time.monotonic() + req["deadline"]
     restarts = int(unit_status(a).get("NRestarts") or 0)
     container, checked_at = None, time.monotonic()
     while time.monotonic() < deadline and not s.gone.is_set():
         container = container_state(p, a["container"])
         if container and container.get("running"):
-            break
+            return container, None
         if time.monotonic() - checked_at > 2:
             checked_at = time.monotonic()
             unit = unit_status(a)
             if int(unit.get("NRestarts") or 0) - restarts >= 2:
-                return {"healthy": False, "container": container, "logs": logs_tail(a, started),
-                        "reason": "the agent keeps exiting (last exit status "
-                                  f"{unit.get('ExecMainStatus', '?')})"}
+                return container, {
+                    "healthy": False, "container": container, "logs": logs_tail(a, started),
+                    "reason": "the agent keeps exiting (last exit status "
+                              f"{unit.get('ExecMainStatus', '?')})"}
         time.sleep(0.3)
-    if not container or not container.get("running"):
-        return {"healthy": False, "reason": "container is not running",
-                "container": container, "logs": logs_tail(a, started)}
+    return container, {"healthy": False, "reason": "container is not running",
+                       "container": container, "logs": logs_tail(a, started)}
+
+
+def op_gate(s, req):
+    """The container's limits as crun applied them, then health: `podman healthcheck run`
+    until it passes or the deadline (after a restart in place, the new agent's own first
+    beat instead). An agent that keeps exiting fails the gate at once."""
+    a, p = s.args, s.paths
+    started = time.time()
+    deadline = time.monotonic() + req["deadline"]
+    container, failed = running_container(s, started, deadline)
+    if failed:
+        return failed
     result = {"container": container, "cgroup": cgroup_limits(p, container["pid"])}
     # at most half the deadline: an agent that never beats still gets its checks (and logs)
     since, half = req.get("since") or 0, time.monotonic() + req["deadline"] / 2
@@ -148,7 +158,7 @@ def op_gate(s, req):
     else:  # the unit's own check at start, once the agent said READY
         checked = recent_pass(p, a["container"])
     while time.monotonic() < deadline and not s.gone.is_set():
-        if checked:  # the unit's own check at start passed: no second one
+        if checked:  # passed already: no second check
             code, out, err = 0, "", ""
             checked = False
         else:
