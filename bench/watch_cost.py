@@ -1,8 +1,9 @@
 """What keeping watch costs in CPU, measured natively (on this machine's own cores, with
 Podman, not in an emulated VM): per event and per hour, the design before the watchdog
-(a health check and a watcher pass every 30 s) against the one after it (both every 5 min,
-one of each at every start, and ng-supervise's WATCHDOG=1 pings in between), as shares of
-the 900 CPU-seconds an hour an e2-micro sustains (0.25 vCPU).
+(a health check and a watcher pass every 30 s) against the one after it (the check every
+health.interval and a pass every alerts.interval, 10 min each; one of each at every start;
+ng-supervise's WATCHDOG=1 pings in between), as shares of the 900 CPU-seconds an hour an
+e2-micro sustains (0.25 vCPU).
 
     .venv/bin/python bench/watch_cost.py [--quick] [--json] [--checks 20] [--passes 20]
                                          [--windows 4] [--window 30]
@@ -56,7 +57,17 @@ if str(ROOT) not in sys.path:
 
 BUDGET = 900.0  # CPU-s an hour an e2-micro sustains (0.25 vCPU)
 HOUR = 3600.0
-OLD_EVERY, NEW_EVERY = 30.0, 300.0
+OLD_EVERY = 30.0
+
+
+def new_every(key: str) -> float:
+    """The design's own interval, from the settings' defaults (health.interval for the
+    check, alerts.interval for the watcher's timer)."""
+    from tasks.config import DEFAULTS
+    from tasks.units import parse_duration
+
+    section, name = key.split(".")
+    return float(parse_duration(DEFAULTS[section][name]))
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -94,8 +105,10 @@ def design_rows(fig: dict) -> list[dict]:
     rows = [event("old", "health check every 30 s", fig["check_s"], OLD_EVERY),
             event("old", "watcher pass every 30 s", fig["pass_s"], OLD_EVERY),
             steady("old", "sh supervisor (blocked in wait)", 0.0),
-            event("new", "health check every 5 min", fig["check_s"], NEW_EVERY),
-            event("new", "watcher pass every 5 min", fig["pass_s"], NEW_EVERY),
+            event("new", f"health check every {new_every('health.interval') / 60:g} min",
+                  fig["check_s"], new_every("health.interval")),
+            event("new", f"watcher pass every {new_every('alerts.interval') / 60:g} min",
+                  fig["pass_s"], new_every("alerts.interval")),
             event("new", "check + pass at each start (none at rest)",
                   fig["check_s"] + fig["pass_s"], None),
             steady("new", "ng-supervise: a check and a WATCHDOG=1 at rest", fig["supervisor_h"]),

@@ -153,10 +153,11 @@ DEFAULTS: dict[str, Any] = {
         # frozen as a whole after this long ("off": the health check alone)
         "watchdog": "30s",
         "heartbeat_max_age": 15,
-        # the full health check (secrets, dirs, memory, disk, and the heartbeat again)
-        "interval": "5m",
+        # the full health check (secrets, dirs, memory, disk, and the heartbeat again):
+        # liveness is the supervisor's, so this can be slow - 6 short processes an hour
+        "interval": "10m",
         "timeout": "10s",
-        "retries": 3,
+        "retries": 2,
         "start_period": "60s",
         "deadline": 240,
     },
@@ -169,9 +170,9 @@ DEFAULTS: dict[str, Any] = {
         "api_base": "https://api.telegram.org",
         "token_secret": "telegram_bot_token",
         # a pass after each start of the agent, and one this often (a systemd timer)
-        "interval": "5m",
+        "interval": "10m",
         "ping_url": "",  # a dead-man switch (healthchecks.io style), optional
-        "ping_every": "5m",
+        "ping_every": "10m",
         "crash_loop": {"restarts": 3, "minutes": 10},
         "swap_percent": 80,  # host swap used above this: an alert (0: never)
         "disk_free_mb": 1024,  # host disk free below this: an alert (0: never)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 import time
@@ -134,8 +135,10 @@ def played(vm, tmp_path_factory):
     # a quick probe (the export carries the settings): a frozen agent is seen in ~30 s;
     # the compose file must agree with the settings, so a copy says the same
     compose = (ROOT / "deployment/podman-compose.nightguard.yml").read_text()
-    compose = compose.replace("interval: 5m", "interval: 5s").replace(
-        "retries: 3", "retries: 2").replace("start_period: 60s", "start_period: 10s")
+    compose = re.sub(r"interval: \S+", "interval: 5s", compose)
+    compose = re.sub(r"retries: \S+", "retries: 2", compose).replace("start_period: 60s",
+                                                                      "start_period: 10s")
+    assert compose.count("interval: 5s") == 1 and "start_period: 10s" in compose
     (work / "compose.yml").write_text(compose)
     env = inv_env(vm, make_env_file(work), ROOT, NIGHTGUARD_HEALTH_INTERVAL="5s",
                   NIGHTGUARD_HEALTH_RETRIES="2", NIGHTGUARD_HEALTH_START_PERIOD="10s",

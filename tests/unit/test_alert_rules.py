@@ -26,7 +26,7 @@ CONF = watcher_config(load_settings(environ={
 
 def test_the_rules_get_the_settings_the_laptop_writes():
     assert CONF["crash_loop"] == {"restarts": 3, "minutes": 10}
-    assert (CONF["interval"], CONF["ping_every"]) == (300, 300)
+    assert (CONF["interval"], CONF["ping_every"]) == (600, 600)
     assert (CONF["swap_percent"], CONF["disk_free_mb"]) == (80, 1024)
     assert CONF["rate_limit"] == {"messages": 10, "minutes": 60}
     # the token's secret is named; no value of it is among the watcher's arguments

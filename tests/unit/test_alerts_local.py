@@ -98,7 +98,7 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert host.paths["watcher"].read_bytes() == watcher_program()
     args = json.loads(host.paths["alerts_args"].read_text())
     assert stat.S_IMODE(host.paths["alerts_args"].stat().st_mode) == 0o600
-    assert args["config"]["chat_id"] == CHAT and args["config"]["interval"] == 300
+    assert args["config"]["chat_id"] == CHAT and args["config"]["interval"] == 600
     assert args["unit"] == UNIT and args["container"] == "97layer-nightguard"
     service = host.paths["watch_service"].read_text()
     assert "Type=oneshot" in service

@@ -141,12 +141,12 @@ def test_long_form_secrets_are_understood(compose_settings, shipped):
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("interval", "60s", "healthcheck.interval: 60s differs from nightguard.health.interval 5m"),
+    ("interval", "60s", "healthcheck.interval: 60s differs from nightguard.health.interval 10m"),
     ("interval", "30", "healthcheck.interval: '30' is not a duration"),
     ("timeout", "5s", "healthcheck.timeout: 5s differs from nightguard.health.timeout 10s"),
     ("start_period", "2m",
      "healthcheck.start_period: 2m differs from nightguard.health.start_period 60s"),
-    ("retries", 5, "healthcheck.retries: 5 differs from nightguard.health.retries 3"),
+    ("retries", 5, "healthcheck.retries: 5 differs from nightguard.health.retries 2"),
 ])
 def test_healthcheck_differs(compose_settings, shipped, key, value, expected):
     _service(shipped)["healthcheck"][key] = value

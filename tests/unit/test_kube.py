@@ -128,7 +128,7 @@ def test_without_a_watchdog_the_probe_runs_the_compose_health_check():
     assert container_of(bundle)["livenessProbe"] == {
         "exec": {"command": ["python3", "/app/execution/system/health_check.py"]},
         "initialDelaySeconds": 60, "periodSeconds": 30, "timeoutSeconds": 10,
-        "failureThreshold": 3,
+        "failureThreshold": 2,  # health.retries
     }
     assert desired.spec.health_cmd == "python3 /app/execution/system/health_check.py"
     other = settings_with(**{"health.watchdog": "off", "health.interval": "20s",

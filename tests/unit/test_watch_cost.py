@@ -55,14 +55,14 @@ def test_old_design_is_a_check_and_a_pass_every_30_s():
     assert rows[("old", "health check every 30 s")]["per_hour"] == 120
 
 
-def test_new_design_is_both_every_5_min_plus_the_pings_and_nothing_at_rest_for_starts():
+def test_new_design_is_both_every_10_min_plus_the_pings_and_nothing_at_rest_for_starts():
     rows = {(r["design"], r["what"]): r for r in wc.design_rows(FIG)}
     starts = rows[("new", "check + pass at each start (none at rest)")]
     assert (starts["per_event_ms"], starts["cpu_s_h"]) == (pytest.approx(90.0), 0.0)
     new = rows[("new", "total")]
-    assert new["cpu_s_h"] == pytest.approx(0.060 * 12 + 0.030 * 12 + 0.40 + 0.10)  # 1.58
-    assert new["share_pct"] == pytest.approx(1.58 / 9)
-    assert rows[("new", "watcher pass every 5 min")]["per_hour"] == 12
+    assert new["cpu_s_h"] == pytest.approx(0.060 * 6 + 0.030 * 6 + 0.40 + 0.10)  # 1.04
+    assert new["share_pct"] == pytest.approx(1.04 / 9)
+    assert rows[("new", "watcher pass every 10 min")]["per_hour"] == 6
 
 
 def test_the_design_table_is_markdown_with_one_row_each():
