@@ -65,6 +65,8 @@ PING_EVERY = 15.0  # WatchdogSec=30: conmon forwards a WATCHDOG=1 every 15 s
 KINDS = ("check", "watch", "journal", "show", "ping")
 CONTAINER = "container"  # the container's cgroup, beside the daemons' own counters
 EVENT_BYTES = 1024
+TIME_LINE = "PODMAN_TIME=%020d"  # shell printf format, a new number each entry
+TIME_BYTES = len("PODMAN_TIME=") + 20 + 1
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -105,17 +107,32 @@ def count_entries(lines, start: float, end: float) -> int:
 
 
 def podman_event_entry(size: int = EVENT_BYTES) -> str:
-    """`logger --journald` input of `size` bytes: the fields of a Podman health_status
-    event (libpod's journald events backend), PODMAN_LABELS padded to the size."""
+    """`logger --journald` input: the fields of a Podman health_status event (libpod's
+    journald events backend) less PODMAN_TIME, which the driver adds to each entry
+    (TIME_LINE, TIME_BYTES long: a new value each time, as Podman's), padded with label
+    fields of at most 200 bytes each to `size` bytes in all: none reaches the 512 bytes
+    over which journald compresses a field, and a Podman event has none that long."""
     cid = "c0ffee" * 10 + "beef"
     fields = ["MESSAGE=" + cid, "SYSLOG_IDENTIFIER=podman", "PODMAN_EVENT=health_status",
-              "PODMAN_TYPE=container", "PODMAN_TIME=2026-01-01T00:00:00.000000000Z",
-              "PODMAN_ID=" + cid, "PODMAN_IMAGE=localhost/nightguard:latest",
-              "PODMAN_NAME=nightguard-agent", "PODMAN_HEALTH_STATUS=healthy"]
-    text = "\n".join(fields) + "\nPODMAN_LABELS="
-    if len(text) + 1 > size:
+              "PODMAN_TYPE=container", "PODMAN_ID=" + cid,
+              "PODMAN_IMAGE=localhost/nightguard:latest", "PODMAN_NAME=nightguard-agent",
+              "PODMAN_HEALTH_STATUS=healthy"]
+    text = "\n".join(fields) + "\n"
+    room = size - TIME_BYTES - len(text)
+    number = 0
+    while room > 0:
+        head = f"PODMAN_LABEL_{number}="
+        if room < len(head) + 2:
+            raise ValueError(f"no room to pad to {size} bytes")
+        body = min(200, room) - len(head) - 1
+        if 0 < room - (len(head) + body + 1) < 20:  # keep the last field long enough
+            body -= 20
+        text += head + "x" * body + "\n"
+        room -= len(head) + body + 1
+        number += 1
+    if room < 0:
         raise ValueError(f"an entry needs more than {size} bytes")
-    return text + "x" * (size - len(text) - 1) + "\n"
+    return text
 
 
 def summarise(found: dict, true_s: list[float]) -> dict:

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.systemd_share import count_entries, per_event, podman_event_entry, summarise
+from bench.systemd_share import TIME_LINE, count_entries, per_event, podman_event_entry, summarise
 from bench.watch_cost_lab import ULIMITS, CannotRun, group_of, hugetlb_v1
 
 PREFIX = f"ngss{os.getpid()}"
@@ -25,6 +25,10 @@ RECIPE_VERSION = 1
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3-minimal", "bsdutils", "util-linux")
 DAEMONS = ("systemd", "systemd-journal", "dbus-daemon", "systemd-logind")  # comm names
 TRUE = "/bin/true"
+# Masked (/dev/null over the unit file): nothing of the host's to touch from the container,
+# not its sysctls nor a console's getty.
+MASKED = ("systemd-sysctl.service", "getty@.service", "serial-getty@.service",
+          "console-getty.service")
 
 # A Podman health check's unit, as Podman 4.3 creates it (libpod/healthcheck_linux.go):
 # a transient timer and service from systemd-run, --on-unit-inactive=<interval>, the
@@ -167,11 +171,10 @@ class Box:
         run(["podman", "import", str(self.tar), self.image], timeout=600)
         self.made.append(["rmi", "--force", self.image])
         self.made.insert(0, ["rm", "--force", "--ignore", "--time", "5", self.name])
-        # --privileged: systemd mounts, logind and the unit cgroups need it in a container
-        # on this hybrid cgroup layout; --network none: nothing here needs one.
+        masks = [f"--volume=/dev/null:/etc/systemd/system/{unit}:ro" for unit in MASKED]
         run(["podman", "run", "--detach", "--name", self.name, "--systemd=always",
-             "--privileged", "--network", "none", *ULIMITS, self.image,
-             "/lib/systemd/systemd"], timeout=120)
+             "--network", "none", *masks, *ULIMITS, self.image, "/lib/systemd/systemd"],
+            timeout=120)
         self.pid = int(run(["podman", "inspect", "-f", "{{.State.Pid}}", self.name]).stdout)
         self.root = Path(f"/proc/{self.pid}/root")
         self.group = group_of(self.pid)
@@ -298,7 +301,8 @@ def measure_driven(box: Box, rounds: int, n: int, command: str) -> list[dict]:
 
 def measure_journal(box: Box, rounds: int, n: int) -> list[dict]:
     box.write("/run/ngss-entry", podman_event_entry())
-    return measure_driven(box, rounds, n, "logger --journald=/run/ngss-entry")
+    return measure_driven(box, rounds, n, "{ cat /run/ngss-entry; printf "
+                          f"'{TIME_LINE}\\n' $i; }} | logger --journald")
 
 
 def measure_show(box: Box, rounds: int, n: int) -> list[dict]:
