@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,14 +168,15 @@ class Box:
         self.made: list[list[str]] = []
         self.failed_units = ""
 
-    def start(self, boot_timeout: float = 120):
+    def start(self, journal: Path, boot_timeout: float = 120):
         run(["podman", "import", str(self.tar), self.image], timeout=600)
         self.made.append(["rmi", "--force", self.image])
         self.made.insert(0, ["rm", "--force", "--ignore", "--time", "5", self.name])
         masks = [f"--volume=/dev/null:/etc/systemd/system/{unit}:ro" for unit in MASKED]
+        # the journal on disk, as the VM's (Podman's --systemd would put a tmpfs there)
         run(["podman", "run", "--detach", "--name", self.name, "--systemd=always",
-             "--network", "none", *masks, *ULIMITS, self.image, "/lib/systemd/systemd"],
-            timeout=120)
+             "--network", "none", *masks, f"--volume={journal}:/var/log/journal", *ULIMITS,
+             self.image, "/lib/systemd/systemd"], timeout=120)
         self.pid = int(run(["podman", "inspect", "-f", "{{.State.Pid}}", self.name]).stdout)
         self.root = Path(f"/proc/{self.pid}/root")
         self.group = group_of(self.pid)
@@ -354,32 +356,39 @@ def describe(box: Box) -> str:
                 if line.startswith("model name")), "?")
     layout = box.sh("stat -fc %T /sys/fs/cgroup; stat -fc %T /sys/fs/cgroup/unified "
                     "2>/dev/null || true", check=False).stdout.split()
-    journal = "persistent" if (box.root / "var/log/journal").is_dir() else "volatile"
+    journal = box.sh("stat -fc %T /var/log/journal", check=False).stdout.strip()
     podman = run(["podman", "--version"]).stdout.strip()
     return (f"{cpu}, {os.cpu_count()} CPUs, kernel {platform.release()}; {podman}; in the "
-            f"container {box.version}, /sys/fs/cgroup {'+'.join(layout)}, journal "
-            f"{journal}; load average {Path('/proc/loadavg').read_text().split()[0]}")
+            f"container {box.version}, /sys/fs/cgroup {'+'.join(layout)}, the journal on "
+            f"{journal or '?'}; load average {Path('/proc/loadavg').read_text().split()[0]}")
 
 
 def measure_all(args) -> tuple[dict, list[str]]:
     if os.geteuid() != 0:
-        raise CannotRun("needs root (rootful Podman, a privileged container)")
+        raise CannotRun("needs root (rootful Podman; cgroup and /proc reads)")
     missing = [t for t in ("podman", "crun", "conmon") if not shutil.which(t)]
     if missing:
         raise CannotRun(f"not installed: {', '.join(missing)}")
     tar = rootfs_tar()
-    with hugetlb_v1():
+    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}-", dir="/var/tmp") as tmp, \
+            hugetlb_v1():
         box = Box(tar)
         try:
-            box.start()
+            box.start(Path(tmp))
             time.sleep(args.settle)  # boot's own work (units, journal) over
             machine = describe(box)
             found = {
                 "check": measure_check(box, args.rounds, args.window, args.every),
+                "check_slow": measure_check(box, args.rounds, args.window, args.slow_every),
                 "watch": measure_watch(box, args.rounds, args.window, args.every),
+                "watch_slow": measure_watch(box, args.rounds, args.window, args.slow_every),
                 "journal": measure_journal(box, args.rounds, args.lines),
                 "show": measure_show(box, args.rounds, args.shows),
-                "ping": measure_pings(box, args.rounds, args.window, args.period),
+                # windows under WatchdogSec=30 with the idle one's settling: no kill
+                "ping": measure_pings(box, args.rounds, min(args.window, 25 - SETTLE),
+                                      args.period),
+                "ping_slow": measure_pings(box, args.rounds, min(args.window, 25 - SETTLE),
+                                           args.slow_period),
             }
             daemons = sorted(box.daemons())
         finally:
@@ -388,10 +397,14 @@ def measure_all(args) -> tuple[dict, list[str]]:
     found = summarise(found, true_s)
     header = [f"Natively on {machine}.",
               f"Root filesystem: {tar} (Debian 12, mmdebstrap: {', '.join(PACKAGES)}), "
-              "podman import, run --systemd=always --privileged with /lib/systemd/systemd as "
-              f"PID 1. Daemons counted: {', '.join(daemons)}.",
+              "podman import, run --systemd=always --network none with /lib/systemd/systemd "
+              "as PID 1, /var/log/journal a folder of the host's /var/tmp. Daemons counted: "
+              f"{', '.join(daemons)}.",
               f"Rounds: {args.rounds}; timer windows of {args.window:g} s firing every "
-              f"{args.every:g} s; {args.lines} journal entries and {args.shows} `systemctl "
-              f"show` a round; WATCHDOG=1 every {args.period:g} s.",
-              f"Units failed at boot: {box.failed_units or 'none'}."]
+              f"{args.every:g} s, then every {args.slow_every:g} s; {args.lines} journal "
+              f"entries and {args.shows} `systemctl show` a round; WATCHDOG=1 every "
+              f"{args.period:g} s, then every "
+              f"{args.slow_period:g} s (windows of at most {25 - SETTLE:g} s).",
+              f"Units failed at boot: {box.failed_units or 'none'}; load average at the "
+              f"end {Path('/proc/loadavg').read_text().split()[0]}."]
     return found, header
