@@ -248,10 +248,12 @@ def rates(args) -> dict:
 def report(summary: dict, header: list[str], rates_: dict | None = None) -> str:
     parts = ["\n".join(header), event_table(summary, rates_)]
     parts += [hourly_table(hourly(costs(summary), every), every) for every in INTERVALS]
-    parts.append("Caveats: systemd 252 in a container, not the VM's PID 1; "
-                 "the container's cgroup layout is this machine's hybrid (v1 + v2), the "
-                 "VM's is v2 only; a timer fires here every fraction of a second with warm "
-                 "caches, on the VM every few minutes from cold ones.")
+    parts.append("Caveats: Debian 12's systemd 252 as a container's PID 1, not the VM's: "
+                 "on this hybrid machine it runs with v1 cgroups (name=systemd, no "
+                 "controllers to set up per unit), the VM's are v2 with controllers; fewer "
+                 "units are loaded than on the VM. The slow rates are still faster than "
+                 "the VM's (a timer every 5-10 min, a ping every 15 s), whose wake-ups come "
+                 "from colder caches.")
     return "\n\n".join(parts)
 
 

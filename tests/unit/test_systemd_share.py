@@ -92,6 +92,17 @@ def test_the_hour_at_10_min_halves_all_but_the_pings():
     assert len(ss.hourly(COST, 600)) == 7
 
 
+def test_the_hour_takes_the_slow_rate_where_it_was_measured():
+    def kind(share):
+        return {"parts": {}, "share": ss.stats([share]), "events": 1}
+
+    summary = {k: kind(v) for k, v in COST.items()}
+    assert ss.costs(summary) == pytest.approx(COST)
+    summary["check_slow"], summary["ping_slow"] = kind(0.009), kind(0.0001)
+    got = ss.costs(summary)
+    assert (got["check"], got["ping"], got["watch"]) == (0.009, 0.0001, 0.005)
+
+
 def test_the_tables_print_microseconds_and_the_shares():
     assert ss.micro(ss.stats([0.0035, 0.004, 0.0052])) == "4,000 µs (3,500-5,200, n=3)"
     assert ss.micro(ss.stats([2e-5, 3e-5])) == "25.0 µs (20.0-30.0, n=2)"
@@ -109,12 +120,20 @@ def test_the_report_has_the_header_events_both_hours_and_the_caveats():
                 "events": 10}
 
     summary = {k: kind(v) for k, v in COST.items()}
+    summary["ping_slow"] = kind(0.00003)
     summary["true"] = ss.stats([0.0004])
-    text = ss.report(summary, ["Natively on a test machine."])
+    rates = ss.rates(ss.parse_args([]))
+    text = ss.report(summary, ["Natively on a test machine."], rates)
     assert text.startswith("Natively on a test machine.\n\n| event: systemd's share |")
     assert "every 5 min:" in text and "every 10 min:" in text
     assert "| /bin/true, on the host (fork, exec, exit) | 400 µs (400-400, n=1) |  |" in text
-    assert text.rstrip().endswith("from cold ones.")
+    assert text.rstrip().endswith("whose wake-ups come from colder caches.")
+    lines = text.splitlines()
+    fast = lines.index("| **one WATCHDOG=1 (NotifyAccess=all, WatchdogSec=30)** (every 0.01 s): "
+                       "the daemons | 20.0 µs (20.0-20.0, n=1) | 10 |")
+    assert lines[fast + 2].startswith("| **one WATCHDOG=1 (NotifyAccess=all, WatchdogSec=30)** "
+                                      "(every 1 s): the daemons | 30.0 µs")
+    assert "| WATCHDOG=1 from conmon every 15 s | 240 | 30.0 µs | 0.0072 |" in text
 
 
 def test_quick_is_short():
@@ -122,6 +141,7 @@ def test_quick_is_short():
     assert (args.rounds, args.window, args.lines, args.shows) == (2, 8.0, 100, 50)
     args = ss.parse_args([])
     assert (args.rounds, args.window, args.every, args.period) == (5, 20.0, 0.2, 0.01)
+    assert (args.slow_every, args.slow_period) == (2.0, 1.0)
 
 
 def test_without_podman_it_says_why_and_exits_2(monkeypatch, capsys):
