@@ -41,6 +41,7 @@ How each figure is taken (medians, min-max, n):
             here with `sleep` as the agent.
 Not measured: systemd's own share (a transient unit for each check and pass, journald's
 lines; Podman writes about 1 kB of journal per check): systemd is not PID 1 here.
+bench/systemd_share.py measures it in a container with systemd as its PID 1.
 """
 
 from __future__ import annotations
