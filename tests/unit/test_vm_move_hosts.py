@@ -14,6 +14,7 @@ import pytest
 from tasks.config import load_settings
 from tasks.deploy import moveflow
 from tasks.deploy.movehosts import GceCloud, SshHosts
+from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.secretstore import load_secret_values
 from tasks.deploy.sync import local_manifest, rules_for
 from tasks.gcp import moveplan as mp
@@ -91,7 +92,7 @@ def most_at_once(events, running: set[str]) -> int:
     return most
 
 
-def test_a_move_through_the_hosts_keeps_one_agent_and_the_data(two_hosts, fake):
+def test_a_move_through_the_hosts_keeps_one_agent_and_the_data(two_hosts, fake, project):
     journal, cloud, layer, hosts = two_hosts
     before = {p.relative_to(hosts[OLD].data_dir).as_posix(): p.read_bytes()
               for p in hosts[OLD].data_dir.rglob("*") if p.is_file()}
@@ -119,6 +120,13 @@ def test_a_move_through_the_hosts_keeps_one_agent_and_the_data(two_hosts, fake):
         assert look.call("health")["moved"]["state"] == "moved"
     assert fake.instances[OLD]["status"] == "TERMINATED"
     assert "staged" in layer.text()
+    # a deploy to the VM left would start a second agent: refused, nothing changed
+    audit_before = hosts[OLD].audit()
+    with pytest.raises(HostUnfit, match="the agent moved from this host to nightguard-2 .*a "
+                       "deploy here would run a second agent"):
+        Deployer(project, hosts[OLD])(layer.settings_at(journal.source))
+    assert hosts[OLD].audit() == audit_before
+    assert not hosts[OLD].paths["unit_wants"].exists()
 
 
 def test_a_new_agent_that_fails_its_gate_is_stopped_and_the_old_one_comes_back(two_hosts, fake):
