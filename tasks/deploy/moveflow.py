@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from ..errors import StepFailed
+from ..errors import ConfigError, StepFailed
 from ..gcp.moveplan import Journal, label, next_steps, now, undo_needed
 
 
@@ -98,7 +98,7 @@ def run_steps(journal: Journal, cloud: Cloud, hosts: Hosts, out) -> str:
         except KeyboardInterrupt:
             journal.fail(name, "interrupted")
             raise
-        except StepFailed as exc:
+        except (StepFailed, ConfigError, OSError) as exc:  # a refused backup, a full disk
             journal.fail(name, str(exc))
             if not journal.was_started("stop_old"):  # the old agent was never touched
                 raise MoveFailed(name, f"{exc}; the agent still runs on "
@@ -145,7 +145,7 @@ def undo(journal: Journal, cloud: Cloud, hosts: Hosts, out) -> str:
         try:
             if needed[name]:
                 (_stop_new if name == "stop_new" else _start_old)(journal, cloud, hosts, out)
-        except (StepFailed, KeyboardInterrupt) as exc:
+        except BaseException as exc:  # recorded whatever it is, then told
             journal.fail(name, str(exc) or "interrupted")
             raise
         journal.finish(name, skipped=not needed[name])

@@ -87,6 +87,8 @@ class Injector:
             self.at = None
             if self.kind == "cut":
                 raise KeyboardInterrupt
+            if self.kind == "refused":
+                raise ConfigError("nightguard-data-x.tar.gz: altered; nothing was changed")
             raise StepFailed(op, "injected failure")
 
 
@@ -377,6 +379,16 @@ def test_a_step_that_fails_undoes_the_move_once_the_old_agent_was_touched(move, 
         assert journal.state == "moving" and "the agent still runs on nightguard" in \
             str(caught.value)
         assert world.running["nightguard"] and world.enabled["nightguard"]
+
+
+def test_a_backup_refused_half_way_undoes_the_move_in_one_line(move, fake):
+    journal, settings_at, world = move
+    with pytest.raises(moveflow.MoveFailed, match="altered; nothing was changed; the move was "
+                       "undone: the agent runs on nightguard") as caught:
+        run(journal, settings_at, world, Injector(("copy", "before"), "refused"))
+    assert "\n" not in str(caught.value)
+    assert journal.state == "undone" and world.agents() == ("nightguard",)
+    assert "altered" in journal.step("copy")["error"]
 
 
 def test_the_undo_stops_a_new_vm_it_cannot_reach_rather_than_risk_two_agents(move, fake):
