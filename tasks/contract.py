@@ -112,3 +112,4 @@ class Health(TypedDict):
     alerts: dict[str, Any]
     base_image: dict[str, Any] | None
     moved: dict[str, Any] | None  # MOVE_MARK_FILE: the agent moved to another VM from here
+    enabled: bool | None  # the agent's unit enabled (None: no unit)

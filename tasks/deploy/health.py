@@ -136,6 +136,9 @@ def summarize(settings: Settings, answer: dict) -> dict:
     problems = [verdict["problem"]] if verdict.get("problem") else []
     if moved := moved_line(answer.get("moved")):  # not live here: said before anything else
         problems.insert(0, moved)
+    elif answer.get("enabled") is False:
+        problems.insert(0, "the agent's unit is not enabled here: staged by `inv vm.move`, "
+                           "whose start has not come yet (or disabled by hand)")
     if verdict.get("status") != "healthy" and not problems:  # never healthy by omission
         problems.append(f"the host's verdict is {verdict.get('status') or 'missing'}")
     drift = limit_drift(settings, container, answer.get("cgroup") or {}) if container else []

@@ -250,6 +250,8 @@ def op_health(s, req):
         "base_image": image_info(p, a.get("base_image")),
         # the agent moved to another VM from this one (`inv vm.move`): where, and when
         "moved": read_json(os.path.join(p["state"], MOVE_MARK_FILE), None),
+        # a unit that is there but not enabled: a move's new VM before its start
+        "enabled": os.path.lexists(p["unit_wants"]) if os.path.exists(p["unit"]) else None,
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from tasks.config import load_settings
 from tasks.deploy import moveflow
+from tasks.deploy.health import summarize
 from tasks.deploy.movehosts import GceCloud, SshHosts
 from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.secretstore import load_secret_values
@@ -143,4 +144,9 @@ def test_a_new_agent_that_fails_its_gate_is_stopped_and_the_old_one_comes_back(t
     assert hosts[OLD].audit()[-1]["outcome"].startswith("rolled-back")
     with hosts[OLD].helper(mode="read") as look:
         assert look.call("health")["moved"] is None
+    with hosts[NEW].helper(mode="read") as look:
+        answer = look.call("health")
+    assert answer["enabled"] is False
+    assert summarize(layer.settings_at(journal.dest), answer)["problems"][0].startswith(
+        "the agent's unit is not enabled here: staged by `inv vm.move`")
     assert journal.state == "undone"
