@@ -17,6 +17,7 @@ from tasks.deploy.health import summarize
 from tasks.deploy.movehosts import GceCloud, SshHosts
 from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.secretstore import load_secret_values
+from tasks.deploy.session import HostSession
 from tasks.deploy.sync import local_manifest, rules_for
 from tasks.gcp import moveplan as mp
 from tests.unit import gcpfake
@@ -150,3 +151,32 @@ def test_a_new_agent_that_fails_its_gate_is_stopped_and_the_old_one_comes_back(t
     assert summarize(layer.settings_at(journal.dest), answer)["problems"][0].startswith(
         "the agent's unit is not enabled here: staged by `inv vm.move`")
     assert journal.state == "undone"
+
+
+def test_a_move_cut_after_the_new_vms_data_swap_is_finished_by_the_next_run(two_hosts, fake,
+                                                                            monkeypatch):
+    journal, cloud, layer, hosts = two_hosts
+    real_call = HostSession.call
+
+    def cut_before_settle(self, op, **kwargs):
+        if op == "data_settle":
+            raise KeyboardInterrupt  # Ctrl-C between the swap and its settle
+        return real_call(self, op, **kwargs)
+    monkeypatch.setattr(HostSession, "call", cut_before_settle)
+    started = len(agent_timeline(hosts))
+    with pytest.raises(KeyboardInterrupt):
+        moveflow.run_steps(journal, cloud, layer, io.StringIO())
+    assert journal.step("copy")["error"] == "interrupted"
+    cut = agent_timeline(hosts)[started:]
+    assert (OLD, "stop") in [e[1:] for e in cut] and [e for e in cut if e[2] == "start"] == []
+    monkeypatch.setattr(HostSession, "call", real_call)
+    again = mp.Journal.load(journal.path)
+    assert moveflow.run_steps(again, cloud, layer, io.StringIO()) == "done"
+    events = agent_timeline(hosts)[started:]
+    assert most_at_once(events, {OLD}) == 1
+    # the next data op healed the cut swap without starting the agent it had left stopped
+    starts = [e for e in events if e[1:] == (NEW, "start")]
+    assert len(starts) == 1
+    assert (hosts[NEW].data_dir / "memory" / "chat.json").read_text() == \
+        '{"remember": "the milk"}'
+    assert "an interrupted restore was undone" in layer.text()
