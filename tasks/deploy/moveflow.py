@@ -5,7 +5,8 @@ whatever carries it out (tests record it).
 
 Never two agents: the old agent is stopped (and disabled) before the data is copied and the
 new one started; on the way back the new one is stopped before the old one starts. A step
-that fails once the old agent may be stopped undoes the move at once (the new agent stopped,
+that fails once the old agent may be stopped (but for a deploy lock another task holds)
+undoes the move at once (the new agent stopped,
 the old VM and agent started again through the gate); Ctrl-C leaves the journal saying where
 it stopped, and the next run finishes the move (or, with ``--undo``, undoes it).
 
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from ..errors import ConfigError, StepFailed
 from ..gcp.moveplan import Journal, label, next_steps, now, undo_needed
+from .session import LockHeld
 
 
 class Cloud(Protocol):
@@ -100,6 +102,9 @@ def run_steps(journal: Journal, cloud: Cloud, hosts: Hosts, out) -> str:
             raise
         except (StepFailed, ConfigError, OSError) as exc:  # a refused backup, a full disk
             journal.fail(name, str(exc))
+            if isinstance(exc, LockHeld):  # another task's turn on that VM: not a failure
+                raise MoveFailed(name, f"{exc}; then run `inv vm.move` again to finish the "
+                                 "move (or `inv vm.move --undo`)") from None
             if not journal.was_started("stop_old"):  # the old agent was never touched
                 raise MoveFailed(name, f"{exc}; the agent still runs on "
                                  f"{label(journal.source)}: `inv vm.move` tries again, "

@@ -22,6 +22,7 @@ from tasks.deploy import move as move_task
 from tasks.deploy import moveflow
 from tasks.deploy.health import moved_line
 from tasks.deploy.movehosts import GceCloud
+from tasks.deploy.session import LockHeld
 from tasks.errors import ConfigError, StepFailed
 from tasks.gcp import moveplan as mp
 from tasks.gcp import ssh as gcp_ssh
@@ -389,6 +390,21 @@ def test_a_backup_refused_half_way_undoes_the_move_in_one_line(move, fake):
     assert "\n" not in str(caught.value)
     assert journal.state == "undone" and world.agents() == ("nightguard",)
     assert "altered" in journal.step("copy")["error"]
+
+
+def test_a_lock_another_task_holds_stops_the_move_without_undoing_it(move, fake):
+    journal, settings_at, world = move
+
+    class Busy(ModelHosts):
+        def copy(self, source, dest):
+            raise LockHeld({"who": "ana@laptop", "command": "deploy", "since": "T"})
+    hosts = Busy(world)
+    with pytest.raises(moveflow.MoveFailed, match="another deploy holds the lock: ana@laptop "
+                       ".*then run `inv vm.move` again to finish the move"):
+        moveflow.run_steps(journal, ModelCloud(settings_at, world), hosts, _Out())
+    assert journal.state == "moving" and world.agents() == ()  # stopped, waiting for a rerun
+    assert run(journal, settings_at, world) == "done"
+    assert world.agents() == ("nightguard-2",) and world.most_agents() == 1
 
 
 def test_the_undo_stops_a_new_vm_it_cannot_reach_rather_than_risk_two_agents(move, fake):
