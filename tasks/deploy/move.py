@@ -84,9 +84,14 @@ def report(journal: Journal, state: str) -> None:
         print("point this project at the new VM (invoke.yaml):")
         for line in config_lines(dest):
             print(f"  {line}")
+    elif not journal.is_done("create"):
+        print(f"undone: the agent runs on {label(source)}; no new VM was made")
     else:
+        made = "made by the move" if journal.step("create").get("created") else \
+            "there before the move"
         print(f"undone: the agent runs on {label(source)}; the new VM {dest['instance']} "
-              f"is left with its agent stopped. To delete it: {delete_command(dest)}")
+              f"({made}) is left with its agent stopped. To delete it: "
+              f"{delete_command(dest)}")
 
 
 @task(help=HELP)
