@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import pytest
 from invoke import MockContext
@@ -473,3 +474,33 @@ def test_vm_move_has_help_for_every_flag():
     task = vm_tasks.ns["move"]
     assert task.__doc__ and set(task.help) == {"zone", "machine_type", "instance", "undo",
                                                "timeout"}
+
+
+def test_the_task_moves_then_a_cut_rerun_finishes_and_says_how_to_delete_the_old_vm(
+        env, fake, monkeypatch, capsys):
+    fake.add_instance("nightguard", zone="us-west1-b")
+    world = World(fake)
+    inject = Injector(("copy", "after"))
+    monkeypatch.setattr(move_task, "preflight", lambda settings: (None, {}))
+    monkeypatch.setattr(move_task, "GceCloud",
+                        lambda settings_at, timeout: ModelCloud(settings_at, world, inject))
+    monkeypatch.setattr(move_task, "SshHosts",
+                        lambda settings_at, values, manifest: ModelHosts(world, inject))
+    task = vm_tasks.ns["move"]
+    with pytest.raises(Exit) as caught:
+        task(MockContext(), zone="us-central1-a", instance="nightguard-2")
+    assert caught.value.code == 130  # Ctrl-C
+    assert mp.Journal.load(env).state == "moving"
+    task(MockContext())  # no arguments: the journal's move, finished
+    out = capsys.readouterr().out
+    assert "finish the move nightguard (us-west1-b, e2-micro) -> nightguard-2 (us-central1-a, "\
+           "e2-micro)" in out
+    assert re.search(r"moved: the agent runs on nightguard-2 \(us-central1-a, e2-micro\); the "
+                     r"agent was down [\d.]+ s", out)
+    assert "To delete it: gcloud compute instances delete nightguard --zone us-west1-b " \
+           "--project demo-project" in out
+    assert "  nightguard.gcp.instance: nightguard-2" in out
+    assert world.most_agents() == 1 and world.agents() == ("nightguard-2",)
+    with pytest.raises(Exit) as caught:  # the old VM is stopped now: nothing left to move
+        task(MockContext(), zone="europe-west1-b")
+    assert caught.value.code == 2 and "is TERMINATED" in caught.value.message
