@@ -88,7 +88,6 @@ class Facts(TypedDict, total=False):
     env_file_on_host: bool
     synced: list[str]
     state: dict[str, Any]  # {"history": [...], "verified": version}
-    moved: dict[str, Any] | None  # MOVE_MARK_FILE: the agent moved to another VM from here
     releases: list[str]
     host: dict[str, Any]
     last_audit: dict[str, Any] | None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 
 from ..config import Settings
-from ..contract import MOVE_MARK_FILE, STATE_DIR
 from ..errors import ConfigError, StepFailed
 from ..ssh.remote import Remote
 from . import apply
@@ -166,18 +165,7 @@ def read_facts(host: HostSession, settings: Settings) -> dict:
     if needs.problems:
         host.finish(None)
         raise HostUnfit("host", needs.problems[0])
-    if facts.get("moved"):  # `inv vm.move` took the agent elsewhere: never a second one
-        host.finish(None)
-        raise HostUnfit("host", moved_away(facts["moved"]))
     return facts
-
-
-def moved_away(mark: dict) -> str:
-    return (f"the agent moved from this host to {mark.get('to')} ({mark.get('state')}, "
-            f"{mark.get('at')}, `inv vm.move`): a deploy here would run a second agent. Deploy"
-            " to the new VM (nightguard.gcp.zone/instance); to bring the agent back, `inv "
-            f"vm.move --undo` an unfinished move, or remove {STATE_DIR}/{MOVE_MARK_FILE} here;"
-            " nothing was changed")
 
 
 def show_dry_run(host: HostSession, settings: Settings, desired: Desired, plan: Plan) -> None:

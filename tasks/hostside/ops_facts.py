@@ -3,7 +3,7 @@ shape is ``tasks.contract.Facts``)."""
 
 import os
 
-from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE, MOVE_MARK_FILE
+from ..contract import DATA_JOURNAL_FILE, DATA_PAUSED_FILE
 from .aptlock import apt_holders, reachable
 from .base import _listdir, read_json, read_text, write_private
 from .host_facts import apt_sources, find_tools, host_memory, os_release, podman_version, swap_facts
@@ -54,7 +54,6 @@ def op_facts(s, req):
     facts["env_file_on_host"] = ".env" in facts["manifest"]
     facts["synced"] = read_json(os.path.join(paths["state"], "synced.json"), [])
     facts["state"] = read_json(os.path.join(paths["state"], "state.json"), {"history": []})
-    facts["moved"] = read_json(os.path.join(paths["state"], MOVE_MARK_FILE), None)
     facts["releases"] = sorted(n[:-7] for n in _listdir(os.path.join(paths["state"],
                                                                      "releases"))
                                if n.endswith(".tar.gz"))

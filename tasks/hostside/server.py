@@ -6,8 +6,8 @@ import signal
 import sys
 import threading
 
-from ..contract import READ_ONLY_OPS
-from .base import OpError
+from ..contract import MOVE_MARK_FILE, READ_ONLY_OPS
+from .base import OpError, read_json
 from .ops_alerts import op_alert_test, op_watcher
 from .ops_data import (
     op_data_backup,
@@ -88,6 +88,9 @@ def main(args):
             os.chmod(state, 0o700)
     hello = {"hello": True, "pid": os.getpid()}
     if s.changing:
+        # the agent moved to another VM from here (`inv vm.move`): the client refuses what
+        # would start a second agent
+        hello["moved"] = read_json(os.path.join(state, MOVE_MARK_FILE), None)
         hello["lock"] = s.take_lock()
         if not hello["lock"]["acquired"]:
             s.send(hello)

@@ -8,16 +8,17 @@ old one started again."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
 from tasks.config import load_settings
-from tasks.deploy import moveflow
+from tasks.deploy import data, moveflow
+from tasks.deploy.backup import read_backup
 from tasks.deploy.health import summarize
 from tasks.deploy.movehosts import GceCloud, SshHosts
-from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.secretstore import load_secret_values
-from tasks.deploy.session import HostSession
+from tasks.deploy.session import HostSession, MovedAway
 from tasks.deploy.sync import local_manifest, rules_for
 from tasks.gcp import moveplan as mp
 from tests.unit import gcpfake
@@ -100,6 +101,7 @@ def test_a_move_through_the_hosts_keeps_one_agent_and_the_data(two_hosts, fake, 
               for p in hosts[OLD].data_dir.rglob("*") if p.is_file()}
     started = len(agent_timeline(hosts))
     assert moveflow.run_steps(journal, cloud, layer, io.StringIO()) == "done"
+    layer.copy_backup = journal.step("copy")["backup"]
     after = {p.relative_to(hosts[NEW].data_dir).as_posix(): p.read_bytes()
              for p in hosts[NEW].data_dir.rglob("*") if p.is_file()}
     assert after == before and len(before) == 2
@@ -122,12 +124,19 @@ def test_a_move_through_the_hosts_keeps_one_agent_and_the_data(two_hosts, fake, 
         assert look.call("health")["moved"]["state"] == "moved"
     assert fake.instances[OLD]["status"] == "TERMINATED"
     assert "staged" in layer.text()
-    # a deploy to the VM left would start a second agent: refused, nothing changed
+    # a deploy or a restore on the VM left would start a second agent: refused, nothing
+    # changed; a backup of what is left there is not
     audit_before = hosts[OLD].audit()
-    with pytest.raises(HostUnfit, match="the agent moved from this host to nightguard-2 .*a "
-                       "deploy here would run a second agent"):
+    with pytest.raises(MovedAway, match="the agent moved from this host to nightguard-2 .*this "
+                       "task would start a second agent"):
         Deployer(project, hosts[OLD])(layer.settings_at(journal.source))
+    old_settings = layer.settings_at(journal.source)
+    backup = Path(layer.copy_backup)
+    with pytest.raises(MovedAway):
+        data.run_restore(old_settings, LocalRemote(hosts[OLD]), backup, read_backup(backup))
     assert hosts[OLD].audit() == audit_before
+    data.run_backup(old_settings, LocalRemote(hosts[OLD]), backup.parent)
+    assert hosts[OLD].audit()[-1]["command"] == "data.backup"
     assert not hosts[OLD].paths["unit_wants"].exists()
 
 
