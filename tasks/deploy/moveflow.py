@@ -6,9 +6,9 @@ whatever carries it out (tests record it).
 Never two agents: the old agent is stopped (and disabled) before the data is copied and the
 new one started; on the way back the new one is stopped before the old one starts. A step
 that fails once the old agent may be stopped (but for a deploy lock another task holds)
-undoes the move at once (the new agent stopped,
-the old VM and agent started again through the gate); Ctrl-C leaves the journal saying where
-it stopped, and the next run finishes the move (or, with ``--undo``, undoes it).
+undoes the move at once: the new agent stopped, the old VM and agent started again through
+the gate. Ctrl-C leaves the journal saying where it stopped, and the next run finishes the
+move (or, with ``--undo``, undoes it).
 
 Config keys: none of its own (the journal: ``tasks.gcp.moveplan``).
 """
