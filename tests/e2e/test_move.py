@@ -142,8 +142,10 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _count(self, target) -> int | None:
-        # the pattern does not match the shell that runs pgrep
-        done = self.ssh_run(target, "pgrep -c -f 'e2e_move_poll[e]r.py' || true", timeout=30)
+        # the agent's own process only: not `podman run ... python3 /app/...` (the unit's),
+        # nor ng-supervise above it, nor the shell that runs pgrep
+        done = self.ssh_run(target, "pgrep -c -f '^python3 /app/execution/e2e_move_poll[e]r"
+                                    "[.]py$' || true", timeout=30)
         return int(done.stdout.strip() or 0) if done.returncode == 0 else None
 
     def _run(self) -> None:
