@@ -20,6 +20,7 @@ from . import show_config
 from .cli import use_flag_scheme
 from .config import DEFAULTS
 from .deploy import alerts, data, deploy, health, history, manage, secrets, steps
+from .deploy import move as vm_move
 from .gcp import ssh as gcp_ssh
 from .gcp import tasks as vm
 from .kube import tasks as kube
@@ -32,6 +33,7 @@ from .ssh import targets
 targets.register("sandbox", sandbox_machine.ssh_target)
 targets.register("gcp", gcp_ssh.resolve_target)
 
+vm_move.configure(vm.ns)  # `vm.move` needs the deploy; the vm collection imports none of it
 ns = Collection()
 ns.configure({"nightguard": copy.deepcopy(DEFAULTS)})
 for module_task in (show_config.config, deploy.deploy, deploy.unlock, health.health, health.logs,

@@ -134,6 +134,9 @@ DEFAULTS: dict[str, Any] = {
     # keyed hashes of values read from a command or Secret Manager (never a value), so that
     # tasks which do not read the store still mask them (tasks/deploy/fingerprints.py)
     "fingerprints_file": ".nightguard/secret-fingerprints.json",
+    # `inv vm.move`'s journal: each step recorded before and after, so a cut move is
+    # finished (or undone) by the next run
+    "move_journal": ".nightguard/move.json",
     "keep_images": 3,
     # `inv data.backup`: where the backups go (relative: to the project) and how many of a
     # host's are kept there; backup_before_deploy: a backup there before every deploy that

@@ -18,6 +18,9 @@ DATA_PAUSED_FILE = "data-paused.json"  # in the state dir while a backup has the
 DATA_JOURNAL_FILE = "data-restore.json"  # in the state dir while a restore is not settled
 # beside the data dir (<data_dir><suffix>): a restore's new tree, the old one kept aside, a
 # restored one that failed its gate
+# in the state dir of a VM the agent moved away from (`inv vm.move`): where it went and when,
+# so `inv health` there says which VM is live; gone when the move is undone
+MOVE_MARK_FILE = "moved.json"
 DATA_SIBLINGS = (".ng-restore", ".ng-previous", ".ng-failed")
 
 # -- constants both sides apply ----------------------------------------------------------------
@@ -34,7 +37,10 @@ OP_NAMES = frozenset({
     "watcher", "alert_test", "exec", "remove_plan", "remove",
     # the agent's data dir: a backup streamed out, a restore put in place (ops_data.py)
     "data_backup", "data_upload", "data_unpack", "data_swap", "data_settle", "data_undo",
-    "data_heal"})
+    "data_heal",
+    # a move between VMs: the agent stopped and disabled / enabled and started, and the mark
+    # that says where it went (ops_move.py)
+    "agent", "move_mark"})
 # ops a read-only session may run (alert_test sends a message and exec runs a command in the
 # container: neither changes anything of the deployment's)
 READ_ONLY_OPS = frozenset({"facts", "health", "logs", "history", "unlock", "alert_test",
@@ -104,3 +110,5 @@ class Health(TypedDict):
     deployed: dict[str, Any]
     alerts: dict[str, Any]
     base_image: dict[str, Any] | None
+    moved: dict[str, Any] | None  # MOVE_MARK_FILE: the agent moved to another VM from here
+    enabled: bool | None  # the agent's unit enabled (None: no unit)

@@ -11,6 +11,7 @@ every request (``fake.requests``), and has knobs for the failure paths:
   fake.concurrent_writer = "alice:ssh-rsa AAA alice"   # next GET races a metadata write
   fake.hang = "/instances/"                            # matching requests never answer
   fake.nat_ip = "127.0.0.1"                            # address new/started VMs get
+  fake.nat_ips["nightguard-2"] = "127.0.0.2"           # ... or this one, for that VM
   fake.age("nightguard", 3600)                         # created an hour ago
   fake.recreate("nightguard")                          # deleted and created again: new id
   fake.add_snapshot("snap-1", "nightguard", created="2026-12-01T03:00:00Z")
@@ -72,6 +73,7 @@ class FakeGce(LocalHttpFake):
     project: str = "demo-project"
     zones: tuple[str, ...] = ("us-west1-b", "us-central1-a", "us-east1-b", "europe-west1-b")
     nat_ip: str = "203.0.113.10"
+    nat_ips: dict[str, str] = field(default_factory=dict)  # instance name -> its own address
     op_polls: int = 0
     op_error: tuple[str, str] | None = None
     concurrent_writer: str | None = None
@@ -182,7 +184,7 @@ class FakeGce(LocalHttpFake):
             for access in nic.get("accessConfigs", []):
                 # An ephemeral external address is released while the VM is stopped.
                 if running:
-                    access["natIP"] = self.nat_ip
+                    access["natIP"] = self.nat_ips.get(instance["name"], self.nat_ip)
                 else:
                     access.pop("natIP", None)
         if running:

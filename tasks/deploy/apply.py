@@ -134,9 +134,10 @@ def set_up_watcher(host: HostSession, action: str, wanted: dict | None) -> None:
                       data=program)
 
 
-def install_unit(host: HostSession, unit_text: str) -> None:
-    with host.remote.step("unit"):
-        host.call("install_unit", step="unit", text=unit_text)
+def install_unit(host: HostSession, unit_text: str, *, enable: bool = True) -> None:
+    """``enable=False``: written but not enabled (a move's new VM until its agent starts)."""
+    with host.remote.step("unit", "" if enable else "not enabled: the agent stays stopped"):
+        host.call("install_unit", step="unit", text=unit_text, enable=enable)
 
 
 def write_markers(host: HostSession, text: str) -> None:
@@ -247,6 +248,14 @@ def finish_data_task(host: HostSession, unfinished: list[str]) -> None:
         healed = host.call("data_heal", step="data repair").get("healed") or []
     for words in healed:
         print(f"  ! {words}", file=host.remote.out)
+
+
+def stage_agent(host: HostSession, desired: Desired) -> None:
+    """Everything a start needs - the dirs, the markers, the unit (not enabled) - and no
+    start: the agent of a move's new VM waits until the old one is stopped."""
+    host.call("dirs", step="dirs", record=False)
+    write_markers(host, desired.markers_text)
+    install_unit(host, desired.unit_text, enable=False)
 
 
 def forget_unused_secrets(host: HostSession) -> None:

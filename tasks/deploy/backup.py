@@ -36,6 +36,7 @@ PREFIX = "nightguard-data-"
 SUFFIX = ".tar.gz"
 FORMAT = 1
 _TIME = re.compile(r"^\d{8}T\d{6}Z$")
+UPLOAD_CHUNK = 4 << 20  # a restore travels in pieces of this size (the host's memory)
 
 
 class BackupRefused(ConfigError):
@@ -157,9 +158,13 @@ def read_backup(path: Path) -> dict:
     return manifest
 
 
-def check_identity(path: Path, manifest: dict, identity: dict) -> None:
-    """Refuse a backup of another deployment, naming what differs."""
+def check_identity(path: Path, manifest: dict, identity: dict,
+                   moved_from: dict | None = None) -> None:
+    """Refuse a backup of another deployment, naming what differs. ``moved_from``: the
+    identity of the deployment on the VM the agent moves from (`inv vm.move`), which the
+    backup must match instead - deliberately, and only for a move."""
     theirs = manifest.get("identity") or {}
+    identity = moved_from if moved_from is not None else identity
     differs = [f"{key} {theirs.get(key)!r} (here {identity[key]!r})" for key in identity
                if theirs.get(key) != identity[key]]
     if differs:
@@ -210,6 +215,24 @@ def take_backup(session, settings: Settings, folder: Path,
     finally:
         partial.unlink(missing_ok=True)
     return final, answer, manifest
+
+
+def send_backup(session, path: Path) -> int:
+    """The backup file to the host's state dir, in pieces; returns its size."""
+    sent, first = 0, True
+    with open(path, "rb") as source:
+        while True:
+            chunk = source.read(UPLOAD_CHUNK)
+            if not chunk and not first:
+                return sent
+            answer = session.call("data_upload", step="upload", data=chunk, first=first,
+                                  record=first)
+            for words in answer.get("healed") or []:
+                print(f"  ! {words}", file=session.remote.out)
+            sent, first = answer["size"], False
+            session.remote.progress(f"{sent / 1e6:.1f} MB sent")
+            if not chunk:
+                return sent
 
 
 def backup_audit(final: Path, answer: dict) -> dict:

@@ -39,12 +39,11 @@ from .backup import (
     out_folder,
     read_backup,
     report_backup,
+    send_backup,
     take_backup,
 )
 from .envfile import SecretValues
 from .session import HostSession
-
-UPLOAD_CHUNK = 4 << 20  # a restore travels in pieces of this size (the host's memory)
 
 
 def run_backup(settings: Settings, remote: Remote, folder: Path) -> Path:
@@ -74,24 +73,6 @@ def backup(c, target=None, host=None, out=None):
 
 
 # -- restore --------------------------------------------------------------------------------
-def upload(session: HostSession, path: Path) -> int:
-    """The backup file to the host's state dir, in pieces; returns its size."""
-    sent, first = 0, True
-    with open(path, "rb") as source:
-        while True:
-            chunk = source.read(UPLOAD_CHUNK)
-            if not chunk and not first:
-                return sent
-            answer = session.call("data_upload", step="upload", data=chunk, first=first,
-                                  record=first)
-            for words in answer.get("healed") or []:
-                print(f"  ! {words}", file=session.remote.out)
-            sent, first = answer["size"], False
-            session.remote.progress(f"{sent / 1e6:.1f} MB sent")
-            if not chunk:
-                return sent
-
-
 def swap_and_gate(session: HostSession, settings: Settings) -> dict:
     """Stop, swap, start, gate; the old tree back (and gated) if the new one fails."""
     remote = session.remote
@@ -112,7 +93,7 @@ def swap_and_gate(session: HostSession, settings: Settings) -> dict:
 def run_restore(settings: Settings, remote: Remote, path: Path, manifest: dict) -> dict:
     with HostSession(remote, settings, command="data.restore") as session:
         with remote.step("upload", f"{path.stat().st_size / 1e6:.1f} MB"):
-            size = upload(session, path)
+            size = send_backup(session, path)
         with remote.step("unpack", "beside the data dir, every file checked"):
             session.call("data_unpack", step="unpack", size=size, owner=manifest.get("owner"),
                          files={rel: e["sha256"] for rel, e in manifest["files"].items()})

@@ -118,12 +118,27 @@ def alerts_line(alerts: dict | None) -> str:
     return "; ".join(parts)
 
 
+def moved_line(mark: dict | None) -> str:
+    """The mark `inv vm.move` leaves on the VM the agent left, in words ("" without one)."""
+    if not mark:
+        return ""
+    if mark.get("state") == "moved":
+        return f"not the live VM: the agent moved to {mark.get('to')} at {mark.get('at')}"
+    return (f"a move to {mark.get('to')} is under way since {mark.get('at')}: the agent is "
+            "stopped here (`inv vm.move` finishes it, `inv vm.move --undo` undoes it)")
+
+
 def summarize(settings: Settings, answer: dict) -> dict:
     """Verdict and the problems behind it, from the host's answer: the agent's own verdict
     is the host's (the alert watcher's too); drift, swap and the rest are added here."""
     container = answer.get("container") or {}
     verdict = answer.get("verdict") or {}
     problems = [verdict["problem"]] if verdict.get("problem") else []
+    if moved := moved_line(answer.get("moved")):  # not live here: said before anything else
+        problems.insert(0, moved)
+    elif answer.get("enabled") is False:
+        problems.insert(0, "the agent's unit is not enabled here: staged by `inv vm.move`, "
+                           "whose start has not come yet (or disabled by hand)")
     if verdict.get("status") != "healthy" and not problems:  # never healthy by omission
         problems.append(f"the host's verdict is {verdict.get('status') or 'missing'}")
     drift = limit_drift(settings, container, answer.get("cgroup") or {}) if container else []

@@ -199,13 +199,38 @@ def restart_and_gate(host: HostSession, settings: Settings, desired: Desired,
     return {"healthy": True}
 
 
+def refuse_running_agent(host: HostSession, facts: dict) -> None:
+    """A deploy that must not start the agent (``start=False``: a move's new VM) refuses a
+    host where it already runs: two agents would poll one bot."""
+    if (facts.get("container") or {}).get("running"):
+        host.finish(None)
+        raise HostUnfit("stage", f"the agent already runs on {host.remote.target.describe()}:"
+                        " a host the agent moves to must not run it; nothing was changed")
+
+
+def stage(host: HostSession, settings: Settings, desired: Desired, audit: dict,
+          started: float) -> dict:
+    """``start=False``: the release in place (unit not enabled), the agent not started."""
+    apply.stage_agent(host, desired)
+    audit["seconds"] = round(time.monotonic() - started, 1)
+    host.finish("staged", **audit)
+    print(f"staged {desired.version} on {host.remote.target.describe()}: the agent is not "
+          "started", file=host.remote.out)
+    return {"changed": True, "version": desired.version, "started": False}
+
+
 def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str],
-               remote: Remote, command: str = "deploy", refresh: bool = False) -> dict:
+               remote: Remote, command: str = "deploy", refresh: bool = False,
+               start: bool = True) -> dict:
     """``refresh``: pull the base image even when the host has one (`inv deploy
-    --refresh`)."""
+    --refresh`). ``start=False`` (`inv vm.move`'s new VM): everything but the start - the
+    unit is written but not enabled, no agent runs, no release is recorded (its gate is
+    still to come); a host where the agent runs is refused."""
     started = time.monotonic()
     with HostSession(remote, settings, command=command) as host:
         facts = read_facts(host, settings)
+        if not start:
+            refuse_running_agent(host, facts)
         if facts.get("data_unfinished") and not remote.dry_run:
             apply.finish_data_task(host, facts["data_unfinished"])
         digests = secret_digests(facts, values.values)
@@ -216,7 +241,7 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         if refresh and not plan.base:
             print(f"refresh: {settings['base_image']} is a local image: there is nothing to "
                   "pull", file=remote.out)
-        if not plan:
+        if not plan and start:
             host.finish("no changes", version=desired.version)
             print(f"no changes: {remote.target.describe()} runs {desired.version}",
                   file=remote.out)
@@ -232,6 +257,8 @@ def run_deploy(settings: Settings, values: SecretValues, manifest: dict[str, str
         if remote.dry_run:
             show_dry_run(host, settings, desired, plan)
             return {"changed": False, "dry_run": True}
+        if not start:
+            return stage(host, settings, desired, audit, started)
         outcome, error = "ok", None
         answer = restart_and_gate(host, settings, desired, plan)
         if not answer.get("healthy"):

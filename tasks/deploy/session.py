@@ -25,7 +25,7 @@ import threading
 from datetime import UTC, datetime
 
 from ..config import Settings
-from ..contract import ROOTLESS_STATE, STATE_DIR, Facts
+from ..contract import MOVE_MARK_FILE, ROOTLESS_STATE, STATE_DIR, Facts
 from ..errors import StepFailed
 from ..ssh.hostlink import BOOTSTRAP, HostLink, HostStepFailed, helper_source
 from ..ssh.remote import Remote, shell_join
@@ -50,6 +50,24 @@ class LockHeld(StepFailed):
                          f"({held.get('command', '?')}) since {held.get('since', '?')}"
                          f"{alive}; if it is stuck, `inv unlock --force` stops it")
         self.held = held
+
+
+# the tasks that start the agent: refused on a host the agent moved away from
+STARTS_AGENT = frozenset({"deploy", "compose.up", "rollback", "secrets.push", "secrets.rotate",
+                          "data.restore"})
+
+
+class MovedAway(StepFailed):
+    """The agent moved from this host to another VM (`inv vm.move`'s mark): a task that
+    would start it here is refused before it changes anything."""
+
+    def __init__(self, mark: dict):
+        super().__init__("host", f"the agent moved from this host to {mark.get('to')} "
+                         f"({mark.get('state')}, {mark.get('at')}, `inv vm.move`): this task "
+                         "would start a second agent. Address the new VM (nightguard.gcp.zone/"
+                         "instance); to bring the agent back, `inv vm.move --undo` an "
+                         f"unfinished move, or remove {STATE_DIR}/{MOVE_MARK_FILE} here; "
+                         "nothing was changed")
 
 
 def describe(op: str, args: dict) -> str:
@@ -106,6 +124,12 @@ class HostSession:
         if self.changing and not (hello.get("lock") or {}).get("acquired"):
             self._close_link()
             raise LockHeld((hello.get("lock") or {}).get("held_by") or {})
+        if self.changing and hello.get("moved") and self.command in STARTS_AGENT:
+            try:
+                self.finish(None)  # nothing was done: no audit line
+            finally:
+                self._close_link()
+            raise MovedAway(hello["moved"])
         self._catch_ctrl_c()
         return self
 

@@ -39,6 +39,7 @@ from .api import (
     v1,
     wait_for_operation,
 )
+from .moveplan import moved_note, place
 
 DEFAULT_KEY = ".ssh/nightguard_ed25519"
 METADATA_ATTEMPTS = 5
@@ -332,8 +333,9 @@ def ssh_target(settings: Settings, gce: Gce | None = None, out=None) -> SshTarge
     gce = gce or connect(settings)
     instance = get_instance(gce, "vm address")
     if instance.status != "RUNNING":
-        raise GcpError("vm address", f"VM {gce.name} is {instance.status}: start it with "
-                       "`inv vm.start`")
+        moved = moved_note(settings.path("move_journal"), place(settings))
+        raise GcpError("vm address", f"VM {gce.name} is {instance.status}: "
+                       + (moved if moved else "start it with `inv vm.start`"))
     host = external_ip(instance)
     if not host:
         raise GcpError("vm address", f"VM {gce.name} has no external IP: it needs an "

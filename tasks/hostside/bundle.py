@@ -27,7 +27,7 @@ CONTRACT = HERE.parent / "contract.py"
 SHARED = ("base", "nofollow", "statedir", "host_facts", "podman_store", "agent_beat", "verdict")
 HELPER = (*SHARED, "aptlock", "session", "watch_send", "ops_alerts", "ops_facts",
           "ops_provision", "ops_sync", "ops_secrets", "ops_image", "ops_unit", "ops_history",
-          "ops_remove", "datatree", "ops_data", "server")
+          "ops_remove", "datatree", "ops_data", "ops_move", "server")
 WATCHER = (*SHARED, "watch_send", "watch_rules", "watch_main")
 
 HEADER = ('# Night Guard: the {name}, one file built from tasks/contract.py and tasks/hostside/\n'

@@ -325,21 +325,27 @@ def _systemctl(s, verb):
 
 
 def op_data_swap(s, req):
-    """Stop the agent, old tree aside and new tree in place (two renames), start it."""
+    """Stop the agent, old tree aside and new tree in place (two renames), start it - unless
+    ``start`` is false (a move: the agent starts on the new VM only once the old one is
+    stopped, and a heal of this swap must not start it either)."""
     where = data_paths(s)
     if not os.path.isdir(where["staging"]):
         raise OpError("no restored tree is waiting (unpack first)")
     if os.path.lexists(where["previous"]):  # an earlier restore's: the newer one wins
         _remove_tree(where["previous"])
     had_old = os.path.lexists(where["data"])
-    write_json(where["journal"], {"phase": "swapping", "had_old": had_old, "at": now()})
+    start = req.get("start", True) is not False
+    write_json(where["journal"], {"phase": "swapping", "had_old": had_old, "at": now(),
+                                  "start": start})
     _systemctl(s, "stop")
     if had_old:
         os.rename(where["data"], where["previous"])
     os.rename(where["staging"], where["data"])
-    write_json(where["journal"], {"phase": "swapped", "had_old": had_old, "at": now()})
+    write_json(where["journal"], {"phase": "swapped", "had_old": had_old, "at": now(),
+                                  "start": start})
     started = time.time()
-    _systemctl(s, "start")
+    if start:
+        _systemctl(s, "start")
     return {"previous": where["previous"] if had_old else None, "started": started}
 
 
@@ -363,7 +369,8 @@ def put_back(s, where, journal):
     # with no tree before the restore (had_old false) the restored one stays: there is
     # nothing to go back to
     _unlink(where["journal"])
-    _systemctl(s, "start")
+    if journal.get("start", True):  # a move's swap left the agent stopped: so does its undo
+        _systemctl(s, "start")
 
 
 def op_data_undo(s, req):

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from ..contract import HEARTBEAT_FILE
+from ..contract import HEARTBEAT_FILE, MOVE_MARK_FILE
 from .agent_beat import token_state
 from .base import (
     OpError,
@@ -40,7 +40,8 @@ def op_run(s, req):
 
 
 def op_install_unit(s, req):
-    """Write the unit; reload systemd only when it changed; enable it."""
+    """Write the unit; reload systemd only when it changed; enable it (unless ``enable`` is
+    false: a VM a move stages the agent on must not start it at boot)."""
     p = s.paths
     user = ["--user"] if s.args.get("rootless") else []
     changed = read_text(p["unit"]) != req["text"].strip()
@@ -50,7 +51,7 @@ def op_install_unit(s, req):
         code, _, err = sh(["systemctl", *user, "daemon-reload"])
         if code != 0:
             raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
-    if not os.path.lexists(p["unit_wants"]):
+    if req.get("enable", True) and not os.path.lexists(p["unit_wants"]):
         code, _, err = sh(["systemctl", *user, "enable", "--quiet", s.args["unit"]])
         if code != 0:
             raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
@@ -287,6 +288,10 @@ def op_health(s, req):
                      if k not in ("unit_text", "markers_text")},
         "alerts": alerts_summary(p),
         "base_image": image_info(p, a.get("base_image")),
+        # the agent moved to another VM from this one (`inv vm.move`): where, and when
+        "moved": read_json(os.path.join(p["state"], MOVE_MARK_FILE), None),
+        # a unit that is there but not enabled: a move's new VM before its start
+        "enabled": os.path.lexists(p["unit_wants"]) if os.path.exists(p["unit"]) else None,
     }
 
 

@@ -6,8 +6,8 @@ import signal
 import sys
 import threading
 
-from ..contract import READ_ONLY_OPS
-from .base import OpError
+from ..contract import MOVE_MARK_FILE, READ_ONLY_OPS
+from .base import OpError, read_json
 from .ops_alerts import op_alert_test, op_watcher
 from .ops_data import (
     op_data_backup,
@@ -21,6 +21,7 @@ from .ops_data import (
 from .ops_facts import op_facts
 from .ops_history import op_finish, op_history, op_release, op_unlock
 from .ops_image import op_base
+from .ops_move import op_agent, op_move_mark
 from .ops_provision import op_apt_wait, op_provision, op_swap
 from .ops_remove import op_exec, op_remove, op_remove_plan
 from .ops_secrets import op_secret_forget, op_secret_put, op_secret_restore
@@ -38,7 +39,8 @@ OPS = {"facts": op_facts, "provision": op_provision, "swap": op_swap, "rm_env": 
        "alert_test": op_alert_test, "apt_wait": op_apt_wait, "exec": op_exec,
        "remove_plan": op_remove_plan, "remove": op_remove, "data_backup": op_data_backup,
        "data_upload": op_data_upload, "data_unpack": op_data_unpack, "data_swap": op_data_swap,
-       "data_settle": op_data_settle, "data_undo": op_data_undo, "data_heal": op_data_heal}
+       "data_settle": op_data_settle, "data_undo": op_data_undo, "data_heal": op_data_heal,
+       "agent": op_agent, "move_mark": op_move_mark}
 READ_ONLY = READ_ONLY_OPS
 
 
@@ -86,6 +88,9 @@ def main(args):
             os.chmod(state, 0o700)
     hello = {"hello": True, "pid": os.getpid()}
     if s.changing:
+        # the agent moved to another VM from here (`inv vm.move`): the client refuses what
+        # would start a second agent
+        hello["moved"] = read_json(os.path.join(state, MOVE_MARK_FILE), None)
         hello["lock"] = s.take_lock()
         if not hello["lock"]["acquired"]:
             s.send(hello)

@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 
+from ..contract import MOVE_MARK_FILE
 from .agent_beat import token_state
 from .base import now, read_json, sh, write_json
 from .host_facts import host_memory, unit_status
@@ -59,16 +60,30 @@ def observe(args, paths, state, now_t):
             "host": socket.gethostname()}
 
 
+def quiet_reason(paths):
+    """Why this pass says nothing: a deploy holds the lock, the agent moved to another VM
+    from here (`inv vm.move`'s mark), or its unit is not enabled (a move's new VM before its
+    start); "" otherwise."""
+    if not lock_is_free(paths):
+        return "a deploy holds the lock"
+    if os.path.exists(os.path.join(paths["state"], MOVE_MARK_FILE)):
+        return "the agent moved to another VM from here"
+    if os.path.exists(paths["unit"]) and not os.path.lexists(paths["unit_wants"]):
+        return "the agent's unit is not enabled here"
+    return ""
+
+
 def watch_pass(args, now_t=None):
     """One pass: observe, decide, send, ping, remember. Returns the line it prints."""
     paths = default_paths(args)
     conf = args["config"]
     now_t = time.time() if now_t is None else now_t
     state = read_json(paths["alerts_state"], {}) or {}
-    if not lock_is_free(paths):  # a deploy restarts the agent on purpose: not news
-        state.update(last_pass=now(), last_pass_t=now_t, skipped="a deploy holds the lock")
+    skipped = quiet_reason(paths)
+    if skipped:  # the agent is stopped or restarted on purpose: not news
+        state.update(last_pass=now(), last_pass_t=now_t, skipped=skipped)
         write_json(paths["alerts_state"], state)
-        return "watch: a deploy holds the lock; skipped"
+        return f"watch: {skipped}; skipped"
     obs = observe(args, paths, state, now_t)
     state, messages = transitions(state, obs, conf, now_t)
     outbox = [m for m in state.pop("outbox", None) or []]

@@ -51,7 +51,7 @@ def pytest_configure(config):
 FILE_ORDER = ("test_sandbox.py", "test_deploy.py", "test_single_steps.py", "test_security.py",
               "test_data.py", "test_secrets.py", "test_interrupts.py", "test_agent_telegram.py",
               "test_alerts.py", "test_rootless.py",
-              "test_kube_play.py", "test_recovery.py", "test_bare_host.py")
+              "test_kube_play.py", "test_recovery.py", "test_bare_host.py", "test_move.py")
 
 
 def pytest_itemcollected(item):

@@ -269,6 +269,19 @@ def test_a_pass_while_a_deploy_holds_the_lock_says_nothing(watched, telegram):
     assert texts(telegram) == []
 
 
+def test_a_pass_on_a_vm_the_agent_moved_from_or_not_yet_started_on_says_nothing(watched,
+                                                                                 telegram):
+    host = watched
+    with host.helper(command="vm.move") as helper:
+        helper.call("agent", action="stop")  # stopped and disabled: a move's new VM, staged
+    assert passes(host) == ["watch: the agent's unit is not enabled here; skipped"]
+    with host.helper(command="vm.move") as helper:
+        helper.call("move_mark", mark={"to": "ng-2 (us-central1-a, e2-micro)", "state": "moved",
+                                       "at": "T"})
+    assert passes(host) == ["watch: the agent moved to another VM from here; skipped"]
+    assert texts(telegram) == []
+
+
 # -- the token: used for sendMessage, nowhere else ----------------------------------------------
 @pytest.mark.parametrize("podman", ["4.9.3", "4.3.1"])
 def test_the_token_is_in_no_argv_unit_args_file_or_output(make_fake_host, project, telegram,

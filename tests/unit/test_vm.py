@@ -51,7 +51,7 @@ def settings(tmp_path, fake, **overrides):
 # -- tasks ----------------------------------------------------------------------------
 def test_every_task_has_a_docstring_and_help_for_every_flag():
     assert set(vm.ns.task_names) == {"create", "status", "start", "stop", "reset", "ip",
-                                     "authorize-key", "snapshots"}
+                                     "authorize-key", "snapshots", "move"}
     for task in vm.ns.tasks.values():
         assert task.__doc__
         probe = copy.copy(task)
