@@ -268,11 +268,11 @@ def pinged(kind, at, ok=True):
 
 @pytest.mark.parametrize(("state", "status", "now", "expected"), [
     ({}, "healthy", 0, "ok"),
-    (pinged("ok", 0), "healthy", 299, None),
-    (pinged("ok", 0), "healthy", 300, "ok"),
+    (pinged("ok", 0), "healthy", 599, None),
+    (pinged("ok", 0), "healthy", 600, "ok"),
     (pinged("ok", 0), "unhealthy", 10, "fail"),  # at once on the change
     (pinged("fail", 10), "down", 100, None),
-    (pinged("fail", 10), "down", 310, "fail"),
+    (pinged("fail", 10), "down", 610, "fail"),
     (pinged("fail", 10), "healthy", 40, "ok"),
     (pinged("ok", 0), "starting", 400, None),  # neither: a restart's start period
     (pinged("ok", 0, ok=False), "healthy", 30, "ok"),  # not delivered: again
@@ -295,7 +295,7 @@ def test_the_watcher_is_installed_updated_or_removed_where_it_differs():
                                      "NIGHTGUARD_ALERTS_CHAT_ID": "4242"})
     wanted = desired_watcher(enabled)
     assert wanted["version"] == watcher_source()[1]  # the watcher's own, not the helper's
-    assert "OnUnitActiveSec=300s" in wanted["timer"] and "Type=oneshot" in wanted["service"]
+    assert "OnUnitActiveSec=600s" in wanted["timer"] and "Type=oneshot" in wanted["service"]
     assert "ExecStartPost=-/usr/bin/systemctl start --no-block nightguard-watch.service" in \
         wanted["dropin"].splitlines() and "OnFailure=nightguard-watch.service" in wanted["dropin"]
     assert desired_watcher(load_settings(environ={})) is None

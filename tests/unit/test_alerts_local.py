@@ -105,7 +105,7 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert "ExecStart=/usr/bin/python3 -I -S -c \"import sys; sys.path.append(" \
            "'/var/lib/nightguard'); import watcher; sys.exit(watcher.watch_main(sys.argv[1:]))" \
            "\" /var/lib/nightguard/alerts.json" in service
-    assert "OnUnitActiveSec=300s" in host.paths["watch_timer"].read_text()
+    assert "OnUnitActiveSec=600s" in host.paths["watch_timer"].read_text()
     assert host.paths["watch_timer_wants"].is_symlink()
     assert ["enable", "--now", "--quiet", "nightguard-watch.timer"] in host.calls("systemctl")
     again = deploy(alert_settings(deploy, telegram))
