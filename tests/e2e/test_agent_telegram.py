@@ -195,7 +195,7 @@ def test_revoked_token_is_reported_not_restarted(sandbox_bookworm, env, telegram
     """401 to every call: the agent stops polling and stays up; no restart within 90 s -
     twice the time a stalled poller has before ng-supervise kills it (poll_timeout 10 s
     + margin 30 s) - at most a few calls with the refused token, and
-    health_check's JSON (the full check, which Podman runs every 5 min) says token_rejected."""
+    health_check's JSON (the full check, which Podman runs every 10 min) says token_rejected."""
     target = sandbox_bookworm
     polling_agent(env, telegram, ssh_run, target)
     before = started_at(ssh_run, target)

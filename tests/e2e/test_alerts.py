@@ -144,7 +144,7 @@ def test_a_hang_is_killed_by_the_watchdog_then_healthy(sandbox_bookworm, env, te
                                                        ssh_run):
     """The main loop blocks: the heartbeat goes stale, ng-supervise (the container's PID 1)
     kills the agent at that moment and the container exits 120; systemd restarts it -
-    before the full health check (every 5 min) has even run. One restart message that says
+    before the full health check (every 10 min) has even run. One restart message that says
     so, then healthy again."""
     assert wait_until(lambda: health_status(ssh_run, sandbox_bookworm) == "healthy", 120, 2)
     before, pings = len(telegram.replies()), len(ping.pings)

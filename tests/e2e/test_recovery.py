@@ -1,5 +1,5 @@
 """Automatic recovery with the production settings (a heartbeat older than 15 s = hung:
-the container's PID 1 kills the agent; the full check every 5 min):
+the container's PID 1 kills the agent; the full check every 10 min):
 crash -> back within 60 s; hang -> back within 60 s on Debian 13 (45 s the target on
 Debian 12, tests/e2e/test_alerts.py); RAM limit
 crossed -> alive on swap; RAM+swap limit crossed -> OOM-killed by the kernel in the
