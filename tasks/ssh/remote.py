@@ -26,6 +26,7 @@ Config keys used: ``nightguard.ssh.connect_timeout``, ``nightguard.ssh.command_t
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shlex
 import socket
@@ -44,6 +45,9 @@ from .address import SshTarget, shown_path
 from .hostkeys import UnknownHostKey, pin_command, pin_host_keys, unpin_command
 from .hostlink import PipeClosed
 
+# paramiko's own error log (a traceback per failed greeting) would reach stderr through
+# logging's last resort; the step's one line says what happened
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 # A host being set up is tried again this often: a VM's guest agent writes the login key
 # within a minute or so; trying more often would only fill sshd's log with refusals.
 LOGIN_RETRY_EVERY = 3.0
@@ -86,8 +90,11 @@ def connect_failure(exc: BaseException, timeout: float) -> str:
         return "no route to host"
     if any(isinstance(cause, TimeoutError) for cause in causes):
         return f"no answer within {timeout:g}s"
-    if any(isinstance(cause, EOFError | ConnectionResetError) for cause in causes):
+    # a hang-up in any of its forms: reset, aborted, a write into it, or plain EOF
+    if any(isinstance(cause, EOFError | ConnectionError) for cause in causes):
         return "connection closed before the SSH greeting"
+    if isinstance(exc, paramiko.SSHException) and "protocol banner" in str(exc):
+        return "connection closed before the SSH greeting"  # whatever paramiko kept of it
     return ""
 
 
