@@ -102,19 +102,23 @@ def run_steps(journal: Journal, cloud: Cloud, hosts: Hosts, out) -> str:
             raise
         except (StepFailed, ConfigError, OSError) as exc:  # a refused backup, a full disk
             journal.fail(name, str(exc))
-            if isinstance(exc, LockHeld):  # another task's turn on that VM: not a failure
-                raise MoveFailed(name, f"{exc}; then run `inv vm.move` again to finish the "
-                                 "move (or `inv vm.move --undo`)") from None
-            if not journal.was_started("stop_old"):  # the old agent was never touched
-                raise MoveFailed(name, f"{exc}; the agent still runs on "
-                                 f"{label(journal.source)}: `inv vm.move` tries again, "
-                                 "`inv vm.move --undo` gives up") from None
-            print(f"  ! {exc}: undoing the move", file=out)
-            journal.set_state("undoing", reason=str(exc))
-            undo(journal, cloud, hosts, out)
-            raise MoveFailed(name, f"{exc}; the move was undone: the agent runs on "
-                             f"{label(journal.source)} again") from None
-        journal.finish(name, **facts)
+            failed = exc
+        else:
+            journal.finish(name, **facts)
+            continue
+        # out of the except: what the undo raises is its own, not chained to this failure
+        if isinstance(failed, LockHeld):  # another task's turn on that VM: not a failure
+            raise MoveFailed(name, f"{failed}; then run `inv vm.move` again to finish the "
+                             "move (or `inv vm.move --undo`)")
+        if not journal.was_started("stop_old"):  # the old agent was never touched
+            raise MoveFailed(name, f"{failed}; the agent still runs on "
+                             f"{label(journal.source)}: `inv vm.move` tries again, "
+                             "`inv vm.move --undo` gives up")
+        print(f"  ! {failed}: undoing the move", file=out)
+        journal.set_state("undoing", reason=str(failed))
+        undo(journal, cloud, hosts, out)
+        raise MoveFailed(name, f"{failed}; the move was undone: the agent runs on "
+                         f"{label(journal.source)} again")
     journal.set_state("done", ended=now())
     return "done"
 
