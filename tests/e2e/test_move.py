@@ -1,15 +1,19 @@
 """`inv vm.move` between two lab VMs, the Compute API side against the fake (tests/fake_gce):
 the agent - a small Telegram poller that keeps its offset in /data - runs on the first VM;
-the move is cut half-way by Ctrl-C (SIGINT to inv's process group) once the old agent is
-stopped, and run again, which finishes it. Throughout: at most one agent process on the two
+the move is first cut half-way by a dropped connection (every SSH connection hung up while
+the data is put in place on the new VM, this machine's network gone for 20 s): the move
+undoes itself, and the agent runs on the old VM again; moved once more, it is cut by Ctrl-C
+(SIGINT to inv's process group) once the old agent is stopped, and run again, which
+finishes it. Throughout: at most one agent process on the two
 VMs at every sample, no getUpdates overlapping another at the fake Bot API (no 409), every
 message answered once; after it, the data files identical on the new VM, the old VM stopped
 through the API and marked, `inv health` on each saying which one is live, and the move in
 both VMs' audit logs.
 
 Both VMs answer on this machine's loopback (QEMU's forwarded ports): the fake gives the new
-VM the address 127.0.0.2, and a relay here passes 127.0.0.2:PORT to the new VM's port, so
-each VM has an address and a port of its own the way two cloud VMs do.
+VM the address 127.0.0.2 and the old one 127.0.0.3, and relays here pass those to each VM's
+port, so each VM has an address and a port of its own the way two cloud VMs do - and the
+relays can drop every connection at once, the way a laptop's network goes away.
 """
 
 from __future__ import annotations
@@ -95,11 +99,33 @@ KNOWN = {"memory/notes.json": '{"remember": "the milk"}', "state/counter.txt": "
          "blob.bin": None}  # None: 2 MB of random bytes
 
 
-def relay(listen: tuple[str, int], to: tuple[str, int]) -> socket.socket:
-    """Pass every connection to ``listen`` on to ``to`` (a thread per connection)."""
-    server = socket.create_server(listen)
+class Relay:
+    """Passes every connection to ``listen`` on to ``to`` (a thread per connection);
+    ``drop(seconds)`` is this machine's network gone for a while: every connection passed
+    on is hung up at once, and new ones are hung up on as soon as they come, until it is
+    back."""
 
-    def pipe(a: socket.socket, b: socket.socket) -> None:
+    def __init__(self, listen: tuple[str, int], to: tuple[str, int]):
+        self.to, self.live, self.down_until = to, set(), 0.0
+        self.server = socket.create_server(listen)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, seconds: float) -> int:
+        """Hangs up every connection; returns how many there were."""
+        self.down_until = time.monotonic() + seconds
+        hung = list(self.live)
+        for sock in hung:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(hung) // 2
+
+    def close(self) -> None:
+        self.server.close()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while True:
                 ready, _, _ = select.select([a, b], [], [], 600)
@@ -113,24 +139,27 @@ def relay(listen: tuple[str, int], to: tuple[str, int]) -> socket.socket:
         except OSError:
             return
         finally:
+            self.live.difference_update((a, b))
             a.close()
             b.close()
 
-    def accept() -> None:
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = server.accept()
+                client, _ = self.server.accept()
             except OSError:
                 return
+            if time.monotonic() < self.down_until:
+                client.close()
+                continue
             try:
-                upstream = socket.create_connection(to, timeout=10)
+                upstream = socket.create_connection(self.to, timeout=10)
             except OSError:
                 client.close()
                 continue
-            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server
+            upstream.settimeout(None)
+            self.live.update((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
 
 
 class Sampler:
@@ -174,6 +203,19 @@ def overlaps(intervals: list[tuple[float, float, tuple]]) -> int:
     return found
 
 
+def gap_lengths(rows: list, counts: list[int]) -> list[float]:
+    """The length of each run of samples in which no agent ran (first sample's start to the
+    last one's end)."""
+    gaps, first = [], None
+    for row, count in zip(rows, counts, strict=True):
+        if count == 0:
+            first = row if first is None else first
+            gaps.append(row[1] - first[0])
+        else:
+            first = None
+    return gaps
+
+
 def data_digests(ssh_run, target) -> dict[str, str]:
     text = checked(ssh_run, target, f"sudo -n sh -c 'cd {DATA_DIR} && sha256sum "
                                     + " ".join(sorted(KNOWN)) + "'")
@@ -182,26 +224,26 @@ def data_digests(ssh_run, target) -> dict[str, str]:
 
 @pytest.fixture
 def lab(fresh_sandbox, tmp_path):
-    """(the old VM, a factory booting the new one, the fake Compute API, the fake Bot API).
-    The new VM boots once the old one runs the agent: two guests under emulation share this
-    machine's cores."""
+    """(the old VM, a factory booting the new one, the fake Compute API, the fake Bot API,
+    the relays by VM). The new VM boots once the old one runs the agent: two guests under
+    emulation share this machine's cores."""
     old = fresh_sandbox("bookworm")
     gce = FakeGce().start()
     gce.nat_ip = "127.0.0.1"
-    gce.nat_ips["nightguard-2"] = "127.0.0.2"
+    gce.nat_ips.update({"nightguard": "127.0.0.3", "nightguard-2": "127.0.0.2"})
     gce.add_instance("nightguard", zone="us-west1-b")
     gce.age("nightguard", 3600)
-    relays = []
+    relays = {"old": Relay(("127.0.0.3", old["port"]), ("127.0.0.1", old["port"]))}
 
     def boot_new() -> dict:
         new = fresh_sandbox("bookworm")
-        relays.append(relay(("127.0.0.2", old["port"]), ("127.0.0.1", new["port"])))
+        relays["new"] = Relay(("127.0.0.2", old["port"]), ("127.0.0.1", new["port"]))
         return new
 
     telegram = FakeTelegram(BOT_TOKEN, host="0.0.0.0", gemini_key=GEMINI_KEY).start()
-    yield old, boot_new, gce, telegram
+    yield old, boot_new, gce, telegram, relays
     telegram.stop()
-    for server in relays:
+    for server in relays.values():
         server.close()
     gce.stop()
 
@@ -229,24 +271,57 @@ def move_env(old, gce, telegram, base) -> dict:
     }
 
 
-def cut_when(proc, marker: str, delay: float, timeout: float = 1500) -> str:
-    """inv's output until a line starting with ``marker``, then Ctrl-C (SIGINT to its group)
-    after ``delay`` s; returns everything it printed."""
+def cut_when(proc, marker: str, delay: float, cut, timeout: float = 1500) -> str:
+    """inv's output until a line starting with ``marker``, then ``cut()`` after ``delay`` s;
+    returns everything it printed."""
     lines, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
         lines.append(line)
         if line.startswith(marker):
             time.sleep(delay)
-            os.killpg(proc.pid, signal.SIGINT)
+            cut()
             break
         assert time.monotonic() < deadline, "".join(lines)
     lines.append(proc.stdout.read())
-    proc.wait(120)
+    proc.wait(300)
     return "".join(lines)
 
 
-def test_a_move_cut_by_ctrl_c_then_finished_keeps_one_agent_and_the_data(lab, ssh_run, tmp_path):
-    old, boot_new, gce, telegram = lab
+MOVE = ["vm.move", "--zone", "us-central1-a", "--instance", "nightguard-2"]
+
+
+def drop_then_undone(env, relays, telegram, tmp_path) -> tuple[str, float]:
+    """The first move, cut by a dropped connection while its data is put in place on the
+    new VM; returns its output and its wall time. The move must end undone, by itself or
+    (when the undo could not reach a VM in time) by the run after it."""
+    started = time.monotonic()
+    proc = start_inv(MOVE, env)
+    dropped = []
+    text = cut_when(proc, "  - upload: ", 0.3,
+                    lambda: dropped.append(sum(r.drop(20) for r in relays.values())))
+    assert dropped and dropped[0] >= 1, text  # a connection was live, and it was hung up
+    assert proc.returncode == 1, text
+    assert "connection to the host lost" in text, text
+    journal = json.loads((tmp_path / "move.json").read_text())
+    print(f"dropped in: {[n for n, s in journal['steps'].items() if s.get('error')]}, "
+          f"then {journal['state']}")
+    assert journal["steps"]["stop_old"].get("done") and not journal["steps"].get(
+        "start_new"), text  # the old agent was stopped; the new one was never started
+    telegram.send_user_message("during the dropped connection")
+    if journal["state"] == "undoing":
+        again = inv(["vm.move"], env, timeout=1800)
+        text += again.stdout + again.stderr
+        assert again.returncode == 0, text
+        journal = json.loads((tmp_path / "move.json").read_text())
+    assert journal["state"] == "undone", text
+    assert "undone: the agent runs on nightguard (us-west1-b" in text, text
+    assert "Traceback" not in text and "Exception (client)" not in text, text  # one line
+    return text, time.monotonic() - started
+
+
+def test_a_move_cut_by_a_dropped_connection_then_by_ctrl_c_keeps_one_agent_and_the_data(
+        lab, ssh_run, tmp_path):
+    old, boot_new, gce, telegram, relays = lab
     env = move_env(old, gce, telegram, tmp_path)
     deployed = inv(["deploy"], env, timeout=1800)
     assert deployed.returncode == 0, output(deployed)
@@ -259,12 +334,18 @@ def test_a_move_cut_by_ctrl_c_then_finished_keeps_one_agent_and_the_data(lab, ss
     telegram.send_user_message("before the move")
     assert telegram.wait_for(lambda: not telegram.unanswered(), 120), telegram.unanswered()
     with Sampler(ssh_run, {"old": old, "new": new}) as sampler:
+        undone, undone_s = drop_then_undone(env, relays, telegram, tmp_path)
+        assert telegram.wait_for(lambda: not telegram.unanswered(), 180), \
+            telegram.unanswered()  # answered by the old agent, running again
+        assert checked(ssh_run, new, f"systemctl is-active {unit_name(CONTAINER)} || true"
+                       ).strip() != "active"
+        telegram.send_user_message("between the moves")
         started = time.monotonic()
-        proc = start_inv(["vm.move", "--zone", "us-central1-a", "--instance", "nightguard-2"],
-                         env)
+        proc = start_inv(MOVE, env)
         # the old agent's stop is done (its step's end line): Ctrl-C lands in what follows,
         # most likely the copy
-        text = cut_when(proc, "  - agent: stopped and disabled on nightguard (", 3.0)
+        text = cut_when(proc, "  - agent: stopped and disabled on nightguard (", 3.0,
+                        lambda: os.killpg(proc.pid, signal.SIGINT))
         cut = time.monotonic()
         assert proc.returncode in (1, 130), text
         journal = json.loads((tmp_path / "move.json").read_text())
@@ -279,7 +360,7 @@ def test_a_move_cut_by_ctrl_c_then_finished_keeps_one_agent_and_the_data(lab, ss
         telegram.send_user_message("after the move")
         assert telegram.wait_for(lambda: not telegram.unanswered(), 180), telegram.unanswered()
         time.sleep(3)
-    print(text + finished.stdout)
+    print(undone + text + finished.stdout)
     # a sample whose SSH failed (None) counts nothing; most must have answered
     counts = [sum(c or 0 for c in row[2].values()) for row in sampler.rows]
     assert counts and max(counts) == 1, sampler.rows
@@ -296,6 +377,7 @@ def test_a_move_cut_by_ctrl_c_then_finished_keeps_one_agent_and_the_data(lab, ss
     assert mark["state"] == "moved" and mark["to"].startswith("nightguard-2")
     old_audit = [a["outcome"] for a in audit(ssh_run, old) if a["command"] == "vm.move"]
     assert any(a.startswith("stopped: moving to nightguard-2") for a in old_audit), old_audit
+    assert any(a.startswith("rolled-back: the move is undone") for a in old_audit), old_audit
     assert old_audit[-1].startswith("moved to nightguard-2"), old_audit
     new_audit = [a["outcome"] for a in audit(ssh_run, new) if a["command"] == "vm.move"]
     assert new_audit[0] == "staged" and new_audit[-1] == "ok", new_audit
@@ -315,13 +397,13 @@ def test_a_move_cut_by_ctrl_c_then_finished_keeps_one_agent_and_the_data(lab, ss
                                     NIGHTGUARD_GCP_ZONE="us-central1-a"))
     assert "vm.move" in history.stdout, output(history)
     for value in (BOT_TOKEN, GEMINI_KEY):
-        assert value not in text + output(finished) + output(here) + output(there) + \
+        assert value not in undone + text + output(finished) + output(here) + output(there) + \
             output(left)
     outage = float(re.search(r"the agent was down ([\d.]+) s", finished.stdout).group(1))
-    zero = [row for row, n in zip(sampler.rows, counts, strict=True) if n == 0]
     figure("vm.move: the agent's outage, cut by Ctrl-C and finished by a rerun", outage)
     figure("vm.move: the rerun that finished the move", done - cut)
     figure("vm.move: first run until the cut", cut - started)
-    figure("vm.move: sampled time with no agent running",
-           (zero[-1][1] - zero[0][0]) if zero else 0.0)
+    figure("vm.move: cut by a dropped connection, until undone", undone_s)
+    figure("vm.move: longest sampled time with no agent running",
+           max(gap_lengths(sampler.rows, counts), default=0.0))
     assert CONTAINER in checked(ssh_run, new, "sudo -n podman ps --format '{{.Names}}'")
