@@ -16,14 +16,15 @@ no way to build one: tasks/sandbox/support.py says why); in CI (the CI environme
 variable is set) that fails the run instead of turning it green with skips. The first run
 on a machine builds the images (a few minutes per flavour), later runs only boot.
 
-The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`,
-pyproject.toml): every test of one VM is in one xdist group - the two Debian 12 VMs', the
-Debian 13 VM's, each file's fresh VMs' - so each VM is driven by one worker in one
-stretch, in FILE_ORDER, while the other worker drives another. The groups are handed out
-in GROUP_ORDER, the unit tier's tests after them, to whichever worker is free: the two
-Debian 12 halves first, then the cloud-like fresh VMs and Debian 13 to whichever half ends
-first. Two workers, not more: the machine has two cores and each VM (single-threaded TCG,
-tasks/sandbox/qemu.py) keeps one busy; four VMs at once made every drill 2.5-3.5x slower.
+The suite runs on three pytest-xdist workers (`-n 3 --dist loadgroup --no-loadscope-reorder
+-p tests.lanes`, pyproject.toml): every test of one VM is in one xdist group - the two
+Debian 12 VMs', the Debian 13 VM's, each file's fresh VMs' - so each VM is driven by one
+worker in one stretch, in FILE_ORDER. Two workers drive VMs, the groups handed out in
+GROUP_ORDER to whichever is free: the two Debian 12 halves first, then the cloud-like fresh
+VMs and Debian 13 to whichever half ends first. The third runs the unit tier beside them
+(tests/lanes.py). Never more than two VMs at once: the machine has two cores and each VM
+(single-threaded TCG, tasks/sandbox/qemu.py) keeps one busy; four VMs at once made every
+drill 2.5-3.5x slower.
 `-n 0` runs everything in one process, in the same order.
 Environment: NG_E2E_KEEP=1 leaves the shared VMs running after the session (faster reruns);
 NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
@@ -61,8 +62,8 @@ def pytest_itemcollected(item):
 
 
 # Handed out in this order (xdist's loadgroup, no reordering by size): the longest first,
-# then any other file's fresh VMs, the unit tier's tests (no group) last, as the filler of
-# whichever worker is free.
+# then any other file's fresh VMs; the unit tier's tests (no group) go to their own worker
+# (tests/lanes.py).
 GROUP_ORDER = ("vm-bookworm", "vm-bookworm-b", "vm-fresh-bare_host", "vm-trixie")
 
 
