@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.sandbox import machine as sandbox  # noqa: E402
-from tests.e2e.conftest import run_over_ssh  # noqa: E402
 from tests.e2e.deploy_helpers import copy_source, inv, inv_env, make_env_file  # noqa: E402
 
 YARDSTICK: Path | None = None  # the script beside ours (--yardstick), or None: ours alone
@@ -55,12 +54,23 @@ RESET_SWAP = r"""
 swapoff /swapfile 2>/dev/null; rm -f /swapfile /etc/sysctl.d/99-nightguard.conf
 sed -i '\#^/swapfile#d' /etc/fstab; sysctl -q -w vm.swappiness=60
 """
-# independent counts, read on the host: connections, sudo commands, bytes received
-COUNTERS = ("echo accepted $(journalctl -u ssh --since @{since} --no-pager -o cat "
-            "| grep -c 'Accepted publickey'); "
-            "echo commands $(journalctl _COMM=sudo --since @{since} --no-pager -o cat "
-            "| grep -c 'COMMAND='); "
-            "echo rx $(awk '/eth0:/ {{print $2}}' /proc/net/dev)")
+# independent counts, read on the host as root (the system journal is not the login
+# user's to read): sshd's logins (by the process's name: a login's line is not always
+# filed under ssh.service) and sudo's commands in the journal after a cursor taken before
+# the deploy, and the bytes eth0 received. The reading probe's own login and sudo come
+# after the cursor too: one of each is taken off.
+COUNTERS = """sleep 0.5  # journald has written what came before this command
+cursor=$(journalctl -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
+after="{after}"
+if [ -n "$after" ]; then
+  echo accepted $(( $(journalctl _COMM=sshd --after-cursor "$after" --no-pager -o cat \\
+    | grep -c 'Accepted publickey') - 1 ))
+  echo commands $(( $(journalctl _COMM=sudo --after-cursor "$after" --no-pager -o cat \\
+    | grep -c 'COMMAND=') - 1 ))
+fi
+echo rx $(awk '/eth0:/ {{print $2}}' /proc/net/dev)
+echo cursor "$cursor"
+"""
 
 
 def host(target, script: str) -> str:
@@ -72,27 +82,27 @@ def host(target, script: str) -> str:
     return done.stdout
 
 
-def counters(target, since: float) -> dict[str, int]:
-    out = run_over_ssh(target, f"sudo -n sh -c \"{COUNTERS.format(since=int(since))}\"")
-    return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+def counters(target, after: str = "") -> dict:
+    """The counts since the cursor ``after`` (none: only rx and a cursor to count from)."""
+    out = host(target, COUNTERS.format(after=after))
+    seen = dict(line.split(" ", 1) for line in out.splitlines())
+    return {k: (v if k == "cursor" else int(v)) for k, v in seen.items()}
 
 
 def ours(env: dict, target) -> dict:
-    rx_before = counters(target, time.time())["rx"]
-    since = time.time() - 1
+    before = counters(target)
     started = time.monotonic()
     done = inv(["deploy"], env)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"inv deploy failed:\n{done.stdout}\n{done.stderr}")
-    time.sleep(1)  # the journal gets the lines of the run
-    seen = counters(target, since)
+    seen = counters(target, before["cursor"])
     connections, commands, steps, sent = (int(x) for x in STATS.search(done.stdout).groups())
     timings = {m.group(1): float(m.group(2)) for m in map(STEP.match, done.stdout.splitlines())
                if m}
     return {"seconds": seconds, "connections": connections, "commands": commands,
             "steps": steps, "bytes": sent, "host_accepted": seen["accepted"],
-            "host_sudo": seen["commands"], "host_rx": seen["rx"] - rx_before,
+            "host_sudo": seen["commands"], "host_rx": seen["rx"] - before["rx"],
             "timings": timings}
 
 
