@@ -3,11 +3,11 @@ three workers or more, the last one runs the unit tier only, beside the VM drill
 others take the VM groups (``vm-...``, tests/e2e/conftest.py) in their order, and help
 with the unit tier once no VM group is left.
 
-Why: each lab VM keeps one core busy (single-threaded TCG), so two workers driving two VMs
-fill the machine's two cores but for the gaps while a drill waits on a guest; the unit
-tier (a few minutes of mostly host work) fits in those gaps instead of after the drills.
-A worker never drives a third VM: with three VMs on two cores every drill is slower by
-more than it gains.
+Why: a broken unit test fails the run in its first minutes instead of after the drills.
+Not for speed: each lab VM keeps one core busy (single-threaded TCG), and on two cores the
+unit tier beside the drills slows them by about what it saves (measured in the README's
+CI figures). A worker never drives a third VM: with three VMs on two cores every drill is
+slower by more than it gains.
 
 With fewer than three workers (``-n 2``, ``-n 0``) nothing changes: loadgroup as it is.
 """
@@ -33,10 +33,8 @@ def unit_lane_id(workers) -> str | None:
 def pick(scopes, unit_lane: bool) -> str | None:
     """The scope a worker takes next from ``scopes`` (in their order): the unit lane any
     non-VM scope; a VM worker the first VM group, else (none left) any scope."""
-    scopes = list(scopes)
-    if unit_lane:
-        return next((s for s in scopes if not is_vm_scope(s)), None)
-    return next((s for s in scopes if is_vm_scope(s)), scopes[0] if scopes else None)
+    own = next((s for s in scopes if is_vm_scope(s) != unit_lane), None)
+    return own if own is not None or unit_lane else next(iter(scopes), None)
 
 
 class LaneScheduling(LoadGroupScheduling):

@@ -123,6 +123,8 @@ class Relay:
         return len(hung) // 2
 
     def close(self) -> None:
+        self.drop(0)
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes accept(): a close alone keeps the port
         self.server.close()
 
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
@@ -204,15 +206,17 @@ def overlaps(intervals: list[tuple[float, float, tuple]]) -> int:
 
 
 def gap_lengths(rows: list, counts: list[int]) -> list[float]:
-    """The length of each run of samples in which no agent ran (first sample's start to the
-    last one's end)."""
-    gaps, first = [], None
+    """The length of each run of samples in which no agent ran (its first sample's start to
+    its last one's end)."""
+    gaps, first, last = [], None, None
     for row, count in zip(rows, counts, strict=True):
         if count == 0:
-            first = row if first is None else first
-            gaps.append(row[1] - first[0])
-        else:
+            first, last = first or row, row
+        elif first is not None:
+            gaps.append(last[1] - first[0])
             first = None
+    if first is not None:
+        gaps.append(last[1] - first[0])
     return gaps
 
 

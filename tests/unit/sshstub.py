@@ -1,5 +1,6 @@
-"""An SSH server stand-in for the unit tier: it offers a host key and refuses every login,
-enough for a client to read the key (pinning) and to be turned away (a login to retry)."""
+"""SSH server stand-ins for the unit tier: one offers a host key and refuses every login,
+enough for a client to read the key (pinning) and to be turned away (a login to retry);
+one hangs up on every connection before the greeting (a host whose network went away)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,27 @@ def ssh_server(host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 
         listener.close()
         for transport in transports:
             transport.close()
+
+
+@contextmanager
+def hanging_up(address: str = "127.0.0.1"):
+    """A port that takes each connection and hangs up at once; yields (port, a list that
+    grows by one per connection taken)."""
+    listener = socket.create_server((address, 0))
+    taken = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            taken.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], taken
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): a close alone keeps the port
+        listener.close()

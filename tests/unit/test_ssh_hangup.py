@@ -5,10 +5,8 @@ one line, never as paramiko's traceback."""
 from __future__ import annotations
 
 import errno
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import paramiko
@@ -16,6 +14,7 @@ import pytest
 
 from tasks.errors import StepFailed
 from tasks.ssh.remote import connect_failure
+from tests.unit.sshstub import hanging_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,27 +46,6 @@ def test_other_failures_keep_their_own_words():
     assert connect_failure(paramiko.SSHException("Indecipherable protocol version"), 5) == ""
 
 
-@pytest.fixture
-def hanging_up():
-    """A port that takes each connection and hangs up at once; its port, and a list that
-    grows by one per connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-    taken = []
-
-    def serve():
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            taken.append(1)
-            client.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1], taken
-    server.close()
-
-
 TRY = """
 import sys
 from tasks.errors import StepFailed
@@ -83,13 +61,13 @@ except StepFailed as exc:
 """
 
 
-def test_a_host_that_hangs_up_is_tried_again_then_one_line(hanging_up, tmp_path):
+def test_a_host_that_hangs_up_is_tried_again_then_one_line(tmp_path):
     """In a process of its own, as `inv` runs it: no logging set up by anyone (pytest's
     would catch paramiko's log here)."""
-    port, taken = hanging_up
-    done = subprocess.run([sys.executable, "-c", TRY, str(port), str(tmp_path / "no-key"),
-                           str(tmp_path / "known_hosts")], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    with hanging_up() as (port, taken):
+        done = subprocess.run([sys.executable, "-c", TRY, str(port),
+                               str(tmp_path / "no-key"), str(tmp_path / "known_hosts")],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == ("step 'connect' failed: lab: connection closed "
                                             "before the SSH greeting on every try for 4s")
