@@ -38,6 +38,7 @@ import pytest
 
 from tasks.sandbox import image, qemu, support
 from tasks.sandbox import machine as sb
+from tests.e2e.deploy_helpers import close_probe_connections, probe_argv
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
 
@@ -144,6 +145,7 @@ def pytest_runtest_setup(item):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    close_probe_connections()
     for vm in list(_paused):  # kept VMs (NG_E2E_KEEP=1) must answer the next run
         _resume(vm)
     if os.environ.get("NG_E2E_KEEP") != "1":
@@ -163,7 +165,7 @@ def _require_sandbox(flavour="bookworm"):
 
 def run_over_ssh(target, cmd, timeout=300, **kwargs):
     """Runs `cmd` on the sandbox `target` (a dict from sandbox.target()) with OpenSSH."""
-    argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"], cmd)
+    argv = probe_argv(target, cmd)
     if "input" not in kwargs:  # a value to search for travels on stdin, never in an argv
         kwargs["stdin"] = subprocess.DEVNULL
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -35,7 +35,6 @@ import pytest
 import yaml
 
 from tasks.deploy.commands import unit_name
-from tasks.sandbox import machine as sb
 from tests.e2e.deploy_helpers import (
     CONTAINER,
     GEMINI,
@@ -45,6 +44,7 @@ from tests.e2e.deploy_helpers import (
     inv,
     inv_env,
     make_env_file,
+    probe_argv,
     wait_until,
 )
 
@@ -56,8 +56,8 @@ UNIT = unit_name(CONTAINER)
 
 def ssh(target, cmd: str, data: bytes | None = None, timeout: int = 600):
     """A command on the sandbox, with ``data`` on its stdin (never in argv or a file)."""
-    argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"], cmd)
-    return subprocess.run(argv, input=data if data is not None else b"", capture_output=True,
+    stdin = data if data is not None else b""
+    return subprocess.run(probe_argv(target, cmd), input=stdin, capture_output=True,
                           timeout=timeout)
 
 
