@@ -63,13 +63,18 @@ def records(raw: bytes):
         }  # fmt: skip
 
 
-def ssh(vm: str, script: str) -> str:
-    t = sb.target(vm)
-    argv = sb.build_ssh_argv(t["port"], t["key_filename"], t["known_hosts"], "sudo sh -s")
+def ssh(target: dict, script: str) -> str:
+    """Runs `script` as root on the VM `target` (a dict from sandbox.target()), on stdin."""
+    argv = sb.build_ssh_argv(target["port"], target["key_filename"], target["known_hosts"],
+                             "sudo -n sh -s")
     done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise SystemExit(f"ssh {vm}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
     return done.stdout
+
+
+def start(target: dict) -> None:
+    ssh(target, START)
 
 
 def cpu_seconds(stat_line: str) -> tuple[float, float]:
@@ -100,13 +105,14 @@ def summarize(recs: list[dict], busy: float, top: int) -> list[str]:
     return lines
 
 
-def report(vm: str, top: int) -> None:
-    head, _, blob = ssh(vm, REPORT).partition("==\n")
+def report(target: dict, top: int) -> str:
+    """Stops the accounting and returns the table (accounting started by `start`)."""
+    head, _, blob = ssh(target, REPORT).partition("==\n")
     now, then = head.splitlines()[:2]
     busy = cpu_seconds(now)[0] - cpu_seconds(then)[0]
     wall = (cpu_seconds(now)[1] - cpu_seconds(then)[1]) / 2  # two vCPUs
-    print(f"guest busy {busy:.0f} CPU-s over ~{wall:.0f} s")
-    print("\n".join(summarize(list(records(base64.b64decode(blob))), busy, top)))
+    lines = summarize(list(records(base64.b64decode(blob))), busy, top)
+    return "\n".join([f"guest busy {busy:.0f} CPU-s over ~{wall:.0f} s", *lines])
 
 
 def main() -> None:
@@ -115,11 +121,15 @@ def main() -> None:
     ap.add_argument("--vm", default="e2e-bookworm")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    if args.action == "start":
-        ssh(args.vm, START)
-        print(f"accounting on in {args.vm}")
-    else:
-        report(args.vm, args.top)
+    try:
+        target = sb.target(args.vm)
+        if args.action == "start":
+            start(target)
+            print(f"accounting on in {args.vm}")
+        else:
+            print(report(target, args.top))
+    except RuntimeError as exc:
+        raise SystemExit(f"guest_cpu: {args.vm}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -33,12 +33,16 @@ NG_E2E_PAUSE=0 never pauses an idle shared VM (for two test runs at once).
 import itertools
 import os
 import subprocess
+import sys
 
 import pytest
 
 from tasks.sandbox import image, qemu, support
 from tasks.sandbox import machine as sb
-from tests.e2e.deploy_helpers import close_probe_connections, probe_argv
+from tests.e2e.deploy_helpers import ROOT, close_probe_connections, probe_argv
+
+sys.path.insert(0, str(ROOT / "bench"))
+import guest_cpu  # noqa: E402
 
 BOOT_TIMEOUT = 600  # TCG on a busy 2-core CI machine; a normal boot takes ~1 min
 
@@ -144,10 +148,24 @@ def pytest_runtest_setup(item):
             _paused.add(vm)
 
 
+def _guest_cpu_report(vm: str) -> None:
+    """Where the shared VM's CPU went this session (bench/guest_cpu.py), beside the phase
+    times: .sandbox/guest-cpu-<vm>.txt, printed by .ci/run. A reboot drill ends the guest's
+    accounting, so the table covers the session up to its first reboot."""
+    path = qemu.state_dir(vm).parent / f"guest-cpu-{vm}.txt"
+    try:
+        text = guest_cpu.report(_up[vm], top=20)
+    except (RuntimeError, subprocess.SubprocessError, ValueError, SystemExit) as exc:
+        text = f"no table: {exc}"
+    path.write_text(f"{vm}: {text}\n")
+
+
 def pytest_sessionfinish(session, exitstatus):
     close_probe_connections()
     for vm in list(_paused):  # kept VMs (NG_E2E_KEEP=1) must answer the next run
         _resume(vm)
+    for vm in sorted(_mine):
+        _guest_cpu_report(vm)
     if os.environ.get("NG_E2E_KEEP") != "1":
         for vm in sorted(_mine):
             sb.down(vm, destroy=True)
@@ -185,6 +203,7 @@ def _shared(request, flavour: str) -> dict:
             _resume(name)  # left paused by an earlier run
         target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
         target["name"] = name
+        guest_cpu.start(target)  # costs nothing measurable: 64 bytes per process exit
         _mine.add(name)
         _up[name] = target
     return _up[name]
