@@ -30,10 +30,12 @@ from ..errors import StepFailed
 from ..hostside.bundle import helper_program
 
 MARKER = "nightguard-host"  # in the bootstrap's argv: `unlock --force` checks it
-BOOTSTRAP = f"""import sys,json,os,zlib,hashlib  # {MARKER}
+BOOTSTRAP = f"""import sys,json,os,zlib,hashlib,marshal  # {MARKER}
 i=sys.stdin.buffer
 A=json.loads(i.readline())
 p=os.path.expanduser(A["helper_path"])
+k=(A["helper_version"]+" "+sys.version+"\\n").encode()
+c=None
 try:
     s=open(p,"rb").read()
     if hashlib.sha256(s).hexdigest()[:16]!=A["helper_version"]:
@@ -48,8 +50,24 @@ except OSError:
         with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600),"wb") as f:
             f.write(s)
         os.replace(t,p)
+else:
+    try:
+        b=open(p[:-3]+".code","rb").read()
+        c=marshal.loads(b[len(k):]) if b.startswith(k) else None
+    except (OSError,ValueError,EOFError,TypeError):
+        pass
+if c is None:
+    c=compile(s,p,"exec")
+    if A.get("keep_helper"):
+        try:
+            t=p[:-3]+".code.%d"%os.getpid()
+            with open(os.open(t,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,0o600),"wb") as f:
+                f.write(k+marshal.dumps(c))
+            os.replace(t,p[:-3]+".code")
+        except OSError:
+            pass
 ARGS=A
-exec(compile(s,p,"exec"))"""
+exec(c)"""
 
 
 @lru_cache(maxsize=1)
