@@ -2,8 +2,9 @@
 """Stand-in for systemctl (system or --user) with units in the test's unit dir.
 
   daemon-reload      systemd reads the unit files again
-  enable [--now] UNIT   the wants link (in config "wants_dir"; a timer's in
-                     timers.target.wants beside it) -> the unit file; --now starts it
+  enable [--now] [--no-reload] UNIT   the wants link (in config "wants_dir"; a timer's
+                     in timers.target.wants beside it) -> the unit file, and, without
+                     --no-reload, a daemon-reload as systemctl does; --now starts it
   disable [--now] UNIT  removes the link; --now stops it
   stop UNIT          ExecStop/ExecStopPost when it is active; then it is inactive
   start UNIT         as restart below, when the unit is not active
@@ -107,7 +108,8 @@ def restart(unit: str, state: dict) -> None:
 
 def main(argv: list[str]) -> None:
     record("systemctl", argv)
-    words = [w for w in argv if w not in ("--user", "--quiet", "-q", "--no-pager")]
+    words = [w for w in argv
+             if w not in ("--user", "--quiet", "-q", "--no-pager", "--no-reload")]
     state = read_json(STATE, {"loaded": {}, "active": {}, "since": {}, "reloads": 0})
     now = "--now" in words
     words = [w for w in words if w != "--now"]
@@ -126,6 +128,9 @@ def main(argv: list[str]) -> None:
         if not os.path.lexists(link):
             os.symlink(unit_file(unit), link)
             sys.stderr.write(f"Created symlink {link} -> {unit_file(unit)}.\n")
+        if "--no-reload" not in argv:  # as systemctl does: enable reloads the manager
+            state["loaded"] = {}
+            state["reloads"] += 1
         if now:
             restart(unit, state)
     elif command == "disable":
