@@ -12,7 +12,8 @@ command and, for the commands that cost most, per parent command - so that a pod
 made by a test probe is told from one made by the host helper or by a systemd unit.
 Processes still running at `report` (the agent, conmon, sshd's listener) are not in it;
 the guest's whole CPU over the window is printed beside it (/proc/stat), so what the
-records miss is visible.
+records miss is visible. A reboot ends the accounting (and restarts /proc/stat): the table
+then covers the time up to the reboot, as shares of the records' own sum.
 
 Under TCG these are emulated seconds: they say where the suite's time goes, not what
 anything costs on a real host.
@@ -35,14 +36,15 @@ RECORD = struct.Struct("<BBHIIIIIIf8H16s")  # struct acct_v3, linux/acct.h
 AHZ = 100
 
 START = f"""set -e
-: > {PACCT}.stat; head -1 /proc/stat > {PACCT}.stat
+{{ head -1 /proc/stat; cat /proc/sys/kernel/random/boot_id; }} > {PACCT}.stat
 rm -f {PACCT}; install -m 600 /dev/null {PACCT}
 python3 -c 'import ctypes,sys; l=ctypes.CDLL(None, use_errno=True)
 sys.exit(l.acct(b"{PACCT}") and ctypes.get_errno())'
 """
 REPORT = f"""set -e
 python3 -c 'import ctypes; ctypes.CDLL(None).acct(None)'
-head -1 /proc/stat; cat {PACCT}.stat; echo ==; base64 -w0 {PACCT}
+head -1 /proc/stat; cat {PACCT}.stat /proc/sys/kernel/random/boot_id; echo ==
+base64 -w0 {PACCT}
 """
 
 
@@ -108,10 +110,15 @@ def summarize(recs: list[dict], busy: float, top: int) -> list[str]:
 def report(target: dict, top: int) -> str:
     """Stops the accounting and returns the table (accounting started by `start`)."""
     head, _, blob = ssh(target, REPORT).partition("==\n")
-    now, then = head.splitlines()[:2]
+    now, then, boot_then, boot_now = head.splitlines()[:4]
+    recs = list(records(base64.b64decode(blob)))
+    if boot_now != boot_then:  # /proc/stat restarted; the records end at the reboot
+        cpu = sum(r["cpu"] for r in recs)
+        return "\n".join(["the VM rebooted: records up to the reboot, shares of their sum",
+                          *summarize(recs, cpu, top)])
     busy = cpu_seconds(now)[0] - cpu_seconds(then)[0]
     wall = (cpu_seconds(now)[1] - cpu_seconds(then)[1]) / 2  # two vCPUs
-    lines = summarize(list(records(base64.b64decode(blob))), busy, top)
+    lines = summarize(recs, busy, top)
     return "\n".join([f"guest busy {busy:.0f} CPU-s over ~{wall:.0f} s", *lines])
 
 

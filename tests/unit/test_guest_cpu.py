@@ -52,3 +52,26 @@ def test_the_table_sums_per_command_and_names_the_parents():
     assert podman[:4] == ["podman", "3", "2.0", "50.0"]
     assert " ".join(podman[4:]) == "sudo 2, (running 99) 0"
     assert lines[3].split()[0] == "sshd" and len(lines) == 4
+
+
+def fake_report(monkeypatch, boot_then, boot_now):
+    import base64
+
+    blob = base64.b64encode(record(5, 1, "podman", 300) + record(6, 1, "sshd", 100)).decode()
+    now, then = "cpu 900 0 100 5000 0 0 0 0 0 0", "cpu 600 0 0 4000 0 0 0 0 0 0"
+    monkeypatch.setattr(guest_cpu, "ssh", lambda target, script: (
+        f"{now}\n{then}\n{boot_then}\n{boot_now}\n==\n{blob}"))
+    return guest_cpu.report({}, top=5).splitlines()
+
+
+def test_the_report_takes_the_guests_busy_time_from_proc_stat(monkeypatch):
+    lines = fake_report(monkeypatch, "boot-a", "boot-a")
+    assert lines[0] == "guest busy 4 CPU-s over ~7 s"
+    assert lines[3].split()[:4] == ["podman", "1", "3.0", "75.0"]
+
+
+def test_after_a_reboot_the_shares_are_of_the_records_own_sum(monkeypatch):
+    lines = fake_report(monkeypatch, "boot-a", "boot-b")
+    assert lines[0].startswith("the VM rebooted")
+    assert lines[3].split()[:4] == ["podman", "1", "3.0", "75.0"]
+    assert lines[1].startswith("exited processes 2, their CPU 4 s (100%")
