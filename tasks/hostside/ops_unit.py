@@ -40,25 +40,24 @@ def op_run(s, req):
 
 
 def op_install_unit(s, req):
-    """Write the unit; enable it (unless ``enable`` is false: a VM a move stages the agent
-    on must not start it at boot); reload systemd once, only when the unit changed.
-    `enable` gets --no-reload: it would reload the manager a second time (~3 s on the
-    lab VM under emulation, generators and all) for a link only the next boot reads."""
+    """Write the unit; reload systemd only when it changed; enable it (unless ``enable`` is
+    false: a VM a move stages the agent on must not start it at boot). `enable` gets
+    --no-reload: it would reload the manager a second time (~3 s on the lab VM under
+    emulation, generators and all) for a link only the next boot reads."""
     p = s.paths
     user = ["--user"] if s.args.get("rootless") else []
     changed = read_text(p["unit"]) != req["text"].strip()
     if changed:
         os.makedirs(os.path.dirname(p["unit"]), exist_ok=True)
         write_private(p["unit"], req["text"], 0o644)
+        code, _, err = sh(["systemctl", *user, "daemon-reload"])
+        if code != 0:
+            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
     if req.get("enable", True) and not os.path.lexists(p["unit_wants"]):
         code, _, err = sh(["systemctl", *user, "enable", "--no-reload", "--quiet",
                            s.args["unit"]])
         if code != 0:
             raise OpError(f"systemctl enable failed: {err.strip()[-200:]}")
-    if changed:
-        code, _, err = sh(["systemctl", *user, "daemon-reload"])
-        if code != 0:
-            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
     if user:
         ensure_linger(s)
     return {"changed": changed}

@@ -203,7 +203,10 @@ def _shared(request, flavour: str) -> dict:
             _resume(name)  # left paused by an earlier run
         target = sb.ensure_up(name, os_flavour=flavour, timeout=BOOT_TIMEOUT)
         target["name"] = name
-        guest_cpu.start(target)  # costs nothing measurable: 64 bytes per process exit
+        try:  # costs nothing measurable: 64 bytes per process exit
+            guest_cpu.start(target)
+        except (RuntimeError, subprocess.SubprocessError) as exc:  # a figure, not a drill
+            print(f"guest_cpu: {name}: accounting not started: {exc}")
         _mine.add(name)
         _up[name] = target
     return _up[name]

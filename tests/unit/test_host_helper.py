@@ -778,8 +778,9 @@ def test_install_unit_reloads_systemd_only_when_the_unit_changed(fake_host):
         assert helper.call("install_unit", text=unit_text(fake_host)) == {"changed": False}
         assert helper.call("install_unit", text=unit_text(fake_host, f"{IMAGE}:x")) == \
             {"changed": True}
-    assert fake_host.calls("systemctl") == [["enable", "--no-reload", "--quiet", UNIT],
-                                            ["daemon-reload"], ["daemon-reload"]]
+    assert fake_host.calls("systemctl") == [["daemon-reload"],
+                                            ["enable", "--no-reload", "--quiet", UNIT],
+                                            ["daemon-reload"]]
     systemd = json.loads(Path(fake_host.standin_config["systemd_state"]).read_text())
     assert systemd["reloads"] == 2  # one per change: enabling adds none
     wants = fake_host.paths["unit_wants"]
@@ -796,8 +797,9 @@ def test_a_rootless_unit_makes_systemd_linger_for_its_user(fake_host):
         assert helper.call("facts")["linger"] is True
     assert linger.exists()
     assert ["enable-linger", fake_host.owner] in fake_host.calls("loginctl")
-    assert fake_host.calls("systemctl")[:2] == [["--user", "enable", "--no-reload", "--quiet",
-                                                 UNIT], ["--user", "daemon-reload"]]
+    assert fake_host.calls("systemctl")[:2] == [["--user", "daemon-reload"],
+                                                ["--user", "enable", "--no-reload", "--quiet",
+                                                 UNIT]]
 
 
 def test_a_user_who_may_not_linger_is_told_the_one_command(fake_host):
