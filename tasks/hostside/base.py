@@ -103,6 +103,22 @@ def sh(argv, timeout=120, data=None, env=None):
             done.stderr.decode("utf-8", "replace"))
 
 
+# Podman < 5 reads the journal through go-systemd, whose dlerror() check can see another
+# thread's error (podman issue 20569): "podman logs" then fails at random, and at once again
+# in another process is the known way past it.
+JOURNAL_LIBRARY_RACE = ("error resolving symbol", "unable to open a handle to the library")
+
+
+def podman_logs(argv, timeout=120, tries=3):
+    """`podman logs ...` as sh() runs it, run again when it failed with Podman's journal
+    library race, never for any other failure."""
+    for _ in range(tries):
+        code, out, err = sh(argv, timeout)
+        if code == 0 or not any(sign in err for sign in JOURNAL_LIBRARY_RACE):
+            break
+    return code, out, err
+
+
 def end_process(proc):
     """SIGTERM, and SIGKILL after 10 s: a command this helper started, ended."""
     proc.terminate()

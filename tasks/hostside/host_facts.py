@@ -7,7 +7,7 @@ import pwd
 import shutil
 import time
 
-from .base import _listdir, read_json, read_text, sh, write_json
+from .base import _listdir, podman_logs, read_json, read_text, sh, write_json
 
 
 def os_release(paths):
@@ -160,7 +160,7 @@ def logs_tail(a, since, lines=20):
                        str(lines), "-o", "cat", "--no-pager"])
     if code == 0 and out.strip():
         return out[-3000:]
-    _, out, err = sh(["podman", "logs", "--tail", str(lines), a["container"]])
+    _, out, err = podman_logs(["podman", "logs", "--tail", str(lines), a["container"]])
     return (out + err)[-3000:]
 
 

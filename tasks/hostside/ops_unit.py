@@ -11,6 +11,7 @@ from .agent_beat import token_state
 from .base import (
     OpError,
     pid_alive,
+    podman_logs,
     read_json,
     read_text,
     run_streaming,
@@ -302,5 +303,5 @@ def op_logs(s, req):
     argv = ["podman", "logs", "--timestamps", "--tail", str(int(req.get("tail", 100)))]
     if req.get("since"):
         argv += ["--since", req["since"]]
-    code, out, err = sh(argv + [s.args["container"]], 120)
+    code, out, err = podman_logs(argv + [s.args["container"]], 120)
     return {"exit": code, "text": (out + err)[-200000:]}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tasks.config import load_settings
 from tasks.deploy.sync import local_manifest, rules_for
+from tasks.hostside.base import JOURNAL_LIBRARY_RACE
 from tasks.sandbox import machine as sb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +115,28 @@ def checked(ssh_run, target, command: str, expect: int = 0) -> str:
     return done.stdout
 
 
+def past_journal_race(run, tries: int = 3):
+    """A `podman logs` probe's result (`run()`), run again only while it fails with Podman
+    4's journal library race (podman issue 20569), as the host helper does; never past any
+    other failure."""
+    for _ in range(tries):
+        done = run()
+        said = done.stdout + done.stderr
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        if done.returncode == 0 or not any(sign in said for sign in JOURNAL_LIBRARY_RACE):
+            break
+    return done
+
+
+def podman_logs(ssh_run, target, options: str = "", merged: bool = False) -> str:
+    """What the agent's container printed (`podman logs OPTIONS`); the probe must succeed."""
+    command = f"sudo -n podman logs {options} {CONTAINER}".replace("  ", " ")
+    command += " 2>&1" if merged else ""
+    done = past_journal_race(lambda: ssh_run(target, command))
+    assert done.returncode == 0, (command, done.returncode, done.stdout, done.stderr)
+    return done.stdout
+
+
 def inspect(ssh_run, target) -> dict | None:
     done = ssh_run(target, f"sudo -n podman container inspect {CONTAINER}")
     assert done.returncode in (0, 125), done.stderr  # 125: no such container
@@ -135,7 +158,7 @@ def markers(ssh_run, target) -> dict:
 
 def agent_starts(ssh_run, target) -> int:
     """How many times the agent process started in the current container."""
-    logs = checked(ssh_run, target, f"sudo -n podman logs {CONTAINER} 2>&1")
+    logs = podman_logs(ssh_run, target, merged=True)
     return logs.count("night_guard: starting")
 
 

@@ -44,6 +44,7 @@ from tests.e2e.deploy_helpers import (
     inv,
     inv_env,
     make_env_file,
+    past_journal_race,
     probe_argv,
     wait_until,
 )
@@ -238,9 +239,12 @@ def test_secret_files_are_readable_by_the_agent_alone(vm, played):
     # Podman's copy of the items lies in a root-only directory on the host
     assert ssh(vm, "sudo -n stat -c %a /var/lib/containers/storage/volumes").stdout \
         .decode().strip() == "700"
-    leaks = ssh(vm, f"sudo -n podman inspect {played['container']}; "
-                    f"sudo -n podman logs {played['container']}")
-    assert TOKEN not in out(leaks) and GEMINI not in out(leaks)
+    # both probes must answer: a failed one would hide nothing and "find" no value
+    inspected = ssh(vm, f"sudo -n podman inspect {played['container']}")
+    logged = past_journal_race(lambda: ssh(vm, f"sudo -n podman logs {played['container']}"))
+    for leaks in (inspected, logged):
+        assert leaks.returncode == 0, out(leaks)
+        assert TOKEN not in out(leaks) and GEMINI not in out(leaks)
 
 
 def test_security_context_is_in_force(vm, played):

@@ -36,6 +36,7 @@ from tests.e2e.deploy_helpers import (
     inv_env,
     make_env_file,
     output,
+    podman_logs,
     reboot_and_check_back,
     started_at,
     wait_until,
@@ -103,8 +104,8 @@ def test_swap_carries_the_agent_past_its_ram_limit_and_oom_is_recovered(deployed
     before, cid = data["State"]["StartedAt"], data["Id"]
     window = int(checked(ssh_run, deployed, "date +%s"))
     control(ssh_run, deployed, "allocate_mb", "1200")  # 700m RAM: 500 MB must go to swap
-    logs = wait_until(lambda: "allocated 1200 MB" in checked(
-        ssh_run, deployed, f"sudo -n podman logs --tail 5 {CONTAINER}"), timeout=300, interval=5)
+    logs = wait_until(lambda: "allocated 1200 MB" in podman_logs(
+        ssh_run, deployed, "--tail 5"), timeout=300, interval=5)
     assert logs, "the agent did not finish allocating 1200 MB"
     assert started_at(ssh_run, deployed) == before  # same container: not OOM-killed
     swap_used = checked(ssh_run, deployed, f"sudo -n podman exec {CONTAINER} "

@@ -31,6 +31,7 @@ from tests.e2e.deploy_helpers import (
     inv_env,
     kill_group,
     make_env_file,
+    podman_logs,
     start_inv,
 )
 from tests.fake_secretmanager import FakeSecretManager
@@ -270,7 +271,7 @@ def test_values_from_a_command_and_secret_manager_deploy_rotate_and_never_show(
         assert fake.accessed == 2  # one read per task, none of it from a file
         assert not (tmp_path / "no.env").exists()
         # the agent did write the token to its log; inv logs reads no store, yet masks it
-        raw_log = checked(ssh_run, sandbox_bookworm, f"sudo -n podman logs {CONTAINER}")
+        raw_log = podman_logs(ssh_run, sandbox_bookworm)
         assert f"agent: token {STORE_TOKEN} ready" in raw_log  # precondition
         logs = inv(["logs", "--tail", "50"], stored)
         assert logs.returncode == 0, logs.stderr

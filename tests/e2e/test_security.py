@@ -24,6 +24,7 @@ from tests.e2e.deploy_helpers import (
     inv_env,
     make_env_file,
     output,
+    podman_logs,
 )
 
 DATA_DIR = "/home/ubuntu/97layerOS-data"
@@ -124,7 +125,7 @@ def test_synced_files_keep_their_modes_and_nothing_is_world_readable_in_state(
 
 
 def test_whatever_the_agent_prints_is_redacted_on_the_laptop(sandbox_bookworm, env, ssh_run):
-    logged = checked(ssh_run, sandbox_bookworm, f"sudo -n podman logs {CONTAINER}")
+    logged = podman_logs(ssh_run, sandbox_bookworm)
     assert f"my token is {TOKEN}" in logged  # precondition: the agent did leak it
     shown = inv(["logs", "--tail", "50"], env)
     assert shown.returncode == 0, output(shown)

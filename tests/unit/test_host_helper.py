@@ -892,6 +892,35 @@ def test_health_logs_and_history_for_the_read_only_tasks(fake_host):
     assert history["state"]["verified"] == "v1"
 
 
+RACE = ('Error: error resolving symbol "sd_journal_open": libsystemd-journal.so.0: cannot open '
+        "shared object file: No such file or directory")
+
+
+def logs_calls(fake_host) -> int:
+    return sum(1 for argv in fake_host.calls("podman") if argv[:1] == ["logs"])
+
+
+@pytest.mark.parametrize("message, times, exit_code, calls", [
+    (RACE, 2, 0, 3),                      # Podman's journal race twice: the third run answers
+    (RACE, 3, 125, 3),                    # still failing after three runs: that is the answer
+    ("Error: no such container", 1, 125, 1),  # any other failure: said at once, never rerun
+])
+def test_logs_are_read_again_only_past_podmans_journal_library_race(
+        fake_host, message, times, exit_code, calls):
+    with fake_host.helper() as helper:
+        bring_up(helper, fake_host)
+    before = logs_calls(fake_host)
+    fake_host.fail("logs", times=times, message=message)
+    with fake_host.helper(mode="read") as reader:
+        logs = reader.call("logs", tail=1)
+    assert logs_calls(fake_host) - before == calls
+    assert logs["exit"] == exit_code
+    if exit_code:
+        assert message in logs["text"]
+    else:
+        assert logs["text"].strip().endswith("agent: heartbeat ok")
+
+
 # -- errors come back as one line --------------------------------------------------------------
 def test_op_errors_come_back_as_one_line_and_the_session_goes_on(fake_host):
     fake_host.fail("build", message="Error: creating build container: no space left on device")

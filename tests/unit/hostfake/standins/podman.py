@@ -647,6 +647,7 @@ def cmd_exec(args):
 
 def cmd_logs(args):
     found, names = options(args, {"--tail", "--since"})
+    fail_if_told("logs", args)
     if find(names[-1]) is None:
         die(f'Error: no container with name or ID "{names[-1]}" found: no such container')
     lines = control("logs", ["agent: started", "agent: heartbeat ok"])
