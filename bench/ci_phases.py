@@ -8,7 +8,8 @@ Prints, in seconds: the wall time of the bootstrap and of the test run; how busy
 machine's cores were meanwhile (percent, from the /proc/stat counters each line carries);
 per worker, its busy time; per VM group (the xdist groups of tests/e2e/conftest.py), its
 span, the time its VMs took to come up (the setups that booted one) and each file's drills; the unit
-tier's time; and the N slowest tests (setup + call + teardown).
+tier's time; the N slowest tests (setup + call + teardown); and the N files during whose drills
+the host's cores stood idle longest.
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ def host_busy(records: list[dict]) -> tuple[float, float] | None:
     return 100 * busy_ticks / total_ticks, total_ticks / 100 / seconds  # USER_HZ is 100
 
 
+def idle_by_file(tests: list[dict]) -> dict[str, float]:
+    """Idle core-seconds of the host while each file's drills ran ("group file"): between
+    two consecutive lines that carry CPU counters, the idle share goes in equal parts to
+    the tests running at that moment (one per worker). It points at drills that wait
+    (sleeps, timers) while the run is otherwise CPU-bound."""
+    counted = sorted((r for r in tests if len(r.get("cpu") or ()) == 2), key=lambda r: r["stop"])
+    idle: dict[str, float] = defaultdict(float)
+    for before, after in zip(counted, counted[1:], strict=False):
+        idle_ticks = (after["cpu"][1] - after["cpu"][0]) - (before["cpu"][1] - before["cpu"][0])
+        if idle_ticks <= 0:
+            continue
+        middle = (before["stop"] + after["stop"]) / 2
+        running = {r["worker"]: r for r in tests if r["start"] <= middle < r["stop"]}
+        for record in running.values():
+            name = record["test"].split("::")[0].rsplit("/", 1)[-1]
+            idle[f"{record['group']} {name}"] += idle_ticks / 100 / len(running)
+    return idle
+
+
 def table(tests: list[dict], phases: list[dict], top: int) -> list[str]:
     lines = [f"{'phase':48} {'seconds':>9}"]
     for phase in phases:
@@ -91,6 +111,12 @@ def table(tests: list[dict], phases: list[dict], top: int) -> list[str]:
     lines.append(f"slowest {top} tests (setup + call + teardown):")
     for test, seconds in sorted(per_test.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {seconds:7.0f}  {test}")
+    idle = idle_by_file(tests)
+    if idle:
+        total = sum(idle.values())
+        lines.append(f"idle core-seconds while a file's drills ran (total {total:.0f}):")
+        for name, seconds in sorted(idle.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {seconds:7.0f}  {name}")
     failed = [r["test"] for r in tests if r.get("failed")]
     if failed:
         lines.append(f"failed: {len(failed)}")

@@ -35,6 +35,23 @@ def test_the_table_names_boots_groups_files_and_the_slowest():
     assert lines[-1].split() == ["160", "tests/e2e/test_deploy.py::d"]
 
 
+def test_idle_cores_go_to_the_drills_running_at_the_time():
+    cpu = lambda busy, total: {"cpu": [busy, total]}  # noqa: E731 - jiffies, 100 a second
+    tests = [dict(rec("tests/e2e/test_wait.py::w", "call", 0, 10, "vm-a", "gw0"),
+                  **cpu(1000, 2000)),
+             dict(rec("tests/e2e/test_busy.py::b", "call", 0, 10, "vm-b", "gw1"),
+                  **cpu(1000, 2000)),  # 0-10 s: both cores busy
+             dict(rec("tests/e2e/test_wait.py::v", "call", 10, 20, "vm-a", "gw0"),
+                  **cpu(1500, 4000)),  # 10-20 s: 15 of 20 core-s idle, two tests running
+             dict(rec("tests/e2e/test_last.py::l", "call", 10, 30, "vm-b", "gw1"),
+                  **cpu(1600, 6000))]  # 20-30 s: 19 core-s idle, one test running
+    idle = ci_phases.idle_by_file(tests)
+    assert idle == {"vm-a test_wait.py": 7.5, "vm-b test_last.py": 7.5 + 19}
+    text = "\n".join(ci_phases.table(tests, [], top=5))
+    assert "idle core-seconds while a file's drills ran (total 34):" in text
+    assert "     26  vm-b test_last.py" in text
+
+
 def test_the_plugin_records_and_the_script_reads_a_real_run(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_one():\n    assert True\n")
     phases = tmp_path / "phases.jsonl"
