@@ -79,6 +79,7 @@ class Facts(TypedDict, total=False):
     container: dict[str, Any] | None
     unit_text: str | None
     unit_enabled: bool
+    systemd_reload_owed: list[str]  # writers whose unit files a cut run left unread
     linger: bool
     markers_text: str | None
     watcher: dict[str, Any]

@@ -428,8 +428,9 @@ def desired_watcher(settings: Settings) -> dict | None:
 def watcher_action(wanted: dict | None, facts: dict) -> str | None:
     """install / update / remove, or None when the host has the watcher wanted."""
     installed = facts.get("watcher") or {}
+    owed = "watcher" in (facts.get("systemd_reload_owed") or [])
     if wanted is None:
-        return "remove" if installed.get("present") else None
+        return "remove" if installed.get("present") or owed else None
     if not installed.get("present"):
         return "install"
     same = (installed.get("version") == wanted["version"]
@@ -437,7 +438,7 @@ def watcher_action(wanted: dict | None, facts: dict) -> str | None:
             and (installed.get("service") or "").strip() == wanted["service"].strip()
             and (installed.get("timer") or "").strip() == wanted["timer"].strip()
             and (installed.get("dropin") or "").strip() == wanted["dropin"].strip()
-            and installed.get("enabled"))
+            and installed.get("enabled") and not owed)
     return None if same else "update"
 
 
@@ -465,7 +466,7 @@ def plan_container(plan: Plan, desired: Desired, facts: dict) -> Plan:
     once a pulled base image's id has given the image its tag."""
     plan.build_image = desired.image_tag not in facts.get("image_tags", [])
     plan.write_unit = (facts.get("unit_text") or "").strip() != desired.unit_text.strip() \
-        or not facts.get("unit_enabled")
+        or not facts.get("unit_enabled") or "unit" in (facts.get("systemd_reload_owed") or [])
     plan.write_markers = (facts.get("markers_text") or "").strip() \
         != desired.markers_text.strip()
     container = facts.get("container") or {}

@@ -19,6 +19,7 @@ from .base import (
     write_json,
     write_private,
 )
+from .statedir import RELOAD_OWED, write_units
 from .watch_send import bot_token, telegram_send
 
 # The same file, run by systemd (imported as the module `watcher`, or run as
@@ -55,6 +56,9 @@ def op_watcher(s, req):
     if req["action"] == "remove":
         if os.path.lexists(p["watch_timer_wants"]) or os.path.exists(p["watch_timer"]):
             sh(["systemctl", *user, "disable", "--now", "--quiet", timer])
+        mark = os.path.join(p["state"], RELOAD_OWED + "watcher")  # cleared after the reload
+        if os.path.isdir(p["state"]):
+            write_private(mark, "")
         removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
         try:
             os.rmdir(os.path.dirname(p["watch_dropin"]))  # the drop-in's dir, when empty
@@ -65,6 +69,7 @@ def op_watcher(s, req):
         code, _, err = sh(["systemctl", *user, "daemon-reload"])
         if code != 0:
             raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+        _unlink(mark)
         return {"removed": removed}
     source = watcher_program(req)
     os.makedirs(p["state"], mode=0o700, exist_ok=True)
@@ -78,18 +83,14 @@ def op_watcher(s, req):
     if read_json(p["alerts_args"], None) != args:
         write_json(p["alerts_args"], args)
         changed.append("args")
-    units = [key for key, name in UNIT_FILES if read_text(p[key]) != req[name].strip()]
-    for key, name in UNIT_FILES:
-        if key in units:
-            os.makedirs(os.path.dirname(p[key]), exist_ok=True)
-            write_private(p[key], req[name], 0o644)
-    if units:
-        code, _, err = sh(["systemctl", *user, "daemon-reload"])
-        if code != 0:
-            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    written, reloaded = write_units(p, "watcher", {p[key]: req[name] for key, name in UNIT_FILES},
+                                    user)
+    units = [key for key, _ in UNIT_FILES if p[key] in written]
     if not os.path.lexists(p["watch_timer_wants"]):
         argv = ["systemctl", *user, "enable", "--now", "--quiet", timer]
-    elif "watch_timer" in units:  # a new schedule takes effect when the timer restarts
+    elif "watch_timer" in units or (reloaded and not units):
+        # a new schedule takes effect when the timer restarts; a reload a cut run owed may
+        # carry one this run cannot tell from the text
         argv = ["systemctl", *user, "restart", timer]
     else:
         argv = None

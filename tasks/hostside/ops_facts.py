@@ -10,7 +10,7 @@ from .host_facts import apt_sources, find_tools, host_memory, os_release, podman
 from .nofollow import open_dir_nofollow, tree_manifest
 from .ops_alerts import watcher_facts
 from .podman_store import container_state, image_info, list_images, list_secrets, storage_names
-from .statedir import last_audit
+from .statedir import last_audit, reload_owed
 
 
 def op_facts(s, req):
@@ -37,6 +37,7 @@ def op_facts(s, req):
         if tools["podman"] else None
     facts["unit_text"] = read_text(paths["unit"])
     facts["unit_enabled"] = os.path.lexists(paths["unit_wants"])
+    facts["systemd_reload_owed"] = reload_owed(paths)
     facts["linger"] = os.path.exists(os.path.join(paths["linger_dir"], a["owner"]))
     facts["markers_text"] = read_text(paths["markers"])
     facts["watcher"] = watcher_facts(paths)

@@ -22,7 +22,7 @@ from .base import (
 from .host_facts import cgroup_limits, host_memory, logs_tail, swap_facts, unit_status
 from .ops_alerts import alerts_summary
 from .podman_store import container_state, image_info
-from .statedir import last_audit, lock_holder, lock_is_free
+from .statedir import last_audit, lock_holder, lock_is_free, write_units
 from .verdict import verdict
 
 
@@ -41,19 +41,15 @@ def op_run(s, req):
 
 
 def op_install_unit(s, req):
-    """Write the unit; reload systemd only when it changed; enable it (unless ``enable`` is
+    """Write the unit; reload systemd only when it changed (or a cut run still owes the
+    reload: statedir.write_units); enable it (unless ``enable`` is
     false: a VM a move stages the agent on must not start it at boot). `enable` gets
     --no-reload: it would reload the manager a second time (~3 s on the lab VM under
     emulation, generators and all) for a link only the next boot reads."""
     p = s.paths
     user = ["--user"] if s.args.get("rootless") else []
-    changed = read_text(p["unit"]) != req["text"].strip()
-    if changed:
-        os.makedirs(os.path.dirname(p["unit"]), exist_ok=True)
-        write_private(p["unit"], req["text"], 0o644)
-        code, _, err = sh(["systemctl", *user, "daemon-reload"])
-        if code != 0:
-            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    written, reloaded = write_units(p, "unit", {p["unit"]: req["text"]}, user)
+    changed = bool(written) or reloaded
     if req.get("enable", True) and not os.path.lexists(p["unit_wants"]):
         code, _, err = sh(["systemctl", *user, "enable", "--no-reload", "--quiet",
                            s.args["unit"]])

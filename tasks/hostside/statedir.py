@@ -1,5 +1,6 @@
 """Where things are on this host (``default_paths``; a test moves any of them) and
-what the state dir says about the deploy lock and the last task."""
+what the state dir says about the deploy lock, the last task, and a systemd reload owed
+(``write_units``)."""
 
 import fcntl
 import json
@@ -13,7 +14,7 @@ from ..contract import (
     WATCH_UNIT,
     WATCHER_FILE,
 )
-from .base import pid_alive, read_json, read_text
+from .base import OpError, pid_alive, read_json, read_text, sh, write_private
 
 APT_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock",
              "/var/cache/apt/archives/lock")
@@ -88,3 +89,41 @@ def last_audit(paths, count=1):
         except ValueError:
             continue
     return out[-1] if count == 1 and out else (out if count != 1 else None)
+
+
+# A unit file written and not yet read by systemd (the run was cut between the write and its
+# daemon-reload) looks, by its text, like one already in force: the next run would skip it and
+# systemd would keep the old definition. A mark per writer, set before the first write and
+# cleared after the reload, makes the next run's facts say so and its step finish the job.
+RELOAD_OWED = "systemd-reload-owed."
+
+
+def reload_owed(paths):
+    """The writers ("unit", "watcher") whose unit files systemd has not read since."""
+    prefix = RELOAD_OWED
+    try:
+        names = os.listdir(paths["state"])
+    except OSError:
+        return []
+    return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
+
+
+def write_units(paths, writer, files, user=()):
+    """Writes those of ``files`` ({path: text}) that differ from the host's, then has
+    systemd read them again, once; also when an earlier run of this writer was cut before
+    its reload. Returns (the paths written, whether systemd was reloaded)."""
+    mark = os.path.join(paths["state"], RELOAD_OWED + writer)
+    owed = os.path.exists(mark)
+    written = [path for path, text in files.items() if read_text(path) != text.strip()]
+    if not written and not owed:
+        return [], False
+    os.makedirs(paths["state"], mode=0o700, exist_ok=True)
+    write_private(mark, "")
+    for path in written:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_private(path, files[path], 0o644)
+    code, _, err = sh(["systemctl", *user, "daemon-reload"])
+    if code != 0:
+        raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
+    os.unlink(mark)
+    return written, True

@@ -312,3 +312,9 @@ def test_the_watcher_is_installed_updated_or_removed_where_it_differs():
     assert watcher_action(None, {"watcher": installed}) == "remove"
     assert watcher_action(None, {"watcher": {"present": False}}) is None
     assert watcher_action(None, {}) is None
+    # a run cut between writing (or removing) the watcher's units and systemd's reload
+    owed = {"systemd_reload_owed": ["watcher"]}
+    assert watcher_action(wanted, {"watcher": installed, **owed}) == "update"
+    assert watcher_action(None, {"watcher": {"present": False}, **owed}) == "remove"
+    assert watcher_action(wanted, {"watcher": installed, "systemd_reload_owed": ["unit"]}) \
+        is None

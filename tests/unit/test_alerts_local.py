@@ -17,6 +17,7 @@ from invoke.exceptions import Exit
 
 from tasks.deploy import alerts as alerts_tasks
 from tasks.deploy.health import render, summarize
+from tasks.errors import StepFailed
 from tasks.hostside.bundle import watcher_program
 from tests.fakes.ping import FakePing
 from tests.fakes.telegram_api import FakeTelegram
@@ -110,6 +111,22 @@ def test_the_deploy_installs_the_watcher_in_its_one_session(deploy, host, telegr
     assert ["enable", "--now", "--quiet", "nightguard-watch.timer"] in host.calls("systemctl")
     again = deploy(alert_settings(deploy, telegram))
     assert again["changed"] is False and deploy.last.ops == ["facts", "finish"]
+
+
+def test_a_watcher_update_cut_before_its_reload_is_finished_by_the_next_deploy(
+        watched, deploy, telegram, ping):
+    host = watched
+    host.fail("daemon-reload")  # as if the run were killed between the write and the reload
+    with pytest.raises(StepFailed):
+        deploy(alert_settings(deploy, telegram, ping, **{"alerts.interval": "1m"}))
+    assert "OnUnitActiveSec=60s" in host.paths["watch_timer"].read_text()  # written, unread
+    calls = len(host.calls("systemctl"))
+    deploy(alert_settings(deploy, telegram, ping, **{"alerts.interval": "1m"}))
+    assert "plan: alerts: update the watcher" in deploy.last.text
+    assert host.calls("systemctl")[calls:] == [["daemon-reload"],
+                                               ["restart", "nightguard-watch.timer"]]
+    assert deploy(alert_settings(deploy, telegram, ping, **{"alerts.interval": "1m"})) \
+        ["changed"] is False
 
 
 def test_a_changed_setting_updates_it_and_alerts_off_remove_it(watched, deploy, telegram,

@@ -25,7 +25,8 @@ from tasks.deploy import secrets as secrets_tasks
 from tasks.deploy.pipeline import HostUnfit
 from tasks.deploy.session import LockHeld
 from tasks.errors import StepFailed
-from tests.unit.hostfake import FakeHost
+from tasks.ssh.hostlink import HostStepFailed
+from tests.unit.hostfake import UNIT, FakeHost
 from tests.unit.hostfake.deployer import GEMINI, TOKEN, Deployer, write_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +185,36 @@ def test_a_code_change_is_gated_by_the_new_agents_first_beat_unless_it_touches_t
     deploy()
     assert "first heartbeat" not in deploy.last.text
     assert len([c for c in host.calls("podman") if c[0] == "healthcheck"]) == checks + 1
+
+
+def test_a_unit_written_but_never_read_by_systemd_is_finished_by_the_next_deploy(deploy,
+                                                                                 host):
+    """A run killed between writing a new unit and its daemon-reload: the file says the new
+    text, systemd still runs the old one. The next deploy sees it (the writer's mark), not
+    "no changes": it reloads and restarts the agent under the unit it was meant to have."""
+    first = deploy()
+    unit = host.paths["unit"]
+    wanted = unit.read_text()
+    older = wanted + "# an older definition\n"
+    systemd = Path(host.standin_config["systemd_state"])
+    with host.helper() as helper:
+        helper.call("install_unit", text=older)  # in force: systemd read it
+        host.fail("daemon-reload")  # the cut: written, never read
+        with pytest.raises(HostStepFailed, match="daemon-reload failed"):
+            helper.call("install_unit", text=wanted)
+        assert helper.call("facts")["systemd_reload_owed"] == ["unit"]
+    assert unit.read_text() == wanted
+    loaded = json.loads(systemd.read_text())["loaded"]
+    assert loaded.get(UNIT, older) == older  # systemd has not read the new text
+    reloads = json.loads(systemd.read_text())["reloads"]
+    again = deploy()
+    assert again["changed"] and again["version"] == first["version"]
+    assert "install_unit" in deploy.last.ops and host.audit()[-1]["outcome"] == "ok"
+    state = json.loads(systemd.read_text())
+    assert state["reloads"] == reloads + 1 and state["loaded"][UNIT] == wanted
+    with host.helper(mode="read") as reader:
+        assert reader.call("facts")["systemd_reload_owed"] == []
+    assert deploy() == {"changed": False, "version": first["version"]}
 
 
 def test_a_deleted_file_is_removed_from_the_host(deploy, host):
