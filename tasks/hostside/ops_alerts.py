@@ -19,7 +19,7 @@ from .base import (
     write_json,
     write_private,
 )
-from .statedir import RELOAD_OWED, write_units
+from .statedir import reload_after, write_units
 from .watch_send import bot_token, telegram_send
 
 # The same file, run by systemd (imported as the module `watcher`, or run as
@@ -56,20 +56,14 @@ def op_watcher(s, req):
     if req["action"] == "remove":
         if os.path.lexists(p["watch_timer_wants"]) or os.path.exists(p["watch_timer"]):
             sh(["systemctl", *user, "disable", "--now", "--quiet", timer])
-        mark = os.path.join(p["state"], RELOAD_OWED + "watcher")  # cleared after the reload
-        if os.path.isdir(p["state"]):
-            write_private(mark, "")
-        removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
-        try:
-            os.rmdir(os.path.dirname(p["watch_dropin"]))  # the drop-in's dir, when empty
-        except OSError:
-            pass
-        _unlink(p["alerts_state"] + ".lock")
-        _drop_bytecode(p["watcher"])
-        code, _, err = sh(["systemctl", *user, "daemon-reload"])
-        if code != 0:
-            raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
-        _unlink(mark)
+        with reload_after(p, "watcher", user):
+            removed = [k for k in (*WATCH_FILES, "alerts_state") if _unlink(p[k])]
+            try:
+                os.rmdir(os.path.dirname(p["watch_dropin"]))  # the drop-in's dir, when empty
+            except OSError:
+                pass
+            _unlink(p["alerts_state"] + ".lock")
+            _drop_bytecode(p["watcher"])
         return {"removed": removed}
     source = watcher_program(req)
     os.makedirs(p["state"], mode=0o700, exist_ok=True)

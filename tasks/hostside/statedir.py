@@ -2,6 +2,7 @@
 what the state dir says about the deploy lock, the last task, and a systemd reload owed
 (``write_units``)."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -108,22 +109,30 @@ def reload_owed(paths):
     return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
 
 
-def write_units(paths, writer, files, user=()):
-    """Writes those of ``files`` ({path: text}) that differ from the host's, then has
-    systemd read them again, once; also when an earlier run of this writer was cut before
-    its reload. Returns (the paths written, whether systemd was reloaded)."""
+@contextlib.contextmanager
+def reload_after(paths, writer, user=()):
+    """Around a change to ``writer``'s unit files: the mark before it, systemd's
+    daemon-reload and the mark's removal after it (a failed reload leaves the mark)."""
     mark = os.path.join(paths["state"], RELOAD_OWED + writer)
-    owed = os.path.exists(mark)
-    written = [path for path, text in files.items() if read_text(path) != text.strip()]
-    if not written and not owed:
-        return [], False
     os.makedirs(paths["state"], mode=0o700, exist_ok=True)
     write_private(mark, "")
-    for path in written:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_private(path, files[path], 0o644)
+    yield
     code, _, err = sh(["systemctl", *user, "daemon-reload"])
     if code != 0:
         raise OpError(f"systemctl daemon-reload failed: {err.strip()[-200:]}")
     os.unlink(mark)
+
+
+def write_units(paths, writer, files, user=()):
+    """Writes those of ``files`` ({path: text}) that differ from the host's, then has
+    systemd read them again, once; also when an earlier run of this writer was cut before
+    its reload. Returns (the paths written, whether systemd was reloaded)."""
+    owed = writer in reload_owed(paths)
+    written = [path for path, text in files.items() if read_text(path) != text.strip()]
+    if not written and not owed:
+        return [], False
+    with reload_after(paths, writer, user):
+        for path in written:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_private(path, files[path], 0o644)
     return written, True
